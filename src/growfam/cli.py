@@ -21,12 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"growfam {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # One `_add_<command>(sub)` function per subcommand below; each sets `func` to its handler.
-    for add in (_add_version_info,):
+    for add in (_add_info,):
         add(sub)
     return parser
 
 
-def _add_version_info(sub) -> None:
+def _add_info(sub) -> None:
     p = sub.add_parser("info", help="show the versions and devices growfam sees")
     p.set_defaults(func=_run_info)
 
