@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from growfam.errors import ConfigError
+from growfam.errors import ConfigError, read_json, read_yaml
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,6 +91,8 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")
+        # YAML 1.1 reads `1e-5` (no dot) as a string; accept it for the float fields.
+        data = {k: _as_float(k, v) if k in _FLOAT_FIELDS else v for k, v in data.items()}
         try:
             return cls(**data)
         except TypeError as err:  # a missing required field
@@ -103,12 +105,22 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
-        from growfam.errors import read_yaml
-
-        return cls.from_dict(read_yaml(path))
+        return cls.from_dict(read_json(path) if Path(path).suffix == ".json" else read_yaml(path))
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+_FLOAT_FIELDS = ("rope_theta", "norm_eps", "init_std", "nominal_params")
+
+
+def _as_float(key: str, value):
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    return value
 
 
 # --------------------------------------------------------------------------------------------

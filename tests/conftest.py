@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+from growfam.model import Llama, ModelConfig
+
+
+def tiny_config(**changes) -> ModelConfig:
+    """A model small enough for exact checks in milliseconds."""
+    base = dict(d_model=64, n_layers=2, n_heads=4, ffn_dim=128, vocab_size=97, max_seq_len=64)
+    base.update(changes)
+    return ModelConfig(**base)
+
+
+@pytest.fixture(params=[(4, False), (2, False), (4, True), (1, True)],
+                ids=["mha-untied", "gqa-untied", "mha-tied", "mqa-tied"])
+def attn_variant(request):
+    n_kv, tied = request.param
+    return tiny_config(n_kv_heads=n_kv, tie_embeddings=tied)
+
+
+def random_model(cfg: ModelConfig, seed: int = 0, dtype=torch.float32) -> Llama:
+    torch.manual_seed(seed)
+    model = Llama(cfg).to(dtype)
+    # Non-trivial norm gains, so tests see them used.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+    return model.eval()

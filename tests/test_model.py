@@ -1,0 +1,123 @@
+import time
+
+import pytest
+import torch
+
+from growfam.errors import ConfigError
+from growfam.model import (
+    PRESETS, KVCache, Llama, ModelConfig, flops_per_token, get_preset, num_params, resolve_config,
+)
+
+from conftest import random_model, tiny_config
+
+
+def test_num_params_matches_the_built_model(attn_variant):
+    model = Llama(attn_variant)
+    assert num_params(attn_variant, "total") == sum(p.numel() for p in model.parameters())
+    embed = attn_variant.vocab_size * attn_variant.d_model
+    head = 0 if attn_variant.tie_embeddings else embed
+    assert num_params(attn_variant, "nonembedding") == num_params(attn_variant) - embed - head
+
+
+@pytest.mark.parametrize("name,expected", [("paper-1b", 1.09e9), ("paper-2b", 2.09e9),
+                                           ("paper-4b", 4.01e9), ("paper-8b", 8.03e9)])
+def test_paper_presets_have_the_papers_nonembedding_sizes(name, expected):
+    assert round(num_params(get_preset(name), "nonembedding") / 1e9, 2) == expected / 1e9
+
+
+def test_8b_on_meta_is_instant():
+    start = time.perf_counter()
+    with torch.device("meta"):
+        model = Llama(get_preset("paper-8b"))
+    elapsed = time.perf_counter() - start
+    assert round(model.num_params("nonembedding") / 1e9, 2) == 8.03
+    assert sum(p.numel() for p in model.parameters()) == num_params(model.cfg)
+    assert elapsed < 5.0
+
+
+def test_flops_per_token_formula():
+    cfg = get_preset("paper-1b")
+    n_matmul = num_params(cfg, "nonembedding") + cfg.vocab_size * cfg.d_model
+    assert flops_per_token(cfg) == 6 * n_matmul + 12 * 18 * 2048 * 1024
+    assert flops_per_token(cfg, 512) - flops_per_token(cfg, 256) == 12 * 18 * 2048 * 256
+
+
+def test_presets_keep_head_dim_constant_along_each_ladder():
+    assert {PRESETS[f"paper-{s}b"].head_dim for s in (1, 2, 4, 8)} == {128}
+    assert len({PRESETS[f"tiny-{i}"].head_dim for i in (1, 2, 3, 4)}) == 1
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_config_round_trips_through_files(tmp_path, suffix):
+    cfg = tiny_config(n_kv_heads=2, tie_embeddings=True, rope_theta=5e5, name="x", nominal_params=3e6)
+    cfg.save(tmp_path / f"c{suffix}")
+    assert ModelConfig.load(tmp_path / f"c{suffix}") == cfg
+    assert resolve_config(tmp_path / f"c{suffix}") == cfg
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(d_model=60, n_heads=8), "n_heads=8 does not divide d_model=60"),
+    (dict(n_kv_heads=3), "n_kv_heads=3 does not divide n_heads=4"),
+    (dict(n_layers=0), "n_layers must be a positive integer"),
+    (dict(d_model=12, n_heads=4), "head_dim=3 must be even"),
+])
+def test_invalid_configs_are_refused(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(**changes)
+
+
+def test_unknown_keys_and_presets_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="unknown model config keys: hidden"):
+        ModelConfig.from_dict(dict(d_model=8, n_layers=1, n_heads=2, ffn_dim=8, hidden=3))
+    with pytest.raises(ConfigError, match="unknown preset 'paper-3b'"):
+        get_preset("paper-3b")
+    (tmp_path / "eps.yaml").write_text("{d_model: 8, n_layers: 1, n_heads: 2, ffn_dim: 8, norm_eps: 1e-5}")
+    assert ModelConfig.load(tmp_path / "eps.yaml").norm_eps == 1e-5
+    (tmp_path / "bad.yaml").write_text("d_model: [1, 2\n")
+    with pytest.raises(ConfigError, match="malformed YAML at line"):
+        ModelConfig.load(tmp_path / "bad.yaml")
+
+
+def test_kv_cache_decoding_equals_the_full_pass(attn_variant):
+    model = random_model(attn_variant)
+    idx = torch.randint(0, attn_variant.vocab_size, (3, 20))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache.empty(attn_variant, batch=3, max_len=32)
+        # a prompt, a multi-token chunk (as when verifying drafted tokens), then one at a time
+        pieces = [model(idx[:, :7], cache), model(idx[:, 7:12], cache)]
+        pieces += [model(idx[:, t:t + 1], cache) for t in range(12, 20)]
+    assert cache.length == 20
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=2e-5)
+
+
+def test_kv_cache_rollback_recomputes_the_same_logits():
+    cfg = tiny_config(n_kv_heads=2)
+    model = random_model(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (1, 12))
+    other = torch.randint(0, cfg.vocab_size, (1, 4))
+    with torch.no_grad():
+        cache = KVCache.empty(cfg, batch=1, max_len=16)
+        model(idx[:, :8], cache)
+        model(other, cache)  # drafted tokens, then rejected
+        cache.truncate(8)
+        resumed = model(idx[:, 8:], cache)
+        full = model(idx)
+    torch.testing.assert_close(resumed, full[:, 8:], rtol=0, atol=2e-5)
+    with pytest.raises(ValueError, match="cannot truncate"):
+        cache.truncate(13)
+    with pytest.raises(ValueError, match="KV cache holds 16 tokens"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache)
+
+
+def test_float64_model_is_float64_throughout():
+    model = random_model(tiny_config(), dtype=torch.float64)
+    logits = model(torch.randint(0, 97, (1, 5)))
+    assert logits.dtype == torch.float64
+
+
+def test_loss_is_cross_entropy_of_the_logits():
+    model = random_model(tiny_config())
+    idx, tgt = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 9))
+    expected = torch.nn.functional.cross_entropy(model(idx).reshape(-1, 97), tgt.reshape(-1))
+    torch.testing.assert_close(model.loss(idx, tgt), expected)
