@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"growfam {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # One `_add_<command>(sub)` function per subcommand below; each sets `func` to its handler.
-    for add in (_add_info,):
+    for add in (_add_info, _add_plan):
         add(sub)
     return parser
 
@@ -37,6 +37,46 @@ def _run_info(args) -> int:
 
     print(f"growfam {__version__}  torch {torch.__version__}  transformers {transformers.__version__}")
     print(f"cuda: {torch.cuda.is_available()}  threads: {torch.get_num_threads()}")
+    return 0
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="token budgets, steps, FLOPs, LRs and GPU-hours of a family",
+                       description="Plan a family under Independent and Progressive training "
+                                   "(DESIGN.md section 2).")
+    p.add_argument("family", nargs="?", default="paper-r2",
+                   help="a shipped family (paper-r1, paper-r2, paper-r2-lr, tiny) or a family YAML "
+                        "(default: paper-r2)")
+    p.add_argument("--members", nargs="+", metavar="MEMBER",
+                   help="replace the family's members: preset names or model config paths")
+    p.add_argument("--batch-size", nargs="+", type=int, metavar="SEQS",
+                   help="global batch in sequences: one for every stage, or one per stage")
+    p.add_argument("--chinchilla", type=float, metavar="R", help="tokens D(N) = R·20·N")
+    p.add_argument("--count", choices=("nonembedding", "total", "nominal"),
+                   help="which parameter count N is")
+    # An H100 SXM's dense bf16 peak; 40% MFU is a typical well-tuned LLM pre-training run.
+    p.add_argument("--peak-tflops", type=float, default=989.0, metavar="F",
+                   help="peak TFLOP/s of one GPU (default: 989, H100 bf16 dense)")
+    p.add_argument("--mfu", type=float, default=0.4, metavar="M",
+                   help="model FLOPs utilisation as a fraction (default: 0.4)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args) -> int:
+    import json
+
+    from growfam.plan import format_plan, load_family_spec, make_plan
+
+    changes = {"members": args.members, "chinchilla": args.chinchilla, "count": args.count,
+               "batch_size": args.batch_size[0] if args.batch_size and len(args.batch_size) == 1
+               else args.batch_size}
+    spec = load_family_spec(args.family).replace(**{k: v for k, v in changes.items() if v is not None})
+    plan = make_plan(spec)
+    if args.json:
+        print(json.dumps(plan.to_dict(args.peak_tflops, args.mfu), indent=2))
+    else:
+        print(format_plan(plan, args.peak_tflops, args.mfu))
     return 0
 
 

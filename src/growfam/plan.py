@@ -1,0 +1,630 @@
+"""The family planner: token budgets, steps, FLOPs, learning rates and GPU-hours per stage.
+
+A `FamilySpec` (loaded from a family YAML) says which members to build and by which rules;
+`make_plan(spec)` turns it into a `FamilyPlan` with, for every stage, both ways of building the
+family (DESIGN.md section 2):
+
+- Independent: member i trains from scratch on D(N_i) tokens (Chinchilla: D = r·20·N).
+- Progressive (Eq. 3-4): member i starts from the expanded member i-1 and trains on
+  D'_1 = D(N_1),  D'_i = D(N_i) − (Σ_{j<i} N_j·D'_j) / N_i,
+  so the cumulative FLOPs after stage i equal the cost of training N_i from scratch.
+
+Units: parameters and tokens are plain counts, FLOPs are floating-point operations, learning
+rates are per step, batch sizes are sequences. FLOPs are 6·N·D with the counted N (the paper's
+cost model); the attention-inclusive count (`model.flops_per_token` × tokens) is reported too
+and is what GPU-hours use, because MFU is measured against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Sequence
+
+from growfam.errors import ConfigError, read_yaml
+from growfam.model import PRESETS, ModelConfig, flops_per_token, num_params, resolve_config
+
+Count = Literal["nonembedding", "total", "nominal"]
+COUNTS: tuple[str, ...] = ("nonembedding", "total", "nominal")
+
+#: Family YAMLs shipped with the package, by file stem (`growfam plan paper-r2`).
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+#: Top-level sections owned by later pipeline steps (training, growth operators, data); the
+#: planner keeps them verbatim in `FamilySpec.extra` instead of rejecting them.
+EXTRA_SECTIONS: tuple[str, ...] = ("train", "growth", "data")
+
+#: Chinchilla tokens per parameter (Hoffmann et al. 2022); D(N) = r · 20 · N.
+CHINCHILLA_TOKENS_PER_PARAM = 20
+
+
+# --------------------------------------------------------------------------------------------
+# Small validators: YAML 1.1 reads `40e9` and `3e-4` (no dot) as strings, so numbers may arrive
+# as text and are accepted when they parse.
+# --------------------------------------------------------------------------------------------
+
+
+def _number(value: Any, what: str, *, positive: bool = True) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{what} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{what} must be a number, got {value!r}")
+    if positive and value <= 0:
+        raise ConfigError(f"{what} must be positive, got {value!r}")
+    return float(value)
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def _per_stage(value: Any, n: int, what: str, convert) -> list:
+    """A scalar broadcast to every stage, or a list with exactly one entry per stage."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ConfigError(f"{what} has {len(value)} entries for {n} members")
+        return [convert(v, f"{what}[{i}]") for i, v in enumerate(value)]
+    return [convert(value, what)] * n
+
+
+def _check_keys(data: dict, known: Sequence[str], where: str) -> None:
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown key {key!r} in {where}{hint}; known keys: {', '.join(known)}")
+
+
+def _mapping(value: Any, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what} must be a mapping, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Spec
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LRPolicy:
+    """Peak (max) learning rate of each stage's cosine schedule.
+
+    policy "fixed": every stage peaks at `max`. policy "linear": the peak goes linearly from
+    `start` (first stage) to `end` (last stage), interpolated by stage index (`by: index`) or by
+    the counted parameter size (`by: params`). `min_ratio` is the cosine floor as a fraction of
+    the peak; the paper does not state one, so 0.1 follows Llama's convention.
+    """
+
+    policy: Literal["fixed", "linear"] = "fixed"
+    max: float | None = None  # fixed: None means Appendix A's 3e-4
+    start: float | None = None
+    end: float | None = None
+    by: Literal["index", "params"] = "index"
+    min_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.policy == "fixed":
+            self.max = _number(3e-4 if self.max is None else self.max, "lr.max")
+            if self.start is not None or self.end is not None:
+                raise ConfigError("lr: policy fixed takes `max`, not start/end")
+        elif self.policy == "linear":
+            self.start = _number(self.start, "lr.start")
+            self.end = _number(self.end, "lr.end")
+            if self.max is not None:
+                raise ConfigError("lr: policy linear takes start/end, not `max`")
+            if self.by not in ("index", "params"):
+                raise ConfigError(f"lr.by must be index or params, got {self.by!r}")
+        else:
+            raise ConfigError(f"lr.policy must be fixed or linear, got {self.policy!r}")
+        self.min_ratio = _number(self.min_ratio, "lr.min_ratio", positive=False)
+        if not 0 <= self.min_ratio <= 1:
+            raise ConfigError(f"lr.min_ratio must be in [0, 1], got {self.min_ratio}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LRPolicy":
+        data = dict(_mapping(data, "lr"))
+        _check_keys(data, [f.name for f in dataclasses.fields(cls)], "lr")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        if self.policy == "fixed":
+            return {"policy": "fixed", "max": self.max, "min_ratio": self.min_ratio}
+        return {"policy": "linear", "start": self.start, "end": self.end, "by": self.by,
+                "min_ratio": self.min_ratio}
+
+    def max_lrs(self, params: Sequence[float]) -> list[float]:
+        """The peak LR of each stage; `params` are the counted sizes (used by `by: params`)."""
+        if self.policy == "fixed":
+            return [self.max] * len(params)
+        if len(params) == 1:
+            return [self.start]
+        if self.by == "index":
+            fractions = [i / (len(params) - 1) for i in range(len(params))]
+        else:
+            fractions = [(n - params[0]) / (params[-1] - params[0]) for n in params]
+        return [self.start + f * (self.end - self.start) for f in fractions]
+
+
+@dataclass
+class FamilySpec:
+    """What family to build and by which rules; the input of `make_plan`.
+
+    members: the family, smallest first (a ModelConfig, a preset name, a YAML/JSON config path
+        or a dict of ModelConfig fields; all are resolved to ModelConfig on construction).
+    chinchilla / tokens: the from-scratch token rule, exactly one of them: D(N) = r·20·N with
+        r = `chinchilla`, or `tokens[i]` explicit tokens for member i. A YAML without a
+        `tokens` section means r = 1.
+    count: which parameter count N is: "nonembedding" (default; the paper's sizes are these),
+        "total", or "nominal" (the advertised size: `nominal[i]` if given, else the member's
+        `ModelConfig.nominal_params`).
+    batch_size: global batch in sequences per stage, or one int for every stage.
+    seq_len: training sequence length in tokens per stage, or one int for every stage; None
+        means each member's max_seq_len. (`batch_sizes` / `seq_lens` give the per-stage lists;
+        the fields keep what was written, so a scalar still applies after `replace(members=...)`.)
+    lr: the peak learning-rate policy.
+    extra: the sections other pipeline steps own (`train`, `growth`, `data`), kept verbatim.
+    """
+
+    members: list[ModelConfig]
+    batch_size: list[int] | int
+    name: str = "family"
+    chinchilla: float | None = None
+    tokens: list[float] | None = None
+    count: Count = "nonembedding"
+    nominal: list[float] | None = None
+    seq_len: list[int] | int | None = None
+    lr: LRPolicy = field(default_factory=LRPolicy)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.members, (list, tuple)) or not self.members:
+            raise ConfigError("members must be a non-empty list of presets, config paths or configs")
+        self.members = [_resolve_member(m, i) for i, m in enumerate(self.members)]
+        n = len(self.members)
+        if (self.chinchilla is None) == (self.tokens is None):
+            raise ConfigError("give exactly one token rule: tokens: {chinchilla: R} or {explicit: [...]}")
+        if self.chinchilla is not None:
+            self.chinchilla = _number(self.chinchilla, "tokens.chinchilla")
+        else:
+            if not isinstance(self.tokens, (list, tuple)):
+                raise ConfigError(f"tokens.explicit must be a list with one entry per member, got {self.tokens!r}")
+            self.tokens = _per_stage(self.tokens, n, "tokens.explicit", _number)
+        if self.count not in COUNTS:
+            raise ConfigError(f"count must be one of {', '.join(COUNTS)}, got {self.count!r}")
+        if self.nominal is not None:
+            if not isinstance(self.nominal, (list, tuple)):
+                raise ConfigError(f"nominal must be a list with one size per member, got {self.nominal!r}")
+            self.nominal = _per_stage(self.nominal, n, "nominal", _number)
+        _ = self.batch_sizes  # raises on a bad batch_size
+        for m, t in zip(self.members, self.seq_lens):
+            if t > m.max_seq_len:
+                raise ConfigError(f"seq_len {t} exceeds {m.name}'s max_seq_len {m.max_seq_len}")
+        if isinstance(self.lr, dict):
+            self.lr = LRPolicy.from_dict(self.lr)
+        self.extra = dict(_mapping(self.extra, "extra"))
+        self._validate_family()
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Global batch of each stage, in sequences."""
+        return _per_stage(self.batch_size, len(self.members), "batch_size", _positive_int)
+
+    @property
+    def seq_lens(self) -> list[int]:
+        """Training sequence length of each stage, in tokens."""
+        if self.seq_len is None:
+            return [m.max_seq_len for m in self.members]
+        return _per_stage(self.seq_len, len(self.members), "seq_len", _positive_int)
+
+    def counted_params(self) -> list[float]:
+        """N of each member under `count`."""
+        if self.count != "nominal":
+            return [float(num_params(m, self.count)) for m in self.members]
+        if self.nominal is not None:
+            return list(self.nominal)
+        missing = [m.name for m in self.members if m.nominal_params is None]
+        if missing:
+            raise ConfigError(
+                f"count nominal needs a nominal size for every member, missing for: {', '.join(missing)} "
+                "(set nominal_params in the member's config or give `nominal: [...]` in the family)"
+            )
+        return [float(m.nominal_params) for m in self.members]
+
+    def _validate_family(self) -> None:
+        """Checks that make progressive growth possible: same head_dim and vocab, growing N."""
+        first = self.members[0]
+        for m in self.members[1:]:
+            if m.head_dim != first.head_dim:
+                raise ConfigError(
+                    f"head_dim must be constant across the family: {first.name} has "
+                    f"{first.head_dim}, {m.name} has {m.head_dim}"
+                )
+            if m.vocab_size != first.vocab_size:
+                raise ConfigError(
+                    f"vocab_size must be equal across the family: {first.name} has "
+                    f"{first.vocab_size}, {m.name} has {m.vocab_size}"
+                )
+        params = self.counted_params()
+        for (a, na), (b, nb) in zip(zip(self.members, params), zip(self.members[1:], params[1:])):
+            if nb <= na:
+                raise ConfigError(
+                    f"member sizes must strictly increase ({self.count} parameters): "
+                    f"{b.name} ({_si(nb)}) is not larger than {a.name} ({_si(na)})"
+                )
+
+    def replace(self, **changes) -> "FamilySpec":
+        """A copy with `changes` applied and re-validated; a new token rule replaces the old one."""
+        if changes.get("chinchilla") is not None:
+            changes.setdefault("tokens", None)
+        if changes.get("tokens") is not None:
+            changes.setdefault("chinchilla", None)
+        return dataclasses.replace(self, **changes)
+
+    # ---- (de)serialisation ----------------------------------------------------------------
+    KEYS: ClassVar[tuple[str, ...]] = ("name", "members", "tokens", "count", "nominal", "batch_size", "seq_len", "lr") + EXTRA_SECTIONS
+
+    @classmethod
+    def from_dict(cls, data: dict, base_dir: str | Path | None = None) -> "FamilySpec":
+        """Build from the family YAML's mapping; relative config paths resolve against base_dir."""
+        data = _mapping(data, "a family spec")
+        _check_keys(data, cls.KEYS, "the family spec")
+        if "members" not in data or "batch_size" not in data:
+            raise ConfigError("a family spec needs `members` and `batch_size`")
+        tokens = _mapping(data.get("tokens", {"chinchilla": 1}), "tokens")
+        _check_keys(tokens, ["chinchilla", "explicit"], "tokens")
+        members = data["members"]
+        if base_dir is not None and isinstance(members, list):
+            members = [_relative_to(m, Path(base_dir)) for m in members]
+        return cls(
+            members=members,
+            batch_size=data["batch_size"],
+            name=str(data.get("name", "family")),
+            chinchilla=tokens.get("chinchilla"),
+            tokens=tokens.get("explicit"),
+            count=data.get("count", "nonembedding"),
+            nominal=data.get("nominal"),
+            seq_len=data.get("seq_len"),
+            lr=LRPolicy.from_dict(data.get("lr", {})),
+            extra={k: data[k] for k in EXTRA_SECTIONS if k in data},
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "FamilySpec":
+        path = Path(path)
+        data = read_yaml(path)
+        if isinstance(data, dict):
+            data.setdefault("name", path.stem)
+        try:
+            return cls.from_dict(data, base_dir=path.parent)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+    def to_dict(self) -> dict:
+        """The YAML mapping of this spec; members are written inline so the file stands alone."""
+        tokens = {"chinchilla": self.chinchilla} if self.chinchilla is not None else {"explicit": self.tokens}
+        out: dict[str, Any] = {
+            "name": self.name,
+            "members": [m.to_dict() for m in self.members],
+            "tokens": tokens,
+            "count": self.count,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "lr": self.lr.to_dict(),
+        }
+        if self.nominal is not None:
+            out["nominal"] = self.nominal
+        return {**out, **self.extra}
+
+
+def _resolve_member(member: Any, index: int) -> ModelConfig:
+    """A ModelConfig, with errors naming the member's position in the family."""
+    if not isinstance(member, (ModelConfig, dict, str, Path)):
+        raise ConfigError(f"members[{index}] must be a preset name, a config path or a mapping, got {member!r}")
+    try:
+        return resolve_config(member)
+    except ConfigError as err:
+        raise ConfigError(f"members[{index}]: {err}") from None
+
+
+def _relative_to(member: Any, base: Path) -> Any:
+    if isinstance(member, str) and member not in PRESETS and not Path(member).is_absolute():
+        candidate = base / member
+        if candidate.exists():
+            return candidate
+    return member
+
+
+def shipped_families() -> list[str]:
+    """Names of the family YAMLs shipped in growfam/configs."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_family_spec(name_or_path: str | Path) -> FamilySpec:
+    """A shipped family by name ("paper-r2") or a family YAML by path."""
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if isinstance(name_or_path, str) and "/" not in name_or_path and shipped.is_file():
+        return FamilySpec.from_yaml(shipped)
+    path = Path(name_or_path)
+    if path.exists() or path.suffix in (".yaml", ".yml", ".json"):
+        return FamilySpec.from_yaml(path)
+    raise ConfigError(
+        f"unknown family {str(name_or_path)!r}; shipped families: {', '.join(shipped_families())} "
+        "(or give the path of a family YAML)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Plan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One family member under both training modes. Tokens are budgets (may be fractional);
+    steps are whole optimizer steps covering them: ceil(tokens / (batch_size · seq_len))."""
+
+    index: int  # 1-based, as in the paper
+    name: str
+    params: float  # N under the spec's count
+    nonembedding_params: int
+    total_params: int
+    batch_size: int  # sequences
+    seq_len: int  # tokens
+    tokens_independent: float  # D(N_i)
+    tokens_progressive: float  # D'_i
+    steps_independent: int
+    steps_progressive: int
+    flops_independent: float  # 6 · N_i · D(N_i)
+    flops_progressive: float  # 6 · N_i · D'_i
+    cum_flops_independent: float  # Σ_{j<=i}
+    cum_flops_progressive: float  # == flops_independent by Eq. 4
+    attn_flops_independent: float  # flops_per_token(cfg, seq_len) · D(N_i)
+    attn_flops_progressive: float
+    max_lr: float
+    min_lr: float
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "tokens_per_step": self.tokens_per_step}
+
+
+@dataclass(frozen=True)
+class GpuHours:
+    """Wall-clock GPU-hours of the attention-inclusive FLOPs at `mfu` of `peak_tflops`."""
+
+    peak_tflops: float  # dense peak of one GPU, 1e12 FLOP/s
+    mfu: float  # model FLOPs utilisation, fraction of peak
+    independent: list[float]  # per stage, hours
+    progressive: list[float]
+
+    @property
+    def total_independent(self) -> float:
+        return sum(self.independent)
+
+    @property
+    def total_progressive(self) -> float:
+        return sum(self.progressive)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "total_independent": self.total_independent,
+                "total_progressive": self.total_progressive}
+
+
+@dataclass(frozen=True)
+class FamilyPlan:
+    """Per-stage budgets of a family under Independent and Progressive training, with totals."""
+
+    spec: FamilySpec
+    stages: list[StagePlan]
+
+    @property
+    def flops_independent(self) -> float:
+        """Family total, 6ND: every member from scratch."""
+        return sum(s.flops_independent for s in self.stages)
+
+    @property
+    def flops_progressive(self) -> float:
+        """Family total, 6ND: equals the largest member's from-scratch cost."""
+        return sum(s.flops_progressive for s in self.stages)
+
+    @property
+    def saving(self) -> float:
+        """Fraction of the Independent 6ND FLOPs that progressive training saves."""
+        return 1 - self.flops_progressive / self.flops_independent
+
+    @property
+    def attn_saving(self) -> float:
+        """The same saving measured with attention-inclusive FLOPs."""
+        return 1 - (sum(s.attn_flops_progressive for s in self.stages)
+                    / sum(s.attn_flops_independent for s in self.stages))
+
+    def gpu_hours(self, peak_tflops: float, mfu: float) -> GpuHours:
+        """GPU-hours per stage: attention-inclusive FLOPs / (peak_tflops·1e12·mfu) / 3600."""
+        peak_tflops = _number(peak_tflops, "peak TFLOPs")
+        mfu = _number(mfu, "MFU")
+        if mfu > 1:
+            raise ConfigError(f"MFU is a fraction of peak in (0, 1], got {mfu}")
+        rate = peak_tflops * 1e12 * mfu * 3600  # FLOPs per GPU-hour
+        return GpuHours(peak_tflops, mfu,
+                        [s.attn_flops_independent / rate for s in self.stages],
+                        [s.attn_flops_progressive / rate for s in self.stages])
+
+    def to_dict(self, peak_tflops: float | None = None, mfu: float | None = None) -> dict:
+        """JSON-ready plan; GPU-hours are included when both peak_tflops and mfu are given."""
+        out = {
+            "name": self.spec.name,
+            "count": self.spec.count,
+            "tokens": {"chinchilla": self.spec.chinchilla} if self.spec.chinchilla is not None
+            else {"explicit": self.spec.tokens},
+            "lr": self.spec.lr.to_dict(),
+            "stages": [s.to_dict() for s in self.stages],
+            "totals": {
+                "tokens_independent": sum(s.tokens_independent for s in self.stages),
+                "tokens_progressive": sum(s.tokens_progressive for s in self.stages),
+                "steps_independent": sum(s.steps_independent for s in self.stages),
+                "steps_progressive": sum(s.steps_progressive for s in self.stages),
+                "flops_independent": self.flops_independent,
+                "flops_progressive": self.flops_progressive,
+                "attn_flops_independent": sum(s.attn_flops_independent for s in self.stages),
+                "attn_flops_progressive": sum(s.attn_flops_progressive for s in self.stages),
+                "saving_pct": 100 * self.saving,
+                "attn_saving_pct": 100 * self.attn_saving,
+            },
+        }
+        if peak_tflops is not None and mfu is not None:
+            out["gpu_hours"] = self.gpu_hours(peak_tflops, mfu).to_dict()
+        return out
+
+
+def independent_tokens(spec: FamilySpec, params: Sequence[float]) -> list[float]:
+    """D(N_i): r·20·N_i, or the spec's explicit tokens."""
+    if spec.tokens is not None:
+        return list(spec.tokens)
+    return [spec.chinchilla * CHINCHILLA_TOKENS_PER_PARAM * n for n in params]
+
+
+def progressive_tokens(params: Sequence[float], independent: Sequence[float],
+                       names: Sequence[str]) -> list[float]:
+    """D'_i by Eq. 4; ConfigError naming the stage whose budget comes out <= 0."""
+    spent = 0.0  # Σ_{j<i} N_j·D'_j, parameter-tokens already trained
+    out = []
+    for i, (n, d, name) in enumerate(zip(params, independent, names), start=1):
+        d_prog = d - spent / n
+        if d_prog <= 0:
+            raise ConfigError(
+                f"stage {i} ({name}): progressive budget D'_{i} = {d:.4g} - {spent / n:.4g} = "
+                f"{d_prog:.4g} tokens <= 0; the earlier stages already cost as much as training "
+                f"{name} from scratch (give it more tokens or the earlier stages fewer)"
+            )
+        out.append(d_prog)
+        spent += n * d_prog
+    return out
+
+
+def _steps(tokens: float, per_step: int) -> int:
+    # Round the budget to whole tokens first so float noise (40e9 → 40000000000.000004) cannot
+    # add a step.
+    return -(-round(tokens) // per_step)
+
+
+def make_plan(spec: FamilySpec) -> FamilyPlan:
+    """Token budgets, steps, FLOPs and peak LRs of every stage of `spec`."""
+    params = spec.counted_params()
+    names = [m.name for m in spec.members]
+    d_ind = independent_tokens(spec, params)
+    try:
+        d_prog = progressive_tokens(params, d_ind, names)
+    except ConfigError as err:
+        raise ConfigError(f"family {spec.name}: {err}") from None
+    max_lrs = spec.lr.max_lrs(params)
+    batch_sizes, seq_lens = spec.batch_sizes, spec.seq_lens
+    stages, cum_ind, cum_prog = [], 0.0, 0.0
+    for i, cfg in enumerate(spec.members):
+        n, batch, seq = params[i], batch_sizes[i], seq_lens[i]
+        f_ind, f_prog = 6 * n * d_ind[i], 6 * n * d_prog[i]
+        cum_ind += f_ind
+        cum_prog += f_prog
+        per_token = flops_per_token(cfg, seq)
+        stages.append(StagePlan(
+            index=i + 1, name=cfg.name, params=n,
+            nonembedding_params=num_params(cfg, "nonembedding"), total_params=num_params(cfg, "total"),
+            batch_size=batch, seq_len=seq,
+            tokens_independent=d_ind[i], tokens_progressive=d_prog[i],
+            steps_independent=_steps(d_ind[i], batch * seq), steps_progressive=_steps(d_prog[i], batch * seq),
+            flops_independent=f_ind, flops_progressive=f_prog,
+            cum_flops_independent=cum_ind, cum_flops_progressive=cum_prog,
+            attn_flops_independent=per_token * d_ind[i], attn_flops_progressive=per_token * d_prog[i],
+            max_lr=max_lrs[i], min_lr=max_lrs[i] * spec.lr.min_ratio,
+        ))
+    return FamilyPlan(spec, stages)
+
+
+# --------------------------------------------------------------------------------------------
+# Table
+# --------------------------------------------------------------------------------------------
+
+
+def _si(x: float) -> str:
+    """1.09e9 -> '1.09B': counts with a K/M/B/T suffix and three significant digits."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
+def _sci(x: float) -> str:
+    """2.4e20 -> '2.40e20': three significant digits, no '+' or leading zeros in the exponent."""
+    mantissa, exponent = f"{x:.2e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _hours(h: float) -> str:
+    return f"{h:,.0f}" if h >= 100 else f"{h:.3g}"
+
+
+def _table(rows: list[list[str]], groups: Sequence[tuple[int, int, str]] = ()) -> list[str]:
+    """Rows as text columns, right-aligned to the widest cell except the first (names).
+
+    groups: (first column, last column, label) spans labelled on a line above the rows.
+    """
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for first, last, label in groups:  # widen a group's last column until its label fits
+        widths[last] += max(0, len(label) + 2 - (sum(widths[first:last + 1]) + 2 * (last - first)))
+    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
+                       for c, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+    if groups:
+        starts = [sum(widths[:c]) + 2 * c for c in range(len(widths))]
+        above = [" "] * len(lines[0])
+        for first, last, label in groups:
+            span = starts[last] + widths[last] - starts[first]
+            text = f" {label} ".center(span, "-")
+            above[starts[first]:starts[first] + span] = text
+        lines.insert(0, "".join(above).rstrip())
+    return lines
+
+
+def format_plan(plan: FamilyPlan, peak_tflops: float, mfu: float) -> str:
+    """The plan as an aligned text table (ind = Independent, prog = Progressive)."""
+    spec, hours = plan.spec, plan.gpu_hours(peak_tflops, mfu)
+    rule = (f"{spec.chinchilla:g}x Chinchilla (D = {spec.chinchilla * CHINCHILLA_TOKENS_PER_PARAM:g}·N)"
+            if spec.chinchilla is not None else "explicit tokens")
+    header = ["stage", "params", "batch", "seq", "ind", "prog", "ind", "prog", "ind", "prog",
+              "ind", "prog", "max LR", "ind", "prog"]
+    groups = [(4, 5, "tokens"), (6, 7, "steps"), (8, 9, "FLOPs 6ND"), (10, 11, "cumulative"),
+              (13, 14, "GPU-hours")]
+    body = [
+        [s.name, _si(s.params), str(s.batch_size), str(s.seq_len),
+         _si(s.tokens_independent), _si(s.tokens_progressive),
+         str(s.steps_independent), str(s.steps_progressive),
+         _sci(s.flops_independent), _sci(s.flops_progressive),
+         _sci(s.cum_flops_independent), _sci(s.cum_flops_progressive),
+         f"{s.max_lr:.3g}", _hours(h_ind), _hours(h_prog)]
+        for s, h_ind, h_prog in zip(plan.stages, hours.independent, hours.progressive)
+    ]
+    totals = plan.to_dict()["totals"]
+    total = ["total", "", "", "", _si(totals["tokens_independent"]), _si(totals["tokens_progressive"]),
+             str(totals["steps_independent"]), str(totals["steps_progressive"]),
+             _sci(plan.flops_independent), _sci(plan.flops_progressive), "", "", "",
+             _hours(hours.total_independent), _hours(hours.total_progressive)]
+    lines = [f"family {spec.name}: {len(plan.stages)} stages, {spec.count} parameter count, {rule}", ""]
+    lines += _table([header] + body + [total], groups)
+    lines += [
+        "",
+        f"saving: {100 * plan.saving:.1f}% of FLOPs (6ND), {100 * plan.attn_saving:.1f}% attention-inclusive",
+        f"GPU-hours (attention-inclusive FLOPs at {peak_tflops:g} TFLOP/s peak, {100 * mfu:g}% MFU): "
+        f"{_hours(hours.total_independent)} independent, {_hours(hours.total_progressive)} progressive, "
+        f"{_hours(hours.total_independent - hours.total_progressive)} saved",
+    ]
+    return "\n".join(lines)
