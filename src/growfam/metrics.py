@@ -1,0 +1,119 @@
+"""Run logging for the trainer: one JSONL file, TensorBoard when installed, wandb on request.
+
+Every record is one JSON object per line in `out_dir/metrics.jsonl`:
+`{"event": "train" | "eval" | "spike" | "rollback" | "checkpoint" | "resume" | ..., "step": int,
+"time": unix seconds, ...values}`. Numeric values also go to TensorBoard as `<event>/<key>`.
+Only rank 0 writes anything; the other ranks get a logger whose methods do nothing.
+
+Also here: the bf16 dense peak FLOP/s of known GPUs, for MFU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from growfam.errors import GrowfamError
+
+#: Dense (no sparsity) bf16 tensor-core peak FLOP/s per GPU, from the vendors' data sheets.
+#: Matched against torch.cuda.get_device_name() in order, so the more specific names come first.
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM / HBM3
+    ("H200", 989e12),  # also GH200
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """bf16 dense peak FLOP/s of `device`, or None when it is not a GPU in the table."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+
+
+def _scalar(value: Any) -> float | None:
+    """value as a finite-or-not float if it is a plain number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+class MetricsLogger:
+    """Appends events to metrics.jsonl and mirrors scalars to TensorBoard / wandb.
+
+    enabled=False (ranks other than 0) makes every method a no-op. `resume=True` appends to an
+    existing metrics.jsonl; otherwise the file starts empty.
+    """
+
+    def __init__(self, out_dir: str | Path, *, enabled: bool = True, resume: bool = False,
+                 tensorboard: bool = True, wandb_project: str | None = None,
+                 run_config: dict | None = None) -> None:
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        out_dir = Path(out_dir)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self._file = open(out_dir / "metrics.jsonl", "a" if resume else "w", encoding="utf-8")
+        except OSError as err:
+            raise GrowfamError(f"cannot write metrics to {out_dir}: {err.strerror or err}") from None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("growfam: tensorboard is not installed; skipping TensorBoard logs "
+                      "(pip install tensorboard to get them)")
+            else:
+                self._tb = SummaryWriter(str(out_dir / "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise GrowfamError("wandb_project is set but wandb is not installed (pip install wandb)") from None
+            self._wandb = wandb.init(project=wandb_project, config=run_config, dir=str(out_dir),
+                                     resume="allow")
+
+    def log(self, event: str, step: int, **values: Any) -> None:
+        """Write one record; non-finite floats become null in JSON (and stay NaN elsewhere)."""
+        if not self.enabled:
+            return
+        record = {"event": event, "step": step, "time": round(time.time(), 3)}
+        for key, value in values.items():
+            number = _scalar(value)
+            record[key] = None if number is not None and not math.isfinite(number) else value
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()  # a killed run keeps every line it logged
+        scalars = {f"{event}/{k}": _scalar(v) for k, v in values.items() if _scalar(v) is not None}
+        if self._tb is not None:
+            for key, number in scalars.items():
+                self._tb.add_scalar(key, number, step)
+        if self._wandb is not None and scalars:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(path: str | Path, event: str | None = None) -> list[dict]:
+    """The records of a metrics.jsonl (only those of `event` when given), in file order."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r for r in records if event is None or r["event"] == event]
