@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"growfam {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # One `_add_<command>(sub)` function per subcommand below; each sets `func` to its handler.
-    for add in (_add_info, _add_plan):
+    for add in (_add_info, _add_plan, _add_train):
         add(sub)
     return parser
 
@@ -77,6 +77,53 @@ def _run_plan(args) -> int:
         print(json.dumps(plan.to_dict(args.peak_tflops, args.mfu), indent=2))
     else:
         print(format_plan(plan, args.peak_tflops, args.mfu))
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train one model from a train config (resumable)",
+                       description="Train one model: AdamW, cosine schedule, checkpoints, spike guard. "
+                                   "Resumes from OUT_DIR/checkpoints when there is one.")
+    p.add_argument("config", help="a train config YAML (fields of growfam.train.TrainConfig)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="--resume requires a checkpoint to continue; --no-resume refuses to touch an "
+                        "out_dir that has one (default: resume when there is one)")
+    p.add_argument("--max-steps", type=int, metavar="N", help="run length in optimizer steps")
+    p.add_argument("--max-tokens", type=float, metavar="N", help="run length in tokens")
+    p.add_argument("--out-dir", metavar="DIR", help="output directory")
+    p.add_argument("--data", metavar="DIR", help="prepared dataset directory")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any other config key (VALUE is read as YAML); repeatable")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    import yaml
+
+    from growfam.errors import ConfigError, read_yaml
+    from growfam.train import TrainConfig, train
+
+    data = read_yaml(args.config)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{args.config}: a train config must be a mapping")
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        data[key.strip()] = yaml.safe_load(value)
+    if args.max_steps is not None:  # one run length replaces the other
+        data.update(max_steps=args.max_steps, max_tokens=None)
+    if args.max_tokens is not None:
+        data.update(max_tokens=args.max_tokens, max_steps=None)
+    data.update({k: v for k, v in (("out_dir", args.out_dir), ("data", args.data), ("device", args.device))
+                 if v is not None})
+    result = train(TrainConfig.from_dict(data), resume=args.resume)
+    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "-"
+    train_loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "-"
+    print(f"steps {result.steps}  tokens {result.tokens:,}  train loss {train_loss}  val loss {val}  "
+          f"FLOPs {result.flops:.3e} (attention-incl. {result.flops_attn:.3e})  {result.wall_s:.0f} s")
+    print(f"model: {result.hf_dir}")
     return 0
 
 
