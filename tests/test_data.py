@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from growfam.data import PackedWindows, eval_windows
+from growfam.cli import main
+from growfam.data import PackedWindows, TokenDataset, eval_windows, in_val_split, open_source, prepare, token_dtype
 from growfam.errors import GrowfamError
+from growfam.tokenizer import EOT, Tokenizer, load_tokenizer
 
 
 def window_ids(x: torch.Tensor, seq_len: int) -> list[int]:
@@ -95,3 +99,196 @@ def test_eval_windows_are_deterministic_and_spread():
     again = [int(r[0]) for x, _ in eval_windows(tokens, 8, 10, 4) for r in x]
     assert again == starts
     assert sum(len(x) for x, _ in eval_windows(tokens, 8)) == 100
+
+
+# --------------------------------------------------------------------------------------------
+# Sources, preparation and the on-disk dataset
+# --------------------------------------------------------------------------------------------
+
+DOCS = [
+    "The first document.\nIt has two lines.",
+    "def add(a, b):\n    return a + b\n",
+    "Unicode: héllo wörld 日本語 🤗, and a literal <|endoftext|> inside.",
+    "   whitespace   runs\n\n\n\tand tabs",
+    "numbers 3.14159 2.71828 1e-9 0xFF",
+] + [f"document number {i}: " + "lorem ipsum dolor sit amet " * (i % 7 + 1) for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return load_tokenizer("gpt2")
+
+
+def write_jsonl(path: Path, docs: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    return path
+
+
+def test_text_tokens_windows_round_trip(tmp_path, gpt2):
+    ds = prepare(write_jsonl(tmp_path / "docs.jsonl", DOCS), gpt2, tmp_path / "ds", val_fraction=0.0, progress=False)
+    tokens = ds.tokens("train")
+    assert ds.num_tokens("val") == 0 and ds.num_documents("train") == len(DOCS)
+    assert gpt2.decode(tokens.tolist()) == "".join(d + EOT for d in DOCS)
+    assert int((tokens == gpt2.eos_id).sum()) == len(DOCS)  # literal "<|endoftext|>" is not eos
+    seq = 16
+    in_order = torch.cat([x for x, _ in eval_windows(tokens, seq)])
+    n = len(in_order)
+    assert torch.equal(in_order.flatten(), torch.from_numpy(tokens[: n * seq].astype(np.int64)))
+    x, y = PackedWindows(tokens, seq_len=seq, batch_size=n, seed=0).next_batch()  # one whole epoch
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    windows = [tuple(tokens[i * seq : i * seq + seq + 1].tolist()) for i in range(n)]
+    assert sorted(tuple(rx + ry[-1:]) for rx, ry in zip(x.tolist(), y.tolist())) == sorted(windows)
+
+
+class CharTokenizer(Tokenizer):
+    """Unicode code points as ids: a vocabulary too large for uint16."""
+
+    name, vocab_size, eos_id = "chars", 0x110001, 0x110000
+
+    def encode_batch(self, texts, num_threads=8):
+        return [[ord(c) for c in t] for t in texts]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids if i != self.eos_id)
+
+    def save(self, out_dir):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "chars.txt").write_text("code points\n")
+        return Path(out_dir)
+
+    def fingerprint(self):
+        return "chars"
+
+
+def test_token_dtype_fits_the_vocabulary(tmp_path, gpt2):
+    assert token_dtype(4096) == token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+    assert prepare(["abc"], gpt2, tmp_path / "a", val_fraction=0, progress=False).tokens("train").dtype == np.uint16
+    wide = prepare(["a🤗"], CharTokenizer(), tmp_path / "b", val_fraction=0, progress=False)
+    assert wide.dtype == np.uint32 and wide.tokens("train").tolist() == [ord("a"), ord("🤗"), 0x110000]
+
+
+def test_val_split_is_stable_and_disjoint(tmp_path, gpt2):
+    many = [f"doc {i} " + "x" * (i % 13) for i in range(400)]
+    picked = {d for d in many if in_val_split(d, 0.25)}
+    assert 60 < len(picked) < 140  # about a quarter
+    forward = prepare(many, gpt2, tmp_path / "f", val_fraction=0.25, progress=False)
+    backward = prepare(many[::-1], gpt2, tmp_path / "b", val_fraction=0.25, progress=False)
+    for ds in (forward, backward):
+        val_docs = set(gpt2.decode(ds.tokens("val").tolist()).split(EOT)[:-1])
+        train_docs = set(gpt2.decode(ds.tokens("train").tolist()).split(EOT)[:-1])
+        assert val_docs == picked and train_docs == set(many) - picked
+        assert ds.num_documents("val") == len(picked)
+
+
+def test_max_tokens_stops_after_the_crossing_document(tmp_path, gpt2):
+    ds = prepare(DOCS, gpt2, tmp_path / "ds", val_fraction=0, max_tokens=50, progress=False)
+    lengths = np.cumsum([len(gpt2.encode(d)) + 1 for d in DOCS])
+    assert ds.num_tokens("train") == lengths[np.searchsorted(lengths, 50)]
+    assert json.loads((tmp_path / "ds" / "index.json").read_text())["max_tokens"] == 50
+
+
+def test_dataset_is_self_contained(tmp_path):
+    ds = prepare(DOCS * 3, "train:300", tmp_path / "ds", val_fraction=0.2, progress=False)
+    tok = ds.tokenizer()
+    assert tok.vocab_size == ds.vocab_size <= 300 and tok.fingerprint() == ds.fingerprint
+    assert ds.num_tokens("val") > 0 and ds.num_tokens("train") > ds.num_tokens("val")
+    text = tok.decode(ds.tokens("train").tolist())
+    assert text.split(EOT)[0] in DOCS
+    assert not list(tmp_path.glob(".ds.tmp-*"))  # the temporary directory was renamed away
+
+
+def test_embedded_corpus_yields_documents(tmp_path, gpt2):
+    source = open_source("embedded")
+    assert "standard library" in source.description
+    docs = list(islice(source, 120))
+    assert len(docs) == 120 and all(isinstance(d, str) and d for d in docs)
+    assert any("import " in d for d in docs) and any("assert" in d for d in docs)
+    assert docs[:5] == list(islice(open_source("embedded"), 5))  # deterministic order
+    ds = prepare("embedded", gpt2, tmp_path / "ds", max_tokens=20_000, progress=False)
+    assert 20_000 <= ds.num_tokens("train") + ds.num_tokens("val") < 200_000
+
+
+def test_local_folder_and_capped_source(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("first file")
+    (tmp_path / "sub" / "b.txt").write_text("second file")
+    write_jsonl(tmp_path / "c.jsonl", ["x", "y"])
+    (tmp_path / "ignored.md").write_text("not a source")
+    assert list(open_source(tmp_path)) == ["first file", "x", "y", "second file"]
+    assert list(open_source({"path": str(tmp_path), "max_documents": 2})) == ["first file", "x"]
+
+
+def test_source_errors(tmp_path, gpt2):
+    with pytest.raises(GrowfamError, match="no such file or folder"):
+        prepare(tmp_path / "missing", gpt2, tmp_path / "out")
+    with pytest.raises(GrowfamError, match="no .txt"):
+        open_source(tmp_path)
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(GrowfamError, match="bad.jsonl:2: no string field 'text'"):
+        list(open_source(tmp_path / "bad.jsonl"))
+    with pytest.raises(GrowfamError, match="expected one of the keys"):
+        open_source({"nothing": 1})
+
+
+def test_optional_dependencies_fail_clearly(tmp_path):
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(GrowfamError, match="pip install 'growfam\\[hub\\]'"):
+            open_source("hf:HuggingFaceFW/fineweb-edu:sample-10BT")
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        (tmp_path / "d.parquet").write_bytes(b"PAR1")
+        with pytest.raises(GrowfamError, match="needs pyarrow"):
+            list(open_source(tmp_path / "d.parquet"))
+
+
+def test_empty_dataset_is_an_error(tmp_path, gpt2):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "empty.txt").write_text("")
+    with pytest.raises(GrowfamError, match="no training documents"):
+        prepare(tmp_path / "src", gpt2, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_existing_output_is_refused_unless_overwritten(tmp_path, gpt2):
+    prepare(["one"], gpt2, tmp_path / "ds", val_fraction=0, progress=False)
+    with pytest.raises(GrowfamError, match="already exists"):
+        prepare(["two"], gpt2, tmp_path / "ds", progress=False)
+    ds = prepare(["two"], gpt2, tmp_path / "ds", val_fraction=0, overwrite=True, progress=False)
+    assert gpt2.decode(ds.tokens("train").tolist()) == "two" + EOT
+
+
+def test_corrupt_datasets_are_clear_errors(tmp_path, gpt2):
+    with pytest.raises(GrowfamError, match="not a prepared dataset"):
+        TokenDataset.open(tmp_path)
+    path = tmp_path / "ds"
+    prepare(DOCS, gpt2, path, val_fraction=0.3, progress=False)
+    index = (path / "index.json").read_text()
+    (path / "index.json").write_text(index[:-20])
+    with pytest.raises(GrowfamError, match="malformed JSON"):
+        TokenDataset.open(path)
+    (path / "index.json").write_text(json.dumps({"format": "growfam-tokens/1"}))
+    with pytest.raises(GrowfamError, match="corrupt index.json"):
+        TokenDataset.open(path)
+    (path / "index.json").write_text(index)
+    with open(path / "train" / "tokens.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(GrowfamError, match="train/tokens.bin is missing or not"):
+        TokenDataset.open(path)
+
+
+def test_cli_prepare_on_a_local_folder(tmp_path, capsys):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i, doc in enumerate(DOCS):
+        (folder / f"{i:02d}.txt").write_text(doc)
+    out = tmp_path / "ds"
+    argv = ["data", "prepare", str(folder), "--tokenizer", "train:300", "--out", str(out), "--val-fraction", "0.2"]
+    assert main(argv) == 0
+    ds = TokenDataset.open(out)
+    assert ds.num_documents("train") + ds.num_documents("val") == len(DOCS) and ds.vocab_size <= 300
+    assert str(out) in capsys.readouterr().out
+    assert main(["data", "prepare", str(tmp_path / "nope"), "--tokenizer", "gpt2", "--out", str(tmp_path / "x")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err

@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"growfam {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # One `_add_<command>(sub)` function per subcommand below; each sets `func` to its handler.
-    for add in (_add_info, _add_plan, _add_train):
+    for add in (_add_info, _add_plan, _add_train, _add_data):
         add(sub)
     return parser
 
@@ -124,6 +124,39 @@ def _run_train(args) -> int:
     print(f"steps {result.steps}  tokens {result.tokens:,}  train loss {train_loss}  val loss {val}  "
           f"FLOPs {result.flops:.3e} (attention-incl. {result.flops_attn:.3e})  {result.wall_s:.0f} s")
     print(f"model: {result.hf_dir}")
+    return 0
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="prepare training data (tokenise once into a dataset directory)")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    prep = data_sub.add_parser("prepare", help="tokenise a source into memory-mapped token files",
+                               description="Tokenise a source once, in parallel, into OUT: token files "
+                                           "for the train and val splits, index.json and the tokenizer.")
+    prep.add_argument("source", help="'embedded' (Python stdlib sources and docs), a .txt/.jsonl/.parquet "
+                                     "file or folder, or hf:NAME[:CONFIG[:SPLIT]]")
+    prep.add_argument("--tokenizer", default="gpt2",
+                      help="gpt2, a Hugging Face tokenizer directory, or train:VOCAB to train a byte-level "
+                           "BPE on the source (default: gpt2)")
+    prep.add_argument("--out", required=True, metavar="DIR", help="dataset directory to create")
+    prep.add_argument("--val-fraction", type=float, default=0.005, metavar="F",
+                      help="share of documents held out for validation, chosen by hash (default: 0.005)")
+    prep.add_argument("--workers", type=int, metavar="N", help="tokenising threads (default: all CPUs)")
+    prep.add_argument("--max-tokens", type=float, metavar="N", help="stop after about N tokens")
+    prep.add_argument("--text-field", default="text", help="JSONL/Parquet/HF text field (default: text)")
+    prep.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    prep.set_defaults(func=_run_data_prepare)
+
+
+def _run_data_prepare(args) -> int:
+    from growfam.data import open_source, prepare
+
+    ds = prepare(open_source(args.source, text_field=args.text_field), args.tokenizer, args.out,
+                 val_fraction=args.val_fraction, workers=args.workers,
+                 max_tokens=int(args.max_tokens) if args.max_tokens else None, overwrite=args.force)
+    print(f"{ds.path}: train {ds.num_tokens('train'):,} tokens ({ds.num_documents('train'):,} documents), "
+          f"val {ds.num_tokens('val'):,} tokens ({ds.num_documents('val'):,} documents), "
+          f"vocab {ds.vocab_size:,} ({ds.dtype.name})")
     return 0
 
 

@@ -1,25 +1,459 @@
-"""Training data: token windows for the trainer.
+"""Training data: document sources, one-time tokenisation into token files, and packed windows.
 
-`PackedWindows` turns any 1-D integer token array (an in-memory array or a memmapped shard)
-into seeded, resumable, rank-sharded batches of packed windows; `eval_windows` gives the
-deterministic validation batches.
+Pipeline: `open_source` gives documents (the embedded Python-stdlib corpus, local
+.txt/.jsonl/.parquet files, or a streamed Hugging Face dataset); `prepare` tokenises them once
+into a self-contained dataset directory; `TokenDataset.open` memory-maps it; `PackedWindows`
+turns a split's token array into seeded, resumable batches and `eval_windows` into validation
+batches.
+
+Dataset directory (written to a temporary sibling, then renamed into place):
+
+    index.json         format, tokenizer {name, fingerprint, vocab_size, eos_id}, dtype,
+                       splits {train|val: {file, tokens, documents}}, val_fraction, source
+    train/tokens.bin   raw little-endian uint16 (vocab <= 65536) or uint32 token ids: the
+    val/tokens.bin     split's documents in source order, each followed by eos_id
+    tokenizer/         the tokenizer as a Hugging Face directory
+
+A document goes to the validation split when a hash of its text falls below val_fraction, so
+the split is stable under reordering and a duplicated document never straddles both splits.
 
 Window layout: the stream is cut into windows of `seq_len + 1` tokens starting at multiples of
 `seq_len`, window i = tokens[i*seq_len : i*seq_len + seq_len + 1]. Consecutive windows share
 one token (the last target of one is the first input of the next), so every token except the
 very first is a prediction target exactly once per epoch, and documents are packed across
-window edges (separated by the end-of-text token written by `prepare`).
+window edges.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+import json
+import os
+import shutil
+import sys
+import sysconfig
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from growfam.errors import GrowfamError
+from growfam.errors import GrowfamError, read_json
+from growfam.tokenizer import Tokenizer, load_tokenizer, train_bpe
+
+FORMAT = "growfam-tokens/1"
+SPLITS = ("train", "val")
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+# Distribution-dependent parts of the stdlib tree (Debian ships the tests separately), left out
+# so the embedded corpus is the same on every machine with the same Python version.
+_STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """A re-iterable stream of documents (non-empty strings) and a one-line description."""
+
+    description: str
+    documents: Callable[[], Iterator[str]]
+
+    def __iter__(self) -> Iterator[str]:
+        return (doc for doc in self.documents() if doc)
+
+
+def embedded_source() -> Source:
+    """The Python standard library's documentation topics (pydoc_data) and .py sources.
+
+    Exists on any machine that runs growfam, offline. Order: the doc topics by name, then the
+    source files by relative path (pydoc_data/topics.py itself excluded: it is the topics).
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+
+    def documents() -> Iterator[str]:
+        from pydoc_data.topics import topics
+
+        for name in sorted(topics):
+            yield topics[name]
+        for path in sorted(root.rglob("*.py")):
+            rel = path.relative_to(root)
+            if _STDLIB_SKIP.isdisjoint(rel.parts) and rel.as_posix() != "pydoc_data/topics.py":
+                yield path.read_bytes().decode("utf-8", errors="replace")
+
+    version = ".".join(map(str, sys.version_info[:3]))
+    return Source(f"embedded: Python {version} standard library sources and pydoc topics", documents)
+
+
+def _read_txt(path: Path, text_field: str) -> Iterator[str]:
+    yield path.read_bytes().decode("utf-8", errors="replace")  # one file, one document
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise GrowfamError(f"{path}:{number}: malformed JSON: {err}") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise GrowfamError(f"{path}:{number}: no string field {text_field!r}")
+            yield record[text_field]
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise GrowfamError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+    table = pq.ParquetFile(path)
+    if text_field not in table.schema_arrow.names:
+        raise GrowfamError(f"{path}: no column {text_field!r} (columns: {table.schema_arrow.names})")
+    for batch in table.iter_batches(columns=[text_field]):
+        yield from (text for text in batch.column(0).to_pylist() if isinstance(text, str))
+
+
+_READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
+
+
+def local_source(path: str | Path, text_field: str = "text") -> Source:
+    """A .txt (one document per file), .jsonl (one per line) or .parquet file, or a folder of them.
+
+    Folders are searched recursively, files taken in sorted path order.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file())
+        if not files:
+            raise GrowfamError(f"{path}: no {'/'.join(LOCAL_SUFFIXES)} files in this folder")
+    elif path.is_file():
+        if path.suffix not in LOCAL_SUFFIXES:
+            raise GrowfamError(f"{path}: unsupported file type (expected {', '.join(LOCAL_SUFFIXES)})")
+        files = [path]
+    else:
+        raise GrowfamError(f"{path}: no such file or folder")
+
+    def documents() -> Iterator[str]:
+        for file in files:
+            yield from _READERS[file.suffix](file, text_field)
+
+    return Source(f"local: {path.resolve()} ({len(files)} file(s), field {text_field!r})", documents)
+
+
+def hf_source(name: str, config: str | None = None, split: str = "train", text_field: str = "text") -> Source:
+    """A Hugging Face dataset streamed with `datasets` (installed with growfam's [hub] extra)."""
+    try:
+        import datasets
+    except ImportError:
+        raise GrowfamError(
+            f"hf:{name}: Hugging Face datasets need the `datasets` package (pip install 'growfam[hub]')"
+        ) from None
+
+    def documents() -> Iterator[str]:
+        try:
+            stream = datasets.load_dataset(name, config, split=split, streaming=True)
+            for record in stream:
+                yield record[text_field]
+        except KeyError:
+            raise GrowfamError(f"hf:{name}: records have no field {text_field!r}") from None
+        except (OSError, ValueError, ConnectionError) as err:
+            raise GrowfamError(f"hf:{name}: cannot stream the dataset: {err}") from None
+
+    return Source(f"hf: {name} config={config} split={split} field={text_field!r}", documents)
+
+
+SourceSpec = str | Path | dict[str, Any] | list[str] | tuple[str, ...] | Source
+
+
+def open_source(spec: SourceSpec, *, text_field: str = "text", max_documents: int | None = None) -> Source:
+    """Resolve a source spec to a `Source`, optionally capped at `max_documents` documents.
+
+    spec: "embedded"; "hf:NAME[:CONFIG[:SPLIT]]"; a file or folder path; a list of documents
+    (in memory); or a dict with one of the keys "embedded" (true), "hf" (name, with optional
+    "config", "split") or "path", and optional "text_field" and "max_documents".
+    """
+    if isinstance(spec, Source):
+        source = spec
+    elif isinstance(spec, (list, tuple)):
+        docs = list(spec)
+        source = Source(f"memory: {len(docs)} documents", lambda: iter(docs))
+    elif isinstance(spec, dict):
+        spec = dict(spec)
+        text_field = spec.pop("text_field", text_field)
+        max_documents = spec.pop("max_documents", max_documents)
+        if spec.get("hf"):
+            source = hf_source(spec["hf"], spec.get("config"), spec.get("split", "train"), text_field)
+        elif spec.get("path"):
+            source = local_source(spec["path"], text_field)
+        elif spec.get("embedded"):
+            source = embedded_source()
+        else:
+            raise GrowfamError(f"data source {spec}: expected one of the keys 'embedded', 'hf', 'path'")
+    elif str(spec) == "embedded":
+        source = embedded_source()
+    elif str(spec).startswith("hf:"):
+        name, config, split = (str(spec)[3:].split(":") + [None, None])[:3]
+        if not name:
+            raise GrowfamError(f"{spec}: expected hf:NAME[:CONFIG[:SPLIT]]")
+        source = hf_source(name, config or None, split or "train", text_field)
+    else:
+        source = local_source(spec, text_field)
+    if max_documents is None:
+        return source
+    return Source(
+        f"{source.description}, first {max_documents} documents", lambda: islice(iter(source), max_documents)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Preparation
+# --------------------------------------------------------------------------------------------
+
+
+def in_val_split(text: str, val_fraction: float) -> bool:
+    """Whether a document belongs to the validation split: its text's hash, read as a number in
+    [0, 1), is below val_fraction. Deterministic across runs, machines and document orders."""
+    digest = hashlib.blake2b(text.encode("utf-8", errors="replace"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64 < val_fraction
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab_size <= 65536), else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def _chunks(documents: Iterable[str], max_chars: int) -> Iterator[list[str]]:
+    """Consecutive documents grouped into lists of about `max_chars` characters."""
+    chunk: list[str] = []
+    size = 0
+    for doc in documents:
+        chunk.append(doc)
+        size += len(doc)
+        if size >= max_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _train_tokenizer(source: Source, vocab_size: int, val_fraction: float, max_tokens: int | None, out: Path):
+    """Byte-level BPE trained on the source's train-split documents only (val stays unseen).
+
+    Capped at ~4 characters per token of `max_tokens` (the text that will be tokenised) and at
+    BPE_TRAIN_MAX_CHARS, so training never dominates preparation.
+    """
+    budget = BPE_TRAIN_MAX_CHARS if max_tokens is None else min(BPE_TRAIN_MAX_CHARS, 4 * max_tokens)
+
+    def texts() -> Iterator[str]:
+        seen = 0
+        for doc in source:
+            if seen >= budget:
+                return
+            if not in_val_split(doc, val_fraction):
+                seen += len(doc)
+                yield doc
+
+    return train_bpe(texts(), vocab_size, out)
+
+
+BPE_TRAIN_MAX_CHARS = 100_000_000
+CHUNK_CHARS = 4_000_000  # text tokenised per batch: big enough to keep every thread busy
+
+
+def prepare(
+    source: SourceSpec,
+    tokenizer: Tokenizer | str | Path,
+    out_dir: str | Path,
+    *,
+    val_fraction: float = 0.005,
+    workers: int | None = None,
+    max_tokens: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TokenDataset:
+    """Tokenise `source` once into the dataset directory `out_dir` and open it.
+
+    tokenizer: a Tokenizer, "gpt2", a Hugging Face tokenizer directory, or "train:VOCAB" to
+    train a byte-level BPE of VOCAB tokens on the source first. Documents are encoded in
+    batches on `workers` threads (default: all CPUs); each is followed by eos_id. With
+    `max_tokens`, stops after the document that brings the total (both splits) to max_tokens.
+    Default val_fraction 0.005 (0.5%): a few hundred thousand tokens per 100M, plenty for a
+    stable validation loss at a small cost to training data.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise GrowfamError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if max_tokens is not None and max_tokens <= 0:
+        raise GrowfamError(f"max_tokens must be positive, got {max_tokens}")
+    source = open_source(source)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise GrowfamError(f"{out}: already exists and is not empty (remove it or pass overwrite)")
+    workers = workers or os.cpu_count() or 1
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for split in SPLITS:
+            (tmp / split).mkdir(parents=True)
+        if isinstance(tokenizer, str) and tokenizer.startswith("train:"):
+            try:
+                vocab = int(tokenizer[len("train:"):])
+            except ValueError:
+                raise GrowfamError(f"tokenizer {tokenizer!r}: expected train:VOCAB_SIZE") from None
+            tokenizer = _train_tokenizer(source, vocab, val_fraction, max_tokens, tmp / "tokenizer")
+        elif not isinstance(tokenizer, Tokenizer):
+            tokenizer = load_tokenizer(tokenizer)
+        tokenizer.save(tmp / "tokenizer")
+        splits = _write_tokens(source, tokenizer, tmp, val_fraction, workers, max_tokens, progress)
+        if splits["train"]["tokens"] == 0:
+            raise GrowfamError(f"{source.description}: no training documents (empty source?)")
+        index = {
+            "format": FORMAT,
+            "tokenizer": {
+                "name": tokenizer.name,
+                "fingerprint": tokenizer.fingerprint(),
+                "vocab_size": tokenizer.vocab_size,
+                "eos_id": tokenizer.eos_id,
+            },
+            "dtype": token_dtype(tokenizer.vocab_size).name,
+            "splits": splits,
+            "val_fraction": val_fraction,
+            "max_tokens": max_tokens,
+            "source": source.description,
+        }
+        (tmp / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except OSError as err:
+        raise GrowfamError(f"{out}: cannot write the dataset: {err}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if splits["val"]["tokens"] == 0:
+        print(f"growfam: warning: {out} has an empty validation split; raise val_fraction", file=sys.stderr)
+    return TokenDataset.open(out)
+
+
+def _write_tokens(
+    source: Source,
+    tokenizer: Tokenizer,
+    out: Path,
+    val_fraction: float,
+    workers: int,
+    max_tokens: int | None,
+    progress: bool,
+) -> dict[str, dict[str, Any]]:
+    """Stream the tokenised documents into out/{train,val}/tokens.bin; the per-split counts."""
+    from tqdm import tqdm
+
+    dtype = token_dtype(tokenizer.vocab_size)
+    counts = {split: {"file": f"{split}/tokens.bin", "tokens": 0, "documents": 0} for split in SPLITS}
+    files = {split: (out / split / "tokens.bin").open("wb") for split in SPLITS}
+    bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenising", disable=not progress)
+    try:
+        total = 0
+        for docs in _chunks(source, CHUNK_CHARS):
+            for doc, ids in zip(docs, tokenizer.encode_batch(docs, num_threads=workers)):
+                split = "val" if in_val_split(doc, val_fraction) else "train"
+                ids.append(tokenizer.eos_id)
+                np.asarray(ids, dtype=dtype).tofile(files[split])
+                counts[split]["tokens"] += len(ids)
+                counts[split]["documents"] += 1
+                total += len(ids)
+                bar.update(len(ids))
+                if max_tokens is not None and total >= max_tokens:
+                    return counts
+        return counts
+    finally:
+        bar.close()
+        for file in files.values():
+            file.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a prepared dataset
+# --------------------------------------------------------------------------------------------
+
+
+class TokenDataset:
+    """A prepared dataset directory, memory-mapped read-only. Use `TokenDataset.open(dir)`."""
+
+    def __init__(self, path: Path, index: dict[str, Any]) -> None:
+        self.path = path
+        self.index = index
+        self.dtype = np.dtype(index["dtype"])
+        self.vocab_size: int = index["tokenizer"]["vocab_size"]
+        self.eos_id: int = index["tokenizer"]["eos_id"]
+        self.fingerprint: str = index["tokenizer"]["fingerprint"]
+
+    @classmethod
+    def open(cls, path: str | Path) -> TokenDataset:
+        """Open and validate a directory written by `prepare`; GrowfamError if it is unusable."""
+        path = Path(path)
+        if not (path / "index.json").is_file():
+            raise GrowfamError(f"{path}: not a prepared dataset (no index.json); run `growfam data prepare`")
+        index = read_json(path / "index.json")
+        try:
+            if index["format"] != FORMAT:
+                raise GrowfamError(f"{path}: unknown dataset format {index['format']!r} (expected {FORMAT})")
+            dtype = np.dtype(index["dtype"])
+            if dtype != token_dtype(index["tokenizer"]["vocab_size"]):
+                raise GrowfamError(f"{path}: dtype {dtype} does not fit the vocabulary size")
+            for split in SPLITS:
+                entry = index["splits"][split]
+                file = path / entry["file"]
+                expected = int(entry["tokens"]) * dtype.itemsize
+                if not file.is_file() or file.stat().st_size != expected:
+                    raise GrowfamError(f"{path}: {entry['file']} is missing or not {expected} bytes (corrupt dataset)")
+            return cls(path, index)  # reads the tokenizer fields: a missing one is a KeyError here
+        except (KeyError, TypeError, ValueError) as err:
+            raise GrowfamError(f"{path}: corrupt index.json ({type(err).__name__}: {err})") from None
+
+    def num_tokens(self, split: str) -> int:
+        """Tokens in `split` ("train" or "val"), eos separators included."""
+        return int(self._entry(split)["tokens"])
+
+    def num_documents(self, split: str) -> int:
+        return int(self._entry(split)["documents"])
+
+    def tokens(self, split: str) -> np.ndarray:
+        """The split's token stream, 1-D, memory-mapped read-only (dtype uint16 or uint32)."""
+        if self.num_tokens(split) == 0:
+            return np.empty(0, dtype=self.dtype)  # mmap cannot map an empty file
+        return np.memmap(self.path / self._entry(split)["file"], dtype=self.dtype, mode="r")
+
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer saved with the dataset (checked against the index's fingerprint)."""
+        tok = load_tokenizer(self.path / "tokenizer")
+        if tok.fingerprint() != self.fingerprint:
+            raise GrowfamError(f"{self.path}: the saved tokenizer does not match index.json (corrupt dataset)")
+        return tok
+
+    @property
+    def source(self) -> str:
+        return self.index["source"]
+
+    def _entry(self, split: str) -> dict[str, Any]:
+        if split not in SPLITS:
+            raise GrowfamError(f"unknown split {split!r} (expected one of {SPLITS})")
+        return self.index["splits"][split]
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenDataset({str(self.path)!r}, train={self.num_tokens('train')}, "
+            f"val={self.num_tokens('val')}, vocab={self.vocab_size}, dtype={self.dtype.name})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Windows
+# --------------------------------------------------------------------------------------------
 
 
 def _num_windows(num_tokens: int, seq_len: int) -> int:

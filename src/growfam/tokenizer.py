@@ -138,9 +138,12 @@ class TiktokenGPT2(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """A Hugging Face tokenizer directory, loaded offline through transformers (fast tokenizers only)."""
+    """A Hugging Face tokenizer directory, loaded offline through transformers (fast tokenizers only).
 
-    def __init__(self, path: str | Path) -> None:
+    `name` (for indexes and messages) defaults to the directory path.
+    """
+
+    def __init__(self, path: str | Path, name: str | None = None) -> None:
         path = Path(path)
         if not path.is_dir():
             raise GrowfamError(f"{path}: not a tokenizer directory (expected 'gpt2' or a Hugging Face tokenizer folder)")
@@ -154,7 +157,7 @@ class HFTokenizer(Tokenizer):
         if self._backend is None:
             raise GrowfamError(f"{path}: only fast (tokenizers-backed) Hugging Face tokenizers are supported")
         self._backend.encode_special_tokens = True  # literal encoding, like tiktoken's encode_ordinary
-        self.name = str(path)
+        self.name = name or str(path)
         vocab = self._hf.get_vocab()
         self.vocab_size = max(vocab.values()) + 1
         eos = self._hf.eos_token_id if self._hf.eos_token_id is not None else vocab.get(EOT)
@@ -217,4 +220,4 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> Tok
     backend.add_special_tokens([EOT])  # after training, so it takes the last id
     hf = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOT, bos_token=EOT, unk_token=EOT)
     hf.save_pretrained(str(out_dir))
-    return HFTokenizer(out_dir)
+    return HFTokenizer(out_dir, name=f"byte-level-bpe-{vocab_size}")
