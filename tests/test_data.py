@@ -173,6 +173,7 @@ def test_val_split_is_stable_and_disjoint(tmp_path, gpt2):
     assert 60 < len(picked) < 140  # about a quarter
     forward = prepare(many, gpt2, tmp_path / "f", val_fraction=0.25, progress=False)
     backward = prepare(many[::-1], gpt2, tmp_path / "b", val_fraction=0.25, progress=False)
+    assert forward.tokenizer_fingerprint == backward.tokenizer_fingerprint == gpt2.fingerprint()
     for ds in (forward, backward):
         val_docs = set(gpt2.decode(ds.tokens("val").tolist()).split(EOT)[:-1])
         train_docs = set(gpt2.decode(ds.tokens("train").tolist()).split(EOT)[:-1])
@@ -185,12 +186,15 @@ def test_max_tokens_stops_after_the_crossing_document(tmp_path, gpt2):
     lengths = np.cumsum([len(gpt2.encode(d)) + 1 for d in DOCS])
     assert ds.num_tokens("train") == lengths[np.searchsorted(lengths, 50)]
     assert json.loads((tmp_path / "ds" / "index.json").read_text())["max_tokens"] == 50
+    assert TokenDataset.open(tmp_path / "ds").fingerprint() == ds.fingerprint()
+    whole = prepare(DOCS, gpt2, tmp_path / "whole", val_fraction=0, progress=False)
+    assert whole.fingerprint() != ds.fingerprint() and whole.tokenizer_fingerprint == ds.tokenizer_fingerprint
 
 
 def test_dataset_is_self_contained(tmp_path):
     ds = prepare(DOCS * 3, "train:300", tmp_path / "ds", val_fraction=0.2, progress=False)
     tok = ds.tokenizer()
-    assert tok.vocab_size == ds.vocab_size <= 300 and tok.fingerprint() == ds.fingerprint
+    assert tok.vocab_size == ds.vocab_size <= 300 and tok.fingerprint() == ds.tokenizer_fingerprint
     assert ds.num_tokens("val") > 0 and ds.num_tokens("train") > ds.num_tokens("val")
     text = tok.decode(ds.tokens("train").tolist())
     assert text.split(EOT)[0] in DOCS

@@ -390,7 +390,7 @@ class TokenDataset:
         self.dtype = np.dtype(index["dtype"])
         self.vocab_size: int = index["tokenizer"]["vocab_size"]
         self.eos_id: int = index["tokenizer"]["eos_id"]
-        self.fingerprint: str = index["tokenizer"]["fingerprint"]
+        self.tokenizer_fingerprint: str = index["tokenizer"]["fingerprint"]
 
     @classmethod
     def open(cls, path: str | Path) -> TokenDataset:
@@ -431,9 +431,17 @@ class TokenDataset:
     def tokenizer(self) -> Tokenizer:
         """The tokenizer saved with the dataset (checked against the index's fingerprint)."""
         tok = load_tokenizer(self.path / "tokenizer")
-        if tok.fingerprint() != self.fingerprint:
+        if tok.fingerprint() != self.tokenizer_fingerprint:
             raise GrowfamError(f"{self.path}: the saved tokenizer does not match index.json (corrupt dataset)")
         return tok
+
+    def fingerprint(self) -> str:
+        """sha256 of index.json's content: tokenizer, split sizes, source and options.
+
+        Two preparations of the same source with the same tokenizer and options match; any other
+        difference shows. (Token contents are not hashed: that would read the whole dataset.)
+        """
+        return hashlib.sha256(json.dumps(self.index, sort_keys=True).encode()).hexdigest()
 
     @property
     def source(self) -> str:
