@@ -296,3 +296,19 @@ def test_cli_prepare_on_a_local_folder(tmp_path, capsys):
     assert str(out) in capsys.readouterr().out
     assert main(["data", "prepare", str(tmp_path / "nope"), "--tokenizer", "gpt2", "--out", str(tmp_path / "x")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_parquet_source(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["alpha", None, "beta"], "n": [1, 2, 3]}), tmp_path / "d.parquet")
+    assert list(open_source(tmp_path / "d.parquet")) == ["alpha", "beta"]
+    with pytest.raises(GrowfamError, match="no column 'body'"):
+        list(open_source(tmp_path / "d.parquet", text_field="body"))
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path, gpt2):
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(GrowfamError, match="preparing .* failed"):
+        prepare(["doc"], gpt2, tmp_path / "file" / "ds", progress=False)

@@ -47,6 +47,8 @@ from growfam.tokenizer import Tokenizer, load_tokenizer, train_bpe
 FORMAT = "growfam-tokens/1"
 SPLITS = ("train", "val")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+CHUNK_CHARS = 4_000_000  # text tokenised per batch: big enough to keep every thread busy
+BPE_TRAIN_MAX_CHARS = 100_000_000  # text a train:VOCAB tokenizer learns from, at most
 # Distribution-dependent parts of the stdlib tree (Debian ships the tests separately), left out
 # so the embedded corpus is the same on every machine with the same Python version.
 _STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -243,7 +245,9 @@ def _chunks(documents: Iterable[str], max_chars: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def _train_tokenizer(source: Source, vocab_size: int, val_fraction: float, max_tokens: int | None, out: Path):
+def _train_tokenizer(
+    source: Source, vocab_size: int, val_fraction: float, max_tokens: int | None, out: Path
+) -> Tokenizer:
     """Byte-level BPE trained on the source's train-split documents only (val stays unseen).
 
     Capped at ~4 characters per token of `max_tokens` (the text that will be tokenised) and at
@@ -261,10 +265,6 @@ def _train_tokenizer(source: Source, vocab_size: int, val_fraction: float, max_t
                 yield doc
 
     return train_bpe(texts(), vocab_size, out)
-
-
-BPE_TRAIN_MAX_CHARS = 100_000_000
-CHUNK_CHARS = 4_000_000  # text tokenised per batch: big enough to keep every thread busy
 
 
 def prepare(
@@ -331,8 +331,8 @@ def prepare(
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
-    except OSError as err:
-        raise GrowfamError(f"{out}: cannot write the dataset: {err}") from None
+    except OSError as err:  # unwritable output, full disk, unreadable input file
+        raise GrowfamError(f"preparing {out} failed: {err}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if splits["val"]["tokens"] == 0:
@@ -356,9 +356,11 @@ def _write_tokens(
     counts = {split: {"file": f"{split}/tokens.bin", "tokens": 0, "documents": 0} for split in SPLITS}
     files = {split: (out / split / "tokens.bin").open("wb") for split in SPLITS}
     bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenising", disable=not progress)
+    # A small cap needs only a little text: don't tokenise megabytes to keep a few thousand tokens.
+    chunk_chars = CHUNK_CHARS if max_tokens is None else min(CHUNK_CHARS, 8 * max_tokens)
     try:
         total = 0
-        for docs in _chunks(source, CHUNK_CHARS):
+        for docs in _chunks(source, chunk_chars):
             for doc, ids in zip(docs, tokenizer.encode_batch(docs, num_threads=workers)):
                 split = "val" if in_val_split(doc, val_fraction) else "train"
                 ids.append(tokenizer.eos_id)
