@@ -284,7 +284,7 @@ def prepare(
     train a byte-level BPE of VOCAB tokens on the source first. Documents are encoded in
     batches on `workers` threads (default: all CPUs); each is followed by eos_id. With
     `max_tokens`, stops after the document that brings the total (both splits) to max_tokens.
-    Default val_fraction 0.005 (0.5%): a few hundred thousand tokens per 100M, plenty for a
+    Default val_fraction 0.005 (0.5%): half a million tokens per 100M, plenty for a
     stable validation loss at a small cost to training data.
     """
     if not 0.0 <= val_fraction < 1.0:
