@@ -255,3 +255,28 @@ def test_broken_latest_pointer_falls_back_to_the_newest_complete_checkpoint(tmp_
     (root / "latest").write_text("step_0000099\n")
     assert latest_checkpoint(tmp_path / "run") == root / "step_0000008"
     assert read_trainer_state(root / "step_0000004")["step"] == 4
+
+
+# ---- two processes (gloo) ------------------------------------------------------------------------
+
+
+def _two_rank_worker(rank: int, tmp_path, port: int) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        train(config(tmp_path / "ddp", max_steps=3, ckpt_every=2), dataset=ArrayDataset())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_match_one_process(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_two_rank_worker, args=(tmp_path, port), nprocs=2)
+    train(config(tmp_path / "one", max_steps=3, ckpt_every=2), dataset=ArrayDataset())
+    # Rank r takes every other window of the same permutation: the same 4 windows per step.
+    assert step_losses(tmp_path / "ddp" / "run") == pytest.approx(step_losses(tmp_path / "one" / "run"), abs=1e-5)
+    assert latest_checkpoint(tmp_path / "ddp" / "run").name == "step_0000003"
