@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"growfam {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # One `_add_<command>(sub)` function per subcommand below; each sets `func` to its handler.
-    for add in (_add_info, _add_plan, _add_train, _add_data):
+    for add in (_add_info, _add_plan, _add_train, _add_data, _add_family, _add_demo):
         add(sub)
     return parser
 
@@ -171,6 +171,80 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"growfam {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _add_family(sub) -> None:
+    p = sub.add_parser("family", help="build a whole family: progressive, independent, or both")
+    fam = p.add_subparsers(dest="family_command", metavar="ACTION", required=True)
+    run = fam.add_parser("run", help="train every member (resumable: repeat the command to continue)",
+                         description="Plan the family, train stage 1, expand, train stage 2, ... "
+                                     "Members land in OUT/<mode>/<member>/ as Hugging Face directories; "
+                                     "OUT/family.json is the ledger.")
+    run.add_argument("family", help="a shipped family name (tiny, paper-r2, ...) or a family YAML")
+    run.add_argument("--mode", choices=("progressive", "independent", "both"), default="progressive")
+    run.add_argument("--out", default=None, metavar="DIR", help="output directory (default: family/<name>)")
+    run.add_argument("--data", metavar="DIR", help="prepared dataset (default: the YAML's data: section)")
+    run.add_argument("--fixed-data", action="store_true",
+                     help="cap unique tokens at the largest member's from-scratch budget, then repeat them")
+    run.set_defaults(func=_run_family)
+    show = fam.add_parser("show", help="print the comparison table of a family directory")
+    show.add_argument("out", metavar="DIR")
+    show.set_defaults(func=_run_family_show)
+
+
+def _modes(mode: str) -> tuple[str, ...]:
+    return ("progressive", "independent") if mode == "both" else (mode,)
+
+
+def _run_family(args) -> int:
+    from pathlib import Path
+
+    from growfam.family import ensure_dataset, format_comparison, run_family
+    from growfam.plan import load_family_spec
+
+    spec = load_family_spec(args.family)
+    out = Path(args.out or f"family/{spec.name}")
+    data = ensure_dataset(spec, args.data, out / "data")
+    ledger = run_family(spec, out, data=data, modes=_modes(args.mode), fixed_data=args.fixed_data)
+    print()
+    print(format_comparison(ledger))
+    return 0
+
+
+def _run_family_show(args) -> int:
+    from pathlib import Path
+
+    from growfam.errors import ConfigError
+    from growfam.family import format_comparison, read_ledger
+
+    ledger = read_ledger(Path(args.out))
+    if not ledger:
+        raise ConfigError(f"{args.out}: no family.json (not a family directory)")
+    print(format_comparison(ledger))
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="build a tiny four-member family both ways on the CPU (~15 min)",
+                       description="Prepare the embedded corpus (the Python standard library), then build "
+                                   "the `tiny` family progressively and independently and compare them.")
+    p.add_argument("--out", default="growfam-demo", metavar="DIR")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from pathlib import Path
+
+    from growfam.family import ensure_dataset, format_comparison, run_family
+    from growfam.plan import load_family_spec
+
+    spec = load_family_spec("tiny")
+    out = Path(args.out)
+    data = ensure_dataset(spec, None, out / "data")
+    ledger = run_family(spec, out, data=data, modes=("progressive", "independent"))
+    print()
+    print(format_comparison(ledger))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,380 @@
+"""The progressive family pipeline: plan, train stage 1, expand, train stage 2, … (DESIGN.md §1).
+
+`run_family(spec, out_dir, modes)` builds every member of a family, Progressive (each stage
+starts from the expanded previous member and its AdamW state, on its Eq. 4 budget) and/or
+Independent (each member from scratch on its full budget), with the same data and
+hyper-parameters. Layout under out_dir:
+
+    family.json                   the ledger: plan, and per mode and member what was done
+    <mode>/<member>/              each member, a Hugging Face directory
+    runs/<mode>/<member>/         its training run: metrics.jsonl, checkpoints/
+
+Everything is resumable: repeating the same command skips finished members, continues a
+stage from its last checkpoint, and redoes an expansion (it is seeded) that had not yet
+reached its first checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from growfam.checkpoint import latest_checkpoint, load_checkpoint
+from growfam.errors import ConfigError, GrowfamError, read_json
+from growfam.hf import atomic_directory, copy_tokenizer_files, load_pretrained
+from growfam.model import resolve_config
+from growfam.plan import FamilyPlan, FamilySpec, make_plan
+from growfam.train import TrainConfig, TrainResult, make_optimizer, train
+
+MODES = ("progressive", "independent")
+LEDGER = "family.json"
+GROWTH_REPORT = "growth_report.json"
+
+
+@dataclass
+class GrowthOptions:
+    """The `growth:` section of a family YAML.
+
+    width / depth: growth operator names (growfam.grow registry). optimizer: "transfer" (AdamW
+    moments follow the index maps) or "reset". schedule: "budget" grows after the stage's Eq. 4
+    budget; "converged" grows once |slope| of the validation loss, fitted over the last
+    `window` evaluations, falls below `slope` per step (seed 003 §3.2 uses 3e-6), and later
+    stages take up the tokens left unspent so cumulative FLOPs still equal from-scratch cost.
+    """
+
+    width: str = "aki"
+    depth: str = "stack"
+    optimizer: str = "transfer"
+    seed: int = 0
+    schedule: str = "budget"
+    slope: float = 3e-6
+    window: int = 5
+    probe_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("transfer", "reset"):
+            raise ConfigError(f"growth.optimizer must be transfer or reset, got {self.optimizer!r}")
+        if self.schedule not in ("budget", "converged"):
+            raise ConfigError(f"growth.schedule must be budget or converged, got {self.schedule!r}")
+        if self.window < 2:
+            raise ConfigError("growth.window must be at least 2 evaluations")
+
+
+def _section(cls, data: Any, where: str):
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown keys in {where}: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return cls(**data)
+
+
+#: TrainConfig fields that the plan sets per stage; a family YAML's `train:` section may not.
+PLANNED = ("model", "data", "out_dir", "max_steps", "max_tokens", "batch_size", "seq_len", "max_lr",
+           "min_lr", "min_lr_ratio")
+
+
+def stage_train_config(spec: FamilySpec, plan: FamilyPlan, index: int, mode: str, data: str,
+                       out_dir: Path, tokens: float, fixed_data: bool) -> TrainConfig:
+    """The TrainConfig of stage `index` (0-based) in `mode`: plan values + the `train:` section."""
+    extra = dict(spec.extra.get("train") or {})
+    clash = sorted(set(extra) & set(PLANNED))
+    if clash:
+        raise ConfigError(f"train.{clash[0]} is set by the family plan; remove it from the train section")
+    stage = plan.stages[index]
+    cap = int(plan.stages[-1].tokens_independent) if fixed_data else None
+    return TrainConfig.from_dict({
+        **extra,
+        "model": spec.members[index].to_dict(),
+        "data": data,
+        "out_dir": str(out_dir / "runs" / mode / stage.name),
+        "max_tokens": max(1, int(round(tokens))),
+        "batch_size": stage.batch_size,
+        "seq_len": stage.seq_len,
+        "max_lr": stage.max_lr,
+        "min_lr": stage.min_lr,
+        "max_unique_tokens": cap,
+    })
+
+
+class ConvergenceStop:
+    """on_eval callback: True once |slope| of the last `window` validation losses < `slope`.
+
+    The slope is the least-squares fit of loss against step (nats per step).
+    """
+
+    def __init__(self, slope: float, window: int):
+        self.threshold, self.window = slope, window
+        self.points: list[tuple[int, float]] = []
+        self.last_slope: float | None = None
+
+    def __call__(self, step: int, val_loss: float) -> bool:
+        self.points.append((step, val_loss))
+        if len(self.points) < self.window:
+            return False
+        x, y = np.array(self.points[-self.window:], dtype=np.float64).T
+        self.last_slope = float(np.polyfit(x, y, 1)[0])
+        return abs(self.last_slope) < self.threshold
+
+
+# --------------------------------------------------------------------------------------------
+# Ledger
+# --------------------------------------------------------------------------------------------
+
+
+def read_ledger(out_dir: Path) -> dict:
+    path = out_dir / LEDGER
+    return read_json(path) if path.exists() else {}
+
+
+def write_ledger(out_dir: Path, ledger: dict) -> None:
+    """Replace family.json atomically."""
+    tmp = out_dir / f".{LEDGER}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(ledger, indent=2) + "\n")
+        os.replace(tmp, out_dir / LEDGER)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise GrowfamError(f"cannot write {out_dir / LEDGER}: {err.strerror or err}") from None
+
+
+def _check_same_run(ledger: dict, fresh: dict, out_dir: Path) -> None:
+    """A resumed family must have the plan, the data and the growth options it started with."""
+    for key in ("plan", "data_fingerprint", "growth", "fixed_data"):
+        if key in ledger and ledger[key] != fresh[key]:
+            raise ConfigError(f"{out_dir / LEDGER} was made with a different {key.replace('_', ' ')}; "
+                              "use another --out to build a different family")
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------
+
+
+def _publish(result: TrainResult, member_dir: Path) -> None:
+    """Copy the final checkpoint's Hugging Face files into the member directory (atomically)."""
+    src = Path(result.hf_dir)
+
+    def write(tmp: Path) -> None:
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy2(src / name, tmp / name)
+        copy_tokenizer_files(src, tmp)
+
+    atomic_directory(member_dir, write)
+
+
+def _grow_from(prev_run: Path, tcfg: TrainConfig, target, growth: GrowthOptions, probe):
+    """Load the previous member's final checkpoint (weights + AdamW state) and expand it."""
+    from growfam.grow import expand
+
+    ckpt = latest_checkpoint(prev_run)
+    if ckpt is None:
+        raise GrowfamError(f"{prev_run} holds no checkpoint to grow from")
+    source = load_pretrained(ckpt)
+    optimizer = None
+    if growth.optimizer == "transfer":
+        optimizer = make_optimizer(source, tcfg.replace(model=source.cfg), torch.device("cpu"))
+        load_checkpoint(ckpt, source, optimizer)
+    model, optimizer, report = expand(source, target, width=growth.width, depth=growth.depth,
+                                      seed=growth.seed, optimizer=optimizer, probe=probe)
+    return model, optimizer, report
+
+
+def _progressive_tokens(plan: FamilyPlan, index: int, done: list[dict]) -> float:
+    """Stage `index`'s budget: the plan's Eq. 4 value, or, when an earlier stage grew early
+    (converged schedule), Eq. 4 recomputed from the tokens the earlier stages really used."""
+    stage = plan.stages[index]
+    if not any(m.get("stopped_early") for m in done):
+        return stage.tokens_progressive
+    spent = sum(plan.stages[j].params * m["tokens"] for j, m in enumerate(done))
+    tokens = stage.tokens_independent - spent / stage.params
+    if tokens <= 0:
+        raise GrowfamError(f"stage {stage.name}: earlier stages already used its whole budget")
+    return tokens
+
+
+def _probe_batch(dataset, seq_len: int, n_tokens: int) -> torch.Tensor | None:
+    """Validation tokens as [B, seq_len] for measuring what an expansion changes."""
+    val = dataset.tokens("val")
+    rows = min(max(1, n_tokens // seq_len), len(val) // seq_len)
+    if rows == 0:
+        return None
+    return torch.from_numpy(np.asarray(val[: rows * seq_len], dtype=np.int64)).view(rows, seq_len)
+
+
+def run_family(spec: FamilySpec, out_dir: str | Path, *, data: str, modes: tuple[str, ...] = MODES,
+               fixed_data: bool = False, log=print) -> dict:
+    """Build the family `spec` in each of `modes`; returns the ledger (also in family.json).
+
+    data: a prepared dataset directory (`growfam data prepare`). fixed_data: cap the unique
+    tokens at the largest member's from-scratch budget and repeat them (paper Table 2).
+    """
+    from growfam.data import TokenDataset
+
+    out_dir = Path(out_dir)
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ConfigError(f"unknown mode {bad[0]!r}; use progressive, independent or both")
+    growth = _section(GrowthOptions, spec.extra.get("growth"), "growth")
+    plan = make_plan(spec)
+    dataset = TokenDataset.open(data)
+    if dataset.vocab_size > spec.members[0].vocab_size:
+        raise ConfigError(f"the dataset's tokenizer has {dataset.vocab_size} tokens but the family's "
+                          f"vocab_size is {spec.members[0].vocab_size}")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise GrowfamError(f"cannot create {out_dir}: {err.strerror or err}") from None
+    fresh = {"plan": json.loads(json.dumps(plan.to_dict())), "data_fingerprint": dataset.fingerprint(),
+             "growth": dataclasses.asdict(growth), "fixed_data": fixed_data}
+    ledger = read_ledger(out_dir)
+    _check_same_run(ledger, fresh, out_dir)
+    ledger = {**fresh, "data": str(data), "modes": ledger.get("modes", {})}
+    write_ledger(out_dir, ledger)
+
+    for mode in modes:
+        members = ledger["modes"].setdefault(mode, [])
+        for i, stage in enumerate(plan.stages):
+            if i < len(members) and members[i].get("done"):
+                log(f"[{mode}] {stage.name}: done (val loss {members[i]['val_loss']:.4f})")
+                continue
+            del members[i:]
+            tokens = stage.tokens_independent if mode == "independent" else _progressive_tokens(plan, i, members)
+            tcfg = stage_train_config(spec, plan, i, mode, data, out_dir, tokens, fixed_data)
+            run_dir = Path(tcfg.out_dir)
+            model = optimizer = report = None
+            if mode == "progressive" and i > 0 and latest_checkpoint(run_dir) is None:
+                log(f"[{mode}] expanding {plan.stages[i - 1].name} -> {stage.name} "
+                    f"(width {growth.width}, depth {growth.depth}, optimizer {growth.optimizer})")
+                prev_run = out_dir / "runs" / mode / plan.stages[i - 1].name
+                model, optimizer, report = _grow_from(prev_run, tcfg, spec.members[i], growth,
+                                                      _probe_batch(dataset, stage.seq_len, growth.probe_tokens))
+                log(str(report))
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / GROWTH_REPORT).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+                tcfg = tcfg.replace(model=model.cfg)
+            elif latest_checkpoint(run_dir) is not None:
+                # resuming: the checkpoint holds the grown shape (lossless growth changes norm_eps)
+                tcfg = tcfg.replace(model=resolve_config(latest_checkpoint(run_dir)))
+            stop = ConvergenceStop(growth.slope, growth.window) \
+                if growth.schedule == "converged" and mode == "progressive" and i < len(plan.stages) - 1 else None
+            log(f"[{mode}] training {stage.name}: {tcfg.max_tokens:,} tokens, max LR {tcfg.max_lr:.3g}")
+            start = time.perf_counter()
+            result = train(tcfg, model, optimizer, dataset=dataset, on_eval=stop)
+            member_dir = out_dir / mode / stage.name
+            _publish(result, member_dir)
+            flops_before = members[-1]["cum_flops"] if (members and mode == "progressive") else 0
+            entry = {
+                "name": stage.name, "dir": str(member_dir), "config": resolve_config(member_dir).to_dict(),
+                "params": stage.params, "nonembedding_params": stage.nonembedding_params,
+                "total_params": stage.total_params, "tokens": result.tokens, "planned_tokens": tokens,
+                "steps": result.steps, "flops": result.flops, "flops_attn": result.flops_attn,
+                "cum_flops": flops_before + result.flops, "val_loss": result.val_loss,
+                "train_loss": result.train_loss, "max_lr": tcfg.max_lr, "wall_s": result.wall_s,
+                "session_wall_s": time.perf_counter() - start, "spikes": result.spikes,
+                "rollbacks": result.rollbacks, "stopped_early": result.stopped_early,
+                "growth": read_json(run_dir / GROWTH_REPORT) if (run_dir / GROWTH_REPORT).exists() else None,
+                "done": True,
+            }
+            if stop is not None:
+                entry["growth_point"] = {"step": result.steps, "val_loss_slope": stop.last_slope}
+            members.append(entry)
+            write_ledger(out_dir, ledger)
+            log(f"[{mode}] {stage.name}: val loss {result.val_loss:.4f}, {result.tokens:,} tokens, "
+                f"{result.flops:.3g} FLOPs, {result.wall_s:.0f} s")
+    return ledger
+
+
+# --------------------------------------------------------------------------------------------
+# Data and the summary table
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataOptions:
+    """The `data:` section of a family YAML: a prepared dataset `dir`, made from `source` with
+    `tokenizer` (see `growfam data prepare`) when it does not exist yet."""
+
+    dir: str | None = None
+    source: Any = None
+    tokenizer: str = "gpt2"
+    max_tokens: int | None = None
+    val_fraction: float = 0.005
+
+
+def ensure_dataset(spec: FamilySpec, data: str | None, default_dir: Path, log=print) -> str:
+    """The dataset directory to train on: `data` if given, else the YAML's `data:` section,
+    prepared first when its directory does not exist."""
+    if data is not None:
+        return str(data)
+    opts = _section(DataOptions, spec.extra.get("data"), "data")
+    path = Path(opts.dir) if opts.dir else default_dir
+    if (path / "index.json").exists():
+        return str(path)
+    if opts.source is None:
+        raise ConfigError("no data: pass --data DIR (see `growfam data prepare`) or give the family "
+                          "YAML a data: section with a source")
+    from growfam.data import prepare
+
+    log(f"preparing {opts.source} with tokenizer {opts.tokenizer} into {path}")
+    prepare(opts.source, opts.tokenizer, path, max_tokens=opts.max_tokens, val_fraction=opts.val_fraction)
+    return str(path)
+
+
+def format_comparison(ledger: dict) -> str:
+    """Per member: validation loss and FLOPs, Progressive vs Independent, and the family saving."""
+    modes = ledger.get("modes", {})
+    prog, ind = modes.get("progressive", []), modes.get("independent", [])
+    names = [m["name"] for m in (prog if len(prog) >= len(ind) else ind)]
+    rows = [("member", "params", "tokens prog", "tokens ind", "val prog", "val ind", "Δ val",
+             "FLOPs prog (cum)", "FLOPs ind")]
+
+    def get(members, i, key):
+        return members[i][key] if i < len(members) and members[i].get(key) is not None else None
+
+    for i, name in enumerate(names):
+        vp, vi = get(prog, i, "val_loss"), get(ind, i, "val_loss")
+        params = get(prog, i, "params") or get(ind, i, "params")
+        rows.append((
+            name, _si(params), _si(get(prog, i, "tokens")), _si(get(ind, i, "tokens")),
+            _num(vp), _num(vi), f"{vp - vi:+.4f}" if vp is not None and vi is not None else "-",
+            _flops(get(prog, i, "cum_flops")), _flops(get(ind, i, "flops")),
+        ))
+    widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(str(v).rjust(w) if c else str(v).ljust(w) for c, (v, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    if prog and ind and len(prog) == len(ind):
+        total_p, total_i = prog[-1]["cum_flops"], sum(m["flops"] for m in ind)
+        lines.append("")
+        lines.append(f"family FLOPs (6ND): progressive {total_p:.3g}, independent {total_i:.3g} — "
+                     f"{1 - total_p / total_i:.1%} saved; "
+                     f"wall time {sum(m['wall_s'] for m in prog):.0f} s vs {sum(m['wall_s'] for m in ind):.0f} s")
+    return "\n".join(lines)
+
+
+def _si(value) -> str:
+    if value is None:
+        return "-"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.0f}"
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _flops(value) -> str:
+    return "-" if value is None else f"{value:.3g}"
