@@ -1,0 +1,37 @@
+"""Growth operators: expand a trained Llama in width and depth (DESIGN.md §4).
+
+    grown, optimizer, report = expand(model, "paper-2b", width="aki", depth="stack",
+                                      optimizer=adamw, probe=tokens)
+    print(report)
+
+Operators are looked up by name in WIDTH_OPS and DEPTH_OPS (the CLI and the family pipeline
+use the names). A model grown with width="masked" carries masks; the trainer calls
+`advance_masks(model)` after every optimizer step until they fold away.
+
+Modules: maps (index maps), width (width operators, growing one tensor), depth (depth
+operators), growth (a plan applied to named tensors), masks (the masked ramp), optim (AdamW
+state), report (GrowthReport), expansion (`expand`), multi (`expand_from`).
+"""
+
+from growfam.grow.depth import DEPTH_OPS
+from growfam.grow.expansion import expand
+from growfam.grow.growth import GrowthPlan
+from growfam.grow.masks import MaskState, advance_masks, fold_masks, mask_state
+from growfam.grow.multi import expand_from
+from growfam.grow.optim import OPTIMIZER_MODES
+from growfam.grow.report import GrowthReport
+from growfam.grow.width import WIDTH_OPS
+
+__all__ = [
+    "DEPTH_OPS",
+    "GrowthPlan",
+    "GrowthReport",
+    "MaskState",
+    "OPTIMIZER_MODES",
+    "WIDTH_OPS",
+    "advance_masks",
+    "expand",
+    "expand_from",
+    "fold_masks",
+    "mask_state",
+]
