@@ -1,6 +1,7 @@
 """The training loop: schedule, optimizer groups, accumulation, resume, spike guard, checkpoints."""
 
 import errno
+import json
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 import growfam.checkpoint as checkpoint_module
 from growfam.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state
 from growfam.errors import ConfigError, GrowfamError
+from growfam.grow.masks import MaskState, attach_masks, mask_state
 from growfam.hf import load_pretrained
 from growfam.metrics import read_metrics
 from growfam.model import Llama, ModelConfig, flops_per_token, num_params
@@ -155,6 +157,28 @@ def test_killed_and_resumed_run_reproduces_the_losses(tmp_path):
         torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
 
 
+def test_resume_in_a_masked_growth_ramp_reproduces_the_losses(tmp_path):
+    source = TINY.replace(d_model=16, n_heads=1, n_kv_heads=1, ffn_dim=32)
+
+    def masked_model() -> Llama:
+        torch.manual_seed(1)
+        model = Llama(TINY)
+        attach_masks(model, MaskState.between(source, TINY, steps=6))
+        return model
+
+    straight = masked_model()
+    train(config(tmp_path / "a"), straight, dataset=ArrayDataset())
+    assert mask_state(straight) is None  # the ramp ended at step 6 and folded away
+
+    def kill(step, val_loss):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "b", eval_every=6), masked_model(), dataset=ArrayDataset(), on_eval=kill)
+    train(config(tmp_path / "b", eval_every=6), dataset=ArrayDataset())  # a fresh model: masks from the checkpoint
+    assert step_losses(tmp_path / "b" / "run") == step_losses(tmp_path / "a" / "run")
+
+
 def test_micro_batches_do_not_change_the_trajectory(tmp_path):
     train(config(tmp_path / "a", micro_batch_size=4, max_steps=3), dataset=ArrayDataset())
     train(config(tmp_path / "b", micro_batch_size=1, max_steps=3), dataset=ArrayDataset())
@@ -166,7 +190,7 @@ def test_resume_refuses_a_different_config(tmp_path):
     train(config(tmp_path, max_steps=4, ckpt_every=2), dataset=ArrayDataset())
     with pytest.raises(ConfigError, match=r"does not match the checkpoint.*max_lr: checkpoint 0.01, now 0.02"):
         train(config(tmp_path, max_steps=4, ckpt_every=2, max_lr=2e-2), dataset=ArrayDataset())
-    with pytest.raises(GrowfamError, match="already holds a run"):
+    with pytest.raises(GrowfamError, match="holds checkpoints of an earlier run"):
         train(config(tmp_path, max_steps=4, ckpt_every=2), dataset=ArrayDataset(), resume=False)
     with pytest.raises(GrowfamError, match="nothing to resume"):
         train(config(tmp_path / "empty"), dataset=ArrayDataset(), resume=True)
@@ -280,3 +304,21 @@ def test_two_ranks_match_one_process(tmp_path):
     # Rank r takes every other window of the same permutation: the same 4 windows per step.
     assert step_losses(tmp_path / "ddp" / "run") == pytest.approx(step_losses(tmp_path / "one" / "run"), abs=1e-5)
     assert latest_checkpoint(tmp_path / "ddp" / "run").name == "step_0000003"
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+
+def test_cli_train_with_overrides(tmp_path, monkeypatch, capsys):
+    import growfam.data
+    from growfam.cli import main
+
+    monkeypatch.setattr(growfam.data.TokenDataset, "open", classmethod(lambda cls, path: ArrayDataset()))
+    path = tmp_path / "train.yaml"
+    path.write_text(f"model: {json.dumps(TINY.to_dict())}\ndata: unused\nout_dir: {tmp_path / 'run'}\nmax_tokens: 1e9\n"
+                    "batch_size: 4\nseq_len: 16\ntensorboard: false\n")
+    assert main(["train", str(path), "--max-steps", "2", "--set", "log_every=1", "--device", "cpu"]) == 0
+    assert "steps 2  tokens 128" in capsys.readouterr().out
+    assert main(["train", str(path), "--max-steps", "2", "--no-resume"]) == 2
+    assert main(["train", str(path), "--set", "max_lrr=1"]) == 2
+    assert "unknown train config key 'max_lrr'" in capsys.readouterr().err

@@ -42,6 +42,7 @@ from growfam.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_
 from growfam.checkpoint import decode_rng, encode_rng
 from growfam.data import PackedWindows, eval_windows
 from growfam.errors import ConfigError, GrowfamError, read_yaml
+from growfam.grow.masks import MaskState, advance_masks, attach_masks, fold_masks, mask_state
 from growfam.metrics import MetricsLogger, peak_flops
 from growfam.model import Llama, ModelConfig, flops_per_token, num_params, resolve_config
 
@@ -428,13 +429,17 @@ def _check_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
                           f"{' …' if len(missing) > 3 else ''}; build it from this model")
 
 
-def _advance_masks(model: torch.nn.Module) -> None:
-    """Advance masked-growth ramps by one optimizer step (a no-op for a model without masks)."""
-    try:
-        from growfam.grow import advance_masks
-    except ImportError:  # growfam.grow is being written alongside; no masks can exist without it
-        return
-    advance_masks(model)
+def _masks_to_dict(model: Llama) -> dict[str, Any] | None:
+    """The masked-growth ramp position (None without masks): masks are buffers outside the
+    state dict, so checkpoints carry them here."""
+    state = mask_state(model)
+    return None if state is None else dataclasses.asdict(state)
+
+
+def _masks_from_dict(model: Llama, saved: dict[str, Any] | None) -> None:
+    fold_masks(model)  # drop whatever ramp the model is on now
+    if saved is not None:
+        attach_masks(model, MaskState(**saved))
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,8 +528,8 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
     if resume is True and ckpt is None:
         raise GrowfamError(f"nothing to resume: {out_dir} holds no checkpoint")
     if resume is False and ckpt is not None:
-        raise GrowfamError(f"{out_dir} already holds a run (checkpoint {ckpt.name}); resume it, or "
-                           "choose another out_dir to start over")
+        raise GrowfamError(f"{out_dir} holds checkpoints of an earlier run (latest: {ckpt.name}); "
+                           "resume it, or choose another out_dir to start over")
     run_config = json.loads(json.dumps(cfg.to_dict()))
     if ckpt is not None:
         check_resumable(read_trainer_state(ckpt)["config"], run_config, ckpt)
@@ -535,6 +540,7 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
         guard.load_state_dict(state["guard"])
         ledger = state["ledger"]
         decode_rng(state["rng"])
+        _masks_from_dict(model, state["masks"])
         if state["finished"]:  # a completed run: nothing to do but report it
             return _result(train_loss, val_loss, step, tokens_per_step, ledger, guard, ckpt,
                            state["stopped_early"])
@@ -551,7 +557,8 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
             "step": step, "total_steps": total_steps, "tokens": step * tokens_per_step,
             "train_loss": train_loss, "val_loss": val_loss, "finished": finished,
             "stopped_early": stopped_early, "data": windows.state_dict(), "rng": encode_rng(),
-            "guard": guard.state_dict(), "ledger": ledger, "world_size": world, "config": run_config,
+            "guard": guard.state_dict(), "masks": _masks_to_dict(model), "ledger": ledger,
+            "world_size": world, "config": run_config,
         }
         if rank == 0:
             save_checkpoint(out_dir, step, model, optimizer, state, tokenizer=tokenizer, keep_last=cfg.keep_last)
@@ -580,7 +587,7 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
         verdict = guard.check(step, loss_value, norm_value)
         if verdict == "ok":
             optimizer.step()
-            _advance_masks(model)
+            advance_masks(model)
         optimizer.zero_grad(set_to_none=True)
         step += 1
         ledger["tokens_processed"] += tokens_per_step
@@ -597,7 +604,9 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
         if verdict == "rollback":
             back_to = latest_checkpoint(out_dir)
             if back_to is not None:
-                step = load_checkpoint(back_to, model, optimizer, device)["step"]
+                state = load_checkpoint(back_to, model, optimizer, device)
+                step = state["step"]
+                _masks_from_dict(model, state["masks"])
                 bar.reset(total=total_steps)
                 bar.update(step)
             # The data cursor runs on: the batches around the spike are not replayed.
