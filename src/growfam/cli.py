@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"growfam {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # One `_add_<command>(sub)` function per subcommand below; each sets `func` to its handler.
-    for add in (_add_info, _add_plan, _add_train, _add_data, _add_family, _add_demo):
+    for add in (_add_info, _add_plan, _add_train, _add_data, _add_family, _add_demo, _add_expand):
         add(sub)
     return parser
 
@@ -244,6 +244,57 @@ def _run_demo(args) -> int:
     ledger = run_family(spec, out, data=data, modes=("progressive", "independent"))
     print()
     print(format_comparison(ledger))
+    return 0
+
+
+def _add_expand(sub) -> None:
+    p = sub.add_parser("expand", help="grow a Hugging Face model directory into a larger config",
+                       description="Expand SRC_DIR (a Hugging Face Llama directory) in width and depth "
+                                   "into --to, write the grown model to --out and print the growth "
+                                   "report. An unknown operator name lists the known ones.")
+    p.add_argument("src_dir", metavar="SRC_DIR", help="the model to grow")
+    p.add_argument("--to", required=True, metavar="CONFIG_OR_PRESET",
+                   help="target: a preset name, a model config YAML/JSON or a model directory")
+    p.add_argument("--width", default="aki", help="width operator (default: aki)")
+    p.add_argument("--depth", default="stack", help="depth operator (default: stack)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the index maps and random fills")
+    p.add_argument("--probe-tokens", type=int, default=512, metavar="N",
+                   help="measure Δlogits and Δloss on N seeded random tokens (0: skip; default 512)")
+    p.add_argument("--report", metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--out", required=True, metavar="DST_DIR", help="directory to write")
+    p.set_defaults(func=_run_expand)
+
+
+def _run_expand(args) -> int:
+    import json
+
+    import torch
+
+    from growfam.errors import ConfigError
+    from growfam.grow import expand
+    from growfam.hf import load_pretrained, save_pretrained
+    from growfam.model import resolve_config
+
+    if args.width == "masked":  # its masks would be lost: a saved model has no place for them
+        raise ConfigError("--width masked needs the training loop to ramp its masks; use it in "
+                          "`growfam family` (or growfam.grow.expand), not on a saved directory")
+    if args.probe_tokens < 0:
+        raise ConfigError(f"--probe-tokens must be >= 0, got {args.probe_tokens}")
+    target = resolve_config(args.to)
+    source = load_pretrained(args.src_dir)
+    probe = None
+    if args.probe_tokens:
+        seq = min(args.probe_tokens, source.cfg.max_seq_len)
+        rows = max(1, args.probe_tokens // seq)
+        generator = torch.Generator().manual_seed(args.seed)
+        probe = torch.randint(0, source.cfg.vocab_size, (rows, seq), generator=generator)
+    grown, _, report = expand(source, target, args.width, args.depth, seed=args.seed, probe=probe)
+    path = save_pretrained(grown, args.out, tokenizer=args.src_dir)
+    print(report)
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+    print(f"model: {path}")
     return 0
 
 
