@@ -228,6 +228,11 @@ def run_family(spec: FamilySpec, out_dir: str | Path, *, data: str, modes: tuple
         raise ConfigError(f"unknown mode {bad[0]!r}; use progressive, independent or both")
     growth = _section(GrowthOptions, spec.extra.get("growth"), "growth")
     plan = make_plan(spec)
+    if "progressive" in modes:  # every growth step is checked now, not after hours of stage 1
+        from growfam.grow import GrowthPlan
+
+        for small, large in zip(spec.members, spec.members[1:]):
+            GrowthPlan.make(small, large, growth.width, growth.depth, growth.seed)
     dataset = TokenDataset.open(data)
     if dataset.vocab_size > spec.members[0].vocab_size:
         raise ConfigError(f"the dataset's tokenizer has {dataset.vocab_size} tokens but the family's "

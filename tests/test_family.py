@@ -1,0 +1,132 @@
+"""The progressive pipeline end to end on a two-member family small enough for the suite."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import growfam.family as family
+from growfam.cli import main
+from growfam.data import prepare
+from growfam.errors import ConfigError
+from growfam.family import format_comparison, run_family
+from growfam.hf import load_pretrained
+from growfam.plan import FamilySpec, make_plan
+
+TEXT = [f"Document {i}: the {'quick brown fox' if i % 2 else 'lazy dog'} number {i * 7} "
+        f"jumps over {i % 5} fences and lands in field {i % 11}. " * 3 for i in range(400)]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "ds"
+    prepare(TEXT, "train:300", out, val_fraction=0.05, progress=False)
+    return str(out)
+
+
+def spec(**changes) -> FamilySpec:
+    member = dict(vocab_size=300, max_seq_len=32)
+    data = dict(
+        name="pair",
+        members=[dict(name="small", d_model=32, n_heads=2, n_kv_heads=1, n_layers=1, ffn_dim=64, **member),
+                 dict(name="large", d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, ffn_dim=96, **member)],
+        tokens={"explicit": [6000, 16000]},
+        batch_size=4, seq_len=32, lr={"policy": "linear", "start": 2e-3, "end": 1e-3},
+        growth={"width": "aki", "depth": "stack"},
+        train={"eval_every": 4, "eval_batches": 2, "ckpt_every": 4, "log_every": 4},
+    )
+    data.update(changes)
+    return FamilySpec.from_dict(data)
+
+
+def test_two_stage_family_matches_its_plan(tmp_path, dataset):
+    ledger = run_family(spec(), tmp_path, data=dataset, modes=("progressive", "independent"), log=lambda s: None)
+    plan = make_plan(spec())
+    for mode, tokens_key in (("progressive", "tokens_progressive"), ("independent", "tokens_independent")):
+        members = ledger["modes"][mode]
+        assert [m["name"] for m in members] == ["small", "large"]
+        for stage, member in zip(plan.stages, members):
+            per_step = stage.batch_size * stage.seq_len
+            planned = getattr(stage, tokens_key)
+            assert planned <= member["tokens"] < planned + per_step  # whole steps
+            assert member["flops"] == 6 * stage.nonembedding_params * member["tokens"]
+            assert member["max_lr"] == stage.max_lr
+            assert member["val_loss"] is not None
+    prog = ledger["modes"]["progressive"]
+    # cumulative progressive FLOPs after the last stage = training it from scratch (Eq. 4)
+    assert prog[-1]["cum_flops"] == pytest.approx(plan.stages[-1].cum_flops_progressive, rel=0.02)
+    assert prog[-1]["cum_flops"] == pytest.approx(plan.stages[-1].flops_independent, rel=0.02)
+    growth = prog[1]["growth"]
+    assert (growth["width"], growth["depth"], growth["target"]["d_model"]) == ("aki", "stack", 64)
+    assert growth["probe"]["max_abs_dlogits"] > 0  # aki is not function-preserving by design
+    assert ledger["modes"]["independent"][1]["growth"] is None
+    assert json.loads((tmp_path / "family.json").read_text()) == ledger
+
+    # every member is a Hugging Face directory transformers loads with the same logits
+    idx = torch.randint(0, 300, (1, 16))
+    for mode in ("progressive", "independent"):
+        for name in ("small", "large"):
+            ours = load_pretrained(tmp_path / mode / name)
+            theirs = AutoModelForCausalLM.from_pretrained(tmp_path / mode / name)
+            with torch.no_grad():
+                assert (theirs(idx).logits - ours(idx)).abs().max() <= 1e-5
+            assert (tmp_path / mode / name / "tokenizer.json").exists()
+    table = format_comparison(ledger)
+    assert "small" in table and "large" in table and "saved" in table
+
+
+def test_a_killed_family_resumes_onto_the_uninterrupted_result(tmp_path, dataset, monkeypatch):
+    straight = run_family(spec(), tmp_path / "straight", data=dataset, modes=("progressive",), log=lambda s: None)
+
+    real_train = family.train
+
+    def crash_in_stage_two(cfg, model=None, optimizer=None, **kw):
+        if cfg.model.d_model != 64:
+            return real_train(cfg, model, optimizer, **kw)
+
+        def die(step, loss):
+            if step >= 8:  # after the step-4 checkpoint
+                raise KeyboardInterrupt
+        return real_train(cfg, model, optimizer, **{**kw, "on_eval": die})
+
+    monkeypatch.setattr(family, "train", crash_in_stage_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_family(spec(), tmp_path / "killed", data=dataset, modes=("progressive",), log=lambda s: None)
+    monkeypatch.setattr(family, "train", real_train)
+    resumed = run_family(spec(), tmp_path / "killed", data=dataset, modes=("progressive",), log=lambda s: None)
+    for a, b in zip(straight["modes"]["progressive"], resumed["modes"]["progressive"]):
+        assert a["tokens"] == b["tokens"] and a["flops"] == b["flops"]
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+
+    # a finished family is not trained again
+    calls = []
+    monkeypatch.setattr(family, "train", lambda *a, **k: calls.append(a))
+    again = run_family(spec(), tmp_path / "killed", data=dataset, modes=("progressive",), log=lambda s: None)
+    assert calls == [] and again["modes"] == resumed["modes"]
+
+
+def test_a_family_directory_refuses_a_different_family(tmp_path, dataset):
+    run_family(spec(tokens={"explicit": [2000, 4000]}), tmp_path, data=dataset, modes=("independent",),
+               log=lambda s: None)
+    with pytest.raises(ConfigError, match="different plan"):
+        run_family(spec(tokens={"explicit": [2000, 5000]}), tmp_path, data=dataset, modes=("independent",),
+                   log=lambda s: None)
+
+
+def test_train_section_cannot_override_the_plan(tmp_path, dataset):
+    with pytest.raises(ConfigError, match="train.max_lr is set by the family plan"):
+        run_family(spec(train={"max_lr": 1.0}), tmp_path, data=dataset, log=lambda s: None)
+
+
+def test_cli_family_errors_are_one_line(tmp_path, capsys, dataset):
+    assert main(["family", "run", "no-such-family", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown family 'no-such-family'" in err
+    (tmp_path / "f.yaml").write_text("members: [tiny-1, tiny-2]\nbatch_size: 4\ngrowth: {width: nope}\n")
+    # (the growth operator is checked before stage 1 trains)
+    assert main(["family", "run", str(tmp_path / "f.yaml"), "--data", dataset, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown width operator 'nope'" in err
+    assert main(["family", "show", str(tmp_path / "nothing")]) == 2
+    assert "no family.json" in capsys.readouterr().err
