@@ -3,10 +3,11 @@
 Both models have the same config and weights, take the same batch, use the same optimizer
 (AdamW over growfam's parameter groups, fused kernels where torch has them) and the same
 precision (fp32 on CPU, bf16 autocast over fp32 weights on GPU). A step is forward, backward,
-gradient clipping at 1.0, optimizer step and zero_grad — growfam's through the trainer's own
-`forward_backward`, Hugging Face's through `model(input_ids, labels=...).loss`. Warm-up steps
-are excluded; the two are timed in alternation, step by step (so drift hits both), and the median step
-time gives tokens/s. On a GPU whose peak is known, MFU uses the attention-inclusive FLOPs.
+gradient clipping at 1.0, optimizer step and zero_grad, all through the trainer's own
+`forward_backward`; the loss is growfam's `Llama.loss` and Hugging Face's
+`model(input_ids, labels=input_ids).loss`. Warm-up steps are excluded and the median step time
+gives tokens/s. On a CPU both models live at once and are timed alternately, step by step (a
+shared machine's busy moments hit both); on a GPU one after the other. On a GPU whose peak is known, MFU uses the attention-inclusive FLOPs.
 
     python bench/train_throughput.py                      # CPU: tiny-4, seq 256, batch 8
     python bench/train_throughput.py --model bench-20m    # CPU: a ~20M-parameter model
@@ -37,36 +38,34 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_steps(cfg: ModelConfig, device: torch.device, amp: torch.dtype | None, compile_: bool):
-    """(growfam_step, hf_step): closures taking (x, y) and doing one full optimizer step."""
-    torch.manual_seed(0)
-    ours = Llama(cfg).to(device)
-    theirs = LlamaForCausalLM(LlamaConfig(**config_to_hf(cfg)))
-    theirs.load_state_dict(hf_state_dict(ours), strict=False)  # same weights (a tied head re-ties)
-    theirs.to(device).train()
-    fused = device.type in ("cuda", "cpu")
-    opt_ours = torch.optim.AdamW(param_groups(ours, 0.1), lr=1e-4, betas=(0.9, 0.95), fused=fused)
-    opt_theirs = torch.optim.AdamW(param_groups(theirs, 0.1), lr=1e-4, betas=(0.9, 0.95), fused=fused)
-    loss_ours = torch.compile(ours.loss) if compile_ else ours.loss
-    forward_theirs = torch.compile(theirs) if compile_ else theirs
+def build_step(kind: str, cfg: ModelConfig, device: torch.device, amp: torch.dtype | None,
+               compile_: bool):
+    """A closure step(x, y) doing one full optimizer step of growfam's or HF's model."""
+    torch.manual_seed(0)  # the same initial weights for both
+    ours = Llama(cfg)
+    if kind == "growfam":
+        model = ours.to(device)
+        loss_fn = torch.compile(ours.loss) if compile_ else ours.loss
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**config_to_hf(cfg)))
+        model.load_state_dict(hf_state_dict(ours), strict=False)  # strict=False: a tied head re-ties
+        model.to(device).train()
+        forward = torch.compile(model) if compile_ else model
 
-    def growfam_step(x, y):
-        forward_backward(loss_ours, [(x, y)], device, amp)
-        torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
+        def loss_fn(x, y):
+            # Hugging Face's own loss path: it shifts the labels itself (T-1 targets per row).
+            return forward(input_ids=x, labels=x).loss
 
-    def hf_step(x, y):
-        # labels = the full window: Hugging Face shifts them itself (T-1 targets per sequence).
-        window = torch.cat([x, y[:, -1:]], dim=1).to(device)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = forward_theirs(input_ids=window[:, :-1], labels=window[:, :-1]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
-        opt_theirs.step()
-        opt_theirs.zero_grad(set_to_none=True)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95),
+                                  fused=device.type in ("cuda", "cpu"))
 
-    return growfam_step, hf_step
+    def step(x, y):
+        forward_backward(loss_fn, [(x, y)], device, amp)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def time_steps(step, batch, device: torch.device, n: int) -> list[float]:
@@ -99,16 +98,24 @@ def main() -> None:
     cfg = BENCH_20M if args.model == "bench-20m" else resolve_config(args.model)
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
-    growfam_step, hf_step = make_steps(cfg, device, amp, args.compile)
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1))
     batch = (x[:, :-1].to(device), x[:, 1:].to(device))
-
-    for step in (growfam_step, hf_step):
-        time_steps(step, batch, device, args.warmup)
-    times = {"growfam": [], "hf": []}
-    for _ in range(args.steps):  # alternate step by step, so a busy moment hits both
-        times["growfam"] += time_steps(growfam_step, batch, device, 1)
-        times["hf"] += time_steps(hf_step, batch, device, 1)
+    times: dict[str, list[float]] = {}
+    if gpu:  # one model at a time: two 1B models with AdamW state do not share a GPU comfortably
+        for kind in ("growfam", "hf"):
+            step = build_step(kind, cfg, device, amp, args.compile)
+            time_steps(step, batch, device, args.warmup)
+            times[kind] = time_steps(step, batch, device, args.steps)
+            del step
+            torch.cuda.empty_cache()
+    else:  # both at once, alternating step by step, so a busy moment of a shared CPU hits both
+        steps = {kind: build_step(kind, cfg, device, amp, args.compile) for kind in ("growfam", "hf")}
+        for kind, step in steps.items():
+            time_steps(step, batch, device, args.warmup)
+        times = {kind: [] for kind in steps}
+        for _ in range(args.steps):
+            for kind, step in steps.items():
+                times[kind] += time_steps(step, batch, device, 1)
 
     tokens = args.batch * args.seq_len
     rate = {k: tokens / statistics.median(v) for k, v in times.items()}

@@ -15,7 +15,7 @@ from growfam.grow.masks import MaskState, attach_masks, mask_state
 from growfam.hf import load_pretrained
 from growfam.metrics import read_metrics
 from growfam.model import Llama, ModelConfig, flops_per_token, num_params
-from growfam.train import TrainConfig, forward_backward, lr_at, param_groups, train
+from growfam.train import TrainConfig, forward_backward, lr_at, lr_bounds, param_groups, train
 
 TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, ffn_dim=64, vocab_size=128, max_seq_len=32)
 
@@ -76,7 +76,11 @@ def test_lr_schedule_warmup_peak_cosine_floor():
     assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # monotone decay
 
 
-def test_min_lr_ratio_and_absolute_floor_are_exclusive(tmp_path):
+def test_lr_floor_ratio_or_absolute(tmp_path):
+    assert lr_bounds(config(tmp_path, max_lr=1e-3)) == pytest.approx((1e-3, 1e-4))  # default ratio 0.1
+    assert lr_bounds(config(tmp_path, max_lr=1e-3, min_lr_ratio=0.0)) == (1e-3, 0.0)
+    assert lr_bounds(config(tmp_path, max_lr=1e-3, min_lr=3e-5), scale=0.5) == (5e-4, 3e-5)
+    assert lr_bounds(config(tmp_path, max_lr=1e-3, min_lr=8e-4), scale=0.5) == (5e-4, 5e-4)
     with pytest.raises(ConfigError, match="at most one"):
         config(tmp_path, min_lr=1e-5, min_lr_ratio=0.1)
 

@@ -38,9 +38,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from growfam.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
-from growfam.checkpoint import decode_rng, encode_rng
-from growfam.data import PackedWindows, eval_windows
+from growfam.checkpoint import (decode_rng, encode_rng, latest_checkpoint, load_checkpoint, read_trainer_state,
+                                save_checkpoint)
+from growfam.data import PackedWindows, TokenDataset, eval_windows
 from growfam.errors import ConfigError, GrowfamError, read_yaml
 from growfam.grow.masks import MaskState, advance_masks, attach_masks, fold_masks, mask_state
 from growfam.metrics import MetricsLogger, peak_flops
@@ -248,6 +248,21 @@ def lr_at(step: int, total_steps: int, max_lr: float, min_lr: float, warmup_step
     decay_steps = total_steps - 1 - warmup_steps
     progress = 1.0 if decay_steps <= 0 else min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+#: The cosine floor as a fraction of the peak when the config gives neither min_lr nor
+#: min_lr_ratio (Llama's convention; the paper states none).
+DEFAULT_MIN_LR_RATIO = 0.1
+
+
+def lr_bounds(cfg: TrainConfig, scale: float = 1.0) -> tuple[float, float]:
+    """(max_lr, min_lr) of the schedule with the peak multiplied by `scale` (the spike guard's
+    rollbacks lower it); a ratio floor scales with it, an absolute one is capped by it."""
+    max_lr = cfg.max_lr * scale
+    if cfg.min_lr is not None:
+        return max_lr, min(cfg.min_lr, max_lr)
+    ratio = DEFAULT_MIN_LR_RATIO if cfg.min_lr_ratio is None else cfg.min_lr_ratio
+    return max_lr, ratio * max_lr
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -468,7 +483,7 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
     out_dir = Path(cfg.out_dir)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (the head's CE is fp32 already)
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 runs use the TF32 tensor cores
 
     # ---- model and config -------------------------------------------------------------------
     if model is None:
@@ -496,8 +511,6 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
     if dataset is None:
         if cfg.data is None:
             raise ConfigError("no data: set `data` in the train config to a prepared dataset directory")
-        from growfam.data import TokenDataset
-
         dataset = TokenDataset.open(cfg.data)
     if dataset.vocab_size > model.cfg.vocab_size:
         raise ConfigError(f"the dataset's vocabulary ({dataset.vocab_size}) is larger than the model's "
@@ -508,6 +521,9 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
                             world_size=world, max_unique_tokens=cfg.max_unique_tokens)
     val_tokens = dataset.tokens("val")
     if len(val_tokens) <= cfg.seq_len:
+        if rank == 0:
+            print(f"growfam train: the validation split holds no window of {cfg.seq_len + 1} tokens; "
+                  "training without validation")
         val_tokens = None
 
     # ---- optimizer, resume ---------------------------------------------------------------------
@@ -574,9 +590,7 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
     stopped_early = False
     model.train()
     while step < total_steps:
-        max_lr = cfg.max_lr * guard.lr_scale
-        min_lr = min(cfg.min_lr, max_lr) if cfg.min_lr is not None else (cfg.min_lr_ratio or 0.1) * max_lr
-        lr = lr_at(step, total_steps, max_lr, min_lr, warmup_steps)
+        lr = lr_at(step, total_steps, *lr_bounds(cfg, guard.lr_scale), warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
@@ -611,7 +625,8 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
                 bar.update(step)
             # The data cursor runs on: the batches around the spike are not replayed.
             log.log("rollback", step, checkpoint=str(back_to) if back_to else None, lr_scale=guard.lr_scale)
-            bar.write(f"{guard.spikes} spikes: rolled back to step {step}, max LR now {cfg.max_lr * guard.lr_scale:.3g}")
+            where = f"rolled back to step {step}" if back_to else "no checkpoint to roll back to"
+            bar.write(f"repeated loss spikes: {where}; max LR now {cfg.max_lr * guard.lr_scale:.3g}")
             continue
         if verdict == "ok":
             window_losses.append(loss_value)
