@@ -91,7 +91,10 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="auto: bf16 autocast on GPU, fp32 on CPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice, all cores)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device("cuda" if gpu else "cpu")
     amp = torch.bfloat16 if args.dtype == "bfloat16" or (args.dtype == "auto" and gpu) else None

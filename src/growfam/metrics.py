@@ -24,13 +24,12 @@ from growfam.errors import GrowfamError
 #: Matched against torch.cuda.get_device_name() in order, so the more specific names come first.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
     ("H100", 989e12),  # SXM / HBM3
     ("H200", 989e12),  # also GH200
     ("B200", 2250e12),
     ("A100", 312e12),
     ("L40S", 362e12),
-    ("L4", 121e12),
-    ("A10", 125e12),
 )
 
 
