@@ -126,8 +126,9 @@ def test_config_rejects_unknown_keys_and_reads_yaml_numbers(tmp_path):
 
 
 def test_run_writes_metrics_checkpoints_and_hf_dir(tmp_path):
-    result = train(config(tmp_path, keep_last=1), dataset=ArrayDataset())
+    result = train(config(tmp_path, keep_last=1, tensorboard=True), dataset=ArrayDataset())
     out = tmp_path / "run"
+    assert any((out / "tensorboard").glob("events.out.tfevents.*"))
     tokens = 8 * 4 * 16
     assert result.steps == 8 and result.tokens == tokens and not result.stopped_early
     assert result.flops == 6 * num_params(TINY, "nonembedding") * tokens
