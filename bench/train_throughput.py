@@ -116,9 +116,9 @@ def main() -> None:
         for kind, step in steps.items():
             time_steps(step, batch, device, args.warmup)
         times = {kind: [] for kind in steps}
-        for _ in range(args.steps):
-            for kind, step in steps.items():
-                times[kind] += time_steps(step, batch, device, 1)
+        for i in range(args.steps):
+            for kind in ("growfam", "hf") if i % 2 == 0 else ("hf", "growfam"):  # neither always goes first
+                times[kind] += time_steps(steps[kind], batch, device, 1)
 
     tokens = args.batch * args.seq_len
     rate = {k: tokens / statistics.median(v) for k, v in times.items()}
