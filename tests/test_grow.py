@@ -389,6 +389,33 @@ def test_paper_chain_on_meta_lands_on_presets():
 
 
 # --------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+# --------------------------------------------------------------------------------------------
+
+CUDA_COMBOS = [("fpi", "identity"), ("aki", "stack"), ("lossless", "redundant"),
+               ("masked", "identity"), ("random", "random")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("width,depth", CUDA_COMBOS, ids=[f"{w}-{d}" for w, d in CUDA_COMBOS])
+def test_growth_on_cuda(width, depth, probe):
+    src, opt = trained_source(probe, tied=True)
+    src = src.cuda()
+    opt = torch.optim.AdamW(src.parameters(), lr=1e-3)
+    train_losses(src, opt, probe.cuda(), steps=2)
+    target = integer_target(src.cfg) if width == "fpi" else ragged_target(src.cfg)
+    grown, new_opt, report = expand(src, target, width, depth, optimizer=opt, probe=probe,
+                                    mask_steps=2)
+    assert all(t.device.type == "cuda" for t in grown.state_dict().values())
+    assert all(t.device.type == "cuda" for s in new_opt.state.values() for k, t in s.items()
+               if k != "step")
+    if width != "aki" and width != "random":
+        assert report.probe.rel_dlogits <= 1e-9
+    losses = train_losses(grown, new_opt, probe.cuda(), steps=4)
+    assert losses[-1] < losses[0] and mask_state(grown) is None
+
+
+# --------------------------------------------------------------------------------------------
 # Refusals
 # --------------------------------------------------------------------------------------------
 
