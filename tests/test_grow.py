@@ -162,6 +162,16 @@ def test_seed_makes_growth_reproducible(source):
     assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
 
 
+def test_free_source_releases_tensors_and_grows_the_same(source):
+    tgt = ragged_target(source.cfg)
+    kept, _, _ = expand(source, tgt, "aki", "stack")
+    copy = random_model(source.cfg, dtype=torch.float64)
+    copy.load_state_dict(source.state_dict())
+    freed, _, _ = expand(copy, tgt, "aki", "stack", free_source=True)
+    assert all(torch.equal(p, q) for p, q in zip(kept.parameters(), freed.parameters()))
+    assert all(p.numel() == 0 for p in copy.parameters())
+
+
 def test_source_model_is_left_intact(source, probe):
     before = {n: p.clone() for n, p in source.named_parameters()}
     expand(source, integer_target(source.cfg), "fpi", "stack")

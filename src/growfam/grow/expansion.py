@@ -9,7 +9,7 @@ import torch
 
 from growfam.grow.growth import GrowthPlan, assemble
 from growfam.grow.masks import MaskState, attach_masks, mask_state
-from growfam.grow.optim import grow_adamw
+from growfam.grow.optim import check_optimizer, grow_adamw
 from growfam.grow.report import GrowthReport, ParamGrowth, compare, probe_logits, rms_mismatch
 from growfam.errors import ConfigError
 from growfam.model import Llama, ModelConfig, resolve_config
@@ -39,14 +39,17 @@ def expand(model: Llama, target_config: str | Path | dict | ModelConfig, width: 
                           "(advance_masks) before growing it again")
     requested = resolve_config(target_config)
     plan = GrowthPlan.make(model.cfg, requested, width, depth, seed)
+    masks = MaskState.between(plan.source, plan.target, mask_steps) if plan.width.masked else None
+    if optimizer is not None:
+        check_optimizer(optimizer, optimizer_mode)
     weight = model.embed_tokens.weight
     numeric = probe is not None and weight.device.type != "meta"
     before = probe_logits(model, probe) if numeric else None
     replicated = plan.width.d_fill[0] is None
     rms = None
     if numeric and replicated:
-        counts = torch.bincount(plan.spaces["d"].src, minlength=plan.source.d_model)
-        rms = rms_mismatch(model, probe, counts.double(), plan.target.d_model)
+        copies = torch.bincount(plan.spaces["d"].src, minlength=plan.source.d_model)
+        rms = rms_mismatch(model, probe, copies.double(), plan.target.d_model)
 
     generator = None
     if weight.device.type != "meta":
@@ -59,19 +62,20 @@ def expand(model: Llama, target_config: str | Path | dict | ModelConfig, width: 
     tensors, counts = plan.apply(lambda n: params[n].detach(), "value", generator=generator,
                                  release=release if free_source else None)
     grown = assemble(plan.target, tensors, training=model.training)
-    if plan.width.masked:
-        attach_masks(grown, MaskState.between(plan.source, plan.target, mask_steps))
+    if masks is not None:
+        attach_masks(grown, masks)
     new_optimizer = None
     if optimizer is not None:
         new_optimizer = grow_adamw(optimizer, model, grown, plan, optimizer_mode)
 
+    exactness = {f"width {width}": plan.width.exact, f"depth {depth}": plan.depth.exact}
     report = GrowthReport(
         source=plan.source.to_dict(), target=plan.target.to_dict(), width=width, depth=depth,
-        seed=seed, exactness={width: plan.width.exact, depth: plan.depth.exact},
+        seed=seed, exactness=exactness,
         params=[ParamGrowth(n, plan.shapes[n], c.copied, c.split, c.new)
                 for n, c in counts.items()],
         rms_factor=rms, optimizer=None if optimizer is None else optimizer_mode,
-        mask_steps=mask_steps if plan.width.masked else None)
+        mask_steps=None if masks is None else mask_steps)
     if numeric:
         report.probe = compare(before, probe_logits(grown, probe))
     if plan.target.norm_eps != requested.norm_eps:

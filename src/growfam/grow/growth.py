@@ -94,10 +94,8 @@ class GrowthPlan:
     # ---- names --------------------------------------------------------------------------------
     def source_name(self, name: str) -> str:
         """The source tensor a target tensor grows from (layer j -> its source layer)."""
-        if not name.startswith("layers."):
-            return name
-        _, j, suffix = name.split(".", 2)
-        return f"layers.{self.layers.src[int(j)]}.{suffix}"
+        layer = _layer_of(name)
+        return name if layer is None else f"layers.{self.layers.src[layer[0]]}.{layer[1]}"
 
     def axes(self, name: str) -> tuple[Axis, ...]:
         """How each axis of target tensor `name` grows (the same objects for every layer)."""
@@ -122,12 +120,12 @@ class GrowthPlan:
     def _next_layer(self, name: str) -> tuple[int, str] | None:
         """aki: (dim of the new heads / units, source tensor of layer l+1); the top layer uses
         itself."""
-        suffix = name.split(".", 2)[2] if name.startswith("layers.") else ""
-        if not self.width.next_layer or suffix not in _LAYER_SPACES:
+        layer = _layer_of(name)
+        if not self.width.next_layer or layer is None or layer[1] not in _LAYER_SPACES:
             return None
-        rows, _ = _LAYER_SPACES[suffix]
-        l = self.layers.src[int(name.split(".")[1])]
-        return (1 if rows == "d" else 0), f"layers.{min(l + 1, self.source.n_layers - 1)}.{suffix}"
+        j, suffix = layer
+        nxt = min(self.layers.src[j] + 1, self.source.n_layers - 1)
+        return (1 if _LAYER_SPACES[suffix][0] == "d" else 0), f"layers.{nxt}.{suffix}"
 
     # ---- application --------------------------------------------------------------------------
     def apply(self, get: Callable[[str], torch.Tensor], mode: str = "value", *,
@@ -140,23 +138,20 @@ class GrowthPlan:
         release(source_name) is called after a source tensor's last use (to free it early).
         Returns the target tensors and, in value mode, their copied / split / new counts.
         """
-        uses = self._last_uses()
-        first: dict[int, int] = {}  # source layer -> its first target layer
+        uses = self._last_uses() if release is not None else {}
         out: dict[str, torch.Tensor] = {}
         counts: dict[str, Counts] = {}
         for name, shape in self.shapes.items():
-            src_name = self.source_name(name)
             std = fresh_std(self.target, name)
-            if name.startswith("layers."):
-                j, suffix = int(name.split(".")[1]), name.split(".", 2)[2]
-                l = self.layers.src[j]
-                first.setdefault(l, j)
-            if name.startswith("layers.") and self.layers.new[j]:
+            layer = _layer_of(name)
+            if layer is not None and self.layers.new[layer[0]]:
+                # An inserted layer: a copy of its source layer's first occurrence, or fresh.
+                j, suffix = layer
+                original = f"layers.{self.layers.src.index(self.layers.src[j])}.{suffix}"
                 fill = self.depth.fill(suffix)
-                original = f"layers.{first[l]}.{suffix}"
                 if fill is None and (mode == "value" or self.depth.copies):
-                    out[name], counts[name] = out[original].clone(), counts.get(original, Counts())
-                else:  # an inserted layer's fresh tensor; all its moments start at zero
+                    out[name], counts[name] = out[original].clone(), counts[original]
+                else:  # fresh; the moments of every tensor of a non-copy layer start at zero
                     like = out[original]
                     out[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
                     fill_new(out[name], fill if mode == "value" else None, std, generator)
@@ -164,18 +159,18 @@ class GrowthPlan:
             else:
                 nxt = self._next_layer(name)
                 tail = None if nxt is None else (nxt[0], get(nxt[1]))
-                out[name], counts[name] = grow_tensor(get(src_name), self.axes(name), mode, std=std,
-                                                      generator=generator, tail=tail)
+                out[name], counts[name] = grow_tensor(get(self.source_name(name)), self.axes(name),
+                                                      mode, std=std, generator=generator, tail=tail)
             for done in uses.get(name, ()):
-                if release is not None:
-                    release(done)
+                release(done)
         return out, counts
 
     def _last_uses(self) -> dict[str, list[str]]:
         """target name -> source names used for the last time when it is built."""
         last: dict[str, str] = {}
         for name in self.shapes:
-            if name.startswith("layers.") and self.layers.new[int(name.split(".")[1])]:
+            layer = _layer_of(name)
+            if layer is not None and self.layers.new[layer[0]]:
                 continue
             last[self.source_name(name)] = name
             nxt = self._next_layer(name)
@@ -185,6 +180,14 @@ class GrowthPlan:
         for src_name, name in last.items():
             by_target.setdefault(name, []).append(src_name)
         return by_target
+
+
+def _layer_of(name: str) -> tuple[int, str] | None:
+    """(target layer, tensor suffix) of "layers.<j>.<suffix>"; None for other tensors."""
+    if not name.startswith("layers."):
+        return None
+    _, j, suffix = name.split(".", 2)
+    return int(j), suffix
 
 
 def assemble(cfg: ModelConfig, tensors: dict[str, torch.Tensor], training: bool = False) -> Llama:

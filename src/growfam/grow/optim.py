@@ -20,15 +20,20 @@ OPTIMIZER_MODES = ("transfer", "reset")
 _MOMENTS = {"exp_avg": "m", "exp_avg_sq": "v", "max_exp_avg_sq": "v"}
 
 
-def grow_adamw(optimizer: torch.optim.AdamW, source: Llama, grown: Llama, plan: GrowthPlan,
-               mode: str = "transfer") -> torch.optim.AdamW:
-    """A new AdamW over `grown`'s parameters with `optimizer`'s param groups (a grown tensor
-    joins the group of the tensor it grew from) and, for mode "transfer", its grown state."""
+def check_optimizer(optimizer: torch.optim.Optimizer, mode: str) -> None:
+    """ConfigError unless `optimizer` is an AdamW and `mode` a known optimizer mode."""
     if not isinstance(optimizer, torch.optim.AdamW):
         raise ConfigError(f"optimizer state transfer supports torch.optim.AdamW, "
                           f"got {type(optimizer).__name__}")
     if mode not in OPTIMIZER_MODES:
         raise ConfigError(f"unknown optimizer mode {mode!r}; known: {', '.join(OPTIMIZER_MODES)}")
+
+
+def grow_adamw(optimizer: torch.optim.AdamW, source: Llama, grown: Llama, plan: GrowthPlan,
+               mode: str = "transfer") -> torch.optim.AdamW:
+    """A new AdamW over `grown`'s parameters with `optimizer`'s param groups (a grown tensor
+    joins the group of the tensor it grew from) and, for mode "transfer", its grown state."""
+    check_optimizer(optimizer, mode)
     src_params = dict(source.named_parameters())
     group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
     members: list[list[torch.nn.Parameter]] = [[] for _ in optimizer.param_groups]

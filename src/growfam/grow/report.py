@@ -43,7 +43,7 @@ class GrowthReport:
     width: str
     depth: str
     seed: int
-    exactness: dict[str, str]  # operator -> when it preserves the function
+    exactness: dict[str, str]  # "width aki" / "depth stack" -> when it preserves the function
     params: list[ParamGrowth]
     probe: ProbeResult | None = None
     rms_factor: tuple[float, float] | None = None  # (min, max) of rms(x)/rms(x') over tokens
