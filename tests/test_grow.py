@@ -172,7 +172,7 @@ def test_free_source_releases_tensors_and_grows_the_same(source):
     assert all(p.numel() == 0 for p in copy.parameters())
 
 
-def test_source_model_is_left_intact(source, probe):
+def test_source_model_is_left_intact(source):
     before = {n: p.clone() for n, p in source.named_parameters()}
     expand(source, integer_target(source.cfg), "fpi", "stack")
     assert all(torch.equal(p, before[n]) for n, p in source.named_parameters())
@@ -203,13 +203,13 @@ def test_gqa_query_heads_follow_their_kv_group():
 
 
 def test_report_table_and_json(source, probe):
-    _, _, report = expand(source, ragged_target(source.cfg), "aki", "stack", probe=probe)
+    grown, _, report = expand(source, ragged_target(source.cfg), "aki", "stack", probe=probe)
     text = str(report)
-    for needle in ("aki", "stack", "layers.*.mlp.up_proj.weight", "max |Δlogits|", "RMS mismatch"):
+    for needle in ("width aki", "depth stack", "layers.*.mlp.up_proj.weight", "max |Δlogits|",
+                   "RMS mismatch"):
         assert needle in text
     data = json.loads(json.dumps(report.to_dict()))
-    assert data["totals"]["copied"] + data["totals"]["split"] + data["totals"]["new"] == \
-        sum(p.numel() for p in expand(source, ragged_target(source.cfg))[0].parameters())
+    assert sum(data["totals"].values()) == grown.num_params()
     assert data["probe"]["dloss"] == pytest.approx(report.probe.dloss)
 
 
@@ -356,7 +356,7 @@ def test_expand_from_interleaves_layers(probe):
     assert report.probe is not None and "combined from 2 sources" in str(report)
 
 
-def test_expand_from_concatenates_units(probe):
+def test_expand_from_concatenates_units():
     a = random_model(source_config(2, True), seed=1, dtype=torch.float64)
     b = random_model(source_config(2, True), seed=2, dtype=torch.float64)
     tgt = a.cfg.replace(d_model=80, n_heads=10, n_kv_heads=5, ffn_dim=150, n_layers=3)
