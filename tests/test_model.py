@@ -1,5 +1,3 @@
-import time
-
 import pytest
 import torch
 
@@ -25,14 +23,16 @@ def test_paper_presets_have_the_papers_nonembedding_sizes(name, expected):
     assert round(num_params(get_preset(name), "nonembedding") / 1e9, 2) == expected / 1e9
 
 
-def test_8b_on_meta_is_instant():
-    start = time.perf_counter()
+def test_8b_builds_on_the_meta_device():
+    # No memory is allocated, so this takes well under a second once torch is warm (README).
     with torch.device("meta"):
         model = Llama(get_preset("paper-8b"))
-    elapsed = time.perf_counter() - start
     assert round(model.num_params("nonembedding") / 1e9, 2) == 8.03
+    nonemb = sum(p.numel() for name, p in model.named_parameters()
+                 if not name.startswith(("embed_tokens", "lm_head")))
+    assert nonemb == num_params(model.cfg, "nonembedding") == 8_028_172_288
     assert sum(p.numel() for p in model.parameters()) == num_params(model.cfg)
-    assert elapsed < 5.0
+    assert all(p.device.type == "meta" for p in model.parameters())
 
 
 def test_flops_per_token_formula():

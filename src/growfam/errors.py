@@ -6,7 +6,9 @@ The CLI turns any `GrowfamError` into one line on stderr and exit status 2.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -44,3 +46,25 @@ def read_json(path: str | Path):
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: malformed JSON: {err}") from None
+
+
+def as_number(value: Any, what: str, *, above: float | None = None, at_least: float | None = None,
+              at_most: float | None = None) -> float:
+    """`value` as a finite float within the given bounds; ConfigError naming `what` otherwise.
+
+    Text that parses as a number is accepted: YAML 1.1 reads `3e-4` and `40e9` (no dot) as
+    strings.
+    """
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{what} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{what} must be a number, got {value!r}")
+    if above is not None and value <= above:
+        raise ConfigError(f"{what} must be {'positive' if above == 0 else f'> {above}'}, got {value!r}")
+    if (at_least is not None and value < at_least) or (at_most is not None and value > at_most):
+        bounds = f"in [{at_least}, {at_most}]" if at_most is not None else f">= {at_least}"
+        raise ConfigError(f"{what} must be {bounds}, got {value}")
+    return float(value)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from growfam.errors import ConfigError, read_json, read_yaml
+from growfam.errors import ConfigError, as_number, read_json, read_yaml
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")
         # YAML 1.1 reads `1e-5` (no dot) as a string; accept it for the float fields.
-        data = {k: _as_float(k, v) if k in _FLOAT_FIELDS else v for k, v in data.items()}
+        data = {k: as_number(v, k) if k in _FLOAT_FIELDS and v is not None else v for k, v in data.items()}
         try:
             return cls(**data)
         except TypeError as err:  # a missing required field
@@ -112,15 +112,6 @@ class ModelConfig:
 
 
 _FLOAT_FIELDS = ("rope_theta", "norm_eps", "init_std", "nominal_params")
-
-
-def _as_float(key: str, value):
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{key} must be a number, got {value!r}") from None
-    return value
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
-from growfam.errors import ConfigError, read_yaml
+from growfam.errors import ConfigError, as_number, read_yaml
 from growfam.model import PRESETS, ModelConfig, flops_per_token, num_params, resolve_config
 
 Count = Literal["nonembedding", "total", "nominal"]
@@ -48,16 +47,7 @@ CHINCHILLA_TOKENS_PER_PARAM = 20
 
 
 def _number(value: Any, what: str, *, positive: bool = True) -> float:
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ConfigError(f"{what} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{what} must be a number, got {value!r}")
-    if positive and value <= 0:
-        raise ConfigError(f"{what} must be positive, got {value!r}")
-    return float(value)
+    return as_number(value, what, above=0 if positive else None)
 
 
 def _positive_int(value: Any, what: str) -> int:

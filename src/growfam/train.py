@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from growfam.checkpoint import (decode_rng, encode_rng, latest_checkpoint, load_checkpoint, read_trainer_state,
                                 save_checkpoint)
 from growfam.data import PackedWindows, TokenDataset, eval_windows
-from growfam.errors import ConfigError, GrowfamError, read_yaml
+from growfam.errors import ConfigError, GrowfamError, as_number, read_yaml
 from growfam.grow.masks import MaskState, advance_masks, attach_masks, fold_masks, mask_state
 from growfam.metrics import MetricsLogger, peak_flops
 from growfam.model import Llama, ModelConfig, flops_per_token, num_params, resolve_config
@@ -201,17 +201,7 @@ def _int(value: Any, name: str, low: int) -> int:
 
 
 def _float(value: Any, name: str, low: float, high: float | None) -> float:
-    if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            raise ConfigError(f"{name} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ConfigError(f"{name} must be {bounds}, got {value}")
-    return float(value)
+    return as_number(value, name, at_least=low, at_most=high)
 
 
 #: Config keys that may change between a checkpoint and its resumption: they steer logging,
