@@ -3,6 +3,7 @@
 import errno
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -336,3 +337,25 @@ def test_cli_train_with_overrides(tmp_path, monkeypatch, capsys):
     assert main(["train", str(path), "--max-steps", "2", "--no-resume"]) == 2
     assert main(["train", str(path), "--set", "max_lrr=1"]) == 2
     assert "unknown train config key 'max_lrr'" in capsys.readouterr().err
+
+
+def test_cli_train_under_torchrun_joins_the_process_group(tmp_path):
+    """`torchrun -m growfam.cli train` with two gloo ranks: one checkpoint, written by rank 0."""
+    import subprocess
+    import sys
+
+    from growfam.data import prepare
+
+    prepare([f"line {i} of a small corpus, " * 20 for i in range(200)], "train:300", tmp_path / "ds",
+            val_fraction=0.05, progress=False)
+    model = TINY.replace(vocab_size=300)
+    (tmp_path / "train.yaml").write_text(
+        f"model: {json.dumps(model.to_dict())}\ndata: {tmp_path / 'ds'}\nout_dir: {tmp_path / 'run'}\n"
+        "max_steps: 3\nbatch_size: 4\nseq_len: 16\ntensorboard: false\neval_every: 0\ndevice: cpu\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "growfam.cli", "train", str(tmp_path / "train.yaml")],
+                          capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = read_trainer_state(latest_checkpoint(tmp_path / "run"))
+    assert (state["step"], state["world_size"]) == (3, 2)
+    assert proc.stdout.count("steps 3  tokens 192") == 1  # only rank 0 reports

@@ -7,6 +7,7 @@ exits with status 2, so users never see a traceback for a mistake of theirs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from growfam import __version__
@@ -102,8 +103,9 @@ def _run_train(args) -> int:
     import yaml
 
     from growfam.errors import ConfigError, read_yaml
-    from growfam.train import TrainConfig, train
+    from growfam.train import TrainConfig, init_distributed, train
 
+    init_distributed()
     data = read_yaml(args.config)
     if not isinstance(data, dict):
         raise ConfigError(f"{args.config}: a train config must be a mapping")
@@ -119,6 +121,8 @@ def _run_train(args) -> int:
     data.update({k: v for k, v in (("out_dir", args.out_dir), ("data", args.data), ("device", args.device))
                  if v is not None})
     result = train(TrainConfig.from_dict(data), resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "-"
     train_loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "-"
     print(f"steps {result.steps}  tokens {result.tokens:,}  train loss {train_loss}  val loss {val}  "

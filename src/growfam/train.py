@@ -376,6 +376,13 @@ class TrainResult:
     stopped_early: bool = False
 
 
+def init_distributed() -> None:
+    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment): NCCL on
+    CUDA, gloo on the CPU. A no-op for a single process or when already initialised."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
