@@ -130,3 +130,43 @@ def test_cli_family_errors_are_one_line(tmp_path, capsys, dataset):
     assert "unknown width operator 'nope'" in err
     assert main(["family", "show", str(tmp_path / "nothing")]) == 2
     assert "no family.json" in capsys.readouterr().err
+
+
+def test_convergence_stop_fits_the_slope_over_its_window():
+    stop = family.ConvergenceStop(slope=1e-3, window=3)
+    assert not stop(10, 5.0) and not stop(20, 4.0)
+    assert not stop(30, 3.0)  # slope -0.1 per step: still learning
+    assert stop.last_slope == pytest.approx(-0.1)
+    assert not stop(40, 2.99)
+    assert stop(50, 2.985) and abs(stop.last_slope) < 1e-3
+
+
+def test_a_stage_that_grew_early_leaves_its_tokens_to_the_next():
+    plan = make_plan(spec())
+    small, large = plan.stages
+    on_budget = [{"tokens": small.tokens_progressive, "stopped_early": False}]
+    assert family._progressive_tokens(plan, 1, on_budget) == large.tokens_progressive
+    early = [{"tokens": small.tokens_progressive / 2, "stopped_early": True}]
+    tokens = family._progressive_tokens(plan, 1, early)
+    # cumulative FLOPs after the large stage still equal training it from scratch (Eq. 4)
+    spent = small.params * early[0]["tokens"] + large.params * tokens
+    assert spent == pytest.approx(large.params * large.tokens_independent)
+
+
+def test_fixed_data_caps_unique_tokens_at_the_largest_budget(tmp_path, dataset):
+    plan = make_plan(spec())
+    for index in (0, 1):
+        cfg = family.stage_train_config(spec(), plan, index, "progressive", dataset, tmp_path,
+                                        plan.stages[index].tokens_progressive, fixed_data=True)
+        assert cfg.max_unique_tokens == int(plan.stages[-1].tokens_independent)
+    free = family.stage_train_config(spec(), plan, 0, "progressive", dataset, tmp_path, 1000, fixed_data=False)
+    assert free.max_unique_tokens is None
+
+
+def test_a_family_refuses_data_with_another_tokenizer(tmp_path, dataset):
+    small = spec(tokens={"explicit": [1000, 2000]})
+    run_family(small, tmp_path / "fam", data=dataset, modes=("independent",), log=lambda s: None)
+    prepare(TEXT, "train:280", tmp_path / "other", val_fraction=0.05, progress=False)
+    with pytest.raises(ConfigError, match="different data fingerprint"):
+        run_family(small, tmp_path / "fam", data=str(tmp_path / "other"), modes=("independent",),
+                   log=lambda s: None)
