@@ -67,7 +67,7 @@ def test_invalid_configs_are_refused(changes, message):
 
 
 def test_unknown_keys_and_presets_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match="unknown model config keys: hidden"):
+    with pytest.raises(ConfigError, match="unknown key 'hidden' in the model config"):
         ModelConfig.from_dict(dict(d_model=8, n_layers=1, n_heads=2, ffn_dim=8, hidden=3))
     with pytest.raises(ConfigError, match="unknown preset 'paper-3b'"):
         get_preset("paper-3b")

@@ -5,8 +5,10 @@ The CLI turns any `GrowfamError` into one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +70,13 @@ def as_number(value: Any, what: str, *, above: float | None = None, at_least: fl
         bounds = f"in [{at_least}, {at_most}]" if at_most is not None else f">= {at_least}"
         raise ConfigError(f"{what} must be {bounds}, got {value}")
     return float(value)
+
+
+def check_keys(data: dict, known: Iterable[str], where: str) -> None:
+    """ConfigError for the first key of `data` that is not in `known`, with a did-you-mean hint."""
+    known = list(known)
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown key {key!r} in {where}{hint}; known keys: {', '.join(known)}")

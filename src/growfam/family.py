@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from growfam.checkpoint import latest_checkpoint, load_checkpoint
-from growfam.errors import ConfigError, GrowfamError, read_json
+from growfam.errors import ConfigError, GrowfamError, check_keys, read_json
 from growfam.hf import atomic_directory, copy_tokenizer_files, load_pretrained
 from growfam.model import resolve_config
 from growfam.plan import FamilyPlan, FamilySpec, make_plan
@@ -73,10 +73,7 @@ def _section(cls, data: Any, where: str):
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"unknown keys in {where}: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    check_keys(data, [f.name for f in dataclasses.fields(cls)], where)
     return cls(**data)
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from growfam.errors import ConfigError, as_number, read_json, read_yaml
+from growfam.errors import ConfigError, as_number, check_keys, read_json, read_yaml
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,10 +87,7 @@ class ModelConfig:
     def from_dict(cls, data: dict) -> "ModelConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"a model config must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")
+        check_keys(data, [f.name for f in dataclasses.fields(cls)], "the model config")
         # YAML 1.1 reads `1e-5` (no dot) as a string; accept it for the float fields.
         data = {k: as_number(v, k) if k in _FLOAT_FIELDS and v is not None else v for k, v in data.items()}
         try:

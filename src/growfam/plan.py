@@ -18,12 +18,11 @@ and is what GPU-hours use, because MFU is measured against it.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
-from growfam.errors import ConfigError, as_number, read_yaml
+from growfam.errors import ConfigError, as_number, check_keys, read_yaml
 from growfam.model import PRESETS, ModelConfig, flops_per_token, num_params, resolve_config
 
 Count = Literal["nonembedding", "total", "nominal"]
@@ -63,14 +62,6 @@ def _per_stage(value: Any, n: int, what: str, convert) -> list:
             raise ConfigError(f"{what} has {len(value)} entries for {n} members")
         return [convert(v, f"{what}[{i}]") for i, v in enumerate(value)]
     return [convert(value, what)] * n
-
-
-def _check_keys(data: dict, known: Sequence[str], where: str) -> None:
-    for key in data:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown key {key!r} in {where}{hint}; known keys: {', '.join(known)}")
 
 
 def _mapping(value: Any, what: str) -> dict:
@@ -122,7 +113,7 @@ class LRPolicy:
     @classmethod
     def from_dict(cls, data: dict) -> "LRPolicy":
         data = dict(_mapping(data, "lr"))
-        _check_keys(data, [f.name for f in dataclasses.fields(cls)], "lr")
+        check_keys(data, [f.name for f in dataclasses.fields(cls)], "lr")
         return cls(**data)
 
     def to_dict(self) -> dict:
@@ -266,11 +257,11 @@ class FamilySpec:
     def from_dict(cls, data: dict, base_dir: str | Path | None = None) -> "FamilySpec":
         """Build from the family YAML's mapping; relative config paths resolve against base_dir."""
         data = _mapping(data, "a family spec")
-        _check_keys(data, cls.KEYS, "the family spec")
+        check_keys(data, cls.KEYS, "the family spec")
         if "members" not in data or "batch_size" not in data:
             raise ConfigError("a family spec needs `members` and `batch_size`")
         tokens = _mapping(data.get("tokens", {"chinchilla": 1}), "tokens")
-        _check_keys(tokens, ["chinchilla", "explicit"], "tokens")
+        check_keys(tokens, ["chinchilla", "explicit"], "tokens")
         members = data["members"]
         if base_dir is not None and isinstance(members, list):
             members = [_relative_to(m, Path(base_dir)) for m in members]

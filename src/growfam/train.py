@@ -24,7 +24,6 @@ directories a single process can read.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -41,7 +40,7 @@ from tqdm.auto import tqdm
 from growfam.checkpoint import (decode_rng, encode_rng, latest_checkpoint, load_checkpoint, read_trainer_state,
                                 save_checkpoint)
 from growfam.data import PackedWindows, TokenDataset, eval_windows
-from growfam.errors import ConfigError, GrowfamError, as_number, read_yaml
+from growfam.errors import ConfigError, GrowfamError, as_number, check_keys, read_yaml
 from growfam.grow.masks import MaskState, advance_masks, attach_masks, fold_masks, mask_state
 from growfam.metrics import MetricsLogger, peak_flops
 from growfam.model import Llama, ModelConfig, flops_per_token, num_params, resolve_config
@@ -164,12 +163,7 @@ class TrainConfig:
     def from_dict(cls, data: dict) -> "TrainConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"a train config must be a mapping, got {type(data).__name__}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"unknown train config key {key!r}{hint}; known keys: {', '.join(known)}")
+        check_keys(data, [f.name for f in dataclasses.fields(cls)], "the train config")
         return cls(**data)
 
     @classmethod
