@@ -249,14 +249,15 @@ def run_family(spec: FamilySpec, out_dir: str | Path, *, data: str, modes: tuple
         members = ledger["modes"].setdefault(mode, [])
         for i, stage in enumerate(plan.stages):
             if i < len(members) and members[i].get("done"):
-                log(f"[{mode}] {stage.name}: done (val loss {members[i]['val_loss']:.4f})")
+                log(f"[{mode}] {stage.name}: done (val loss {_num(members[i]['val_loss'])})")
                 continue
             del members[i:]
             tokens = stage.tokens_independent if mode == "independent" else _progressive_tokens(plan, i, members)
             tcfg = stage_train_config(spec, plan, i, mode, data, out_dir, tokens, fixed_data)
             run_dir = Path(tcfg.out_dir)
+            resume_from = latest_checkpoint(run_dir)
             model = optimizer = report = None
-            if mode == "progressive" and i > 0 and latest_checkpoint(run_dir) is None:
+            if mode == "progressive" and i > 0 and resume_from is None:
                 log(f"[{mode}] expanding {plan.stages[i - 1].name} -> {stage.name} "
                     f"(width {growth.width}, depth {growth.depth}, optimizer {growth.optimizer})")
                 prev_run = out_dir / "runs" / mode / plan.stages[i - 1].name
@@ -266,9 +267,9 @@ def run_family(spec: FamilySpec, out_dir: str | Path, *, data: str, modes: tuple
                 run_dir.mkdir(parents=True, exist_ok=True)
                 (run_dir / GROWTH_REPORT).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
                 tcfg = tcfg.replace(model=model.cfg)
-            elif latest_checkpoint(run_dir) is not None:
+            elif resume_from is not None:
                 # resuming: the checkpoint holds the grown shape (lossless growth changes norm_eps)
-                tcfg = tcfg.replace(model=resolve_config(latest_checkpoint(run_dir)))
+                tcfg = tcfg.replace(model=resolve_config(resume_from))
             stop = ConvergenceStop(growth.slope, growth.window) \
                 if growth.schedule == "converged" and mode == "progressive" and i < len(plan.stages) - 1 else None
             log(f"[{mode}] training {stage.name}: {tcfg.max_tokens:,} tokens, max LR {tcfg.max_lr:.3g}")
@@ -293,7 +294,7 @@ def run_family(spec: FamilySpec, out_dir: str | Path, *, data: str, modes: tuple
                 entry["growth_point"] = {"step": result.steps, "val_loss_slope": stop.last_slope}
             members.append(entry)
             write_ledger(out_dir, ledger)
-            log(f"[{mode}] {stage.name}: val loss {result.val_loss:.4f}, {result.tokens:,} tokens, "
+            log(f"[{mode}] {stage.name}: val loss {_num(result.val_loss)}, {result.tokens:,} tokens, "
                 f"{result.flops:.3g} FLOPs, {result.wall_s:.0f} s")
     return ledger
 
