@@ -170,3 +170,22 @@ def test_a_family_refuses_data_with_another_tokenizer(tmp_path, dataset):
     with pytest.raises(ConfigError, match="different data fingerprint"):
         run_family(small, tmp_path / "fam", data=str(tmp_path / "other"), modes=("independent",),
                    log=lambda s: None)
+
+
+def test_cli_family_run_prepares_its_data_and_prints_the_comparison(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(TEXT[:200]):
+        (corpus / f"doc{i}.txt").write_text(text)
+    data = spec().to_dict()
+    data.update(tokens={"explicit": [1000, 2000]},
+                data={"source": str(corpus), "tokenizer": "train:300", "val_fraction": 0.05})
+    (tmp_path / "fam.yaml").write_text(json.dumps(data))  # JSON is YAML
+    out = tmp_path / "out"
+    assert main(["family", "run", str(tmp_path / "fam.yaml"), "--mode", "both", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (out / "data" / "index.json").exists()
+    assert "saved" in printed and printed.count("small") >= 1 and printed.count("large") >= 1
+    assert main(["family", "show", str(out)]) == 0
+    shown = capsys.readouterr().out.strip()
+    assert shown.startswith("member") and printed.rstrip().endswith(shown)  # the same table

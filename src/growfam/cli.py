@@ -164,19 +164,6 @@ def _run_data_prepare(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except GrowfamError as err:
-        print(f"growfam {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"growfam {args.command}: interrupted", file=sys.stderr)
-        return 130
-
-
 def _add_family(sub) -> None:
     p = sub.add_parser("family", help="build a whole family: progressive, independent, or both")
     fam = p.add_subparsers(dest="family_command", metavar="ACTION", required=True)
@@ -200,19 +187,25 @@ def _modes(mode: str) -> tuple[str, ...]:
     return ("progressive", "independent") if mode == "both" else (mode,)
 
 
-def _run_family(args) -> int:
+def _build_family(family: str, out: str | None, data: str | None, modes: tuple[str, ...],
+                  fixed_data: bool = False) -> int:
+    """Plan, prepare the data if needed, build every member, print the comparison."""
     from pathlib import Path
 
     from growfam.family import ensure_dataset, format_comparison, run_family
     from growfam.plan import load_family_spec
 
-    spec = load_family_spec(args.family)
-    out = Path(args.out or f"family/{spec.name}")
-    data = ensure_dataset(spec, args.data, out / "data")
-    ledger = run_family(spec, out, data=data, modes=_modes(args.mode), fixed_data=args.fixed_data)
+    spec = load_family_spec(family)
+    out_dir = Path(out or f"family/{spec.name}")
+    data = ensure_dataset(spec, data, out_dir / "data")
+    ledger = run_family(spec, out_dir, data=data, modes=modes, fixed_data=fixed_data)
     print()
     print(format_comparison(ledger))
     return 0
+
+
+def _run_family(args) -> int:
+    return _build_family(args.family, args.out, args.data, _modes(args.mode), args.fixed_data)
 
 
 def _run_family_show(args) -> int:
@@ -237,18 +230,7 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    from pathlib import Path
-
-    from growfam.family import ensure_dataset, format_comparison, run_family
-    from growfam.plan import load_family_spec
-
-    spec = load_family_spec("tiny")
-    out = Path(args.out)
-    data = ensure_dataset(spec, None, out / "data")
-    ledger = run_family(spec, out, data=data, modes=("progressive", "independent"))
-    print()
-    print(format_comparison(ledger))
-    return 0
+    return _build_family("tiny", args.out, None, ("progressive", "independent"))
 
 
 def _add_expand(sub) -> None:
@@ -300,6 +282,19 @@ def _run_expand(args) -> int:
             json.dump(report.to_dict(), f, indent=2)
     print(f"model: {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except GrowfamError as err:
+        print(f"growfam {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"growfam {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
