@@ -189,3 +189,14 @@ def test_cli_family_run_prepares_its_data_and_prints_the_comparison(tmp_path, ca
     assert main(["family", "show", str(out)]) == 0
     shown = capsys.readouterr().out.strip()
     assert shown.startswith("member") and printed.rstrip().endswith(shown)  # the same table
+
+
+def test_a_masked_growth_ramp_ends_inside_its_stage(tmp_path, dataset):
+    from growfam.checkpoint import latest_checkpoint, read_trainer_state
+
+    masked = spec(tokens={"explicit": [2000, 4000]}, growth={"width": "masked", "depth": "identity"})
+    ledger = run_family(masked, tmp_path, data=dataset, modes=("progressive",), log=lambda s: None)
+    large = ledger["modes"]["progressive"][1]
+    assert 1 <= large["growth"]["mask_steps"] <= large["steps"]
+    # the published member is what was trained: the masks folded away before the end
+    assert read_trainer_state(latest_checkpoint(tmp_path / "runs" / "progressive" / "large"))["masks"] is None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -49,6 +50,8 @@ class GrowthOptions:
     budget; "converged" grows once |slope| of the validation loss, fitted over the last
     `window` evaluations, falls below `slope` per step (seed 003 §3.2 uses 3e-6), and later
     stages take up the tokens left unspent so cumulative FLOPs still equal from-scratch cost.
+    mask_steps: ramp length of the `masked` width operator, capped at the stage's steps so the
+    masks fold away before the member is saved (None: a quarter of the stage's steps).
     """
 
     width: str = "aki"
@@ -59,6 +62,7 @@ class GrowthOptions:
     slope: float = 3e-6
     window: int = 5
     probe_tokens: int = 2048
+    mask_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("transfer", "reset"):
@@ -172,7 +176,9 @@ def _publish(result: TrainResult, member_dir: Path) -> None:
 
 
 def _grow_from(prev_run: Path, tcfg: TrainConfig, target, growth: GrowthOptions, probe):
-    """Load the previous member's final checkpoint (weights + AdamW state) and expand it."""
+    """Load the previous member's final checkpoint (weights + AdamW state) and expand it.
+
+    A masked ramp must end inside the stage: a Hugging Face member cannot hold the masks."""
     from growfam.grow import expand
 
     ckpt = latest_checkpoint(prev_run)
@@ -183,8 +189,11 @@ def _grow_from(prev_run: Path, tcfg: TrainConfig, target, growth: GrowthOptions,
     if growth.optimizer == "transfer":
         optimizer = make_optimizer(source, tcfg.replace(model=source.cfg), torch.device("cpu"))
         load_checkpoint(ckpt, source, optimizer)
+    steps = math.ceil(tcfg.max_tokens / (tcfg.batch_size * tcfg.seq_len))
+    mask_steps = min(growth.mask_steps or max(1, steps // 4), steps)
     model, optimizer, report = expand(source, target, width=growth.width, depth=growth.depth,
-                                      seed=growth.seed, optimizer=optimizer, probe=probe)
+                                      seed=growth.seed, optimizer=optimizer, probe=probe,
+                                      mask_steps=mask_steps)
     return model, optimizer, report
 
 
