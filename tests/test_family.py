@@ -200,3 +200,15 @@ def test_a_masked_growth_ramp_ends_inside_its_stage(tmp_path, dataset):
     assert 1 <= large["growth"]["mask_steps"] <= large["steps"]
     # the published member is what was trained: the masks folded away before the end
     assert read_trainer_state(latest_checkpoint(tmp_path / "runs" / "progressive" / "large"))["masks"] is None
+
+
+def test_growth_and_data_sections_read_yaml_numbers_and_refuse_bad_ones():
+    opts = family._section(family.GrowthOptions, {"slope": "3e-6", "window": "4", "mask_steps": 1e3}, "growth")
+    assert (opts.slope, opts.window, opts.mask_steps) == (3e-6, 4, 1000)
+    assert family._section(family.DataOptions, {"max_tokens": "5e6"}, "data").max_tokens == 5_000_000
+    with pytest.raises(ConfigError, match="growth.slope must be positive"):
+        family._section(family.GrowthOptions, {"slope": -1}, "growth")
+    with pytest.raises(ConfigError, match="unknown key 'widht' in growth \\(did you mean 'width'\\?\\)"):
+        family._section(family.GrowthOptions, {"widht": "aki"}, "growth")
+    with pytest.raises(ConfigError, match="growth.window must be a whole number"):
+        family._section(family.GrowthOptions, {"window": 2.5}, "growth")
