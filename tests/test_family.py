@@ -210,5 +210,5 @@ def test_growth_and_data_sections_read_yaml_numbers_and_refuse_bad_ones():
         family._section(family.GrowthOptions, {"slope": -1}, "growth")
     with pytest.raises(ConfigError, match="unknown key 'widht' in growth \\(did you mean 'width'\\?\\)"):
         family._section(family.GrowthOptions, {"widht": "aki"}, "growth")
-    with pytest.raises(ConfigError, match="growth.window must be a whole number"):
+    with pytest.raises(ConfigError, match="growth.window must be an integer >= 0, got 2.5"):
         family._section(family.GrowthOptions, {"window": 2.5}, "growth")

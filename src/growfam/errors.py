@@ -80,3 +80,15 @@ def check_keys(data: dict, known: Iterable[str], where: str) -> None:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown key {key!r} in {where}{hint}; known keys: {', '.join(known)}")
+
+
+def as_int(value: Any, what: str, at_least: int = 0) -> int:
+    """`value` as a whole number >= at_least; ConfigError naming `what` otherwise.
+
+    Whole floats and numeric text are accepted: users write `1e6` for integers, and YAML 1.1
+    reads it as a string.
+    """
+    number = as_number(value, what) if not isinstance(value, int) or isinstance(value, bool) else value
+    if not float(number).is_integer() or number < at_least:
+        raise ConfigError(f"{what} must be an integer >= {at_least}, got {value!r}")
+    return int(number)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from growfam.checkpoint import latest_checkpoint, load_checkpoint
-from growfam.errors import ConfigError, GrowfamError, as_number, check_keys, read_json
+from growfam.errors import ConfigError, GrowfamError, as_int, as_number, check_keys, read_json
 from growfam.hf import atomic_directory, copy_tokenizer_files, load_pretrained
 from growfam.model import resolve_config
 from growfam.plan import FamilyPlan, FamilySpec, make_plan
@@ -68,21 +68,13 @@ class GrowthOptions:
         self.slope = as_number(self.slope, "growth.slope", above=0)
         for key in ("seed", "window", "probe_tokens", "mask_steps"):
             if getattr(self, key) is not None:
-                setattr(self, key, _whole(getattr(self, key), f"growth.{key}"))
+                setattr(self, key, as_int(getattr(self, key), f"growth.{key}"))
         if self.optimizer not in ("transfer", "reset"):
             raise ConfigError(f"growth.optimizer must be transfer or reset, got {self.optimizer!r}")
         if self.schedule not in ("budget", "converged"):
             raise ConfigError(f"growth.schedule must be budget or converged, got {self.schedule!r}")
         if self.window < 2:
             raise ConfigError("growth.window must be at least 2 evaluations")
-
-
-def _whole(value: Any, what: str) -> int:
-    """A non-negative whole number, also from YAML text like `5e6`."""
-    number = as_number(value, what, at_least=0)
-    if not number.is_integer():
-        raise ConfigError(f"{what} must be a whole number, got {value!r}")
-    return int(number)
 
 
 def _section(cls, data: Any, where: str):
@@ -339,7 +331,7 @@ class DataOptions:
     def __post_init__(self) -> None:
         self.val_fraction = as_number(self.val_fraction, "data.val_fraction", at_least=0, at_most=0.5)
         if self.max_tokens is not None:
-            self.max_tokens = _whole(self.max_tokens, "data.max_tokens")
+            self.max_tokens = as_int(self.max_tokens, "data.max_tokens", 1)
 
 
 def ensure_dataset(spec: FamilySpec, data: str | None, default_dir: Path, log=print) -> str:

@@ -19,11 +19,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
-from growfam.errors import ConfigError, as_number, check_keys, read_yaml
-from growfam.model import PRESETS, ModelConfig, flops_per_token, num_params, resolve_config
+from growfam.errors import ConfigError, as_int, as_number, check_keys, read_yaml
+from growfam.model import (
+    PRESETS,
+    ModelConfig,
+    flops_per_token,
+    num_params,
+    resolve_config,
+)
 
 Count = Literal["nonembedding", "total", "nominal"]
 COUNTS: tuple[str, ...] = ("nonembedding", "total", "nominal")
@@ -47,12 +54,6 @@ CHINCHILLA_TOKENS_PER_PARAM = 20
 
 def _number(value: Any, what: str, *, positive: bool = True) -> float:
     return as_number(value, what, above=0 if positive else None)
-
-
-def _positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
-    return value
 
 
 def _per_stage(value: Any, n: int, what: str, convert) -> list:
@@ -197,14 +198,14 @@ class FamilySpec:
     @property
     def batch_sizes(self) -> list[int]:
         """Global batch of each stage, in sequences."""
-        return _per_stage(self.batch_size, len(self.members), "batch_size", _positive_int)
+        return _per_stage(self.batch_size, len(self.members), "batch_size", partial(as_int, at_least=1))
 
     @property
     def seq_lens(self) -> list[int]:
         """Training sequence length of each stage, in tokens."""
         if self.seq_len is None:
             return [m.max_seq_len for m in self.members]
-        return _per_stage(self.seq_len, len(self.members), "seq_len", _positive_int)
+        return _per_stage(self.seq_len, len(self.members), "seq_len", partial(as_int, at_least=1))
 
     def counted_params(self) -> list[float]:
         """N of each member under `count`."""

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from growfam.checkpoint import (decode_rng, encode_rng, latest_checkpoint, load_checkpoint, read_trainer_state,
                                 save_checkpoint)
 from growfam.data import PackedWindows, TokenDataset, eval_windows
-from growfam.errors import ConfigError, GrowfamError, as_number, check_keys, read_yaml
+from growfam.errors import ConfigError, GrowfamError, as_int, as_number, check_keys, read_yaml
 from growfam.grow.masks import MaskState, advance_masks, attach_masks, fold_masks, mask_state
 from growfam.metrics import MetricsLogger, peak_flops
 from growfam.model import Llama, ModelConfig, flops_per_token, num_params, resolve_config
@@ -130,10 +130,10 @@ class TrainConfig:
         for name, low in (("batch_size", 1), ("seq_len", 1), ("eval_batches", 1), ("log_every", 1),
                           ("spike_window", 1), ("seed", 0), ("eval_every", 0), ("ckpt_every", 0),
                           ("keep_last", 0), ("spike_patience", 0)):
-            setattr(self, name, _int(getattr(self, name), name, low))
+            setattr(self, name, as_int(getattr(self, name), name, low))
         for name in ("max_steps", "max_tokens", "micro_batch_size", "max_unique_tokens"):
             if getattr(self, name) is not None:
-                setattr(self, name, _int(getattr(self, name), name, 1))
+                setattr(self, name, as_int(getattr(self, name), name, 1))
         for name, low, high in (("max_lr", 0, None), ("warmup_frac", 0, 1), ("eps", 0, None),
                                 ("weight_decay", 0, None), ("grad_clip", 0, None),
                                 ("spike_lr_factor", 0, 1)):
@@ -178,20 +178,6 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
-
-
-def _int(value: Any, name: str, low: int) -> int:
-    # YAML 1.1 reads `40e9` as a string and users write 1e6 for integers; accept whole numbers.
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
 
 
 def _float(value: Any, name: str, low: float, high: float | None) -> float:
