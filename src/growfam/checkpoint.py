@@ -133,6 +133,12 @@ def load_checkpoint(path: str | Path, model: Llama, optimizer: torch.optim.Optim
     with torch.no_grad():
         model.load_state_dict(saved.state_dict())
     if optimizer is not None:
-        state = torch.load(path / OPTIMIZER_FILE, map_location=device or "cpu", weights_only=True)
-        optimizer.load_state_dict(state)
+        load_optimizer_state(path, optimizer, device)
     return read_trainer_state(path)
+
+
+def load_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer,
+                         device: torch.device | None = None) -> None:
+    """Load a checkpoint's AdamW state (a file we wrote; read with weights_only=True)."""
+    state = torch.load(Path(path) / OPTIMIZER_FILE, map_location=device or "cpu", weights_only=True)
+    optimizer.load_state_dict(state)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from growfam.checkpoint import latest_checkpoint, load_checkpoint
+from growfam.checkpoint import latest_checkpoint, load_optimizer_state
 from growfam.errors import ConfigError, GrowfamError, as_int, as_number, check_keys, read_json
 from growfam.hf import atomic_directory, copy_tokenizer_files, load_pretrained
 from growfam.model import resolve_config
@@ -192,7 +192,7 @@ def _grow_from(prev_run: Path, tcfg: TrainConfig, target, growth: GrowthOptions,
     optimizer = None
     if growth.optimizer == "transfer":
         optimizer = make_optimizer(source, tcfg.replace(model=source.cfg), torch.device("cpu"))
-        load_checkpoint(ckpt, source, optimizer)
+        load_optimizer_state(ckpt, optimizer)  # the weights came with load_pretrained
     steps = math.ceil(tcfg.max_tokens / (tcfg.batch_size * tcfg.seq_len))
     mask_steps = min(growth.mask_steps or max(1, steps // 4), steps)
     model, optimizer, report = expand(source, target, width=growth.width, depth=growth.depth,
