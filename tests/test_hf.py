@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from growfam.errors import ConfigError
+from growfam.errors import ConfigError, GrowfamError
 from growfam.hf import config_from_hf, load_pretrained, save_pretrained
 
 from conftest import random_model, tiny_config
@@ -56,7 +56,7 @@ def test_saving_over_a_member_replaces_it_atomically(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(hf, "save_file", broken_save)
-    with pytest.raises(hf.GrowfamError, match="No space left on device"):
+    with pytest.raises(GrowfamError, match="No space left on device"):
         save_pretrained(random_model(tiny_config(), seed=2), tmp_path / "m")
     idx = torch.randint(0, 97, (1, 8))
     assert torch.equal(load_pretrained(tmp_path / "m")(idx), first(idx))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,8 @@ from typing import Any
 import torch
 
 from growfam.errors import GrowfamError
-from growfam.hf import atomic_directory, load_pretrained, save_pretrained
+from growfam.hf import load_pretrained, save_pretrained
+from growfam.io import atomic_directory, atomic_write_text
 from growfam.model import Llama
 
 STATE_FILE = "trainer_state.json"
@@ -104,9 +104,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: Llama, optimizer: tor
 
     try:
         atomic_directory(target, write)
-        pointer_tmp = root / f".{LATEST_FILE}.tmp-{os.getpid()}"
-        pointer_tmp.write_text(target.name + "\n")
-        os.replace(pointer_tmp, root / LATEST_FILE)
+        atomic_write_text(root / LATEST_FILE, target.name + "\n")
     except (GrowfamError, OSError) as err:
         detail = err.strerror if isinstance(err, OSError) and err.strerror else err
         raise GrowfamError(f"checkpoint for step {step} was not written ({detail}); "

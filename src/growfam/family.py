@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,7 +30,8 @@ import torch
 
 from growfam.checkpoint import latest_checkpoint, load_optimizer_state
 from growfam.errors import ConfigError, GrowfamError, as_int, as_number, check_keys, read_json
-from growfam.hf import atomic_directory, copy_tokenizer_files, load_pretrained
+from growfam.hf import copy_tokenizer_files, load_pretrained
+from growfam.io import atomic_directory, atomic_write_text
 from growfam.model import resolve_config
 from growfam.plan import FamilyPlan, FamilySpec, make_plan
 from growfam.train import TrainConfig, TrainResult, make_optimizer, train
@@ -145,13 +145,7 @@ def read_ledger(out_dir: Path) -> dict:
 
 def write_ledger(out_dir: Path, ledger: dict) -> None:
     """Replace family.json atomically."""
-    tmp = out_dir / f".{LEDGER}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(json.dumps(ledger, indent=2) + "\n")
-        os.replace(tmp, out_dir / LEDGER)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise GrowfamError(f"cannot write {out_dir / LEDGER}: {err.strerror or err}") from None
+    atomic_write_text(out_dir / LEDGER, json.dumps(ledger, indent=2) + "\n")
 
 
 def _check_same_run(ledger: dict, fresh: dict, out_dir: Path) -> None:

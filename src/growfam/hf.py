@@ -10,16 +10,15 @@ half-written member where a complete one was.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from growfam.errors import ConfigError, GrowfamError, read_json
+from growfam.errors import ConfigError, read_json
+from growfam.io import atomic_directory
 from growfam.model import Llama, ModelConfig
 
 #: Files of a Hugging Face tokenizer directory that travel with a member.
@@ -131,36 +130,6 @@ def hf_state_dict(model: Llama, dtype: torch.dtype | None = None) -> dict[str, t
 # --------------------------------------------------------------------------------------------
 # Directories
 # --------------------------------------------------------------------------------------------
-
-
-def atomic_directory(out_dir: str | Path, write) -> Path:
-    """Call `write(tmp_dir)`, then move tmp_dir to `out_dir`, replacing any old one last.
-
-    The old directory survives until the new one is complete; an OSError (unwritable path,
-    full disk) becomes a GrowfamError and leaves the old directory untouched.
-    """
-    out_dir = Path(out_dir)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    except OSError as err:
-        raise GrowfamError(f"cannot write to {out_dir.parent}: {err.strerror or err}") from None
-    try:
-        write(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise GrowfamError(f"cannot write {out_dir}: {err.strerror or err}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
 
 
 def copy_tokenizer_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:

@@ -1,0 +1,128 @@
+"""Atomic writes: a file or directory appears whole or not at all, and what it replaces
+survives every failure before the final rename.
+
+Temporaries are siblings named `.NAME.tmp-PID-XXXX` (so a rename never crosses a file system),
+and `remove_stale_temporaries` deletes those a killed process left behind. Everything written
+gets the usual permissions (0666/0777 less the umask), not the 0600/0700 of `tempfile`:
+published members are shared.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from growfam.errors import GrowfamError
+
+_TMP = ".tmp-"
+_OLD = ".old-"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _open_permissions(root: Path) -> None:
+    """chmod root and everything under it to the umask's defaults."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~mask)
+
+
+def _describe(err: OSError) -> str:
+    return err.strerror or str(err)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary sibling and os.replace; GrowfamError on an
+    OSError (the old file, if any, is left as it was)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{_TMP}{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise GrowfamError(f"cannot write {path}: {_describe(err)}") from None
+    return path
+
+
+def atomic_directory(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_dir)`, then move tmp_dir to `out_dir`, replacing any old one last.
+
+    The old directory (or file) survives until the new one is complete; an OSError (unwritable
+    path, full disk) becomes a GrowfamError and leaves the old one untouched.
+    """
+    out_dir = Path(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{_TMP}{os.getpid()}-", dir=out_dir.parent))
+    except OSError as err:
+        raise GrowfamError(f"cannot write to {out_dir.parent}: {_describe(err)}") from None
+    try:
+        write(tmp)
+        _open_permissions(tmp)
+        if out_dir.exists() or out_dir.is_symlink():
+            old = out_dir.with_name(f".{out_dir.name}{_OLD}{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            remove_path(old)
+        else:
+            os.replace(tmp, out_dir)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise GrowfamError(f"cannot write {out_dir}: {_describe(err)}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file, link or directory tree; a missing one is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the `.NAME.tmp-PID…` / `.NAME.old-PID` entries of `folder` whose process is gone
+    (a killed write); returns what was removed. Entries of live processes are left alone."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        if not entry.name.startswith("."):
+            continue
+        for marker in (_TMP, _OLD):
+            head, sep, tail = entry.name.rpartition(marker)
+            pid = tail.split("-", 1)[0]
+            if sep and head and pid.isdigit() and not _alive(int(pid)):
+                remove_path(entry)
+                removed.append(entry)
+                break
+    return removed

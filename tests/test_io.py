@@ -1,0 +1,52 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from growfam.errors import GrowfamError
+from growfam.io import atomic_directory, atomic_write_text, remove_stale_temporaries
+
+
+def _mode(path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def test_written_directories_get_the_umask_permissions_not_0700(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_directory(tmp_path / "out", lambda d: ((d / "sub").mkdir(), (d / "sub" / "w").write_bytes(b"x")))
+        atomic_write_text(tmp_path / "f.json", "{}")
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "out") == 0o755
+    assert _mode(tmp_path / "out" / "sub") == 0o755
+    assert _mode(tmp_path / "out" / "sub" / "w") == 0o644
+    assert _mode(tmp_path / "f.json") == 0o644
+
+
+def test_a_failed_write_keeps_the_old_directory_and_leaves_no_temporary(tmp_path):
+    atomic_directory(tmp_path / "out", lambda d: (d / "a").write_text("old"))
+
+    def fail(d):
+        (d / "a").write_text("new")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(GrowfamError, match="No space left"):
+        atomic_directory(tmp_path / "out", fail)
+    assert (tmp_path / "out" / "a").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_stale_temporaries_of_dead_processes_are_removed_live_ones_kept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / f".step_0000010.tmp-{dead}-abc").mkdir()
+    (tmp_path / f".latest.tmp-{dead}").write_text("x")
+    (tmp_path / f".m.old-{dead}").mkdir()
+    live = tmp_path / f".step_0000020.tmp-{os.getpid()}-xyz"
+    live.mkdir()
+    (tmp_path / "step_0000005").mkdir()
+    removed = remove_stale_temporaries(tmp_path)
+    assert len(removed) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "step_0000005"])
