@@ -1,6 +1,9 @@
 """The progressive pipeline end to end on a two-member family small enough for the suite."""
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -212,3 +215,180 @@ def test_growth_and_data_sections_read_yaml_numbers_and_refuse_bad_ones():
         family._section(family.GrowthOptions, {"widht": "aki"}, "growth")
     with pytest.raises(ConfigError, match="growth.window must be an integer >= 0, got 2.5"):
         family._section(family.GrowthOptions, {"window": 2.5}, "growth")
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input is refused in one line, before any write or data preparation
+# --------------------------------------------------------------------------------------------
+
+
+class Killed(Exception):
+    """Stands in for a run killed while its first stage trains."""
+
+
+def _killed_train(*args, **kwargs):
+    raise Killed
+
+
+def _dead_pid() -> str:
+    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.fixture
+def no_prepare(monkeypatch):
+    """Data preparation fails the test: these inputs must be refused before it."""
+    def prepare(*args, **kwargs):
+        raise AssertionError("the data was prepared before the input was checked")
+    monkeypatch.setattr("growfam.data.prepare", prepare)
+
+
+def test_a_family_directory_refuses_a_changed_train_section(tmp_path, dataset, monkeypatch):
+    monkeypatch.setattr(family, "train", _killed_train)
+    section = {"eval_every": 4, "ckpt_every": 4, "log_every": 4}
+    with pytest.raises(Killed):
+        run_family(spec(train=section), tmp_path, data=dataset, log=lambda s: None)
+    with pytest.raises(ConfigError, match=r"different train section \(weight_decay: 0.1 then, 0.0 now\)"):
+        run_family(spec(train={**section, "weight_decay": 0}), tmp_path, data=dataset, log=lambda s: None)
+    # keys that leave the loss trajectory alone may change
+    with pytest.raises(Killed):
+        run_family(spec(train={"eval_every": 8, "ckpt_every": 2, "tensorboard": False}), tmp_path,
+                   data=dataset, log=lambda s: None)
+    # a ledger from before the record resumes, and gets the record
+    ledger = json.loads((tmp_path / "family.json").read_text())
+    assert ledger["train"]["weight_decay"] == 0.1
+    del ledger["train"]
+    (tmp_path / "family.json").write_text(json.dumps(ledger))
+    with pytest.raises(Killed):
+        run_family(spec(train={"weight_decay": 0.05}), tmp_path, data=dataset, log=lambda s: None)
+    assert json.loads((tmp_path / "family.json").read_text())["train"]["weight_decay"] == 0.05
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"train": {"weight_decay": -1}}, r"^train.weight_decay must be >= 0, got -1"),
+    ({"train": {"betas": [2, 0.9]}}, r"^train.betas must be in \[0, 1\], got 2"),
+    ({"train": {"weight_decya": 0}}, r"^unknown key 'weight_decya' in train \(did you mean 'weight_decay'\?\)"),
+    ({"train": {"max_lr": 1.0}}, r"^train.max_lr is set by the family plan"),
+    ({"train": [1, 2]}, r"^train must be a mapping"),
+    # only the second stage's batch (6) does not split into micro-batches of 4
+    ({"batch_size": [4, 6], "train": {"micro_batch_size": 4}},
+     r"^train.micro_batch_size 4 does not divide stage large's batch_size 6"),
+])
+def test_train_section_errors_name_the_key_before_any_write(tmp_path, dataset, monkeypatch, changes, message):
+    monkeypatch.setattr(family, "train", _killed_train)
+    with pytest.raises(ConfigError, match=message):
+        run_family(spec(**changes), tmp_path / "out", data=dataset, log=lambda s: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_checks_the_train_section_before_preparing_data(tmp_path, capsys, no_prepare):
+    data = spec(train={"weight_decay": -1}).to_dict()
+    data["data"] = {"source": str(tmp_path / "corpus"), "tokenizer": "train:300"}
+    (tmp_path / "fam.yaml").write_text(json.dumps(data))
+    assert main(["family", "run", str(tmp_path / "fam.yaml"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.weight_decay must be >= 0" in err
+    assert not (tmp_path / "out").exists()
+
+
+MEMBER = {"name": "small", "done": True, "params": 1e4, "tokens": 6000, "flops": 3.6e8, "cum_flops": 3.6e8,
+          "wall_s": 1.0, "val_loss": 5.1}
+
+
+def _ledger(**changes) -> dict:
+    ledger = {"plan": {}, "data_fingerprint": "abc", "growth": {}, "fixed_data": False, "data": "ds",
+              "modes": {"progressive": [MEMBER], "independent": [MEMBER]}}
+    ledger.update(changes)
+    return ledger
+
+
+@pytest.mark.parametrize("ledger, message", [
+    ([1, 2], "the ledger must be a mapping, got list"),
+    ("text", "the ledger must be a mapping, got 'text'"),
+    (_ledger(modes=[]), "modes must be a mapping, got list"),
+    ({k: v for k, v in _ledger().items() if k != "plan"}, "plan is missing"),
+    (_ledger(fixed_data="no"), "fixed_data must be true or false, got 'no'"),
+    (_ledger(modes={"sideways": []}), "modes has an unknown mode 'sideways'"),
+    (_ledger(modes={"progressive": {"small": MEMBER}}), r"modes.progressive must be a list, got dict"),
+    (_ledger(modes={"progressive": ["small"]}), r"modes.progressive\[0\] must be a mapping, got 'small'"),
+    (_ledger(modes={"progressive": [{**MEMBER, "name": None}]}),
+     r"modes.progressive\[0\].name must be a string, got None"),
+    (_ledger(modes={"progressive": [{k: v for k, v in MEMBER.items() if k != "name"}]}),
+     r"modes.progressive\[0\].name is missing"),
+    (_ledger(modes={"progressive": [{**MEMBER, "val_loss": "low"}]}),
+     r"modes.progressive\[0\].val_loss must be a number or null, got 'low'"),
+    (_ledger(modes={"independent": [MEMBER, {**MEMBER, "flops": "many"}]}),
+     r"modes.independent\[1\].flops must be a number, got 'many'"),
+    (_ledger(modes={"progressive": [{**MEMBER, "flops": True}]}),
+     r"modes.progressive\[0\].flops must be a number, got True"),
+    (_ledger(modes={"progressive": [{**MEMBER, "done": "yes"}]}),
+     r"modes.progressive\[0\].done must be true or false, got 'yes'"),
+    (_ledger(modes={"progressive": [{k: v for k, v in MEMBER.items() if k != "cum_flops"}]}),
+     r"modes.progressive\[0\].cum_flops is missing"),
+])
+def test_a_malformed_ledger_is_one_line_naming_the_file(tmp_path, capsys, dataset, ledger, message):
+    (tmp_path / "family.json").write_text(json.dumps(ledger))
+    assert main(["family", "show", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'family.json'}: " in err
+    assert re.search(message, err), err
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'family.json'}: ")):
+        run_family(spec(), tmp_path, data=dataset, log=lambda s: None)
+    assert json.loads((tmp_path / "family.json").read_text()) == ledger  # left as it was
+
+
+def test_a_well_formed_ledger_shows_even_with_unfinished_or_zero_members(tmp_path, capsys):
+    unfinished = {**MEMBER, "name": "large", "done": False}
+    (tmp_path / "family.json").write_text(json.dumps(_ledger(modes={
+        "progressive": [MEMBER, unfinished], "independent": [{**MEMBER, "flops": 0, "val_loss": None}]})))
+    assert main(["family", "show", str(tmp_path)]) == 0
+    assert "small" in capsys.readouterr().out
+    (tmp_path / "family.json").write_text(json.dumps(_ledger(modes={
+        "progressive": [{**MEMBER, "cum_flops": 0}], "independent": [{**MEMBER, "flops": 0}]})))
+    assert main(["family", "show", str(tmp_path)]) == 0  # no saving to compute, no division by zero
+
+
+def test_cli_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, dataset, no_prepare):
+    (tmp_path / "f.yaml").write_text("members: [tiny-1, tiny-2]\nbatch_size: 4\n")
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    for argv in (["family", "run", str(tmp_path / "f.yaml"), "--data", dataset, "--out", str(taken)],
+                 ["family", "run", "tiny", "--out", str(taken)],
+                 ["family", "run", "tiny", "--out", str(taken / "sub")],
+                 ["demo", "--out", str(taken)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{taken} is not a directory" in err, err
+    assert taken.read_text() == "mine"
+
+
+def test_cli_bad_data_or_mode_is_refused_before_any_write(tmp_path, capsys):
+    (tmp_path / "f.yaml").write_text("members: [tiny-1, tiny-2]\nbatch_size: 4\n")
+    out = tmp_path / "out"
+    assert main(["family", "run", str(tmp_path / "f.yaml"), "--data", str(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a prepared dataset" in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["family", "run", str(tmp_path / "f.yaml"), "--mode", "sideways", "--out", str(out)])
+    assert exit_.value.code == 2 and "invalid choice: 'sideways'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_run_family_refuses_no_mode_or_an_unknown_one_before_any_write(tmp_path, dataset):
+    with pytest.raises(ConfigError, match="no mode"):
+        run_family(spec(), tmp_path / "out", data=dataset, modes=(), log=lambda s: None)
+    with pytest.raises(ConfigError, match="unknown mode 'sideways'"):
+        run_family(spec(), tmp_path / "out", data=dataset, modes="sideways", log=lambda s: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_family_run_removes_the_temporaries_of_a_killed_one(tmp_path, dataset, monkeypatch):
+    dead = _dead_pid()
+    (tmp_path / f".family.json.tmp-{dead}").write_text("{")
+    (tmp_path / "independent").mkdir()
+    (tmp_path / "independent" / f".small.tmp-{dead}-abc").mkdir()
+    monkeypatch.setattr(family, "train", _killed_train)
+    with pytest.raises(Killed):
+        run_family(spec(), tmp_path, data=dataset, modes=("independent",), log=lambda s: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["family.json", "independent"]
+    assert list((tmp_path / "independent").iterdir()) == []

@@ -189,14 +189,15 @@ def _modes(mode: str) -> tuple[str, ...]:
 
 def _build_family(family: str, out: str | None, data: str | None, modes: tuple[str, ...],
                   fixed_data: bool = False) -> int:
-    """Plan, prepare the data if needed, build every member, print the comparison."""
+    """Plan, check everything, prepare the data if needed, build every member, print the comparison."""
     from pathlib import Path
 
-    from growfam.family import ensure_dataset, format_comparison, run_family
+    from growfam.family import check_family, ensure_dataset, format_comparison, run_family
     from growfam.plan import load_family_spec
 
     spec = load_family_spec(family)
     out_dir = Path(out or f"family/{spec.name}")
+    check_family(spec, out_dir, modes, fixed_data)  # before data preparation, which may take long
     data = ensure_dataset(spec, data, out_dir / "data")
     ledger = run_family(spec, out_dir, data=data, modes=modes, fixed_data=fixed_data)
     print()

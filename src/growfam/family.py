@@ -31,10 +31,10 @@ import torch
 from growfam.checkpoint import latest_checkpoint, load_optimizer_state
 from growfam.errors import ConfigError, GrowfamError, as_int, as_number, check_keys, read_json
 from growfam.hf import copy_tokenizer_files, load_pretrained
-from growfam.io import atomic_directory, atomic_write_text
+from growfam.io import atomic_directory, atomic_write_text, remove_stale_temporaries
 from growfam.model import resolve_config
 from growfam.plan import FamilyPlan, FamilySpec, make_plan
-from growfam.train import TrainConfig, TrainResult, make_optimizer, train
+from growfam.train import RESUME_FREE_KEYS, TrainConfig, TrainResult, make_optimizer, train
 
 MODES = ("progressive", "independent")
 LEDGER = "family.json"
@@ -85,32 +85,67 @@ def _section(cls, data: Any, where: str):
     return cls(**data)
 
 
-#: TrainConfig fields that the plan sets per stage; a family YAML's `train:` section may not.
+#: TrainConfig fields that the family sets per stage (max_unique_tokens: run_family's
+#: fixed_data); a family YAML's `train:` section may not.
 PLANNED = ("model", "data", "out_dir", "max_steps", "max_tokens", "batch_size", "seq_len", "max_lr",
-           "min_lr", "min_lr_ratio")
+           "min_lr", "min_lr_ratio", "max_unique_tokens")
 
 
-def stage_train_config(spec: FamilySpec, plan: FamilyPlan, index: int, mode: str, data: str,
-                       out_dir: Path, tokens: float, fixed_data: bool) -> TrainConfig:
-    """The TrainConfig of stage `index` (0-based) in `mode`: plan values + the `train:` section."""
-    extra = dict(spec.extra.get("train") or {})
+def _train_section(spec: FamilySpec) -> dict:
+    """The family YAML's `train:` section, checked to hold only TrainConfig keys the plan leaves free."""
+    extra = spec.extra.get("train") or {}
+    if not isinstance(extra, dict):
+        raise ConfigError(f"train must be a mapping, got {type(extra).__name__}")
     clash = sorted(set(extra) & set(PLANNED))
     if clash:
-        raise ConfigError(f"train.{clash[0]} is set by the family plan; remove it from the train section")
+        how = " (--fixed-data)" if clash[0] == "max_unique_tokens" else ""
+        raise ConfigError(f"train.{clash[0]} is set by the family plan{how}; remove it from the train section")
+    check_keys(extra, [f.name for f in dataclasses.fields(TrainConfig) if f.name not in PLANNED], "train")
+    return dict(extra)
+
+
+def stage_train_config(spec: FamilySpec, plan: FamilyPlan, index: int, mode: str, data: str | None,
+                       out_dir: Path, tokens: float, fixed_data: bool) -> TrainConfig:
+    """The TrainConfig of stage `index` (0-based) in `mode`: plan values + the `train:` section.
+
+    An error in a key of the train section names it as `train.KEY`."""
+    extra = _train_section(spec)
     stage = plan.stages[index]
     cap = int(plan.stages[-1].tokens_independent) if fixed_data else None
-    return TrainConfig.from_dict({
-        **extra,
-        "model": spec.members[index].to_dict(),
-        "data": data,
-        "out_dir": str(out_dir / "runs" / mode / stage.name),
-        "max_tokens": max(1, int(round(tokens))),
-        "batch_size": stage.batch_size,
-        "seq_len": stage.seq_len,
-        "max_lr": stage.max_lr,
-        "min_lr": stage.min_lr,
-        "max_unique_tokens": cap,
-    })
+    try:
+        return TrainConfig.from_dict({
+            **extra,
+            "model": spec.members[index].to_dict(),
+            "data": data,
+            "out_dir": str(out_dir / "runs" / mode / stage.name),
+            "max_tokens": max(1, int(round(tokens))),
+            "batch_size": stage.batch_size,
+            "seq_len": stage.seq_len,
+            "max_lr": stage.max_lr,
+            "min_lr": stage.min_lr,
+            "max_unique_tokens": cap,
+        })
+    except ConfigError as err:
+        # TrainConfig's messages start with the field at fault
+        if str(err).split(" ", 1)[0] in extra:
+            raise ConfigError(f"train.{err}") from None
+        raise
+
+
+def _train_record(spec: FamilySpec, plan: FamilyPlan, out_dir: Path, modes: tuple[str, ...],
+                  fixed_data: bool) -> dict:
+    """Build every stage's TrainConfig in every mode (so a bad train section fails before any
+    work) and return the effective train section: every TrainConfig field the plan leaves free."""
+    configs = []
+    for mode in modes:
+        for i, stage in enumerate(plan.stages):
+            tokens = stage.tokens_independent if mode == "independent" else stage.tokens_progressive
+            cfg = stage_train_config(spec, plan, i, mode, None, out_dir, tokens, fixed_data)
+            if cfg.micro_batch_size and cfg.batch_size % cfg.micro_batch_size:
+                raise ConfigError(f"train.micro_batch_size {cfg.micro_batch_size} does not divide stage "
+                                  f"{stage.name}'s batch_size {cfg.batch_size}")
+            configs.append(cfg)
+    return {k: v for k, v in configs[0].to_dict().items() if k not in PLANNED}
 
 
 class ConvergenceStop:
@@ -138,9 +173,69 @@ class ConvergenceStop:
 # --------------------------------------------------------------------------------------------
 
 
+# The ledger's structure, as (description, accepted types) per field: what run_family writes
+# and what it and format_comparison read. `bool` is accepted only where named (it is an int).
+_TEXT = ("a string", (str,))
+_NUMBER = ("a number", (int, float))
+_NUMBER_OR_NULL = ("a number or null", (int, float, type(None)))
+_FLAG = ("true or false", (bool,))
+_MAPPING = ("a mapping", (dict,))
+
+#: Top-level fields; `train` is optional (ledgers written before it was recorded lack it).
+_LEDGER_FIELDS = {"plan": _MAPPING, "data_fingerprint": _TEXT, "growth": _MAPPING, "fixed_data": _FLAG,
+                  "data": _TEXT, "modes": _MAPPING, "train": _MAPPING}
+_LEDGER_REQUIRED = ("plan", "data_fingerprint", "growth", "fixed_data", "data", "modes")
+#: Member fields; every member has all but `stopped_early` (run_family writes whole entries).
+_MEMBER_FIELDS = {"name": _TEXT, "done": _FLAG, "params": _NUMBER, "tokens": _NUMBER, "flops": _NUMBER,
+                  "cum_flops": _NUMBER, "wall_s": _NUMBER, "val_loss": _NUMBER_OR_NULL,
+                  "stopped_early": _FLAG}
+_MEMBER_REQUIRED = ("name", "done", "params", "tokens", "flops", "cum_flops", "wall_s", "val_loss")
+
+
+def _shown(value: Any) -> str:
+    """A scalar as written, a container by its type (it may be long)."""
+    return repr(value) if isinstance(value, (str, int, float, type(None))) else type(value).__name__
+
+
+def _check_fields(data: dict, fields: dict, required: tuple[str, ...], where: str, path: Path) -> None:
+    """ConfigError naming `path` and `where`+key for a missing `required` key or a mistyped one."""
+    for key in required:
+        if key not in data:
+            raise ConfigError(f"{path}: {where}{key} is missing")
+    for key, (description, types) in fields.items():
+        value = data.get(key)
+        if key in data and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            raise ConfigError(f"{path}: {where}{key} must be {description}, got {_shown(value)}")
+
+
+def check_ledger(ledger: Any, path: Path) -> dict:
+    """`ledger` (the content of family.json at `path`) if it has the structure run_family
+    writes; ConfigError naming the file and the first thing wrong otherwise."""
+    if not isinstance(ledger, dict):
+        raise ConfigError(f"{path}: the ledger must be a mapping, got {_shown(ledger)}")
+    _check_fields(ledger, _LEDGER_FIELDS, _LEDGER_REQUIRED, "", path)
+    for mode, members in ledger["modes"].items():
+        if mode not in MODES:
+            raise ConfigError(f"{path}: modes has an unknown mode {mode!r}")
+        if not isinstance(members, list):
+            raise ConfigError(f"{path}: modes.{mode} must be a list, got {_shown(members)}")
+        for i, member in enumerate(members):
+            where = f"modes.{mode}[{i}]"
+            if not isinstance(member, dict):
+                raise ConfigError(f"{path}: {where} must be a mapping, got {_shown(member)}")
+            _check_fields(member, _MEMBER_FIELDS, _MEMBER_REQUIRED, where + ".", path)
+    return ledger
+
+
 def read_ledger(out_dir: Path) -> dict:
+    """The checked ledger of the family directory `out_dir`; {} when it has none."""
     path = out_dir / LEDGER
-    return read_json(path) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        return check_ledger(read_json(path), path)
+    except OSError as err:
+        raise GrowfamError(f"cannot read {path}: {err.strerror or err}") from None
 
 
 def write_ledger(out_dir: Path, ledger: dict) -> None:
@@ -149,11 +244,22 @@ def write_ledger(out_dir: Path, ledger: dict) -> None:
 
 
 def _check_same_run(ledger: dict, fresh: dict, out_dir: Path) -> None:
-    """A resumed family must have the plan, the data and the growth options it started with."""
+    """A resumed family must have the plan, the data, the growth options and the train section
+    it started with (keys of `fresh` only; train keys that leave the loss trajectory alone,
+    RESUME_FREE_KEYS, may change)."""
     for key in ("plan", "data_fingerprint", "growth", "fixed_data"):
-        if key in ledger and ledger[key] != fresh[key]:
+        if key in ledger and key in fresh and ledger[key] != fresh[key]:
             raise ConfigError(f"{out_dir / LEDGER} was made with a different {key.replace('_', ' ')}; "
                               "use another --out to build a different family")
+    old, new = ledger.get("train"), fresh.get("train")
+    if old is None or new is None:
+        return  # a ledger from before the train section was recorded
+    # keys in both only: a field added to TrainConfig later is not a change of the user's
+    differ = [k for k in sorted(set(old) & set(new)) if k not in RESUME_FREE_KEYS and old[k] != new[k]]
+    if differ:
+        changes = "; ".join(f"{k}: {old[k]!r} then, {new[k]!r} now" for k in differ)
+        raise ConfigError(f"{out_dir / LEDGER} was made with a different train section ({changes}); "
+                          "use the original train section, or another --out to build a different family")
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,19 +323,41 @@ def _probe_batch(dataset, seq_len: int, n_tokens: int) -> torch.Tensor | None:
     return torch.from_numpy(np.asarray(val[: rows * seq_len], dtype=np.int64)).view(rows, seq_len)
 
 
-def run_family(spec: FamilySpec, out_dir: str | Path, *, data: str, modes: tuple[str, ...] = MODES,
-               fixed_data: bool = False, log=print) -> dict:
-    """Build the family `spec` in each of `modes`; returns the ledger (also in family.json).
+@dataclass
+class CheckedFamily:
+    """What `check_family` validated. header: the ledger fields every run of this family in
+    this directory must repeat (all but the data fingerprint); ledger: the directory's ledger
+    so far ({} for a new family)."""
 
-    data: a prepared dataset directory (`growfam data prepare`). fixed_data: cap the unique
-    tokens at the largest member's from-scratch budget and repeat them (paper Table 2).
-    """
-    from growfam.data import TokenDataset
+    modes: tuple[str, ...]
+    plan: FamilyPlan
+    growth: GrowthOptions
+    header: dict
+    ledger: dict
 
+
+def _check_out_dir(out_dir: Path) -> None:
+    """ConfigError when `out_dir`, or the nearest of its parents that exists, is not a directory."""
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ConfigError(f"{path} is not a directory; give --out a directory (new or a family's)")
+            return
+
+
+def check_family(spec: FamilySpec, out_dir: str | Path, modes: str | tuple[str, ...] = MODES,
+                 fixed_data: bool = False) -> CheckedFamily:
+    """Validate a family run before any data preparation or write: the modes, the out dir, the
+    growth section and every growth step, every stage's train config, and the out dir's ledger
+    (its structure, and that this family made it). `modes`: mode names or one name."""
     out_dir = Path(out_dir)
+    modes = (modes,) if isinstance(modes, str) else tuple(modes)
+    if not modes:
+        raise ConfigError("no mode given; use progressive, independent or both")
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ConfigError(f"unknown mode {bad[0]!r}; use progressive, independent or both")
+    _check_out_dir(out_dir)
     growth = _section(GrowthOptions, spec.extra.get("growth"), "growth")
     plan = make_plan(spec)
     if "progressive" in modes:  # every growth step is checked now, not after hours of stage 1
@@ -237,19 +365,39 @@ def run_family(spec: FamilySpec, out_dir: str | Path, *, data: str, modes: tuple
 
         for small, large in zip(spec.members, spec.members[1:]):
             GrowthPlan.make(small, large, growth.width, growth.depth, growth.seed)
+    header = {"plan": json.loads(json.dumps(plan.to_dict())), "growth": dataclasses.asdict(growth),
+              "fixed_data": fixed_data, "train": _train_record(spec, plan, out_dir, modes, fixed_data)}
+    ledger = read_ledger(out_dir)
+    _check_same_run(ledger, header, out_dir)
+    return CheckedFamily(modes, plan, growth, header, ledger)
+
+
+def run_family(spec: FamilySpec, out_dir: str | Path, *, data: str, modes: str | tuple[str, ...] = MODES,
+               fixed_data: bool = False, log=print) -> dict:
+    """Build the family `spec` in each of `modes`; returns the ledger (also in family.json).
+
+    data: a prepared dataset directory (`growfam data prepare`). fixed_data: cap the unique
+    tokens at the largest member's from-scratch budget and repeat them (paper Table 2).
+    Everything is checked (`check_family`, the dataset) before anything is written.
+    """
+    from growfam.data import TokenDataset
+
+    out_dir = Path(out_dir)
+    checked = check_family(spec, out_dir, modes, fixed_data)
+    modes, plan, growth = checked.modes, checked.plan, checked.growth
     dataset = TokenDataset.open(data)
     if dataset.vocab_size > spec.members[0].vocab_size:
         raise ConfigError(f"the dataset's tokenizer has {dataset.vocab_size} tokens but the family's "
                           f"vocab_size is {spec.members[0].vocab_size}")
+    fresh = {**checked.header, "data_fingerprint": dataset.fingerprint()}
+    _check_same_run(checked.ledger, fresh, out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise GrowfamError(f"cannot create {out_dir}: {err.strerror or err}") from None
-    fresh = {"plan": json.loads(json.dumps(plan.to_dict())), "data_fingerprint": dataset.fingerprint(),
-             "growth": dataclasses.asdict(growth), "fixed_data": fixed_data}
-    ledger = read_ledger(out_dir)
-    _check_same_run(ledger, fresh, out_dir)
-    ledger = {**fresh, "data": str(data), "modes": ledger.get("modes", {})}
+    for folder in (out_dir, *(out_dir / mode for mode in MODES)):  # what a killed run left
+        remove_stale_temporaries(folder)
+    ledger = {**fresh, "data": str(data), "modes": checked.ledger.get("modes", {})}
     write_ledger(out_dir, ledger)
 
     for mode in modes:
@@ -369,8 +517,9 @@ def format_comparison(ledger: dict) -> str:
     widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(str(v).rjust(w) if c else str(v).ljust(w) for c, (v, w) in enumerate(zip(r, widths)))
              for r in rows]
-    if prog and ind and len(prog) == len(ind):
-        total_p, total_i = prog[-1]["cum_flops"], sum(m["flops"] for m in ind)
+    total_i = sum(m["flops"] for m in ind)
+    if prog and ind and len(prog) == len(ind) and total_i > 0:
+        total_p = prog[-1]["cum_flops"]
         lines.append("")
         lines.append(f"family FLOPs (6ND): progressive {total_p:.3g}, independent {total_i:.3g} — "
                      f"{1 - total_p / total_i:.1%} saved; "
