@@ -161,7 +161,7 @@ def test_malformed_config_files_are_one_clear_line(tmp_path, text, message):
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(ConfigError, match=message) as err:
         resolve_config(tmp_path / "c.yaml")
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and str(err.value).startswith(str(tmp_path / "c.yaml"))
 
 
 def test_a_model_directory_with_a_broken_config_json_is_refused_clearly(tmp_path):

@@ -108,7 +108,12 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
-        return cls.from_dict(read_json(path) if Path(path).suffix == ".json" else read_yaml(path))
+        """The config in a YAML or JSON file; ConfigError naming the file."""
+        data = read_json(path) if Path(path).suffix == ".json" else read_yaml(path)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
