@@ -83,3 +83,124 @@ def test_unsupported_configs_are_refused(change, message):
             "intermediate_size": 8, "vocab_size": 10}
     with pytest.raises(ConfigError, match=message):
         config_from_hf({**base, **change})
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A small saved member (2 heads of KV, untied) whose files the tests below damage."""
+    return save_pretrained(random_model(tiny_config(d_model=32, n_heads=4, n_kv_heads=2, ffn_dim=32,
+                                                    vocab_size=31)), tmp_path / "m")
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[1, 2]", "config.json must hold a JSON object, got list"),
+    ('"abc"', "config.json must hold a JSON object, got str"),
+], ids=["list", "string"])
+def test_a_config_json_of_the_wrong_shape_is_one_clear_line(saved, text, message):
+    (saved / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_pretrained(saved)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"hidden_size": "abc"}, "hidden_size must be a number, got 'abc'"),
+    ({"num_hidden_layers": -1}, "num_hidden_layers must be an integer >= 1, got -1"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers must be an integer >= 1, got 0"),
+    ({"num_hidden_layers": 2.5}, "num_hidden_layers must be an integer >= 1, got 2.5"),
+    ({"num_hidden_layers": True}, "num_hidden_layers must be a number, got True"),
+    ({"vocab_size": None}, "vocab_size must be a number, got None"),
+    ({"vocab_size": False}, "vocab_size must be a number, got False"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be an integer >= 1"),
+    ({"num_attention_heads": 3, "head_dim": None}, "n_heads=3 does not divide d_model=32"),
+    ({"num_key_value_heads": 3}, "n_kv_heads=3 does not divide n_heads=4"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps must be positive"),
+    ({"rms_norm_eps": "x"}, "rms_norm_eps must be a number"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
+    ({"rope_parameters": [1]}, "rope_parameters must be an object"),
+    ({"growfam": [1]}, "growfam must be an object"),
+    ({"growfam": {"name": "x", "nominal_params": "abc"}}, "nominal_params must be a number"),
+])
+def test_config_json_values_of_the_wrong_type_are_one_clear_line(saved, changes, message):
+    _edit_config(saved, **changes)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_pretrained(saved)
+    assert "\n" not in str(err.value)
+
+
+def test_a_nan_in_config_json_is_refused(saved):
+    text = (saved / "config.json").read_text().replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": NaN')
+    (saved / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match="rms_norm_eps must be a number, got nan"):
+        load_pretrained(saved)
+
+
+@pytest.mark.parametrize("damage", ["random", "truncated", "empty"])
+def test_unreadable_weights_are_one_clear_line(saved, damage):
+    weights = saved / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"random": bytes(range(256)) * 8, "truncated": data[: len(data) // 2],
+                         "empty": b""}[damage])
+    with pytest.raises(ConfigError, match="model.safetensors: not a readable safetensors file"):
+        load_pretrained(saved)
+
+
+def _write_index(path, weight_map):
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_an_index_pointing_at_pickled_weights_is_refused_without_unpickling(saved, tmp_path):
+    class Bomb:  # unpickling this would create the marker file
+        def __reduce__(self):
+            return (open, (str(tmp_path / "unpickled"), "w"))
+
+    import pickle
+    (saved / "pytorch_model.bin").write_bytes(pickle.dumps(Bomb()))
+    _write_index(saved, {"model.embed_tokens.weight": "pytorch_model.bin"})
+    with pytest.raises(ConfigError, match="pytorch_model.bin.*safetensors"):
+        load_pretrained(saved)
+    assert not (tmp_path / "unpickled").exists()
+
+
+@pytest.mark.parametrize("shard,message", [
+    ("missing.safetensors", "shard 'missing.safetensors' .*not found"),
+    ("../m/model.safetensors", "shard '../m/model.safetensors' lies outside"),
+    ("/etc/passwd", "shard '/etc/passwd' lies outside"),
+    (3, "malformed index"),
+], ids=["missing", "escaping", "absolute", "not-text"])
+def test_an_index_naming_a_bad_shard_is_refused(saved, shard, message):
+    _write_index(saved, {"model.embed_tokens.weight": shard})
+    with pytest.raises(ConfigError, match=message):
+        load_pretrained(saved)
+
+
+@pytest.mark.parametrize("text", ["[1]", '{"weight_map": [1]}', '{"weight_map": {}}', "{"])
+def test_a_malformed_index_is_refused(saved, text):
+    (saved / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(ConfigError, match="index.json"):
+        load_pretrained(saved)
+
+
+def test_integer_weights_are_refused(saved):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(saved / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int64)
+    save_file(tensors, saved / "model.safetensors")
+    with pytest.raises(ConfigError, match="model.norm.weight is int64; growfam reads floating-point"):
+        load_pretrained(saved)
+
+
+def test_mixed_float_dtypes_load_as_one_dtype(saved):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(saved / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.float16)
+    save_file(tensors, saved / "model.safetensors")
+    model = load_pretrained(saved)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    model(torch.randint(0, 31, (1, 4)))  # runs

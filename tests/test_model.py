@@ -121,3 +121,56 @@ def test_loss_is_cross_entropy_of_the_logits():
     idx, tgt = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 9))
     expected = torch.nn.functional.cross_entropy(model(idx).reshape(-1, 97), tgt.reshape(-1))
     torch.testing.assert_close(model.loss(idx, tgt), expected)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(norm_eps=0.0), "norm_eps must be positive"),
+    (dict(norm_eps=float("nan")), "norm_eps must be a number"),
+    (dict(norm_eps=float("inf")), "norm_eps must be a number"),
+    (dict(rope_theta=-1.0), "rope_theta must be positive"),
+    (dict(init_std=0.0), "init_std must be positive"),
+    (dict(init_std=float("nan")), "init_std must be a number"),
+    (dict(nominal_params=-3.0), "nominal_params must be positive"),
+    (dict(d_model=64.5), "d_model must be a positive integer"),
+    (dict(ffn_dim=True), "ffn_dim must be a positive integer"),
+    (dict(vocab_size=None), "vocab_size must be a positive integer"),
+    (dict(max_seq_len=-8), "max_seq_len must be a positive integer"),
+    (dict(tie_embeddings="yes"), "tie_embeddings must be true or false"),
+    (dict(name=3), "name must be text"),
+])
+def test_config_values_of_the_wrong_type_or_range_are_refused_naming_the_key(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(**changes)
+
+
+def test_config_numbers_are_normalised():
+    cfg = tiny_config(d_model=64.0, rope_theta=10000, norm_eps="1e-6")
+    assert (type(cfg.d_model), cfg.rope_theta, cfg.norm_eps) == (int, 10000.0, 1e-6)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[1, 2]", "must be a mapping, got list"),
+    ("", "must be a mapping, got NoneType"),
+    ("{d_model: 8, n_layers: -1, n_heads: 2, ffn_dim: 8}", "n_layers must be a positive integer"),
+    ("{d_model: abc, n_layers: 1, n_heads: 2, ffn_dim: 8}", "d_model must be a positive integer, got 'abc'"),
+    ("{d_model: 8, n_layers: 1, n_heads: 2, ffn_dim: 8, norm_eps: .nan}", "norm_eps must be a number"),
+    ("{d_model: 8, n_layers: 1, n_heads: 2, ffn_dim: 8, init_std: [1]}", "init_std must be a number"),
+    ("{d_model: 8, n_layers: 1, n_heads: 2, ffn_dim: 8, widht: 3}", "unknown key 'widht'"),
+])
+def test_malformed_config_files_are_one_clear_line(tmp_path, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message) as err:
+        resolve_config(tmp_path / "c.yaml")
+    assert "\n" not in str(err.value) and str(err.value).startswith(str(tmp_path / "c.yaml"))
+
+
+def test_a_model_directory_with_a_broken_config_json_is_refused_clearly(tmp_path):
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ConfigError, match="no config.json"):
+        resolve_config(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("{")
+    with pytest.raises(ConfigError, match="malformed JSON"):
+        resolve_config(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("[1]")
+    with pytest.raises(ConfigError, match="must hold a JSON object"):
+        resolve_config(tmp_path / "m")

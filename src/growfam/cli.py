@@ -234,6 +234,9 @@ def _run_demo(args) -> int:
     return _build_family("tiny", args.out, None, ("progressive", "independent"))
 
 
+_MAX_PROBE_TOKENS = 65536
+
+
 def _add_expand(sub) -> None:
     p = sub.add_parser("expand", help="grow a Hugging Face model directory into a larger config",
                        description="Expand SRC_DIR (a Hugging Face Llama directory) in width and depth "
@@ -246,9 +249,14 @@ def _add_expand(sub) -> None:
     p.add_argument("--depth", default="stack", help="depth operator (default: stack)")
     p.add_argument("--seed", type=int, default=0, help="seed of the index maps and random fills")
     p.add_argument("--probe-tokens", type=int, default=512, metavar="N",
-                   help="measure Δlogits and Δloss on N seeded random tokens (0: skip; default 512)")
+                   help="measure Δlogits and Δloss on N seeded random tokens (0: skip; at most "
+                        f"{_MAX_PROBE_TOKENS}; default 512)")
     p.add_argument("--report", metavar="FILE", help="also write the report as JSON")
-    p.add_argument("--out", required=True, metavar="DST_DIR", help="directory to write")
+    p.add_argument("--out", required=True, metavar="DST_DIR",
+                   help="directory to write (new or empty; see --force)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out (directory or file) and --report; the old one "
+                        "is kept until the new one is complete. Never the source directory.")
     p.set_defaults(func=_run_expand)
 
 
@@ -260,13 +268,20 @@ def _run_expand(args) -> int:
     from growfam.errors import ConfigError
     from growfam.grow import expand
     from growfam.hf import load_pretrained, save_pretrained
+    from growfam.io import atomic_write_text
     from growfam.model import resolve_config
 
     if args.width == "masked":  # its masks would be lost: a saved model has no place for them
         raise ConfigError("--width masked needs the training loop to ramp its masks; use it in "
                           "`growfam family` (or growfam.grow.expand), not on a saved directory")
-    if args.probe_tokens < 0:
-        raise ConfigError(f"--probe-tokens must be >= 0, got {args.probe_tokens}")
+    if not 0 <= args.probe_tokens <= _MAX_PROBE_TOKENS:  # one batch: its logits must fit in memory
+        raise ConfigError(f"--probe-tokens must be in [0, {_MAX_PROBE_TOKENS}], got {args.probe_tokens}")
+    if not -2**63 <= args.seed < 2**63 - 1:  # torch seeds are 64-bit; expand also uses seed + 1
+        raise ConfigError(f"--seed must be a 64-bit integer, got {args.seed}")
+    try:
+        _check_expand_outputs(args.src_dir, args.out, args.report, args.force)
+    except OSError as err:  # a name too long, a folder we may not list
+        raise GrowfamError(f"cannot use {err.filename or 'a path'}: {err.strerror or err}") from None
     target = resolve_config(args.to)
     source = load_pretrained(args.src_dir)
     probe = None
@@ -279,10 +294,66 @@ def _run_expand(args) -> int:
     path = save_pretrained(grown, args.out, tokenizer=args.src_dir)
     print(report)
     if args.report:
-        with open(args.report, "w") as f:
-            json.dump(report.to_dict(), f, indent=2)
+        atomic_write_text(args.report, json.dumps(report.to_dict(), indent=2) + "\n")
     print(f"model: {path}")
     return 0
+
+
+def _check_expand_outputs(src_dir: str, out: str, report: str | None, force: bool) -> None:
+    """Refuse, before any work, an --out or --report that would lose what a user has.
+
+    --out must be new or an empty directory (anything else only with `force`), never the source,
+    inside it or above it; --report needs an existing folder, outside --out and the source.
+    """
+    from pathlib import Path
+
+    def real(path) -> Path:  # through links (a link to the source is the source); loops are fine
+        return Path(os.path.realpath(path))
+
+    source = real(src_dir)
+
+    def against_source(option: str, path: Path) -> None:
+        real_path = real(path)
+        if real_path == source or source in real_path.parents or real_path in source.parents:
+            relation = ("is" if real_path == source else
+                        "is inside" if source in real_path.parents else "contains")
+            raise GrowfamError(f"{option} {path} {relation} the source directory {src_dir}; "
+                               "expand never writes there (choose another path)")
+
+    def refuse_existing(option: str, path: Path, what: str) -> None:
+        if not force:
+            raise GrowfamError(f"{option} {path} {what}; pass --force to replace it")
+
+    def check_folder(option: str, path: Path) -> None:
+        """The nearest existing folder above `path` must be a writable directory."""
+        folder = next(p for p in path.absolute().parents if p.exists())
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise GrowfamError(f"{option} {path}: cannot write in {folder}")
+
+    out_path = Path(out)
+    against_source("--out", out_path)
+    check_folder("--out", out_path)
+    if out_path.is_symlink() or out_path.is_file():
+        refuse_existing("--out", out_path, "is an existing file" if out_path.is_file() else "is a link")
+    elif out_path.is_dir():
+        if any(out_path.iterdir()):
+            refuse_existing("--out", out_path, "is not empty")
+    elif out_path.exists():  # a device, a pipe: nothing expand may replace
+        raise GrowfamError(f"--out {out_path} is not a directory or file growfam can replace")
+    if report is None:
+        return
+    report_path = Path(report)
+    if report_path.is_dir():
+        raise GrowfamError(f"--report {report_path} is a directory; give a file name")
+    against_source("--report", report_path)
+    report_real, out_real = real(report_path), real(out_path)
+    if report_real == out_real or out_real in report_real.parents:
+        raise GrowfamError(f"--report {report_path} is inside --out {out}, which expand replaces; "
+                           "write it elsewhere")
+    if not report_path.absolute().parent.is_dir():
+        raise GrowfamError(f"--report {report_path}: {report_path.absolute().parent} is not an existing folder")
+    if report_path.exists() or report_path.is_symlink():
+        refuse_existing("--report", report_path, "already exists")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from growfam.errors import ConfigError, read_json
+from growfam.errors import ConfigError, as_int, as_number, read_json
 from growfam.io import atomic_directory
 from growfam.model import Llama, ModelConfig
 
@@ -67,7 +67,15 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """A ModelConfig from a Llama `config.json` dict; ConfigError for what growfam cannot run."""
+    """A ModelConfig from a Llama `config.json` dict; ConfigError for what growfam cannot run.
+
+    Every value is checked (type and range) and an error names the config.json key.
+    """
+    if not isinstance(hf, dict):
+        raise ConfigError(f"config.json must hold a JSON object, got {type(hf).__name__}")
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        if key not in hf:
+            raise ConfigError(f"config.json lacks {key!r}")
     model_type = hf.get("model_type")
     if model_type not in ("llama", None):
         raise ConfigError(f"config.json describes a {model_type!r} model; growfam reads Llama models")
@@ -75,32 +83,62 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise ConfigError(f"unsupported hidden_act {hf['hidden_act']!r} (Llama uses silu)")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ConfigError("attention/MLP biases are not supported (Llama has none)")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope = _json_object(hf, "rope_parameters") or _json_object(hf, "rope_scaling")
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise ConfigError(f"unsupported RoPE scaling {rope.get('rope_type', rope.get('type'))!r}")
+    extra = _json_object(hf, "growfam")
+
+    def whole(key: str, default=None) -> int:
+        value = hf.get(key)
+        return default if value is None and default is not None else as_int(value, f"config.json {key}", at_least=1)
+
+    def positive(value, key: str) -> float:
+        return as_number(value, f"config.json {key}", above=0)
+
+    d_model, n_heads = whole("hidden_size"), whole("num_attention_heads")
+    if hf.get("head_dim") is not None and whole("head_dim") * n_heads != d_model:
+        raise ConfigError(f"head_dim {hf['head_dim']} x {n_heads} heads != hidden_size {d_model}; "
+                          "growfam needs head_dim = hidden_size / heads")
+    tie = hf.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise ConfigError(f"config.json tie_word_embeddings must be true or false, got {tie!r}")
+    nominal = extra.get("nominal_params")
+    return ModelConfig(
+        d_model=d_model,
+        n_layers=whole("num_hidden_layers"),
+        n_heads=n_heads,
+        n_kv_heads=whole("num_key_value_heads", default=n_heads),  # null: multi-head attention
+        ffn_dim=whole("intermediate_size"),
+        vocab_size=whole("vocab_size"),
+        max_seq_len=whole("max_position_embeddings", default=2048),
+        rope_theta=positive(rope.get("rope_theta", hf.get("rope_theta", 10000.0)), "rope_theta"),
+        norm_eps=positive(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
+        tie_embeddings=tie,
+        init_std=positive(hf.get("initializer_range", 0.02), "initializer_range"),
+        name=extra.get("name", "custom"),
+        nominal_params=None if nominal is None else positive(nominal, "growfam.nominal_params"),
+    )
+
+
+def read_hf_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of the model directory `path`; ConfigError naming the directory."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path}: a directory with no config.json (not a model directory)")
     try:
-        d_model, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-        if "head_dim" in hf and hf["head_dim"] is not None and int(hf["head_dim"]) * n_heads != d_model:
-            raise ConfigError(f"head_dim {hf['head_dim']} x {n_heads} heads != hidden_size {d_model}; "
-                              "growfam needs head_dim = hidden_size / heads")
-        extra = hf.get("growfam") or {}
-        return ModelConfig(
-            d_model=d_model,
-            n_layers=int(hf["num_hidden_layers"]),
-            n_heads=n_heads,
-            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-            ffn_dim=int(hf["intermediate_size"]),
-            vocab_size=int(hf["vocab_size"]),
-            max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            init_std=float(hf.get("initializer_range", 0.02)),
-            name=extra.get("name", "custom"),
-            nominal_params=extra.get("nominal_params"),
-        )
-    except KeyError as err:
-        raise ConfigError(f"config.json lacks {err.args[0]!r}") from None
+        return config_from_hf(read_json(path / "config.json"))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def _json_object(hf: dict, key: str) -> dict:
+    """hf[key] as a dict ({} when absent or null); ConfigError for anything else."""
+    value = hf.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config.json {key} must be an object, got {type(value).__name__}")
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,16 +202,65 @@ def save_pretrained(model: Llama, out_dir: str | Path, tokenizer=None,
 
 
 def _safetensors_files(path: Path) -> list[Path]:
+    """The weight files of a member: its index's shards, or model.safetensors."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-        return [path / s for s in shards]
+        return [_shard_path(path, shard) for shard in sorted(set(_weight_map(index).values()))]
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
     if any(path.glob("*.bin")) or any(path.glob("*.pt")):
         raise ConfigError(f"{path} holds only pickled weights (.bin/.pt); growfam reads safetensors "
                           "only — re-save it with save_pretrained(..., safe_serialization=True)")
     raise ConfigError(f"{path}: no model.safetensors found")
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The tensor -> shard file map of a sharded member's index."""
+    weight_map = read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(v, str) for v in weight_map.values()):
+        raise ConfigError(f"{index}: malformed index (needs a \"weight_map\" of tensor names to "
+                          "shard file names)")
+    return weight_map
+
+
+def _shard_path(path: Path, shard: str) -> Path:
+    """path/shard, refused unless it names an existing .safetensors file inside path.
+
+    The check is on the name, not the resolved path: the Hugging Face cache links shards to
+    blobs outside the directory.
+    """
+    where = f"{path / 'model.safetensors.index.json'}: shard {shard!r}"
+    name = PurePosixPath(shard)
+    if name.is_absolute() or ".." in name.parts or "\\" in shard:
+        raise ConfigError(f"{where} lies outside the model directory")
+    if name.suffix != ".safetensors":
+        raise ConfigError(f"{where} is not a .safetensors file; growfam reads safetensors only "
+                          "(it never unpickles .bin/.pt weights)")
+    if not (path / name).is_file():
+        raise ConfigError(f"{where} is not found")
+    return path / name
+
+
+def _read_tensors(file: Path, expected: set[str], device) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file that a Llama has; ConfigError for an unreadable file,
+    a foreign tensor or a non-floating-point one."""
+    tensors = {}
+    try:
+        with safe_open(str(file), framework="pt", device=str(device or "cpu")) as f:
+            for name in f.keys():
+                if name in expected:
+                    tensors[name] = f.get_tensor(name)
+                elif not name.endswith("rotary_emb.inv_freq"):
+                    raise ConfigError(f"{file.name}: unexpected tensor {name!r} for a Llama model")
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"{file}: not a readable safetensors file ({err})") from None
+    for name, t in tensors.items():
+        if not t.dtype.is_floating_point:
+            raise ConfigError(f"{file.name}: {name} is {str(t.dtype).removeprefix('torch.')}; "
+                              "growfam reads floating-point weights")
+    return tensors
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device=None) -> Llama:
@@ -184,7 +271,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device=N
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"{path}: not a directory")
-    cfg = config_from_hf(read_json(path / "config.json"))
+    cfg = read_hf_config(path)
     with torch.device("meta"):
         model = Llama(cfg)
     expected = {_to_hf_name(n) for n in model.state_dict()}
@@ -192,13 +279,10 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device=N
         expected.discard("lm_head.weight")
     state = {}
     for file in _safetensors_files(path):
-        with safe_open(str(file), framework="pt", device=str(device or "cpu")) as f:
-            for name in f.keys():
-                if name in expected:
-                    t = f.get_tensor(name)
-                    state[_from_hf_name(name)] = t if dtype is None else t.to(dtype)
-                elif not name.endswith("rotary_emb.inv_freq"):
-                    raise ConfigError(f"{file.name}: unexpected tensor {name!r} for a Llama model")
+        state.update(_read_tensors(file, expected, device))
+    if dtype is None and state:  # one dtype for all (a model runs in one); the embedding's
+        dtype = state.get("model.embed_tokens.weight", next(iter(state.values()))).dtype
+    state = {_from_hf_name(name): t.to(dtype) for name, t in state.items()}
     missing = sorted(expected - {_to_hf_name(n) for n in state})
     if missing:
         raise ConfigError(f"{path}: missing tensors {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}")

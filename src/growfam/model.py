@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from growfam.errors import ConfigError, as_number, check_keys, read_json, read_yaml
+from growfam.errors import ConfigError, as_int, as_number, check_keys, read_json, read_yaml
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,12 +51,22 @@ class ModelConfig:
     nominal_params: float | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise ConfigError(f"model config name must be text, got {self.name!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
+        for key in _INT_FIELDS:
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{self.name}: {key} must be a positive integer, got {value!r}")
+            try:  # whole floats and numeric text ("1e3": YAML 1.1 reads it as a string) are fine
+                setattr(self, key, as_int(value, key, at_least=1))
+            except ConfigError:
+                raise ConfigError(f"{self.name}: {key} must be a positive integer, got {value!r}") from None
+        for key in _FLOAT_FIELDS:
+            value = getattr(self, key)
+            if value is not None or key != "nominal_params":
+                setattr(self, key, as_number(value, f"{self.name}: {key}", above=0))
+        if not isinstance(self.tie_embeddings, bool):
+            raise ConfigError(f"{self.name}: tie_embeddings must be true or false, got {self.tie_embeddings!r}")
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"{self.name}: n_heads={self.n_heads} does not divide d_model={self.d_model}"
@@ -67,8 +77,6 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"{self.name}: head_dim={self.head_dim} must be even for RoPE")
-        if self.rope_theta <= 0 or self.norm_eps <= 0:
-            raise ConfigError(f"{self.name}: rope_theta and norm_eps must be positive")
 
     @property
     def head_dim(self) -> int:
@@ -88,8 +96,6 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"a model config must be a mapping, got {type(data).__name__}")
         check_keys(data, [f.name for f in dataclasses.fields(cls)], "the model config")
-        # YAML 1.1 reads `1e-5` (no dot) as a string; accept it for the float fields.
-        data = {k: as_number(v, k) if k in _FLOAT_FIELDS and v is not None else v for k, v in data.items()}
         try:
             return cls(**data)
         except TypeError as err:  # a missing required field
@@ -102,12 +108,20 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
-        return cls.from_dict(read_json(path) if Path(path).suffix == ".json" else read_yaml(path))
+        """The config in a YAML or JSON file; ConfigError naming the file."""
+        data = read_json(path) if Path(path).suffix == ".json" else read_yaml(path)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
 
+_INT_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len")
+# Checked finite and positive (nominal_params may also be None); `__post_init__` converts
+# numeric text, since YAML 1.1 reads `1e-5` (no dot) as a string.
 _FLOAT_FIELDS = ("rope_theta", "norm_eps", "init_std", "nominal_params")
 
 
@@ -195,10 +209,10 @@ def resolve_config(spec: str | Path | dict | ModelConfig) -> ModelConfig:
     if str(spec) in PRESETS:
         return get_preset(str(spec))
     path = Path(spec)
-    if path.is_dir() and (path / "config.json").exists():
-        from growfam.hf import config_from_hf
+    if path.is_dir():  # a Hugging Face model directory
+        from growfam.hf import read_hf_config
 
-        return config_from_hf(json.loads((path / "config.json").read_text()))
+        return read_hf_config(path)
     if path.suffix in (".yaml", ".yml", ".json") or path.exists():
         return ModelConfig.load(path)
     raise ConfigError(f"unknown preset {str(spec)!r}; known presets: {', '.join(PRESETS)}")
