@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
 from itertools import islice
 from pathlib import Path
 
@@ -10,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+import growfam.data as data
 from growfam.cli import main
 from growfam.data import PackedWindows, TokenDataset, eval_windows, in_val_split, open_source, prepare, token_dtype
 from growfam.errors import GrowfamError
-from growfam.tokenizer import EOT, Tokenizer, load_tokenizer
+from growfam.tokenizer import EOT, TiktokenGPT2, Tokenizer, load_tokenizer
 
 
 def window_ids(x: torch.Tensor, seq_len: int) -> list[int]:
@@ -312,3 +319,207 @@ def test_unwritable_output_is_a_clear_error(tmp_path, gpt2):
     (tmp_path / "file").write_text("a file, not a folder")
     with pytest.raises(GrowfamError, match="preparing .* failed"):
         prepare(["doc"], gpt2, tmp_path / "file" / "ds", progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile inputs (issue 7)
+# --------------------------------------------------------------------------------------------
+
+
+def test_huge_runs_prepare_quickly_and_round_trip(tmp_path, gpt2):
+    run = "a" * 400_000  # train:VOCAB took ~90 s on one 400K-character run (quadratic BPE trainer)
+    start = time.perf_counter()
+    ds = prepare([run, DOCS[0]], "train:300", tmp_path / "bpe", val_fraction=0, progress=False)
+    assert time.perf_counter() - start < 15
+    assert ds.tokenizer().decode(ds.tokens("train").tolist()) == run + EOT + DOCS[0] + EOT
+    spaces = " " * 1_100_000 + "x"  # tiktoken's regex overflowed its stack on a 1M-space run
+    ds = prepare([spaces], gpt2, tmp_path / "gpt2", val_fraction=0, progress=False)
+    assert gpt2.decode(ds.tokens("train").tolist()) == spaces + EOT
+
+
+def _dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout)
+
+
+def test_interrupted_prepare_leftovers_are_removed_and_temporaries_named_like_io(tmp_path, gpt2, monkeypatch):
+    stale = tmp_path / f".ds.tmp-{_dead_pid()}"  # what a killed prepare left behind
+    (stale / "train").mkdir(parents=True)
+    seen = []
+    real_write_tokens = data._write_tokens
+
+    def spy(source, tokenizer, out, *args):
+        seen.append(out.name)
+        return real_write_tokens(source, tokenizer, out, *args)
+
+    monkeypatch.setattr(data, "_write_tokens", spy)
+    prepare(["doc"], gpt2, tmp_path / "ds", val_fraction=0, progress=False)
+    assert not stale.exists() and [p.name for p in tmp_path.iterdir()] == ["ds"]
+    assert re.fullmatch(rf"\.ds\.tmp-{os.getpid()}-\w+", seen[0])
+
+
+def test_force_keeps_the_old_dataset_until_the_new_one_is_complete(tmp_path, gpt2, monkeypatch):
+    out = tmp_path / "ds"
+    old = prepare(["old"], gpt2, out, val_fraction=0, progress=False)
+    old_tokens = old.tokens("train").tolist()
+
+    def fail_midway(source, tokenizer, tmp, *args):
+        (tmp / "train" / "tokens.bin").write_bytes(b"\0\0")
+        raise GrowfamError("source went away")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data, "_write_tokens", fail_midway)
+        with pytest.raises(GrowfamError, match="source went away"):
+            prepare(["new"], gpt2, out, overwrite=True, progress=False)
+    assert TokenDataset.open(out).tokens("train").tolist() == old_tokens
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+    real_rmtree = shutil.rmtree
+
+    def rmtree_fails_halfway(path, *args, **kwargs):  # e.g. a busy file on a network disk
+        if Path(path) == out:
+            (out / "train" / "tokens.bin").unlink()
+            raise OSError(16, "Device or resource busy")
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_fails_halfway)
+    new = prepare(["new"], gpt2, out, val_fraction=0, overwrite=True, progress=False)
+    assert gpt2.decode(new.tokens("train").tolist()) == "new" + EOT  # the old one was moved, not deleted in place
+
+
+BAD_NUMBERS = [
+    ("--max-tokens", "nan", "max_tokens"), ("--max-tokens", "inf", "max_tokens"),
+    ("--max-tokens", "-3", "max_tokens"), ("--max-tokens", "0", "max_tokens"),
+    ("--workers", "-1", "workers"), ("--workers", "0", "workers"),
+    ("--val-fraction", "nan", "val_fraction"), ("--val-fraction", "1", "val_fraction"),
+    ("--val-fraction", "-0.1", "val_fraction"),
+]
+
+
+@pytest.mark.parametrize("flag,value,name", BAD_NUMBERS, ids=[f"{f}={v}" for f, v, _ in BAD_NUMBERS])
+def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, capsys, flag, value, name):
+    source = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    before = sorted(tmp_path.iterdir())
+    assert main(["data", "prepare", str(source), "--out", str(tmp_path / "ds"), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and name in err and value in err
+    assert sorted(tmp_path.iterdir()) == before
+    with pytest.raises(GrowfamError, match=name):
+        prepare(source, "gpt2", tmp_path / "ds", progress=False, **{name: float(value)})
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_output_that_is_a_file_or_overlaps_the_source_is_refused(tmp_path, gpt2, capsys):
+    target = tmp_path / "somefile"
+    target.write_text("precious")
+    assert main(["data", "prepare", str(write_jsonl(tmp_path / "d.jsonl", DOCS)), "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "is a file" in err and target.read_text() == "precious"
+    assert main(["data", "prepare", str(tmp_path / "d.jsonl"), "--out", str(target), "--force"]) == 0
+    replaced = TokenDataset.open(target)
+    assert replaced.num_documents("train") + replaced.num_documents("val") == len(DOCS)
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("some text")
+    for out in (corpus, corpus / "ds", tmp_path):
+        with pytest.raises(GrowfamError, match="overlaps the source"):
+            prepare(corpus, gpt2, out, overwrite=True, progress=False)
+    assert (corpus / "a.txt").read_text() == "some text" and [p.name for p in corpus.iterdir()] == ["a.txt"]
+
+
+def test_token_ids_beyond_the_vocabulary_are_a_clear_error(tmp_path, gpt2):
+    path = tmp_path / "ds"
+    prepare(DOCS, gpt2, path, val_fraction=0.3, progress=False)
+    index = json.loads((path / "index.json").read_text())
+    index["tokenizer"].update(vocab_size=100, eos_id=99)  # still uint16; the tokens hold ids up to 50256
+    (path / "index.json").write_text(json.dumps(index))
+    ds = TokenDataset.open(path)
+    where = re.escape(str(path))
+    with pytest.raises(GrowfamError, match=rf"{where}: train split: token id .*vocabulary of 100") as err:
+        PackedWindows(ds.tokens("train"), seq_len=8, batch_size=1000, seed=0).next_batch()
+    bad, position = map(int, re.search(r"token id (\d+) at position (\d+)", str(err.value)).groups())
+    assert bad >= 100 and ds.tokens("train")[position] == bad
+    with pytest.raises(GrowfamError, match=rf"{where}: val split: token id .*vocabulary of 100"):
+        list(eval_windows(ds.tokens("val"), seq_len=8))
+    capped = PackedWindows(ds.tokens("train"), seq_len=8, batch_size=1000, seed=0, max_unique_tokens=50)
+    with pytest.raises(GrowfamError, match="vocabulary of 100"):
+        capped.next_batch()
+
+
+def _corrupt(index: dict, change) -> dict:
+    index = json.loads(json.dumps(index))
+    change(index)
+    return index
+
+
+CORRUPTIONS = {
+    "not a mapping": (lambda i: [i], "not a JSON object"),
+    "missing splits": (lambda i: i.pop("splits"), "missing 'splits'"),
+    "missing tokenizer field": (lambda i: i["tokenizer"].pop("eos_id"), "missing 'tokenizer.eos_id'"),
+    "float dtype": (lambda i: i.update(dtype="float32"), "dtype 'float32'.*uint16 or uint32"),
+    "unknown dtype": (lambda i: i.update(dtype="bogus"), "dtype 'bogus'.*uint16 or uint32"),
+    "wrong count": (lambda i: i["splits"]["train"].update(tokens=i["splits"]["train"]["tokens"] + 1),
+                    "train/tokens.bin is missing or not"),
+    "count not a number": (lambda i: i["splits"]["val"].update(tokens="many"), "splits.val.tokens"),
+    "eos outside vocab": (lambda i: i["tokenizer"].update(eos_id=60_000), "eos_id 60000 is outside"),
+    "file outside dataset": (lambda i: i["splits"]["train"].update(file="../../etc/passwd"), "outside the dataset"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_corrupt_index_is_a_clear_error(tmp_path, gpt2, case):
+    path = tmp_path / "ds"
+    prepare(DOCS, gpt2, path, val_fraction=0.3, progress=False)
+    change, message = CORRUPTIONS[case]
+    index = json.loads((path / "index.json").read_text())
+    (path / "index.json").write_text(json.dumps(change(index) if case == "not a mapping" else _corrupt(index, change)))
+    with pytest.raises(GrowfamError, match=message):
+        TokenDataset.open(path)
+
+
+def test_token_file_not_a_multiple_of_the_dtype_is_a_clear_error(tmp_path, gpt2):
+    path = tmp_path / "ds"
+    prepare(DOCS, gpt2, path, val_fraction=0, progress=False)
+    with open(path / "train" / "tokens.bin", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(GrowfamError, match="not a whole number of uint16 tokens"):
+        TokenDataset.open(path)
+
+
+def _full_disk_at(monkeypatch, owner, name: str, file: str) -> None:
+    """Make `owner.name(self_or_source, ..., out, ...)` write `file` under its output to /dev/full."""
+    real = getattr(owner, name)
+
+    def writes_to_a_full_disk(*args):
+        out = next(a for a in args if isinstance(a, Path))
+        (out / file).parent.mkdir(parents=True, exist_ok=True)
+        (out / file).unlink(missing_ok=True)
+        (out / file).symlink_to("/dev/full")  # every write there fails with ENOSPC
+        return real(*args)
+
+    monkeypatch.setattr(owner, name, writes_to_a_full_disk)
+
+
+@pytest.mark.parametrize("where", ["tokens", "gpt2 tokenizer", "trained tokenizer"])
+def test_full_disk_is_one_clear_line_and_the_old_dataset_survives(tmp_path, capsys, monkeypatch, where):
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    source = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    out = tmp_path / "ds"
+    assert main(["data", "prepare", str(source), "--out", str(out), "--val-fraction", "0"]) == 0
+    old = TokenDataset.open(out).tokens("train").tolist()
+    tokenizer = "train:300" if where == "trained tokenizer" else "gpt2"
+    if where == "tokens":
+        _full_disk_at(monkeypatch, data, "_write_tokens", "train/tokens.bin")
+    elif where == "gpt2 tokenizer":
+        _full_disk_at(monkeypatch, TiktokenGPT2, "save", "tokenizer.json")
+    else:
+        _full_disk_at(monkeypatch, data, "train_bpe", "tokenizer.json")
+    capsys.readouterr()
+    assert main(["data", "prepare", str(source), "--out", str(out), "--tokenizer", tokenizer, "--force"]) == 2
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("growfam")]  # not the progress bar
+    assert len(said) == 1 and "No space left on device" in said[0] and "Traceback" not in err, err
+    assert TokenDataset.open(out).tokens("train").tolist() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "ds"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer, GPT2TokenizerFast
 
 from growfam.errors import GrowfamError
-from growfam.tokenizer import load_tokenizer, train_bpe
+from growfam.tokenizer import MAX_RUN, bounded_pieces, load_tokenizer, train_bpe
 
 TEXTS = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",
@@ -99,3 +101,41 @@ def test_bad_specs_are_clear_errors(tmp_path):
         load_tokenizer(Path(tmp_path))
     with pytest.raises(GrowfamError, match="vocab size"):
         train_bpe(["x"], 100, tmp_path / "small")
+
+
+def test_bounded_pieces_cut_only_overlong_runs(gpt2):
+    normal = " ".join(TEXTS) * 50
+    assert bounded_pieces(normal) == [normal]  # ordinary text tokenises exactly as before
+    assert gpt2.encode_documents(TEXTS + [normal]) == gpt2.encode_batch(TEXTS + [normal])
+    for text in ("a" * 400_000, "x " + "a" * 2500 + " y", " " * 3 * MAX_RUN + "z", "ab=" * 1000 + "\n" * 1500):
+        pieces = bounded_pieces(text)
+        assert "".join(pieces) == text and len(pieces) > 1
+        runs = [run for piece in pieces for run in re.findall(r"\S+|\s+", piece)]
+        assert max(map(len, runs)) <= MAX_RUN
+    assert len(bounded_pieces("a" * 400_000)) == 400
+    for offset in range(0, 600, 37):  # a run just over the limit is found wherever it starts
+        assert len(bounded_pieces("x y" * offset + " " + "b" * (MAX_RUN + 1) + " z")) == 2
+        assert len(bounded_pieces("x y" * offset + "\n" * (MAX_RUN + 1) + "z")) == 2
+        longest_whole = "x y" * offset + " " + "b" * MAX_RUN + " z"
+        assert bounded_pieces(longest_whole) == [longest_whole]
+
+
+def test_train_bpe_on_one_huge_run_is_fast(tmp_path):
+    run = "a" * 400_000  # one 400K-character pre-token took ~90 s (quadratic in the trainer)
+    start = time.perf_counter()
+    tok = train_bpe([run, TEXTS[0] * 20], 300, tmp_path)
+    assert time.perf_counter() - start < 15
+    ids = tok.encode_batch(bounded_pieces(run))
+    assert tok.decode([i for piece in ids for i in piece]) == run
+
+
+def test_save_to_a_full_disk_is_a_clear_error(gpt2, tmp_path):
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    for folder in (tmp_path / "gpt2", tmp_path / "bpe"):
+        folder.mkdir()
+        (folder / "tokenizer.json").symlink_to("/dev/full")  # every write there fails with ENOSPC
+    with pytest.raises(GrowfamError, match="No space left on device"):
+        gpt2.save(tmp_path / "gpt2")
+    with pytest.raises(GrowfamError, match="No space left on device"):
+        train_bpe([t * 20 for t in TEXTS], 300, tmp_path / "bpe")

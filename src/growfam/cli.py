@@ -143,12 +143,14 @@ def _add_data(sub) -> None:
                       help="gpt2, a Hugging Face tokenizer directory, or train:VOCAB to train a byte-level "
                            "BPE on the source (default: gpt2)")
     prep.add_argument("--out", required=True, metavar="DIR", help="dataset directory to create")
-    prep.add_argument("--val-fraction", type=float, default=0.005, metavar="F",
+    # Numbers stay text here: prepare() checks them (NaN, inf, bounds) with one clear line.
+    prep.add_argument("--val-fraction", default=0.005, metavar="F",
                       help="share of documents held out for validation, chosen by hash (default: 0.005)")
-    prep.add_argument("--workers", type=int, metavar="N", help="tokenising threads (default: all CPUs)")
-    prep.add_argument("--max-tokens", type=float, metavar="N", help="stop after about N tokens")
+    prep.add_argument("--workers", metavar="N", help="tokenising threads (default: all CPUs)")
+    prep.add_argument("--max-tokens", metavar="N", help="stop after about N tokens (1e6 is fine)")
     prep.add_argument("--text-field", default="text", help="JSONL/Parquet/HF text field (default: text)")
-    prep.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    prep.add_argument("--force", action="store_true",
+                      help="replace OUT if it exists (only once the new dataset is complete)")
     prep.set_defaults(func=_run_data_prepare)
 
 
@@ -156,8 +158,8 @@ def _run_data_prepare(args) -> int:
     from growfam.data import open_source, prepare
 
     ds = prepare(open_source(args.source, text_field=args.text_field), args.tokenizer, args.out,
-                 val_fraction=args.val_fraction, workers=args.workers,
-                 max_tokens=int(args.max_tokens) if args.max_tokens else None, overwrite=args.force)
+                 val_fraction=args.val_fraction, workers=args.workers, max_tokens=args.max_tokens,
+                 overwrite=args.force)
     print(f"{ds.path}: train {ds.num_tokens('train'):,} tokens ({ds.num_documents('train'):,} documents), "
           f"val {ds.num_tokens('val'):,} tokens ({ds.num_documents('val'):,} documents), "
           f"vocab {ds.vocab_size:,} ({ds.dtype.name})")

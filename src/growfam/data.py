@@ -6,7 +6,8 @@ into a self-contained dataset directory; `TokenDataset.open` memory-maps it; `Pa
 turns a split's token array into seeded, resumable batches and `eval_windows` into validation
 batches.
 
-Dataset directory (written to a temporary sibling, then renamed into place):
+Dataset directory (written by `growfam.io.atomic_directory`: an old one is replaced only by a
+complete new one):
 
     index.json         format, tokenizer {name, fingerprint, vocab_size, eos_id}, dtype,
                        splits {train|val: {file, tokens, documents}}, val_fraction, source
@@ -22,6 +23,10 @@ Window layout: the stream is cut into windows of `seq_len + 1` tokens starting a
 one token (the last target of one is the first input of the next), so every token except the
 very first is a prediction target exactly once per epoch, and documents are packed across
 window edges.
+
+Reading checks what is cheap to check: `TokenDataset.open` validates index.json against the files,
+and the batches of a split (`TokenDataset.tokens`) refuse a token id outside the vocabulary, so a
+corrupt file is one clear error rather than an embedding IndexError (or a CUDA device assert).
 """
 
 from __future__ import annotations
@@ -29,10 +34,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -41,8 +46,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from growfam.errors import GrowfamError, read_json
-from growfam.tokenizer import Tokenizer, load_tokenizer, train_bpe
+from growfam.errors import ConfigError, GrowfamError, as_int, as_number, read_json
+from growfam.io import atomic_directory, remove_stale_temporaries
+from growfam.tokenizer import MIN_TRAINED_VOCAB, Tokenizer, load_tokenizer, train_bpe
 
 FORMAT = "growfam-tokens/1"
 SPLITS = ("train", "val")
@@ -61,10 +67,14 @@ _STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", 
 
 @dataclass(frozen=True)
 class Source:
-    """A re-iterable stream of documents (non-empty strings) and a one-line description."""
+    """A re-iterable stream of documents (non-empty strings) and a one-line description.
+
+    `path` is the file or folder of a local source (None otherwise): an output must not overlap it.
+    """
 
     description: str
     documents: Callable[[], Iterator[str]]
+    path: Path | None = None
 
     def __iter__(self) -> Iterator[str]:
         return (doc for doc in self.documents() if doc)
@@ -146,7 +156,8 @@ def local_source(path: str | Path, text_field: str = "text") -> Source:
         for file in files:
             yield from _READERS[file.suffix](file, text_field)
 
-    return Source(f"local: {path.resolve()} ({len(files)} file(s), field {text_field!r})", documents)
+    description = f"local: {path.resolve()} ({len(files)} file(s), field {text_field!r})"
+    return Source(description, documents, path.resolve())
 
 
 def hf_source(name: str, config: str | None = None, split: str = "train", text_field: str = "text") -> Source:
@@ -210,7 +221,9 @@ def open_source(spec: SourceSpec, *, text_field: str = "text", max_documents: in
     if max_documents is None:
         return source
     return Source(
-        f"{source.description}, first {max_documents} documents", lambda: islice(iter(source), max_documents)
+        f"{source.description}, first {max_documents} documents",
+        lambda: islice(iter(source), max_documents),
+        source.path,
     )
 
 
@@ -286,58 +299,85 @@ def prepare(
     `max_tokens`, stops after the document that brings the total (both splits) to max_tokens.
     Default val_fraction 0.005 (0.5%): half a million tokens per 100M, plenty for a
     stable validation loss at a small cost to training data.
+
+    Every option is checked before anything is written. An existing non-empty `out_dir` (or a
+    file there) is replaced only with `overwrite`, and only once the new dataset is complete.
     """
+    val_fraction = as_number(val_fraction, "val_fraction")
     if not 0.0 <= val_fraction < 1.0:
-        raise GrowfamError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if max_tokens is not None and max_tokens <= 0:
-        raise GrowfamError(f"max_tokens must be positive, got {max_tokens}")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    workers = (os.cpu_count() or 1) if workers is None else as_int(workers, "workers", at_least=1)
+    max_tokens = None if max_tokens is None else as_int(max_tokens, "max_tokens", at_least=1)
     source = open_source(source)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise GrowfamError(f"{out}: already exists and is not empty (remove it or pass overwrite)")
-    workers = workers or os.cpu_count() or 1
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for split in SPLITS:
-            (tmp / split).mkdir(parents=True)
-        if isinstance(tokenizer, str) and tokenizer.startswith("train:"):
-            try:
-                vocab = int(tokenizer[len("train:"):])
-            except ValueError:
-                raise GrowfamError(f"tokenizer {tokenizer!r}: expected train:VOCAB_SIZE") from None
-            tokenizer = _train_tokenizer(source, vocab, val_fraction, max_tokens, tmp / "tokenizer")
-        elif not isinstance(tokenizer, Tokenizer):
-            tokenizer = load_tokenizer(tokenizer)
-        tokenizer.save(tmp / "tokenizer")
-        splits = _write_tokens(source, tokenizer, tmp, val_fraction, workers, max_tokens, progress)
-        if splits["train"]["tokens"] == 0:
-            raise GrowfamError(f"{source.description}: no training documents (empty source?)")
-        index = {
-            "format": FORMAT,
-            "tokenizer": {
-                "name": tokenizer.name,
-                "fingerprint": tokenizer.fingerprint(),
-                "vocab_size": tokenizer.vocab_size,
-                "eos_id": tokenizer.eos_id,
-            },
-            "dtype": token_dtype(tokenizer.vocab_size).name,
-            "splits": splits,
-            "val_fraction": val_fraction,
-            "max_tokens": max_tokens,
-            "source": source.description,
-        }
-        (tmp / "index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except OSError as err:  # unwritable output, full disk, unreadable input file
-        raise GrowfamError(f"preparing {out} failed: {err}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _check_output(out, source, overwrite)
+    train_vocab = _vocab_to_train(tokenizer)
+    if train_vocab is None and not isinstance(tokenizer, Tokenizer):
+        tokenizer = load_tokenizer(tokenizer)
+    splits: dict[str, dict[str, Any]] = {}
+
+    def write(tmp: Path) -> None:
+        nonlocal tokenizer
+        try:
+            for split in SPLITS:
+                (tmp / split).mkdir()
+            if train_vocab is not None:
+                tokenizer = _train_tokenizer(source, train_vocab, val_fraction, max_tokens, tmp / "tokenizer")
+            else:
+                tokenizer.save(tmp / "tokenizer")
+            splits.update(_write_tokens(source, tokenizer, tmp, val_fraction, workers, max_tokens, progress))
+            if splits["train"]["tokens"] == 0:
+                raise GrowfamError(f"{source.description}: no training documents (empty source?)")
+            index = {
+                "format": FORMAT,
+                "tokenizer": {
+                    "name": tokenizer.name,
+                    "fingerprint": tokenizer.fingerprint(),
+                    "vocab_size": tokenizer.vocab_size,
+                    "eos_id": tokenizer.eos_id,
+                },
+                "dtype": token_dtype(tokenizer.vocab_size).name,
+                "splits": splits,
+                "val_fraction": val_fraction,
+                "max_tokens": max_tokens,
+                "source": source.description,
+            }
+            (tmp / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+        except OSError as err:  # full disk, unreadable input file: name the file, not just the output
+            raise GrowfamError(f"preparing {out} failed: {err}") from None
+        TokenDataset.open(tmp)  # what would be published must read back whole
+
+    remove_stale_temporaries(out.parent)  # what an interrupted prepare left behind
+    atomic_directory(out, write)
     if splits["val"]["tokens"] == 0:
         print(f"growfam: warning: {out} has an empty validation split; raise val_fraction", file=sys.stderr)
     return TokenDataset.open(out)
+
+
+def _vocab_to_train(tokenizer: Tokenizer | str | Path) -> int | None:
+    """VOCAB of a "train:VOCAB" tokenizer spec; None for any other spec."""
+    if not (isinstance(tokenizer, str) and tokenizer.startswith("train:")):
+        return None
+    return as_int(tokenizer[len("train:"):], f"tokenizer {tokenizer!r}: VOCAB", at_least=MIN_TRAINED_VOCAB)
+
+
+def _check_output(out: Path, source: Source, overwrite: bool) -> None:
+    """GrowfamError unless `out` may be (re)written: never the source, nor anything that holds it
+    or that it holds; never an existing non-empty folder or a file without `overwrite`."""
+    target = out.resolve()
+    if source.path is not None and (
+        target == source.path or source.path in target.parents or target in source.path.parents
+    ):
+        raise GrowfamError(f"{out}: overlaps the source {source.path}; write the dataset elsewhere")
+    existing = next((p for p in (out, *out.parents) if p.exists() or p.is_symlink()), None)
+    if existing is not None and existing != out and not existing.is_dir():
+        raise GrowfamError(f"preparing {out} failed: {existing} is a file, not a folder")
+    if overwrite or existing != out:
+        return
+    if not out.is_dir():
+        raise GrowfamError(f"{out}: is a file, not a dataset directory (--force / overwrite=True replaces it)")
+    if any(out.iterdir()):
+        raise GrowfamError(f"{out}: already exists and is not empty (--force / overwrite=True replaces it)")
 
 
 def _write_tokens(
@@ -354,33 +394,47 @@ def _write_tokens(
 
     dtype = token_dtype(tokenizer.vocab_size)
     counts = {split: {"file": f"{split}/tokens.bin", "tokens": 0, "documents": 0} for split in SPLITS}
-    files = {split: (out / split / "tokens.bin").open("wb") for split in SPLITS}
-    bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenising", disable=not progress)
     # A small cap needs only a little text: don't tokenise megabytes to keep a few thousand tokens.
     chunk_chars = CHUNK_CHARS if max_tokens is None else min(CHUNK_CHARS, 8 * max_tokens)
-    try:
+    with ExitStack() as stack:
+        files = {split: stack.enter_context((out / split / "tokens.bin").open("wb")) for split in SPLITS}
+        bar = stack.enter_context(
+            tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenising", disable=not progress)
+        )
         total = 0
         for docs in _chunks(source, chunk_chars):
-            for doc, ids in zip(docs, tokenizer.encode_batch(docs, num_threads=workers)):
+            for doc, ids in zip(docs, tokenizer.encode_documents(docs, num_threads=workers)):
                 split = "val" if in_val_split(doc, val_fraction) else "train"
                 ids.append(tokenizer.eos_id)
-                np.asarray(ids, dtype=dtype).tofile(files[split])
+                # file.write, not ndarray.tofile: tofile loses a failed write of a small array
+                # (a full disk) without a word.
+                files[split].write(np.asarray(ids, dtype=dtype).tobytes())
                 counts[split]["tokens"] += len(ids)
                 counts[split]["documents"] += 1
                 total += len(ids)
                 bar.update(len(ids))
                 if max_tokens is not None and total >= max_tokens:
                     return counts
-        return counts
-    finally:
-        bar.close()
-        for file in files.values():
-            file.close()
+    return counts
 
 
 # --------------------------------------------------------------------------------------------
 # Reading a prepared dataset
 # --------------------------------------------------------------------------------------------
+
+
+class SplitTokens(np.memmap):
+    """A split's token file, memory-mapped read-only, that knows its dataset and vocabulary, so
+    `PackedWindows` and `eval_windows` refuse the ids of a corrupt file batch by batch. Slices
+    (a `max_unique_tokens` cap) keep both."""
+
+    origin: str = "token array"
+    vocab_size: int | None = None
+
+    def __array_finalize__(self, obj: Any) -> None:
+        super().__array_finalize__(obj)
+        self.origin = getattr(obj, "origin", SplitTokens.origin)
+        self.vocab_size = getattr(obj, "vocab_size", None)
 
 
 class TokenDataset:
@@ -401,21 +455,8 @@ class TokenDataset:
         if not (path / "index.json").is_file():
             raise GrowfamError(f"{path}: not a prepared dataset (no index.json); run `growfam data prepare`")
         index = read_json(path / "index.json")
-        try:
-            if index["format"] != FORMAT:
-                raise GrowfamError(f"{path}: unknown dataset format {index['format']!r} (expected {FORMAT})")
-            dtype = np.dtype(index["dtype"])
-            if dtype != token_dtype(index["tokenizer"]["vocab_size"]):
-                raise GrowfamError(f"{path}: dtype {dtype} does not fit the vocabulary size")
-            for split in SPLITS:
-                entry = index["splits"][split]
-                file = path / entry["file"]
-                expected = int(entry["tokens"]) * dtype.itemsize
-                if not file.is_file() or file.stat().st_size != expected:
-                    raise GrowfamError(f"{path}: {entry['file']} is missing or not {expected} bytes (corrupt dataset)")
-            return cls(path, index)  # reads the tokenizer fields: a missing one is a KeyError here
-        except (KeyError, TypeError, ValueError) as err:
-            raise GrowfamError(f"{path}: corrupt index.json ({type(err).__name__}: {err})") from None
+        _check_index(path, index)
+        return cls(path, index)
 
     def num_tokens(self, split: str) -> int:
         """Tokens in `split` ("train" or "val"), eos separators included."""
@@ -428,7 +469,10 @@ class TokenDataset:
         """The split's token stream, 1-D, memory-mapped read-only (dtype uint16 or uint32)."""
         if self.num_tokens(split) == 0:
             return np.empty(0, dtype=self.dtype)  # mmap cannot map an empty file
-        return np.memmap(self.path / self._entry(split)["file"], dtype=self.dtype, mode="r")
+        tokens = SplitTokens(self.path / self._entry(split)["file"], dtype=self.dtype, mode="r")
+        tokens.origin = f"{self.path}: {split} split"
+        tokens.vocab_size = self.vocab_size
+        return tokens
 
     def tokenizer(self) -> Tokenizer:
         """The tokenizer saved with the dataset (checked against the index's fingerprint)."""
@@ -461,6 +505,52 @@ class TokenDataset:
         )
 
 
+def _check_index(path: Path, index: Any) -> None:
+    """GrowfamError naming the first problem of a dataset's index.json or token files.
+
+    Checks the fields' presence and types, the dtype, and each token file's size against its
+    count; not the token values (that would read the whole dataset: batches check those).
+    """
+    corrupt = f"{path}: corrupt index.json"
+    if not isinstance(index, dict):
+        raise GrowfamError(f"{corrupt}: not a JSON object")
+
+    def field(*keys: str) -> Any:
+        value = index
+        for depth, key in enumerate(keys, 1):
+            if not isinstance(value, dict) or key not in value:
+                raise GrowfamError(f"{corrupt}: missing {'.'.join(keys[:depth])!r}")
+            value = value[key]
+        return value
+
+    if field("format") != FORMAT:
+        raise GrowfamError(f"{path}: unknown dataset format {field('format')!r} (expected {FORMAT})")
+    field("source")  # read by the properties of TokenDataset
+    field("tokenizer", "fingerprint")
+    vocab = as_int(field("tokenizer", "vocab_size"), f"{corrupt}: tokenizer.vocab_size", at_least=1)
+    eos = as_int(field("tokenizer", "eos_id"), f"{corrupt}: tokenizer.eos_id")
+    if eos >= vocab:
+        raise GrowfamError(f"{corrupt}: eos_id {eos} is outside the vocabulary of {vocab}")
+    if field("dtype") not in ("uint16", "uint32"):
+        raise GrowfamError(f"{corrupt}: dtype {field('dtype')!r} is not uint16 or uint32")
+    dtype = np.dtype(field("dtype"))
+    if dtype != token_dtype(vocab):
+        raise GrowfamError(f"{path}: dtype {dtype} does not fit the vocabulary size")
+    for split in SPLITS:
+        name = field("splits", split, "file")
+        tokens = as_int(field("splits", split, "tokens"), f"{corrupt}: splits.{split}.tokens")
+        as_int(field("splits", split, "documents"), f"{corrupt}: splits.{split}.documents")
+        if not isinstance(name, str) or not (path / name).resolve().is_relative_to(path.resolve()):
+            raise GrowfamError(f"{corrupt}: splits.{split}.file {name!r} is outside the dataset")
+        size = (path / name).stat().st_size if (path / name).is_file() else None
+        if size is not None and size % dtype.itemsize:
+            raise GrowfamError(f"{path}: {name} is not a whole number of {dtype} tokens "
+                               f"({size} bytes; corrupt dataset)")
+        if size != tokens * dtype.itemsize:
+            raise GrowfamError(f"{path}: {name} is missing or not {tokens * dtype.itemsize} bytes "
+                               "(corrupt dataset)")
+
+
 # --------------------------------------------------------------------------------------------
 # Windows
 # --------------------------------------------------------------------------------------------
@@ -472,9 +562,19 @@ def _num_windows(num_tokens: int, seq_len: int) -> int:
 
 
 def _gather(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows beginning at `starts` as (x, y), int64 tensors [len(starts), seq_len]."""
+    """Windows beginning at `starts` as (x, y), int64 tensors [len(starts), seq_len].
+
+    GrowfamError for an id outside the vocabulary of a `SplitTokens` array (a corrupt dataset).
+    """
     # One contiguous slice per window: cheap on a memmap, unlike fancy indexing of the whole array.
     rows = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts])
+    vocab_size = getattr(tokens, "vocab_size", None)
+    if vocab_size is not None and rows.max() >= vocab_size:  # one max per batch: cheap
+        row, column = np.unravel_index(rows.argmax(), rows.shape)
+        raise GrowfamError(
+            f"{tokens.origin}: token id {rows[row, column]} at position {starts[row] + column} is "
+            f"outside the vocabulary of {vocab_size} (corrupt dataset; prepare it again)"
+        )
     windows = torch.from_numpy(rows)
     return windows[:, :-1], windows[:, 1:]
 

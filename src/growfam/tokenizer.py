@@ -5,6 +5,11 @@ All tokenizers encode text *literally*: a special-token string such as "<|endoft
 document is encoded as ordinary text, never as the special id, so a document cannot inject an
 end-of-text. The data pipeline appends `eos_id` between documents itself.
 
+Text is tokenised in pieces whose whitespace and non-whitespace runs are at most MAX_RUN
+characters (`bounded_pieces`): a pre-token as long as a whole 2 MB document made BPE training
+quadratic and overflowed tiktoken's regex stack. Ordinary text is one piece, so its ids are
+unchanged; only runs longer than MAX_RUN are cut, every MAX_RUN characters.
+
 `fingerprint()` hashes the vocabulary and merges in Hugging Face's representation, so the same
 BPE gives the same fingerprint whether it is loaded as "gpt2" through tiktoken or from a
 directory written by `save()`; the pipeline uses it to refuse a tokenizer that changed.
@@ -14,11 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 from importlib import resources
+from itertools import chain, islice, pairwise
 from pathlib import Path
 
 from growfam.errors import GrowfamError
@@ -26,6 +34,57 @@ from growfam.errors import GrowfamError
 EOT = "<|endoftext|>"
 # GPT-2's pre-tokenisation regex (tiktoken's r50k pattern; the same as HF ByteLevel's).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+MIN_TRAINED_VOCAB = 257  # a trained byte-level BPE holds the 256 byte tokens and end-of-text
+# Longest run of whitespace or of non-whitespace tokenised in one piece: far above any real word
+# or URL, and short enough that BPE on a piece costs microseconds.
+MAX_RUN = 1000
+# A run longer than MAX_RUN. The lookbehinds let a match start only where a run starts, so the
+# search is linear in the text (no retry from every character of a long run).
+_OVERLONG_RUN = re.compile(rf"(?<!\S)\S{{{MAX_RUN + 1},}}|(?<!\s)\s{{{MAX_RUN + 1},}}")
+
+
+def _may_hold_overlong_run(text: str) -> bool:
+    """False when `text` surely holds no run longer than MAX_RUN; True when it may.
+
+    Such a run covers a whole aligned block of (MAX_RUN + 1) // 2 characters, and that block is
+    all whitespace or holds none. Checking the blocks with string methods that stop early is
+    about ten times faster than the regex, which then runs only on the rare suspect documents.
+    """
+    size = (MAX_RUN + 1) // 2
+    for start in range(0, len(text) - size + 1, size):
+        block = text[start : start + size]
+        if block.isspace() or len(block.split(maxsplit=1)) == 1:  # at most edge whitespace
+            return True
+    return False
+
+
+def bounded_pieces(text: str) -> list[str]:
+    """`text` cut every MAX_RUN characters inside its runs longer than MAX_RUN, elsewhere whole.
+
+    Every pre-token of a piece is then at most MAX_RUN + 1 characters (a run plus the space
+    before it); text without such a run is returned as the one piece [text].
+    """
+    if not _may_hold_overlong_run(text):
+        return [text]
+    cuts = [0]
+    for run in _OVERLONG_RUN.finditer(text):
+        cuts.extend(range(run.start() + MAX_RUN, run.end(), MAX_RUN))
+    cuts.append(len(text))
+    return [text[start:end] for start, end in pairwise(cuts)]
+
+
+@contextmanager
+def _saving(out: Path) -> Iterator[None]:
+    """Turn a failed tokenizer write into one GrowfamError line: an OSError, or the bare
+    Exception that the Rust `tokenizers` raises ("No space left on device (os error 28)")."""
+    try:
+        yield
+    except OSError as err:
+        raise GrowfamError(f"cannot save the tokenizer to {out}: {err}") from None
+    except Exception as err:
+        if type(err) is not Exception:  # a bug, not a failed write: keep its traceback
+            raise
+        raise GrowfamError(f"cannot save the tokenizer to {out}: {err}") from None
 
 
 def _fingerprint(vocab: dict[str, int], merges: Sequence[Sequence[str]]) -> str:
@@ -60,6 +119,13 @@ class Tokenizer(ABC):
     def encode(self, text: str) -> list[int]:
         """Token ids of one text."""
         return self.encode_batch([text])[0]
+
+    def encode_documents(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
+        """`encode_batch` of each text's `bounded_pieces`, joined: linear time on any text, and
+        the same ids as `encode_batch` for text without runs longer than MAX_RUN."""
+        pieces = [bounded_pieces(text) for text in texts]
+        ids = iter(self.encode_batch([piece for split in pieces for piece in split], num_threads))
+        return [list(chain.from_iterable(islice(ids, len(split)))) for split in pieces]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
@@ -104,17 +170,12 @@ class TiktokenGPT2(Tokenizer):
         from tokenizers import Tokenizer as HFBackend
 
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        # The original files (what slow/older loaders read) plus tokenizer.json (what fast ones read).
-        shutil.copyfile(self._vocab_file, out / "vocab.json")
-        shutil.copyfile(self._merges_file, out / "merges.txt")
         vocab = json.loads(self._vocab_file.read_text(encoding="utf-8"))
         backend = HFBackend(models.BPE(vocab=vocab, merges=[tuple(m) for m in self._merges()]))
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
         backend.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
-        backend.save(str(out / "tokenizer.json"))
         config = {
             "tokenizer_class": "GPT2Tokenizer",
             "bos_token": EOT,
@@ -124,9 +185,15 @@ class TiktokenGPT2(Tokenizer):
             "errors": "replace",
             "model_max_length": 1024,
         }
-        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
-        (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+        with _saving(out):
+            out.mkdir(parents=True, exist_ok=True)
+            # The original files (what slow/older loaders read) plus tokenizer.json (what fast ones read).
+            shutil.copyfile(self._vocab_file, out / "vocab.json")
+            shutil.copyfile(self._merges_file, out / "merges.txt")
+            backend.save(str(out / "tokenizer.json"))
+            (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+            (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
         return out
 
     @cached_property
@@ -174,8 +241,9 @@ class HFTokenizer(Tokenizer):
 
     def save(self, out_dir: str | Path) -> Path:
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self._hf.save_pretrained(str(out))
+        with _saving(out):
+            out.mkdir(parents=True, exist_ok=True)
+            self._hf.save_pretrained(str(out))
         return out
 
     @cached_property
@@ -200,24 +268,27 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> Tok
     """Train a GPT-2-style byte-level BPE of `vocab_size` tokens (the last one is <|endoftext|>).
 
     Saves it to `out_dir` as a Hugging Face tokenizer directory and returns it loaded from there.
+    The trainer sees each text's `bounded_pieces`, so a huge run costs linear time, not quadratic.
     """
     from tokenizers import Tokenizer as HFBackend
     from tokenizers import decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if vocab_size < len(alphabet) + 1:
-        raise GrowfamError(f"vocab size {vocab_size} is below the {len(alphabet) + 1} byte tokens + end-of-text")
+    if vocab_size < MIN_TRAINED_VOCAB:
+        raise GrowfamError(f"vocab size {vocab_size} is below the {MIN_TRAINED_VOCAB} of the byte tokens "
+                           "and end-of-text")
     backend = HFBackend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - 1, initial_alphabet=alphabet, show_progress=False, min_frequency=2
     )
-    backend.train_from_iterator(texts, trainer)
+    backend.train_from_iterator((piece for text in texts for piece in bounded_pieces(text)), trainer)
     if backend.get_vocab_size() < len(alphabet):
         raise GrowfamError("cannot train a tokenizer on an empty corpus")
     backend.add_special_tokens([EOT])  # after training, so it takes the last id
     hf = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOT, bos_token=EOT, unk_token=EOT)
-    hf.save_pretrained(str(out_dir))
+    with _saving(Path(out_dir)):
+        hf.save_pretrained(str(out_dir))
     return HFTokenizer(out_dir, name=f"byte-level-bpe-{vocab_size}")
