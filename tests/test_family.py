@@ -392,3 +392,20 @@ def test_a_family_run_removes_the_temporaries_of_a_killed_one(tmp_path, dataset,
         run_family(spec(), tmp_path, data=dataset, modes=("independent",), log=lambda s: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["family.json", "independent"]
     assert list((tmp_path / "independent").iterdir()) == []
+
+
+def test_the_growth_probe_refuses_ids_beyond_the_vocabulary(tmp_path, dataset):
+    import shutil
+
+    from growfam.data import TokenDataset
+    from growfam.errors import GrowfamError
+
+    bad = tmp_path / "ds"
+    shutil.copytree(dataset, bad)
+    index = json.loads((bad / "index.json").read_text())
+    index["tokenizer"].update(vocab_size=5, eos_id=4)  # the tokens hold ids up to 299
+    (bad / "index.json").write_text(json.dumps(index))
+    with pytest.raises(GrowfamError, match="outside the vocabulary of 5"):
+        family._probe_batch(TokenDataset.open(bad), seq_len=32, n_tokens=256)
+    probe = family._probe_batch(TokenDataset.open(dataset), seq_len=32, n_tokens=256)
+    assert probe.shape == (8, 32) and probe.dtype == torch.int64

@@ -50,3 +50,21 @@ def test_stale_temporaries_of_dead_processes_are_removed_live_ones_kept(tmp_path
     removed = remove_stale_temporaries(tmp_path)
     assert len(removed) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "step_0000005"])
+
+
+def test_a_failed_final_rename_puts_the_old_directory_back(tmp_path, monkeypatch):
+    atomic_directory(tmp_path / "out", lambda d: (d / "a").write_text("old"))
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the new directory into place
+            raise OSError(5, "Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(GrowfamError, match="Input/output error"):
+        atomic_directory(tmp_path / "out", lambda d: (d / "a").write_text("new"))
+    monkeypatch.undo()
+    assert (tmp_path / "out" / "a").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

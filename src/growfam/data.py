@@ -561,13 +561,13 @@ def _num_windows(num_tokens: int, seq_len: int) -> int:
     return max(0, (num_tokens - 1) // seq_len)
 
 
-def _gather(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows beginning at `starts` as (x, y), int64 tensors [len(starts), seq_len].
+def token_rows(tokens: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+    """Rows `tokens[s : s + length]` for s in `starts`, as an int64 array [len(starts), length].
 
     GrowfamError for an id outside the vocabulary of a `SplitTokens` array (a corrupt dataset).
     """
-    # One contiguous slice per window: cheap on a memmap, unlike fancy indexing of the whole array.
-    rows = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts])
+    # One contiguous slice per row: cheap on a memmap, unlike fancy indexing of the whole array.
+    rows = np.stack([np.asarray(tokens[s : s + length], dtype=np.int64) for s in starts])
     vocab_size = getattr(tokens, "vocab_size", None)
     if vocab_size is not None and rows.max() >= vocab_size:  # one max per batch: cheap
         row, column = np.unravel_index(rows.argmax(), rows.shape)
@@ -575,7 +575,12 @@ def _gather(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch
             f"{tokens.origin}: token id {rows[row, column]} at position {starts[row] + column} is "
             f"outside the vocabulary of {vocab_size} (corrupt dataset; prepare it again)"
         )
-    windows = torch.from_numpy(rows)
+    return rows
+
+
+def _gather(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows beginning at `starts` as (x, y), int64 tensors [len(starts), seq_len]."""
+    windows = torch.from_numpy(token_rows(tokens, starts, seq_len + 1))
     return windows[:, :-1], windows[:, 1:]
 
 

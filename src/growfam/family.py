@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from growfam.checkpoint import latest_checkpoint, load_optimizer_state
+from growfam.data import TokenDataset, token_rows
 from growfam.errors import ConfigError, GrowfamError, as_int, as_number, check_keys, read_json
 from growfam.hf import copy_tokenizer_files, load_pretrained
 from growfam.io import atomic_directory, atomic_write_text, remove_stale_temporaries
@@ -320,7 +321,7 @@ def _probe_batch(dataset, seq_len: int, n_tokens: int) -> torch.Tensor | None:
     rows = min(max(1, n_tokens // seq_len), len(val) // seq_len)
     if rows == 0:
         return None
-    return torch.from_numpy(np.asarray(val[: rows * seq_len], dtype=np.int64)).view(rows, seq_len)
+    return torch.from_numpy(token_rows(val, np.arange(rows) * seq_len, seq_len))
 
 
 @dataclass
@@ -380,8 +381,6 @@ def run_family(spec: FamilySpec, out_dir: str | Path, *, data: str, modes: str |
     tokens at the largest member's from-scratch budget and repeat them (paper Table 2).
     Everything is checked (`check_family`, the dataset) before anything is written.
     """
-    from growfam.data import TokenDataset
-
     out_dir = Path(out_dir)
     checked = check_family(spec, out_dir, modes, fixed_data)
     modes, plan, growth = checked.modes, checked.plan, checked.growth
@@ -420,7 +419,7 @@ def run_family(spec: FamilySpec, out_dir: str | Path, *, data: str, modes: str |
                                                       _probe_batch(dataset, stage.seq_len, growth.probe_tokens))
                 log(str(report))
                 run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / GROWTH_REPORT).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+                atomic_write_text(run_dir / GROWTH_REPORT, json.dumps(report.to_dict(), indent=1) + "\n")
                 tcfg = tcfg.replace(model=model.cfg)
             elif resume_from is not None:
                 # resuming: the checkpoint holds the grown shape (lossless growth changes norm_eps)

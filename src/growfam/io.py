@@ -75,7 +75,11 @@ def atomic_directory(out_dir: str | Path, write: Callable[[Path], None]) -> Path
         if out_dir.exists() or out_dir.is_symlink():
             old = out_dir.with_name(f".{out_dir.name}{_OLD}{os.getpid()}")
             os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
+            try:
+                os.replace(tmp, out_dir)
+            except OSError:
+                os.replace(old, out_dir)  # put the old one back before reporting
+                raise
             remove_path(old)
         else:
             os.replace(tmp, out_dir)
