@@ -316,7 +316,7 @@ def test_parquet_source(tmp_path):
 
 def test_unwritable_output_is_a_clear_error(tmp_path, gpt2):
     (tmp_path / "file").write_text("a file, not a folder")
-    with pytest.raises(GrowfamError, match="preparing .* failed"):
+    with pytest.raises(GrowfamError, match="cannot write in .*file"):
         prepare(["doc"], gpt2, tmp_path / "file" / "ds", progress=False)
 
 
@@ -411,7 +411,7 @@ def test_output_that_is_a_file_or_overlaps_the_source_is_refused(tmp_path, gpt2,
     target.write_text("precious")
     assert main(["data", "prepare", str(write_jsonl(tmp_path / "d.jsonl", DOCS)), "--out", str(target)]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "is a file" in err and target.read_text() == "precious"
+    assert len(err.strip().splitlines()) == 1 and "already exists as a file" in err and target.read_text() == "precious"
     assert main(["data", "prepare", str(tmp_path / "d.jsonl"), "--out", str(target), "--force"]) == 0
     replaced = TokenDataset.open(target)
     assert replaced.num_documents("train") + replaced.num_documents("val") == len(DOCS)
@@ -420,7 +420,7 @@ def test_output_that_is_a_file_or_overlaps_the_source_is_refused(tmp_path, gpt2,
     corpus.mkdir()
     (corpus / "a.txt").write_text("some text")
     for out in (corpus, corpus / "ds", tmp_path):
-        with pytest.raises(GrowfamError, match="overlaps the source"):
+        with pytest.raises(GrowfamError, match="the source directory"):
             prepare(corpus, gpt2, out, overwrite=True, progress=False)
     assert (corpus / "a.txt").read_text() == "some text" and [p.name for p in corpus.iterdir()] == ["a.txt"]
 

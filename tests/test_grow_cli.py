@@ -87,7 +87,7 @@ def test_expand_refuses_a_non_empty_out_directory(src_dir, target, tmp_path, cap
 def test_expand_refuses_an_existing_out_file(src_dir, target, tmp_path, capsys):
     (tmp_path / "file.txt").write_text("mine")
     assert _expand(src_dir, target, tmp_path / "file.txt") == 2
-    _one_error_line(capsys, "is an existing file; pass --force to replace it")
+    _one_error_line(capsys, "already exists as a file; pass --force to replace it")
     assert (tmp_path / "file.txt").read_text() == "mine"
 
 
@@ -155,7 +155,7 @@ def test_expand_refuses_to_overwrite_a_report_without_force(src_dir, target, tmp
     report = tmp_path / "report.json"
     report.write_text("mine")
     assert _expand(src_dir, target, tmp_path / "out", "--report", str(report)) == 2
-    _one_error_line(capsys, "already exists; pass --force")
+    _one_error_line(capsys, "already exists as a file; pass --force")
     assert report.read_text() == "mine" and not (tmp_path / "out").exists()
     assert _expand(src_dir, target, tmp_path / "out", "--report", str(report), "--force") == 0
     assert json.loads(report.read_text())["target"]["d_model"] == 64

@@ -280,10 +280,7 @@ def _run_expand(args) -> int:
         raise ConfigError(f"--probe-tokens must be in [0, {_MAX_PROBE_TOKENS}], got {args.probe_tokens}")
     if not -2**63 <= args.seed < 2**63 - 1:  # torch seeds are 64-bit; expand also uses seed + 1
         raise ConfigError(f"--seed must be a 64-bit integer, got {args.seed}")
-    try:
-        _check_expand_outputs(args.src_dir, args.out, args.report, args.force)
-    except OSError as err:  # a name too long, a folder we may not list
-        raise GrowfamError(f"cannot use {err.filename or 'a path'}: {err.strerror or err}") from None
+    _check_expand_outputs(args.src_dir, args.out, args.report, args.force)
     target = resolve_config(args.to)
     source = load_pretrained(args.src_dir)
     probe = None
@@ -302,60 +299,25 @@ def _run_expand(args) -> int:
 
 
 def _check_expand_outputs(src_dir: str, out: str, report: str | None, force: bool) -> None:
-    """Refuse, before any work, an --out or --report that would lose what a user has.
-
-    --out must be new or an empty directory (anything else only with `force`), never the source,
-    inside it or above it; --report needs an existing folder, outside --out and the source.
-    """
+    """Refuse, before any work, an --out or --report that would lose what a user has: --out as
+    `io.check_output` says; --report needs an existing folder, outside --out and the source."""
     from pathlib import Path
 
-    def real(path) -> Path:  # through links (a link to the source is the source); loops are fine
-        return Path(os.path.realpath(path))
+    from growfam.io import check_output
 
-    source = real(src_dir)
-
-    def against_source(option: str, path: Path) -> None:
-        real_path = real(path)
-        if real_path == source or source in real_path.parents or real_path in source.parents:
-            relation = ("is" if real_path == source else
-                        "is inside" if source in real_path.parents else "contains")
-            raise GrowfamError(f"{option} {path} {relation} the source directory {src_dir}; "
-                               "expand never writes there (choose another path)")
-
-    def refuse_existing(option: str, path: Path, what: str) -> None:
-        if not force:
-            raise GrowfamError(f"{option} {path} {what}; pass --force to replace it")
-
-    def check_folder(option: str, path: Path) -> None:
-        """The nearest existing folder above `path` must be a writable directory."""
-        folder = next(p for p in path.absolute().parents if p.exists())
-        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-            raise GrowfamError(f"{option} {path}: cannot write in {folder}")
-
-    out_path = Path(out)
-    against_source("--out", out_path)
-    check_folder("--out", out_path)
-    if out_path.is_symlink() or out_path.is_file():
-        refuse_existing("--out", out_path, "is an existing file" if out_path.is_file() else "is a link")
-    elif out_path.is_dir():
-        if any(out_path.iterdir()):
-            refuse_existing("--out", out_path, "is not empty")
-    elif out_path.exists():  # a device, a pipe: nothing expand may replace
-        raise GrowfamError(f"--out {out_path} is not a directory or file growfam can replace")
+    check_output(out, force=force, source=src_dir, what="--out")
     if report is None:
         return
     report_path = Path(report)
     if report_path.is_dir():
         raise GrowfamError(f"--report {report_path} is a directory; give a file name")
-    against_source("--report", report_path)
-    report_real, out_real = real(report_path), real(out_path)
+    report_real, out_real = Path(os.path.realpath(report_path)), Path(os.path.realpath(out))
     if report_real == out_real or out_real in report_real.parents:
         raise GrowfamError(f"--report {report_path} is inside --out {out}, which expand replaces; "
                            "write it elsewhere")
     if not report_path.absolute().parent.is_dir():
         raise GrowfamError(f"--report {report_path}: {report_path.absolute().parent} is not an existing folder")
-    if report_path.exists() or report_path.is_symlink():
-        refuse_existing("--report", report_path, "already exists")
+    check_output(report_path, force=force, source=src_dir, what="--report")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from growfam.errors import ConfigError, GrowfamError, as_int, as_number, read_json
-from growfam.io import atomic_directory, remove_stale_temporaries
+from growfam.io import atomic_directory, check_output, remove_stale_temporaries
 from growfam.tokenizer import MIN_TRAINED_VOCAB, Tokenizer, load_tokenizer, train_bpe
 
 FORMAT = "growfam-tokens/1"
@@ -310,7 +310,7 @@ def prepare(
     max_tokens = None if max_tokens is None else as_int(max_tokens, "max_tokens", at_least=1)
     source = open_source(source)
     out = Path(out_dir)
-    _check_output(out, source, overwrite)
+    check_output(out, force=overwrite, source=source.path, what="dataset directory")
     train_vocab = _vocab_to_train(tokenizer)
     if train_vocab is None and not isinstance(tokenizer, Tokenizer):
         tokenizer = load_tokenizer(tokenizer)
@@ -359,25 +359,6 @@ def _vocab_to_train(tokenizer: Tokenizer | str | Path) -> int | None:
     if not (isinstance(tokenizer, str) and tokenizer.startswith("train:")):
         return None
     return as_int(tokenizer[len("train:"):], f"tokenizer {tokenizer!r}: VOCAB", at_least=MIN_TRAINED_VOCAB)
-
-
-def _check_output(out: Path, source: Source, overwrite: bool) -> None:
-    """GrowfamError unless `out` may be (re)written: never the source, nor anything that holds it
-    or that it holds; never an existing non-empty folder or a file without `overwrite`."""
-    target = out.resolve()
-    if source.path is not None and (
-        target == source.path or source.path in target.parents or target in source.path.parents
-    ):
-        raise GrowfamError(f"{out}: overlaps the source {source.path}; write the dataset elsewhere")
-    existing = next((p for p in (out, *out.parents) if p.exists() or p.is_symlink()), None)
-    if existing is not None and existing != out and not existing.is_dir():
-        raise GrowfamError(f"preparing {out} failed: {existing} is a file, not a folder")
-    if overwrite or existing != out:
-        return
-    if not out.is_dir():
-        raise GrowfamError(f"{out}: is a file, not a dataset directory (--force / overwrite=True replaces it)")
-    if any(out.iterdir()):
-        raise GrowfamError(f"{out}: already exists and is not empty (--force / overwrite=True replaces it)")
 
 
 def _write_tokens(

@@ -130,3 +130,37 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
                 removed.append(entry)
                 break
     return removed
+
+
+def check_output(path: str | Path, *, force: bool, source: str | Path | None = None,
+                 what: str = "output") -> None:
+    """GrowfamError unless `path` may be written as a new file or directory, before any work.
+
+    Never `source` itself, a path inside it or a folder holding it (links followed), even with
+    `force`. The nearest existing folder above `path` must be writable. An existing file, link
+    or non-empty folder is replaced only with `force`; an empty folder is fine. `what` names
+    the path in messages (e.g. "--out").
+    """
+    path = Path(path)
+    if source is not None:
+        src, real = Path(os.path.realpath(source)), Path(os.path.realpath(path))
+        if real == src or src in real.parents or real in src.parents:
+            relation = "is" if real == src else "is inside" if src in real.parents else "contains"
+            raise GrowfamError(f"{what} {path} {relation} the source directory {source}; "
+                               "growfam never writes there (choose another path)")
+    try:
+        folder = next(p for p in path.absolute().parents if p.exists())
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise GrowfamError(f"{what} {path}: cannot write in {folder}")
+        if path.is_symlink() or path.is_file():
+            kind = "already exists as a file" if path.is_file() else "already exists as a link"
+        elif path.is_dir():
+            kind = "already exists and is not empty" if any(path.iterdir()) else None
+        elif path.exists():  # a device, a pipe: nothing to replace
+            raise GrowfamError(f"{what} {path} is not a file or folder growfam can replace")
+        else:
+            kind = None
+    except OSError as err:  # a name too long, a folder we may not list
+        raise GrowfamError(f"cannot use {what} {path}: {_describe(err)}") from None
+    if kind is not None and not force:
+        raise GrowfamError(f"{what} {path} {kind}; pass --force to replace it")
