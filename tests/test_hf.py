@@ -185,22 +185,23 @@ def test_a_malformed_index_is_refused(saved, text):
         load_pretrained(saved)
 
 
-def test_integer_weights_are_refused(saved):
+def _store_norm_as(saved, dtype) -> None:
+    """Rewrite the saved final-norm gain in `dtype`."""
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(saved / "model.safetensors")
-    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int64)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(dtype)
     save_file(tensors, saved / "model.safetensors")
+
+
+def test_integer_weights_are_refused(saved):
+    _store_norm_as(saved, torch.int64)
     with pytest.raises(ConfigError, match="model.norm.weight is int64; growfam reads floating-point"):
         load_pretrained(saved)
 
 
 def test_mixed_float_dtypes_load_as_one_dtype(saved):
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(saved / "model.safetensors")
-    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.float16)
-    save_file(tensors, saved / "model.safetensors")
+    _store_norm_as(saved, torch.float16)
     model = load_pretrained(saved)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     model(torch.randint(0, 31, (1, 4)))  # runs
