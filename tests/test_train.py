@@ -265,6 +265,8 @@ def test_a_handed_optimizer_gets_the_configs_hyperparameters(tmp_path):
     stale = make_optimizer(model, cfg.replace(weight_decay=0.0), torch.device("cpu"))
     train(config(tmp_path / "c", max_steps=1, weight_decay=0.2), model, stale, dataset=ArrayDataset())
     assert [g["weight_decay"] for g in stale.param_groups] == [0.2, 0.0]
+    with pytest.raises(ConfigError, match="mixing matrices and norm gains"):
+        train(config(tmp_path / "d", max_steps=1), model, torch.optim.AdamW(model.parameters()), dataset=ArrayDataset())
 
 
 def test_a_given_model_must_match_the_config(tmp_path):
@@ -397,11 +399,13 @@ def test_nonfinite_weights_with_no_checkpoint_stop_at_once(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
 
-def test_a_blow_up_is_caught_from_step_0_not_followed(tmp_path):
-    """max_lr 10: the loss jumps from ln(128) to hundreds at step 2; the guard is armed already
-    and its baseline does not follow the blow-up, so the run stops instead of exiting 0."""
+@pytest.mark.parametrize("steps", [6, 30])
+def test_a_blow_up_is_caught_from_step_0_not_followed(tmp_path, steps):
+    """max_lr 10: the loss jumps from ln(128) to tens at step 2; the guard is armed already and
+    its baseline does not follow the blow-up, so the run stops instead of exiting 0, also when
+    it is over before the rollbacks run out (6 steps)."""
     with pytest.raises(TrainingDiverged, match="no checkpoint was written"):
-        train(config(tmp_path, max_lr=10.0, max_steps=30, eval_every=1, eval_batches=1), dataset=ArrayDataset(),
+        train(config(tmp_path, max_lr=10.0, max_steps=steps, eval_every=1, eval_batches=1), dataset=ArrayDataset(),
               on_eval=bounded(100))
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     spikes = [r for r in records if r["event"] == "spike"]

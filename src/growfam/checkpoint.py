@@ -187,6 +187,8 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
             raise broken_checkpoint(path, f"{STATE_FILE} lacks {key!r}")
         if not isinstance(state[key], types) or (isinstance(state[key], bool) and bool not in types):
             raise broken_checkpoint(path, f"{STATE_FILE}: {key} is {state[key]!r}")
+    if state["step"] < 0:
+        raise broken_checkpoint(path, f"{STATE_FILE}: step is {state['step']}")
     ledger = state["ledger"]
     if not all(isinstance(ledger.get(k), (int, float)) for k in _LEDGER_KEYS):
         raise broken_checkpoint(path, f"{STATE_FILE}: ledger is {ledger!r}")

@@ -6,10 +6,20 @@ AdamW state is kept, its learning rate follows this stage's schedule). Each opti
 1. set the learning rate from the cosine schedule (`lr_at`),
 2. forward/backward over `batch_size / (micro_batch_size · world_size)` micro-batches
    (gradient accumulation), bf16 autocast on GPU, fp32 on CPU,
-3. clip the gradient norm, ask the spike guard whether to apply the update (NaN/inf or a loss
-   far above its running mean is skipped; repeated spikes roll back to the last checkpoint with
-   a lower peak LR), step AdamW, advance masked-growth ramps,
-4. every `log_every` / `eval_every` / `ckpt_every` steps: log, validate, checkpoint.
+3. clip the gradient norm, ask the spike guard whether to apply the update (NaN/inf, or a loss
+   above `spike_factor` × a baseline that starts at ln(vocab_size) and then is the lowest
+   running mean reached, is skipped; repeated spikes roll back to the last checkpoint with a
+   lower peak LR), step AdamW, advance masked-growth ramps,
+4. every `log_every` / `eval_every` / `ckpt_every` steps: log, validate, checkpoint (the last
+   only after an accepted step, and never with NaN/inf in the weights or AdamW moments: such
+   an update is rolled back instead).
+
+What a run guarantees: every input is checked before any work or write (one GrowfamError);
+rollbacks are bounded — `max_rollbacks` in a row that do not get past the spikes, or NaN/inf
+weights with no checkpoint to return to, stop the run with `TrainingDiverged` (CLI exit 3),
+logged as a "diverged" event, keeping the last checkpoint; a killed run resumes bit-for-bit,
+logged train losses included; a damaged checkpoint is named with the one to fall back to; a
+full disk is one GrowfamError and the checkpoints written before stay intact.
 
 Units: steps are optimizer steps; tokens count targets (batch_size · seq_len per step, all ranks
 together); learning rates are per step; losses are mean cross-entropy in nats per token; FLOPs
@@ -287,10 +297,15 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
     """Set cfg's betas, eps and weight decay on every param group (decay only on the "decay"
-    group, or on a group of matrices when unnamed). load_state_dict replaces the groups'
-    values with the saved ones, so this runs after every load."""
+    group, or on an unnamed group of matrices). load_state_dict replaces the groups' values
+    with the saved ones, so this runs after every load. ConfigError for an unnamed group that
+    mixes matrices and gains: weight decay cannot apply as configured."""
     for group in optimizer.param_groups:
-        decays = group["name"] == "decay" if "name" in group else all(p.ndim >= 2 for p in group["params"])
+        matrices = {p.ndim >= 2 for p in group["params"]}
+        if "name" not in group and len(matrices) > 1:
+            raise ConfigError("the optimizer has a param group mixing matrices and norm gains; build it with "
+                              "growfam.train.make_optimizer (or param_groups) so weight decay skips the gains")
+        decays = group["name"] == "decay" if "name" in group else matrices == {True}
         group.update(betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay if decays else 0.0)
 
 
@@ -315,7 +330,8 @@ class SpikeGuard:
 
     A spike's update is skipped. `patience` spikes within `window` steps ask for a rollback:
     the peak LR scale drops by `lr_factor`. The rollback after `max_rollbacks` rollbacks in a
-    row (no accepted step past the furthest step rolled back from) is refused: "diverged".
+    row (none of which the run got past: accepted the step it happened at) is refused:
+    "diverged".
     """
 
     factor: float | None = 2.0
@@ -331,8 +347,8 @@ class SpikeGuard:
     lr_scale: float = 1.0
     spikes: int = 0
     rollbacks: int = 0
-    streak: int = 0  # rollbacks in a row without an accepted step past `rolled_back_at`
-    rolled_back_at: int = -1  # the furthest step a rollback of the streak happened at
+    streak: int = 0  # rollbacks in a row without accepting step `rolled_back_at` or a later one
+    rolled_back_at: int = -1  # the furthest step (0-based) a rollback of the streak happened at
 
     STATE = ("baseline", "mean", "accepted", "recent", "lr_scale", "spikes", "rollbacks", "streak",
              "rolled_back_at")
@@ -346,7 +362,7 @@ class SpikeGuard:
             self.mean = loss if self.mean is None else SPIKE_EMA_BETA * self.mean + (1 - SPIKE_EMA_BETA) * loss
             self.baseline = self.mean if self.baseline is None else min(self.baseline, self.mean)
             self.accepted += 1
-            if step > self.rolled_back_at:
+            if step >= self.rolled_back_at:
                 self.streak = 0
             return "ok"
         self.spikes += 1
@@ -705,8 +721,9 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
         # An update that overflowed the weights is never checkpointed: go back instead. (Checked
         # only when a checkpoint is due; otherwise the next loss shows it as NaN.)
         overflow = verdict == "ok" and checkpoint_due(step) and bool(nonfinite_tensors(model, optimizer))
-        if overflow:
-            verdict = guard.rollback(step - 1)
+        if overflow or (verdict == "skip" and step == total_steps and guard.streak):
+            # Nor does a run end amid spikes it was rolled back for and has not got past.
+            verdict = guard.rollback(step)
         if verdict != "ok":
             log.log("spike", step, loss=loss_value, grad_norm=norm_value, running_mean=guard.mean,
                     baseline=guard.baseline, lr=lr, action=verdict, nonfinite_weights=overflow)
@@ -728,6 +745,8 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
                 bar.update(step)
             elif nonfinite_tensors(model, optimizer):
                 raise diverged("NaN/inf in the weights and no checkpoint to roll back to")
+            elif step == total_steps:
+                raise diverged("the last step was a loss spike and there is no checkpoint to roll back to")
             # The data cursor runs on: the batches around the spike are not replayed.
             log.log("rollback", step, checkpoint=str(back_to) if back_to else None, lr_scale=guard.lr_scale)
             where = f"rolled back to step {step}" if back_to else "no checkpoint to roll back to"
