@@ -4,6 +4,7 @@ import errno
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -11,12 +12,12 @@ import torch
 
 import growfam.checkpoint as checkpoint_module
 from growfam.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state
-from growfam.errors import ConfigError, GrowfamError
+from growfam.errors import ConfigError, GrowfamError, TrainingDiverged
 from growfam.grow.masks import MaskState, attach_masks, mask_state
 from growfam.hf import load_pretrained
 from growfam.metrics import read_metrics
 from growfam.model import Llama, ModelConfig, flops_per_token, num_params
-from growfam.train import TrainConfig, forward_backward, lr_at, lr_bounds, param_groups, train
+from growfam.train import TrainConfig, forward_backward, lr_at, lr_bounds, make_optimizer, param_groups, train
 
 TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, ffn_dim=64, vocab_size=128, max_seq_len=32)
 
@@ -132,6 +133,20 @@ def test_config_rejects_unknown_keys_and_reads_yaml_numbers(tmp_path):
         TrainConfig(model=TINY)
 
 
+@pytest.mark.parametrize("changes, message", [
+    ({"betas": [1.0, 0.95]}, r"betas must each be in \[0, 1\), got 1.0"),
+    ({"betas": [0.9, -0.1]}, r"betas must each be in \[0, 1\)"),
+    ({"device": "banana"}, "device must be auto, cpu, cuda, cuda:N or mps, got 'banana'"),
+    ({"device": "cuda"}, "device 'cuda': CUDA is not available"),
+    ({"device": 3}, "device must be"),
+    ({"max_rollbacks": -1}, "max_rollbacks must be an integer >= 0"),
+])
+def test_config_refuses_bad_betas_devices(tmp_path, monkeypatch, changes, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=message):
+        config(tmp_path, **changes)
+
+
 # ---- the loop -------------------------------------------------------------------------------------
 
 
@@ -172,6 +187,22 @@ def test_killed_and_resumed_run_reproduces_the_losses(tmp_path):
         torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
 
 
+def test_resume_inside_a_logging_window_logs_the_same_train_losses(tmp_path):
+    """The averaging window (steps 4-6 with log_every 3) straddles the checkpoint at step 4."""
+    straight = config(tmp_path / "a", log_every=3, eval_every=6)
+    train(straight, dataset=ArrayDataset())
+
+    def kill(step, val_loss):
+        raise KeyboardInterrupt  # at step 6, after the window's log line
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "b", log_every=3, eval_every=6), dataset=ArrayDataset(), on_eval=kill)
+    train(config(tmp_path / "b", log_every=3, eval_every=6), dataset=ArrayDataset())
+    expected, got = step_losses(tmp_path / "a" / "run"), step_losses(tmp_path / "b" / "run")
+    assert sorted(expected) == [3, 6, 8]
+    assert got == expected  # bitwise, including the window mean logged at step 6
+
+
 def test_resume_in_a_masked_growth_ramp_reproduces_the_losses(tmp_path):
     source = TINY.replace(d_model=16, n_heads=1, n_kv_heads=1, ffn_dim=32)
 
@@ -209,6 +240,33 @@ def test_resume_refuses_a_different_config(tmp_path):
         train(config(tmp_path, max_steps=4, ckpt_every=2), dataset=ArrayDataset(), resume=False)
     with pytest.raises(GrowfamError, match="nothing to resume"):
         train(config(tmp_path / "empty"), dataset=ArrayDataset(), resume=True)
+
+
+def test_a_handed_optimizer_gets_the_configs_hyperparameters(tmp_path):
+    """A grown model's AdamW state arrives with the previous stage's wd/betas/eps: this stage's apply."""
+    torch.manual_seed(0)
+    model, reference = Llama(TINY), Llama(TINY)
+    reference.load_state_dict(model.state_dict())
+    cfg = config(tmp_path / "a", max_steps=4, weight_decay=0.0, betas=(0.8, 0.9), eps=1e-6)
+    stale = make_optimizer(model, cfg.replace(weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8), torch.device("cpu"))
+    train(cfg, model, stale, dataset=ArrayDataset())
+    decay, no_decay = stale.param_groups
+    assert (decay["weight_decay"], decay["betas"], decay["eps"]) == (0.0, (0.8, 0.9), 1e-6)
+    assert (no_decay["weight_decay"], no_decay["betas"], no_decay["eps"]) == (0.0, (0.8, 0.9), 1e-6)
+    saved = torch.load(latest_checkpoint(tmp_path / "a" / "run") / "optimizer.pt", weights_only=True)
+    assert [g["weight_decay"] for g in saved["param_groups"]] == [0.0, 0.0]
+    # What is recorded is what was applied: the same weights as an optimizer built from cfg.
+    train(config(tmp_path / "b", max_steps=4, weight_decay=0.0, betas=(0.8, 0.9), eps=1e-6), reference,
+          dataset=ArrayDataset())
+    for (name, p), q in zip(reference.named_parameters(), model.parameters()):
+        assert torch.equal(q, p), name
+    # and the no_decay group stays undecayed when the config decays
+    model = Llama(TINY)
+    stale = make_optimizer(model, cfg.replace(weight_decay=0.0), torch.device("cpu"))
+    train(config(tmp_path / "c", max_steps=1, weight_decay=0.2), model, stale, dataset=ArrayDataset())
+    assert [g["weight_decay"] for g in stale.param_groups] == [0.2, 0.0]
+    with pytest.raises(ConfigError, match="mixing matrices and norm gains"):
+        train(config(tmp_path / "d", max_steps=1), model, torch.optim.AdamW(model.parameters()), dataset=ArrayDataset())
 
 
 def test_a_given_model_must_match_the_config(tmp_path):
@@ -257,6 +315,114 @@ def test_repeated_spikes_roll_back_and_lower_the_lr(tmp_path):
     assert lrs[5] == pytest.approx(0.5 * lr_at(4, 10, 1e-2, 1e-3, 3))
 
 
+def bounded(limit: int):
+    """An on_eval callback (use eval_every=1) that fails a run going on for `limit` steps."""
+    calls = [0]
+
+    def count(step, val_loss):
+        calls[0] += 1
+        assert calls[0] < limit, "rollbacks are not bounded"
+
+    return count
+
+
+def assert_finite_checkpoints(out_dir, cfg) -> None:
+    for ckpt in (out_dir / "checkpoints").glob("step_*"):
+        model = Llama(TINY)
+        optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+        state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        assert all(torch.isfinite(p).all() for p in load_pretrained(ckpt).parameters()), ckpt
+        moments = [v for s in state["state"].values() for v in s.values()]
+        assert moments and all(torch.isfinite(v).all() for v in moments), ckpt
+        load_checkpoint(ckpt, model, optimizer)
+
+
+def test_an_overflowing_lr_stops_with_training_diverged(tmp_path):
+    """max_lr 1e4 (the report: 27,000 lines in 10 minutes): bounded rollbacks, then a clean stop."""
+    cfg = config(tmp_path, max_lr=1e4, max_steps=40, eval_every=1, eval_batches=1)
+    with pytest.raises(TrainingDiverged, match="diverged at step .*3 rollbacks in a row.*Lower max_lr"):
+        train(cfg, dataset=ArrayDataset(), on_eval=bounded(100))
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["event"] for r in records].count("rollback") == cfg.max_rollbacks == 3
+    assert records[-1]["event"] == "diverged" and len(records) < 60
+    assert_finite_checkpoints(tmp_path / "run", cfg)
+
+
+def poison_after(optimizer, calls) -> None:
+    """Make optimizer.step write inf into a weight on the given 1-based calls (an overflow)."""
+    original, count = optimizer.step, [0]
+
+    def step(*args, **kwargs):
+        original(*args, **kwargs)
+        count[0] += 1
+        if count[0] in calls:
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0][0, 0] = math.inf
+
+    optimizer.step = step
+
+
+def test_nonfinite_weights_are_never_checkpointed_but_rolled_back(tmp_path):
+    """Step 8's update overflows; its checkpoint is not written: back to step 4, and on."""
+    torch.manual_seed(0)
+    model = Llama(TINY)
+    cfg = config(tmp_path, eval_every=1, eval_batches=1)
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    poison_after(optimizer, {8})
+    result = train(cfg, model, optimizer, dataset=ArrayDataset(), on_eval=bounded(100))
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    rollback = [r for r in records if r["event"] == "rollback"]
+    assert [r["step"] for r in rollback] == [4] and result.rollbacks == 1 and result.steps == 8
+    assert [r["nonfinite_weights"] for r in records if r["event"] == "spike"] == [True]
+    assert_finite_checkpoints(tmp_path / "run", cfg)
+
+
+def test_weights_that_keep_overflowing_stop_keeping_the_last_good_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = Llama(TINY)
+    cfg = config(tmp_path, max_steps=20, eval_every=1, eval_batches=1, keep_last=0)
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    poison_after(optimizer, set(range(5, 100)))
+    with pytest.raises(TrainingDiverged, match="keeping the last checkpoint, step_0000004"):
+        train(cfg, model, optimizer, dataset=ArrayDataset(), on_eval=bounded(100))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["latest", "step_0000004"]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert records[-1]["event"] == "diverged" and records[-1]["checkpoint"].endswith("step_0000004")
+    assert [r["event"] for r in records].count("rollback") == 3
+
+
+def test_nonfinite_weights_with_no_checkpoint_stop_at_once(tmp_path):
+    """max_lr 1e41 overflows the weights in the very first update, before any checkpoint."""
+    cfg = config(tmp_path, max_lr=1e41, warmup_frac=0, ckpt_every=1, eval_every=1, eval_batches=1)
+    with pytest.raises(TrainingDiverged, match="at step 1: NaN/inf in the weights and no checkpoint.*no checkpoint was"):
+        train(cfg, dataset=ArrayDataset(), on_eval=bounded(100))
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("steps", [6, 30])
+def test_a_blow_up_is_caught_from_step_0_not_followed(tmp_path, steps):
+    """max_lr 10: the loss jumps from ln(128) to tens at step 2; the guard is armed already and
+    its baseline does not follow the blow-up, so the run stops instead of exiting 0, also when
+    it is over before the rollbacks run out (6 steps)."""
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written"):
+        train(config(tmp_path, max_lr=10.0, max_steps=steps, eval_every=1, eval_batches=1), dataset=ArrayDataset(),
+              on_eval=bounded(100))
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    spikes = [r for r in records if r["event"] == "spike"]
+    assert spikes and spikes[0]["step"] <= 3 and spikes[0]["loss"] > 2 * math.log(TINY.vocab_size)
+    assert max(r["loss"] for r in records if r["event"] == "train") < 2 * math.log(TINY.vocab_size)
+    assert records[-1]["event"] == "diverged" and records[-1]["checkpoint"] is None
+
+
+def test_cli_exits_3_when_training_diverges(tmp_path, monkeypatch, capsys):
+    from growfam.cli import main
+
+    path = cli_config(tmp_path, monkeypatch, "max_steps: 30\nmax_lr: 10\neval_every: 0\n")
+    assert main(["train", str(path)]) == 3
+    errors = [line for line in capsys.readouterr().err.splitlines() if "growfam train" in line]
+    assert len(errors) == 1 and errors[0].startswith("growfam train: error: training diverged at step")
+
+
 # ---- checkpoint failures -------------------------------------------------------------------------
 
 
@@ -280,6 +446,126 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert load_checkpoint(root / "step_0000004", model, optimizer)["step"] == 4
     monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
     assert train(config(tmp_path), dataset=ArrayDataset()).steps == 8  # and the run resumes
+
+
+def test_a_checkpoint_with_nonfinite_weights_or_moments_is_never_written(tmp_path):
+    model = Llama(TINY)
+    optimizer = make_optimizer(model, config(tmp_path), torch.device("cpu"))
+    model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+    optimizer.step()
+    optimizer.state[model.lm_head.weight]["exp_avg_sq"][0, 0] = math.inf
+    with pytest.raises(GrowfamError, match="NaN/inf.*lm_head.weight.*not written"):
+        checkpoint_module.save_checkpoint(tmp_path, 1, model, optimizer, {"step": 1})
+    optimizer.state[model.lm_head.weight]["exp_avg_sq"].zero_()
+    with torch.no_grad():
+        model.norm.weight[0] = math.nan
+    with pytest.raises(GrowfamError, match="NaN/inf.*norm.weight.*not written"):
+        checkpoint_module.save_checkpoint(tmp_path, 1, model, optimizer, {"step": 1})
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+CORRUPTIONS = {
+    "weights truncated": ("model.safetensors", _truncate),
+    "weights garbage": ("model.safetensors", lambda p: p.write_bytes(b"\xff" * 100)),
+    "optimizer truncated": ("optimizer.pt", _truncate),
+    "optimizer hostile pickle": ("optimizer.pt", lambda p: p.write_bytes(__import__("pickle").dumps(_Evil(), protocol=2))),
+    "optimizer wrong tensors": ("optimizer.pt", lambda p: torch.save({"state": {}, "param_groups": []}, p)),
+    "state not json": ("trainer_state.json", lambda p: p.write_text("{not json")),
+    "state a list": ("trainer_state.json", lambda p: p.write_text("[1, 2]")),
+    "state missing keys": ("trainer_state.json", lambda p: p.write_text('{"step": 8}')),
+    "state bad guard": ("trainer_state.json",
+                        lambda p: p.write_text(p.read_text().replace('"lr_scale": 1.0', '"lr_scale": "x"'))),
+}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_a_corrupt_checkpoint_names_itself_and_the_previous_one(tmp_path, monkeypatch, corruption):
+    monkeypatch.chdir(tmp_path)
+    train(config(tmp_path, keep_last=0), dataset=ArrayDataset())
+    root = tmp_path / "run" / "checkpoints"
+    name, corrupt = CORRUPTIONS[corruption]
+    corrupt(root / "step_0000008" / name)
+    before = (root / "step_0000008" / name).read_bytes()
+    with pytest.raises(GrowfamError, match=r"checkpoint .*step_0000008 is broken \(.+\); "
+                                           r"move it away to resume from step_0000004") as err:
+        train(config(tmp_path, keep_last=0), dataset=ArrayDataset())
+    assert "\n" not in str(err.value)
+    assert (root / "step_0000008" / name).read_bytes() == before  # nothing was touched
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_the_only_checkpoint_broken_says_so(tmp_path):
+    train(config(tmp_path, max_steps=4), dataset=ArrayDataset())
+    (tmp_path / "run" / "checkpoints" / "step_0000004" / "trainer_state.json").write_text("null")
+    with pytest.raises(GrowfamError, match="step_0000004 is broken.*no earlier complete checkpoint"):
+        train(config(tmp_path, max_steps=8), dataset=ArrayDataset())
+
+
+def _disk_full_open(fail_at: int):
+    """An `open` whose files raise ENOSPC on the fail_at-th write, after writing half of it."""
+    writes = [0]
+
+    class Full:
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, text):
+            writes[0] += 1
+            if writes[0] == fail_at:
+                self.file.write(text[: len(text) // 2])
+                self.file.flush()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    return lambda *args, **kwargs: Full(open(*args, **kwargs))
+
+
+def test_full_disk_while_logging_is_one_clear_error_and_resumes(tmp_path, monkeypatch):
+    import growfam.metrics
+
+    monkeypatch.setattr(growfam.metrics, "open", _disk_full_open(fail_at=9), raising=False)  # step 7's line
+    with pytest.raises(GrowfamError, match=r"cannot write .*metrics.jsonl: No space left on device"):
+        train(config(tmp_path), dataset=ArrayDataset())
+    assert latest_checkpoint(tmp_path / "run").name == "step_0000004"
+    monkeypatch.undo()
+    train(config(tmp_path), dataset=ArrayDataset())  # the half-written line is dropped on resume
+    assert sorted(step_losses(tmp_path / "run")) == list(range(1, 9))
+
+
+def test_full_disk_in_tensorboard_is_one_clear_error(tmp_path, monkeypatch):
+    from torch.utils.tensorboard import SummaryWriter
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", full)
+    with pytest.raises(GrowfamError, match=r"cannot write .*tensorboard: No space left on device"):
+        train(config(tmp_path, tensorboard=True), dataset=ArrayDataset())
+
+
+def test_stale_checkpoint_temporaries_are_removed_at_start(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    root = tmp_path / "run" / "checkpoints"
+    (root / f".step_0000004.tmp-{dead}-abcd").mkdir(parents=True)
+    (root / f".step_0000004.tmp-{dead}-abcd" / "model.safetensors").write_bytes(b"x" * 1000)
+    train(config(tmp_path, max_steps=4), dataset=ArrayDataset())
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000004"]
 
 
 def test_unwritable_out_dir_is_a_clear_error(tmp_path):
@@ -322,6 +608,46 @@ def test_two_ranks_match_one_process(tmp_path):
 
 
 # ---- command line --------------------------------------------------------------------------------
+
+
+def cli_config(tmp_path, monkeypatch, extra: str = ""):
+    """A train YAML for the tiny model on ArrayDataset (TokenDataset.open is stubbed)."""
+    import growfam.data
+
+    monkeypatch.setattr(growfam.data.TokenDataset, "open", classmethod(lambda cls, path: ArrayDataset()))
+    path = tmp_path / "train.yaml"
+    path.write_text(f"model: {json.dumps(TINY.to_dict())}\ndata: unused\nout_dir: {tmp_path / 'run'}\n"
+                    "batch_size: 4\nseq_len: 16\ntensorboard: false\ndevice: cpu\n" + extra)
+    return path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "max_lr=[1,"], re.escape("--set max_lr=[1,: malformed YAML")),
+    (["--max-tokens", "nan"], "max_tokens must be a number, got nan"),
+    (["--max-tokens", "inf"], "max_tokens must be a number, got inf"),
+    (["--max-tokens", "-5"], "max_tokens must be an integer >= 1"),
+    (["--max-steps", "-1"], "max_steps must be an integer >= 1"),
+    (["--set", "betas=[1.0, 0.95]"], r"betas must each be in \[0, 1\)"),
+    (["--device", "banana"], "device must be auto"),
+    (["--out-dir", "FILE"], "out_dir .*FILE is not a directory"),
+    (["--out-dir", "FILE/run"], "out_dir .*FILE is not a directory"),
+    (["--data", "NOTDATA"], "NOTDATA: not a prepared dataset"),
+])
+def test_cli_train_refuses_bad_input_before_writing(tmp_path, monkeypatch, capsys, args, message):
+    from growfam.cli import main
+
+    path = cli_config(tmp_path, monkeypatch, "max_steps: 2\n")
+    monkeypatch.undo()  # the real TokenDataset.open, for --data
+    (tmp_path / "FILE").write_text("a user's file")
+    (tmp_path / "NOTDATA").mkdir()
+    args = [a.replace("FILE", str(tmp_path / "FILE")).replace("NOTDATA", str(tmp_path / "NOTDATA")) for a in args]
+    if "--data" not in args:
+        cli_config(tmp_path, monkeypatch, "max_steps: 2\n")
+    assert main(["train", str(path), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err  # one line, no progress bar: nothing ran
+    assert not (tmp_path / "run").exists()
+    assert (tmp_path / "FILE").read_text() == "a user's file"
 
 
 def test_cli_train_with_overrides(tmp_path, monkeypatch, capsys):

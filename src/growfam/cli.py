@@ -113,7 +113,11 @@ def _run_train(args) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        data[key.strip()] = yaml.safe_load(value)
+        try:
+            data[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"--set {item}: malformed YAML value ({problem})") from None
     if args.max_steps is not None:  # one run length replaces the other
         data.update(max_steps=args.max_steps, max_tokens=None)
     if args.max_tokens is not None:
@@ -327,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except GrowfamError as err:
         print(f"growfam {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"growfam {args.command}: interrupted", file=sys.stderr)
         return 130

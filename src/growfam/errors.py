@@ -1,6 +1,7 @@
 """The one exception type users see, and file readers that raise it instead of tracebacks.
 
-The CLI turns any `GrowfamError` into one line on stderr and exit status 2.
+The CLI turns any `GrowfamError` into one line on stderr and exit status 2 (or the error's
+`exit_code`: 3 for `TrainingDiverged`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ class GrowfamError(Exception):
 
 class ConfigError(GrowfamError, ValueError):
     """A configuration that cannot describe a valid model, plan or run."""
+
+
+class TrainingDiverged(GrowfamError):
+    """Training stopped because it kept diverging (bounded rollbacks exhausted, or NaN/inf
+    weights with no checkpoint to go back to); the last good checkpoint is kept.
+    The CLI exits with `exit_code` so scripts can tell it from bad input."""
+
+    exit_code = 3
 
 
 def read_yaml(path: str | Path):

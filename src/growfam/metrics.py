@@ -4,12 +4,15 @@ Every record is one JSON object per line in `out_dir/metrics.jsonl`:
 `{"event": "train" | "eval" | "spike" | "rollback" | "checkpoint" | "resume" | ..., "step": int,
 "time": unix seconds, ...values}`. Numeric values also go to TensorBoard as `<event>/<key>`.
 Only rank 0 writes anything; the other ranks get a logger whose methods do nothing.
+A failed write (a full disk) is one GrowfamError naming the file; a resumed run drops the
+half-written last line such a failure (or a kill) can leave, so every line stays JSON.
 
 Also here: the bf16 dense peak FLOP/s of known GPUs, for MFU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -65,9 +68,13 @@ class MetricsLogger:
         if not enabled:
             return
         out_dir = Path(out_dir)
+        self.path = out_dir / "metrics.jsonl"
+        self._tb_dir = out_dir / "tensorboard"
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
-            self._file = open(out_dir / "metrics.jsonl", "a" if resume else "w", encoding="utf-8")
+            if resume:
+                _drop_partial_line(self.path)
+            self._file = open(self.path, "a" if resume else "w", encoding="utf-8")
         except OSError as err:
             raise GrowfamError(f"cannot write metrics to {out_dir}: {err.strerror or err}") from None
         if tensorboard:
@@ -77,7 +84,8 @@ class MetricsLogger:
                 print("growfam: tensorboard is not installed; skipping TensorBoard logs "
                       "(pip install tensorboard to get them)")
             else:
-                self._tb = SummaryWriter(str(out_dir / "tensorboard"))
+                with self._writing(self._tb_dir):
+                    self._tb = SummaryWriter(str(self._tb_dir))
         if wandb_project:
             try:
                 import wandb
@@ -94,22 +102,54 @@ class MetricsLogger:
         for key, value in values.items():
             number = _scalar(value)
             record[key] = None if number is not None and not math.isfinite(number) else value
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()  # a killed run keeps every line it logged
+        with self._writing(self.path):
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()  # a killed run keeps every line it logged
         scalars = {f"{event}/{k}": _scalar(v) for k, v in values.items() if _scalar(v) is not None}
         if self._tb is not None:
-            for key, number in scalars.items():
-                self._tb.add_scalar(key, number, step)
+            with self._writing(self._tb_dir):
+                for key, number in scalars.items():
+                    self._tb.add_scalar(key, number, step)
         if self._wandb is not None and scalars:
             self._wandb.log(scalars, step=step)
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _writing(path: Path):
+        """Turn an OSError (a full disk) into one GrowfamError naming `path`."""
+        try:
+            yield
+        except OSError as err:
+            raise GrowfamError(f"cannot write {path}: {err.strerror or err}") from None
+
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            with self._writing(self.path):
+                self._file.close()
         if self._tb is not None:
-            self._tb.close()
+            with self._writing(self._tb_dir):
+                self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut `path` after its last newline: what follows is a line a failed write left half done."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, 2)
+        tail = 0
+        while tail < size:  # scan back in blocks for the last newline
+            block = min(4096, size - tail)
+            f.seek(size - tail - block)
+            chunk = f.read(block)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                f.truncate(size - tail - block + newline + 1)
+                return
+            tail += block
+        f.truncate(0)
 
 
 def read_metrics(path: str | Path, event: str | None = None) -> list[dict]:

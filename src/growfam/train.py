@@ -6,10 +6,20 @@ AdamW state is kept, its learning rate follows this stage's schedule). Each opti
 1. set the learning rate from the cosine schedule (`lr_at`),
 2. forward/backward over `batch_size / (micro_batch_size · world_size)` micro-batches
    (gradient accumulation), bf16 autocast on GPU, fp32 on CPU,
-3. clip the gradient norm, ask the spike guard whether to apply the update (NaN/inf or a loss
-   far above its running mean is skipped; repeated spikes roll back to the last checkpoint with
-   a lower peak LR), step AdamW, advance masked-growth ramps,
-4. every `log_every` / `eval_every` / `ckpt_every` steps: log, validate, checkpoint.
+3. clip the gradient norm, ask the spike guard whether to apply the update (NaN/inf, or a loss
+   above `spike_factor` × a baseline that starts at ln(vocab_size) and then is the lowest
+   running mean reached, is skipped; repeated spikes roll back to the last checkpoint with a
+   lower peak LR), step AdamW, advance masked-growth ramps,
+4. every `log_every` / `eval_every` / `ckpt_every` steps: log, validate, checkpoint (the last
+   only after an accepted step, and never with NaN/inf in the weights or AdamW moments: such
+   an update is rolled back instead).
+
+What a run guarantees: every input is checked before any work or write (one GrowfamError);
+rollbacks are bounded — `max_rollbacks` in a row that do not get past the spikes, or NaN/inf
+weights with no checkpoint to return to, stop the run with `TrainingDiverged` (CLI exit 3),
+logged as a "diverged" event, keeping the last checkpoint; a killed run resumes bit-for-bit,
+logged train losses included; a damaged checkpoint is named with the one to fall back to; a
+full disk is one GrowfamError and the checkpoints written before stay intact.
 
 Units: steps are optimizer steps; tokens count targets (batch_size · seq_len per step, all ranks
 together); learning rates are per step; losses are mean cross-entropy in nats per token; FLOPs
@@ -37,11 +47,13 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from growfam.checkpoint import (decode_rng, encode_rng, latest_checkpoint, load_checkpoint, read_trainer_state,
+from growfam.checkpoint import (STATE_FILE, broken_checkpoint, checkpoint_root, decode_rng, encode_rng,
+                                latest_checkpoint, load_checkpoint, nonfinite_tensors, read_trainer_state,
                                 save_checkpoint)
 from growfam.data import PackedWindows, TokenDataset, eval_windows
-from growfam.errors import ConfigError, GrowfamError, as_int, as_number, check_keys, read_yaml
+from growfam.errors import ConfigError, GrowfamError, TrainingDiverged, as_int, as_number, check_keys, read_yaml
 from growfam.grow.masks import MaskState, advance_masks, attach_masks, fold_masks, mask_state
+from growfam.io import remove_stale_temporaries
 from growfam.metrics import MetricsLogger, peak_flops
 from growfam.model import Llama, ModelConfig, flops_per_token, num_params, resolve_config
 
@@ -69,12 +81,14 @@ class TrainConfig:
     max_lr: peak learning rate. min_lr: absolute floor of the cosine, or min_lr_ratio: floor as
         a fraction of max_lr (at most one of the two; default ratio 0.1).
     warmup_frac: fraction of the steps spent warming up linearly (rounded up to whole steps).
-    betas, eps, weight_decay: AdamW. Weight decay applies to tensors with ndim >= 2 (every
-        linear weight and the embedding, as in nanoGPT and the paper's single "0.1"), never to
-        the RMSNorm gains.
+    betas, eps, weight_decay: AdamW (each beta in [0, 1)). Weight decay applies to tensors with
+        ndim >= 2 (every linear weight and the embedding, as in nanoGPT and the paper's single
+        "0.1"), never to the RMSNorm gains. They are also set on an optimizer handed to `train`
+        (whose state may carry another stage's values), so what a checkpoint records is applied.
     grad_clip: max global gradient L2 norm; 0 disables clipping (the norm is still logged).
     seed: model initialisation and data order.
-    device: "auto" (CUDA if available, else CPU) or a torch device string.
+    device: "auto" (CUDA if available, else CPU), "cpu", "cuda", "cuda:N" or "mps"; checked
+        against this machine when the config is made.
     dtype: "auto" (bfloat16 autocast on CUDA, float32 elsewhere), "bfloat16" or "float32".
         Master weights and optimizer state are always float32.
     compile: torch.compile the loss function.
@@ -82,9 +96,16 @@ class TrainConfig:
         validation windows per evaluation.
     ckpt_every: checkpoint every N steps (0: only at the end); keep_last: checkpoints kept (0: all).
     log_every: log the mean training loss every N steps.
-    spike_factor: a loss above spike_factor × its running mean skips the update (None: only
-        NaN/inf do). spike_patience spikes within spike_window steps roll back to the last
-        checkpoint and multiply the max LR by spike_lr_factor (patience 0: never roll back).
+    spike_factor: a loss above spike_factor × the guard's baseline skips the update (None: only
+        NaN/inf do). The baseline is ln(vocab_size) (a uniform predictor's loss) at step 0 and
+        then the lowest running mean of accepted losses, so the guard is armed from the first
+        step and a blow-up cannot drag it along. spike_patience spikes within spike_window steps
+        roll back to the last checkpoint and multiply the max LR by spike_lr_factor (patience 0:
+        never roll back).
+    max_rollbacks: the most rollbacks in a row that do not get the run past the step where the
+        previous one happened; one more stops the run with TrainingDiverged (CLI exit 3),
+        keeping the last good checkpoint. So does NaN/inf in the weights with no checkpoint to
+        go back to.
     max_unique_tokens: fixed-data mode (paper Table 2): train on the first N tokens only and
         repeat them once consumed.
     tensorboard: also write TensorBoard logs (when tensorboard is installed).
@@ -120,6 +141,7 @@ class TrainConfig:
     spike_patience: int = 3
     spike_window: int = 100
     spike_lr_factor: float = 0.5
+    max_rollbacks: int = 3
     max_unique_tokens: int | None = None
     tensorboard: bool = True
     wandb_project: str | None = None
@@ -129,7 +151,7 @@ class TrainConfig:
             self.model = resolve_config(self.model)
         for name, low in (("batch_size", 1), ("seq_len", 1), ("eval_batches", 1), ("log_every", 1),
                           ("spike_window", 1), ("seed", 0), ("eval_every", 0), ("ckpt_every", 0),
-                          ("keep_last", 0), ("spike_patience", 0)):
+                          ("keep_last", 0), ("spike_patience", 0), ("max_rollbacks", 0)):
             setattr(self, name, as_int(getattr(self, name), name, low))
         for name in ("max_steps", "max_tokens", "micro_batch_size", "max_unique_tokens"):
             if getattr(self, name) is not None:
@@ -143,7 +165,11 @@ class TrainConfig:
                 setattr(self, name, _float(getattr(self, name), name, low, high))
         if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
             raise ConfigError(f"betas must be two numbers, got {self.betas!r}")
-        self.betas = tuple(_float(b, "betas", 0, 1) for b in self.betas)
+        self.betas = tuple(as_number(b, "betas") for b in self.betas)
+        for b in self.betas:  # beta = 1 never forgets the first gradient: Adam stops learning
+            if not 0 <= b < 1:
+                raise ConfigError(f"betas must each be in [0, 1), got {b}")
+        check_device(self.device)
         if (self.max_steps is None) == (self.max_tokens is None):
             raise ConfigError("give exactly one of max_steps and max_tokens")
         if self.min_lr is not None and self.min_lr_ratio is not None:
@@ -184,11 +210,29 @@ def _float(value: Any, name: str, low: float, high: float | None) -> float:
     return as_number(value, name, at_least=low, at_most=high)
 
 
+def check_device(spec: Any) -> None:
+    """ConfigError unless `spec` is "auto" or a device this machine has (cpu, cuda[:N], mps)."""
+    if spec == "auto":
+        return
+    try:
+        device = torch.device(spec) if isinstance(spec, str) else None
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {spec!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {spec!r}: CUDA is not available on this machine; use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {spec!r}: MPS is not available on this machine; use cpu or auto")
+
+
 #: Config keys that may change between a checkpoint and its resumption: they steer logging,
 #: bookkeeping and hardware, not the loss trajectory.
 RESUME_FREE_KEYS = frozenset({
     "out_dir", "data", "device", "compile", "micro_batch_size", "eval_every", "eval_batches",
-    "ckpt_every", "keep_last", "log_every", "tensorboard", "wandb_project",
+    "ckpt_every", "keep_last", "log_every", "tensorboard", "wandb_project", "max_rollbacks",
 })
 
 
@@ -251,62 +295,114 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
                              eps=cfg.eps, fused=fused)
 
 
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """Set cfg's betas, eps and weight decay on every param group (decay only on the "decay"
+    group, or on an unnamed group of matrices). load_state_dict replaces the groups' values
+    with the saved ones, so this runs after every load. ConfigError for an unnamed group that
+    mixes matrices and gains: weight decay cannot apply as configured."""
+    for group in optimizer.param_groups:
+        matrices = {p.ndim >= 2 for p in group["params"]}
+        if "name" not in group and len(matrices) > 1:
+            raise ConfigError("the optimizer has a param group mixing matrices and norm gains; build it with "
+                              "growfam.train.make_optimizer (or param_groups) so weight decay skips the gains")
+        decays = group["name"] == "decay" if "name" in group else matrices == {True}
+        group.update(betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay if decays else 0.0)
+
+
 # --------------------------------------------------------------------------------------------
 # Loss-spike guard (paper section 4.4 and Appendix C)
 # --------------------------------------------------------------------------------------------
 
-#: The running mean is an EMA of accepted losses with this beta (about the last 10 steps), and
-#: the ratio test arms only after this many accepted steps, when the mean means something.
+#: The running mean is an EMA of accepted losses with this beta (about the last 10 steps).
 SPIKE_EMA_BETA = 0.9
-SPIKE_ARM_STEPS = 10
 
 
 @dataclass
 class SpikeGuard:
     """Decides for each optimizer step whether its update is applied.
 
-    A step is a spike when its loss or gradient norm is NaN/inf or, once armed, its loss exceeds
-    `factor` × the running mean of accepted losses. A spike's update is skipped. `patience`
-    spikes within `window` steps ask for a rollback, and the peak LR scale drops by `lr_factor`.
+    A step is a spike when its loss or gradient norm is NaN/inf or its loss exceeds `factor` ×
+    the baseline. The baseline starts at `baseline` (train() gives ln(vocab_size)) and then is
+    the lowest running mean of accepted losses reached so far. Why: an EMA of accepted losses
+    follows a blow-up that rises less than `factor` per step (8 -> 3000 went through unflagged),
+    while the lowest mean reached cannot rise; and a freshly initialised model predicts about
+    uniformly, so ln(V) bounds a sane starting loss and arms the guard from step 0.
+
+    A spike's update is skipped. `patience` spikes within `window` steps ask for a rollback:
+    the peak LR scale drops by `lr_factor`. The rollback after `max_rollbacks` rollbacks in a
+    row (none of which the run got past: accepted the step it happened at) is refused:
+    "diverged".
     """
 
     factor: float | None = 2.0
     patience: int = 3
     window: int = 100
     lr_factor: float = 0.5
+    max_rollbacks: int = 3
     # state, saved in checkpoints
+    baseline: float | None = None
     mean: float | None = None
     accepted: int = 0
     recent: list[int] = field(default_factory=list)
     lr_scale: float = 1.0
     spikes: int = 0
     rollbacks: int = 0
+    streak: int = 0  # rollbacks in a row without accepting step `rolled_back_at` or a later one
+    rolled_back_at: int = -1  # the furthest step (0-based) a rollback of the streak happened at
 
-    STATE = ("mean", "accepted", "recent", "lr_scale", "spikes", "rollbacks")
+    STATE = ("baseline", "mean", "accepted", "recent", "lr_scale", "spikes", "rollbacks", "streak",
+             "rolled_back_at")
 
     def check(self, step: int, loss: float, grad_norm: float) -> str:
-        """"ok" (apply the update), "skip", or "rollback" (skip and reload the last checkpoint)."""
+        """"ok" (apply the update), "skip", "rollback" (skip and reload the last checkpoint) or
+        "diverged" (stop the run). `step` is the 0-based index of the step."""
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        armed = self.factor is not None and self.accepted >= SPIKE_ARM_STEPS
-        if finite and not (armed and loss > self.factor * self.mean):
+        if finite and not (self.factor is not None and self.baseline is not None
+                           and loss > self.factor * self.baseline):
             self.mean = loss if self.mean is None else SPIKE_EMA_BETA * self.mean + (1 - SPIKE_EMA_BETA) * loss
+            self.baseline = self.mean if self.baseline is None else min(self.baseline, self.mean)
             self.accepted += 1
+            if step >= self.rolled_back_at:
+                self.streak = 0
             return "ok"
         self.spikes += 1
         self.recent = [s for s in self.recent if s > step - self.window] + [step]
         if self.patience and len(self.recent) >= self.patience:
-            self.recent = []
-            self.lr_scale *= self.lr_factor
-            self.rollbacks += 1
-            return "rollback"
+            return self.rollback(step)
         return "skip"
+
+    def rollback(self, step: int) -> str:
+        """Ask to go back to the last checkpoint from step `step`: "rollback" (the LR scale
+        drops) or, once `max_rollbacks` in a row did not get the run past them, "diverged"."""
+        self.recent = []
+        if self.streak >= self.max_rollbacks:
+            return "diverged"
+        self.streak += 1
+        self.rolled_back_at = max(self.rolled_back_at, step)
+        self.lr_scale *= self.lr_factor
+        self.rollbacks += 1
+        return "rollback"
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.STATE}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`; keys it lacks (older checkpoints) keep their values here.
+        TypeError for a value of the wrong kind, so a damaged checkpoint fails here, not later."""
+        def number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
         for k in self.STATE:
-            setattr(self, k, state[k])
+            value = state.get(k, getattr(self, k))
+            if k == "recent":
+                ok = isinstance(value, list) and all(type(s) is int for s in value)
+            elif k in ("baseline", "mean", "lr_scale"):
+                ok = number(value) or (value is None and k != "lr_scale")
+            else:
+                ok = type(value) is int
+            if not ok:
+                raise TypeError(f"spike guard {k} is {value!r}")
+            setattr(self, k, value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,7 +541,8 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
     """Train one stage; returns its TrainResult. See the module docstring for the step.
 
     model / optimizer: start from these (a grown model and its transferred AdamW state)
-        instead of a fresh, seeded initialisation; the optimizer's LR follows the schedule.
+        instead of a fresh, seeded initialisation; the optimizer's LR follows the schedule,
+        and its betas, eps and weight decay are set from cfg.
     tokenizer: saved into every checkpoint (default: the dataset's tokenizer).
     on_eval(step, val_loss): called after each validation; returning True stops the run there
         (with a final checkpoint), e.g. when the loss has converged.
@@ -453,27 +550,30 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
         used instead of opening `cfg.data`.
     resume: None resumes when out_dir holds a checkpoint; True requires one; False requires
         none (it never silently continues, nor overwrites, an earlier run).
+
+    Guaranteed: the config, model, data, out_dir and the checkpoint to resume are checked
+    before any work or write (a GrowfamError, one line). A killed and resumed run trains and
+    logs bit-for-bit what the uninterrupted run would. No checkpoint holds NaN/inf; rollbacks
+    are bounded, and a run that keeps diverging stops with TrainingDiverged, logged to
+    metrics.jsonl, keeping its last good checkpoint. A damaged checkpoint is named along with
+    the one to fall back to. A full disk is a GrowfamError that leaves earlier checkpoints
+    intact. Temporaries of killed checkpoint writes are removed at the start.
     """
     rank, world = _rank_world()
     device = _resolve_device(cfg.device, world)
     amp_dtype = _amp_dtype(cfg.dtype, device)
     out_dir = Path(cfg.out_dir)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # float32 runs use the TF32 tensor cores
 
-    # ---- model and config -------------------------------------------------------------------
-    if model is None:
-        if cfg.model is None:
-            raise ConfigError("no model: set `model` in the train config or pass one to train()")
-        torch.manual_seed(cfg.seed)
-        model = Llama(cfg.model)  # initialised on the CPU, so the same seed gives the same model anywhere
-    elif cfg.model is None:
-        cfg = cfg.replace(model=model.cfg)
-    elif _shape(cfg.model) != _shape(model.cfg):
+    # ---- check every input before any work or write -------------------------------------------
+    _check_out_dir(out_dir)
+    if model is None and cfg.model is None:
+        raise ConfigError("no model: set `model` in the train config or pass one to train()")
+    if model is not None and cfg.model is not None and _shape(cfg.model) != _shape(model.cfg):
         raise ConfigError(f"the model handed to train() is not the configured one: {model.cfg} vs {cfg.model}")
-    if cfg.seq_len > model.cfg.max_seq_len:
-        raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+    if cfg.model is None:
+        cfg = cfg.replace(model=model.cfg)
+    if cfg.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {cfg.model.max_seq_len}")
     per_rank, rem = divmod(cfg.batch_size, world)
     micro = cfg.micro_batch_size or per_rank
     if rem or per_rank % micro:
@@ -483,15 +583,30 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
     tokens_per_step = cfg.batch_size * cfg.seq_len
     total_steps = cfg.max_steps or math.ceil(cfg.max_tokens / tokens_per_step)
     warmup_steps = math.ceil(cfg.warmup_frac * total_steps)
-
-    # ---- data ----------------------------------------------------------------------------------
     if dataset is None:
         if cfg.data is None:
             raise ConfigError("no data: set `data` in the train config to a prepared dataset directory")
         dataset = TokenDataset.open(cfg.data)
-    if dataset.vocab_size > model.cfg.vocab_size:
+    if dataset.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the dataset's vocabulary ({dataset.vocab_size}) is larger than the model's "
-                          f"({model.cfg.vocab_size})")
+                          f"({cfg.model.vocab_size})")
+    ckpt = latest_checkpoint(out_dir)
+    if resume is True and ckpt is None:
+        raise GrowfamError(f"nothing to resume: {out_dir} holds no checkpoint")
+    if resume is False and ckpt is not None:
+        raise GrowfamError(f"{out_dir} holds checkpoints of an earlier run (latest: {ckpt.name}); "
+                           "resume it, or choose another out_dir to start over")
+    run_config = json.loads(json.dumps(cfg.to_dict()))
+    if ckpt is not None:
+        check_resumable(read_trainer_state(ckpt)["config"], run_config, ckpt)
+
+    # ---- model, data, optimizer ------------------------------------------------------------------
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 runs use the TF32 tensor cores
+    if model is None:
+        torch.manual_seed(cfg.seed)
+        model = Llama(cfg.model)  # initialised on the CPU, so the same seed gives the same model anywhere
     if tokenizer is None and hasattr(dataset, "tokenizer"):
         tokenizer = dataset.tokenizer()
     windows = PackedWindows(dataset.tokens("train"), cfg.seq_len, micro, cfg.seed, rank=rank,
@@ -502,8 +617,6 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
             print(f"growfam train: the validation split holds no window of {cfg.seq_len + 1} tokens; "
                   "training without validation")
         val_tokens = None
-
-    # ---- optimizer, resume ---------------------------------------------------------------------
     model.to(device)
     if optimizer is None:
         optimizer = make_optimizer(model, cfg, device)
@@ -511,29 +624,34 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
         _check_optimizer(model, optimizer)
         # load_state_dict casts every state tensor to its parameter's device and dtype.
         optimizer.load_state_dict(optimizer.state_dict())
-    guard = SpikeGuard(cfg.spike_factor, cfg.spike_patience, cfg.spike_window, cfg.spike_lr_factor)
+    apply_hyperparameters(optimizer, cfg)
+    guard = SpikeGuard(cfg.spike_factor, cfg.spike_patience, cfg.spike_window, cfg.spike_lr_factor,
+                       cfg.max_rollbacks, baseline=math.log(model.cfg.vocab_size))
     ledger = {"tokens_processed": 0, "flops": 0, "flops_attn": 0, "wall_s": 0.0}
     n_nonemb = num_params(model.cfg, "nonembedding")
     attn_per_token = flops_per_token(model.cfg, cfg.seq_len)
     step, train_loss, val_loss = 0, None, None
+    window_losses: list[float] = []  # accepted losses since the last `train` log line
 
-    ckpt = latest_checkpoint(out_dir)
-    if resume is True and ckpt is None:
-        raise GrowfamError(f"nothing to resume: {out_dir} holds no checkpoint")
-    if resume is False and ckpt is not None:
-        raise GrowfamError(f"{out_dir} holds checkpoints of an earlier run (latest: {ckpt.name}); "
-                           "resume it, or choose another out_dir to start over")
-    run_config = json.loads(json.dumps(cfg.to_dict()))
+    # ---- resume ----------------------------------------------------------------------------------
+    if rank == 0:
+        remove_stale_temporaries(checkpoint_root(out_dir))  # of checkpoint writes that were killed
     if ckpt is not None:
-        check_resumable(read_trainer_state(ckpt)["config"], run_config, ckpt)
         state = load_checkpoint(ckpt, model, optimizer, device)
-        step, train_loss, val_loss = state["step"], state["train_loss"], state["val_loss"]
-        # Ranks advance in lock-step, so rank 0's cursor position is every rank's.
-        windows.load_state_dict({**state["data"], "rank": rank})
-        guard.load_state_dict(state["guard"])
-        ledger = state["ledger"]
-        decode_rng(state["rng"])
-        _masks_from_dict(model, state["masks"])
+        apply_hyperparameters(optimizer, cfg)
+        try:
+            step, train_loss, val_loss = state["step"], state["train_loss"], state["val_loss"]
+            # Ranks advance in lock-step, so rank 0's cursor position is every rank's.
+            windows.load_state_dict({**state["data"], "rank": rank})
+            guard.load_state_dict(state["guard"])
+            ledger = state["ledger"]
+            window_losses = [float(x) for x in state.get("window_losses", [])]
+            decode_rng(state["rng"])
+            _masks_from_dict(model, state["masks"])
+        except GrowfamError:
+            raise  # the checkpoint is whole but does not fit this run (another data stream, ...)
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+            raise broken_checkpoint(ckpt, f"{STATE_FILE}: {type(err).__name__}: {err}") from None
         if state["finished"]:  # a completed run: nothing to do but report it
             return _result(train_loss, val_loss, step, tokens_per_step, ledger, guard, ckpt,
                            state["stopped_early"])
@@ -545,13 +663,16 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
     loss_fn = torch.compile(model.loss) if cfg.compile else model.loss
     peak = peak_flops(device) if amp_dtype == torch.bfloat16 else None
 
+    def checkpoint_due(step: int) -> bool:
+        return step == total_steps or bool(cfg.ckpt_every and step % cfg.ckpt_every == 0)
+
     def checkpoint(finished: bool = False, stopped_early: bool = False) -> Path:
         state = {
             "step": step, "total_steps": total_steps, "tokens": step * tokens_per_step,
             "train_loss": train_loss, "val_loss": val_loss, "finished": finished,
             "stopped_early": stopped_early, "data": windows.state_dict(), "rng": encode_rng(),
             "guard": guard.state_dict(), "masks": _masks_to_dict(model), "ledger": ledger,
-            "world_size": world, "config": run_config,
+            "window_losses": window_losses, "world_size": world, "config": run_config,
         }
         if rank == 0:
             save_checkpoint(out_dir, step, model, optimizer, state, tokenizer=tokenizer, keep_last=cfg.keep_last)
@@ -559,9 +680,18 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
         _barrier(world)
         return latest_checkpoint(out_dir)
 
+    def diverged(reason: str) -> TrainingDiverged:
+        """Log the stop and close up; the error to raise. Nothing more is written."""
+        good = latest_checkpoint(out_dir)
+        log.log("diverged", step, reason=reason, checkpoint=str(good) if good else None, lr_scale=guard.lr_scale)
+        log.close()
+        bar.close()
+        kept = f"keeping the last checkpoint, {good.name}" if good else "no checkpoint was written"
+        return TrainingDiverged(f"training diverged at step {step}: {reason}; stopped, {kept}. "
+                                f"Lower max_lr and start again in a new out_dir (not {out_dir})")
+
     # ---- the loop ------------------------------------------------------------------------------
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, unit="step", dynamic_ncols=True)
-    window_losses: list[float] = []
     window_start, window_tokens = time.perf_counter(), 0
     session_start = time.perf_counter() - ledger["wall_s"]
     stopped_early = False
@@ -588,18 +718,35 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
         window_tokens += tokens_per_step
         bar.update(1)
 
+        # An update that overflowed the weights is never checkpointed: go back instead. (Checked
+        # only when a checkpoint is due; otherwise the next loss shows it as NaN.)
+        overflow = verdict == "ok" and checkpoint_due(step) and bool(nonfinite_tensors(model, optimizer))
+        if overflow or (verdict == "skip" and step == total_steps and guard.streak):
+            # Nor does a run end amid spikes it was rolled back for and has not got past.
+            verdict = guard.rollback(step)
         if verdict != "ok":
             log.log("spike", step, loss=loss_value, grad_norm=norm_value, running_mean=guard.mean,
-                    lr=lr, action=verdict)
-            bar.write(f"step {step}: loss spike ({loss_value:.4g}, grad norm {norm_value:.4g}); update skipped")
+                    baseline=guard.baseline, lr=lr, action=verdict, nonfinite_weights=overflow)
+            what = "NaN/inf weights" if overflow else f"loss spike ({loss_value:.4g}, grad norm {norm_value:.4g})"
+            bar.write(f"step {step}: {what}; update skipped")
+        if verdict == "diverged":
+            reason = (f"{guard.streak} rollbacks in a row (max LR down to {cfg.max_lr * guard.lr_scale:.3g}) "
+                      f"did not get past step {guard.rolled_back_at + 1}") if guard.streak else \
+                "repeated loss spikes and max_rollbacks is 0"
+            raise diverged(reason)
         if verdict == "rollback":
             back_to = latest_checkpoint(out_dir)
             if back_to is not None:
                 state = load_checkpoint(back_to, model, optimizer, device)
+                apply_hyperparameters(optimizer, cfg)
                 step = state["step"]
                 _masks_from_dict(model, state["masks"])
                 bar.reset(total=total_steps)
                 bar.update(step)
+            elif nonfinite_tensors(model, optimizer):
+                raise diverged("NaN/inf in the weights and no checkpoint to roll back to")
+            elif step == total_steps:
+                raise diverged("the last step was a loss spike and there is no checkpoint to roll back to")
             # The data cursor runs on: the batches around the spike are not replayed.
             log.log("rollback", step, checkpoint=str(back_to) if back_to else None, lr_scale=guard.lr_scale)
             where = f"rolled back to step {step}" if back_to else "no checkpoint to roll back to"
@@ -630,7 +777,9 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
             if on_eval is not None and on_eval(step, val_loss):
                 stopped_early = True
                 break
-        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < total_steps:
+        # Only after an accepted step: a checkpoint taken amid spikes keeps the state they come
+        # from, and rollbacks would return to it.
+        if checkpoint_due(step) and step < total_steps and verdict == "ok":
             checkpoint()
         window_start += time.perf_counter() - pause
 
@@ -638,6 +787,15 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
     final = checkpoint(finished=True, stopped_early=stopped_early)
     log.close()
     return _result(train_loss, val_loss, step, tokens_per_step, ledger, guard, final, stopped_early)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """ConfigError when out_dir, or the nearest folder above it that exists, is not a folder."""
+    for path in (out_dir, *out_dir.parents):
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                raise ConfigError(f"cannot write to out_dir {out_dir}: {path} is not a directory")
+            return
 
 
 def _shape(cfg: ModelConfig) -> dict[str, Any]:
