@@ -266,7 +266,7 @@ def test_a_family_directory_refuses_a_changed_train_section(tmp_path, dataset, m
 
 @pytest.mark.parametrize("changes, message", [
     ({"train": {"weight_decay": -1}}, r"^train.weight_decay must be >= 0, got -1"),
-    ({"train": {"betas": [2, 0.9]}}, r"^train.betas must be in \[0, 1\], got 2"),
+    ({"train": {"betas": [2, 0.9]}}, r"^train.betas must each be in \[0, 1\), got 2"),
     ({"train": {"weight_decya": 0}}, r"^unknown key 'weight_decya' in train \(did you mean 'weight_decay'\?\)"),
     ({"train": {"max_lr": 1.0}}, r"^train.max_lr is set by the family plan"),
     ({"train": [1, 2]}, r"^train must be a mapping"),
