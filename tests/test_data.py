@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -15,11 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-import growfam.data as data
 from growfam.cli import main
 from growfam.data import PackedWindows, TokenDataset, eval_windows, in_val_split, open_source, prepare, token_dtype
+from growfam.data.tokenizer import EOT, TiktokenGPT2, Tokenizer, load_tokenizer
 from growfam.errors import GrowfamError
-from growfam.tokenizer import EOT, TiktokenGPT2, Tokenizer, load_tokenizer
+
+# The module, where prepare looks up _write_tokens and train_bpe (growfam.data.prepare is the function).
+prepare_module = importlib.import_module("growfam.data.prepare")
 
 
 def window_ids(x: torch.Tensor, seq_len: int) -> list[int]:
@@ -343,13 +346,13 @@ def test_interrupted_prepare_leftovers_are_removed_and_temporaries_named_like_io
     stale = tmp_path / f".ds.tmp-{_dead_pid()}"  # what a killed prepare left behind
     (stale / "train").mkdir(parents=True)
     seen = []
-    real_write_tokens = data._write_tokens
+    real_write_tokens = prepare_module._write_tokens
 
     def spy(source, tokenizer, out, *args):
         seen.append(out.name)
         return real_write_tokens(source, tokenizer, out, *args)
 
-    monkeypatch.setattr(data, "_write_tokens", spy)
+    monkeypatch.setattr(prepare_module, "_write_tokens", spy)
     prepare(["doc"], gpt2, tmp_path / "ds", val_fraction=0, progress=False)
     assert not stale.exists() and [p.name for p in tmp_path.iterdir()] == ["ds"]
     assert re.fullmatch(rf"\.ds\.tmp-{os.getpid()}-\w+", seen[0])
@@ -365,7 +368,7 @@ def test_force_keeps_the_old_dataset_until_the_new_one_is_complete(tmp_path, gpt
         raise GrowfamError("source went away")
 
     with monkeypatch.context() as patch:
-        patch.setattr(data, "_write_tokens", fail_midway)
+        patch.setattr(prepare_module, "_write_tokens", fail_midway)
         with pytest.raises(GrowfamError, match="source went away"):
             prepare(["new"], gpt2, out, overwrite=True, progress=False)
     assert TokenDataset.open(out).tokens("train").tolist() == old_tokens
@@ -508,11 +511,11 @@ def test_full_disk_is_one_clear_line_and_the_old_dataset_survives(tmp_path, caps
     old = TokenDataset.open(out).tokens("train").tolist()
     tokenizer = "train:300" if where == "trained tokenizer" else "gpt2"
     if where == "tokens":
-        _full_disk_at(monkeypatch, data, "_write_tokens", "train/tokens.bin")
+        _full_disk_at(monkeypatch, prepare_module, "_write_tokens", "train/tokens.bin")
     elif where == "gpt2 tokenizer":
         _full_disk_at(monkeypatch, TiktokenGPT2, "save", "tokenizer.json")
     else:
-        _full_disk_at(monkeypatch, data, "train_bpe", "tokenizer.json")
+        _full_disk_at(monkeypatch, prepare_module, "train_bpe", "tokenizer.json")
     capsys.readouterr()
     assert main(["data", "prepare", str(source), "--out", str(out), "--tokenizer", tokenizer, "--force"]) == 2
     err = capsys.readouterr().err

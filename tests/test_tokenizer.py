@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer, GPT2TokenizerFast
 
 from growfam.errors import GrowfamError
-from growfam.tokenizer import MAX_RUN, bounded_pieces, load_tokenizer, train_bpe
+from growfam.data.tokenizer import MAX_RUN, bounded_pieces, load_tokenizer, train_bpe
 
 TEXTS = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",

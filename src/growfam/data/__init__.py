@@ -1,0 +1,81 @@
+"""Training data: document sources, one-time tokenisation into token files, and packed windows.
+
+Pipeline: `open_source` gives documents (the embedded Python-stdlib corpus, local
+.txt/.jsonl/.parquet files, or a streamed Hugging Face dataset); `prepare` tokenises them once
+into a self-contained dataset directory; `TokenDataset.open` memory-maps it; `PackedWindows`
+turns a split's token array into seeded, resumable batches and `eval_windows` into validation
+batches.
+
+Modules, each importing only those listed before it (no cycles):
+
+    tokenizer.py   Tokenizer, load_tokenizer, train_bpe, bounded_pieces, MAX_RUN
+    sources.py     Source, embedded / local (.txt, .jsonl, .parquet) / hf sources, open_source
+    dataset.py     TokenDataset, SplitTokens, the index checks, FORMAT, SPLITS, token_dtype
+                   (imports tokenizer)
+    prepare.py     prepare, in_val_split, chunking, writing the token files and the index
+                   (imports tokenizer, sources, dataset)
+    loader.py      token_rows, PackedWindows, eval_windows (imports nothing of data/: it reads
+                   a SplitTokens' vocab_size and origin by duck typing)
+
+data/ may import errors and io; nothing of model/, grow/, train/ or family/.
+
+Note: the package attribute `growfam.data.prepare` is the function; the module is
+`sys.modules["growfam.data.prepare"]` (`importlib.import_module("growfam.data.prepare")`).
+"""
+
+from growfam.data.dataset import FORMAT, SPLITS, SplitTokens, TokenDataset, token_dtype
+from growfam.data.loader import PackedWindows, eval_windows, token_rows
+from growfam.data.prepare import BPE_TRAIN_MAX_CHARS, CHUNK_CHARS, in_val_split, prepare
+from growfam.data.sources import (
+    LOCAL_SUFFIXES,
+    Source,
+    SourceSpec,
+    embedded_source,
+    hf_source,
+    local_source,
+    open_source,
+)
+from growfam.data.tokenizer import (
+    EOT,
+    GPT2_PATTERN,
+    MAX_RUN,
+    MIN_TRAINED_VOCAB,
+    HFTokenizer,
+    TiktokenGPT2,
+    Tokenizer,
+    bounded_pieces,
+    load_tokenizer,
+    train_bpe,
+)
+
+__all__ = [
+    "BPE_TRAIN_MAX_CHARS",
+    "CHUNK_CHARS",
+    "EOT",
+    "FORMAT",
+    "GPT2_PATTERN",
+    "LOCAL_SUFFIXES",
+    "MAX_RUN",
+    "MIN_TRAINED_VOCAB",
+    "SPLITS",
+    "HFTokenizer",
+    "PackedWindows",
+    "Source",
+    "SourceSpec",
+    "SplitTokens",
+    "TiktokenGPT2",
+    "TokenDataset",
+    "Tokenizer",
+    "bounded_pieces",
+    "embedded_source",
+    "eval_windows",
+    "hf_source",
+    "in_val_split",
+    "load_tokenizer",
+    "local_source",
+    "open_source",
+    "prepare",
+    "token_dtype",
+    "token_rows",
+    "train_bpe",
+]
