@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -16,13 +15,19 @@ import numpy as np
 import pytest
 import torch
 
+import growfam.data.preparation as prepare_module  # where prepare looks up _write_tokens and train_bpe
 from growfam.cli import main
-from growfam.data import PackedWindows, TokenDataset, eval_windows, in_val_split, open_source, prepare, token_dtype
+from growfam.data import (
+    PackedWindows,
+    TokenDataset,
+    eval_windows,
+    in_val_split,
+    open_source,
+    prepare,
+    token_dtype,
+)
 from growfam.data.tokenizer import EOT, TiktokenGPT2, Tokenizer, load_tokenizer
 from growfam.errors import GrowfamError
-
-# The module, where prepare looks up _write_tokens and train_bpe (growfam.data.prepare is the function).
-prepare_module = importlib.import_module("growfam.data.prepare")
 
 
 def window_ids(x: torch.Tensor, seq_len: int) -> list[int]:

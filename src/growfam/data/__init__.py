@@ -12,20 +12,20 @@ Modules, each importing only those listed before it (no cycles):
     sources.py     Source, embedded / local (.txt, .jsonl, .parquet) / hf sources, open_source
     dataset.py     TokenDataset, SplitTokens, the index checks, FORMAT, SPLITS, token_dtype
                    (imports tokenizer)
-    prepare.py     prepare, in_val_split, chunking, writing the token files and the index
+    preparation.py prepare, in_val_split, chunking, writing the token files and the index
                    (imports tokenizer, sources, dataset)
     loader.py      token_rows, PackedWindows, eval_windows (imports nothing of data/: it reads
                    a SplitTokens' vocab_size and origin by duck typing)
 
 data/ may import errors and io; nothing of model/, grow/, train/ or family/.
 
-Note: the package attribute `growfam.data.prepare` is the function; the module is
-`sys.modules["growfam.data.prepare"]` (`importlib.import_module("growfam.data.prepare")`).
+(`preparation.py`, not `prepare.py`: a module named like the function it exports would be
+shadowed by it in this package's namespace.)
 """
 
 from growfam.data.dataset import FORMAT, SPLITS, SplitTokens, TokenDataset, token_dtype
 from growfam.data.loader import PackedWindows, eval_windows, token_rows
-from growfam.data.prepare import BPE_TRAIN_MAX_CHARS, CHUNK_CHARS, in_val_split, prepare
+from growfam.data.preparation import BPE_TRAIN_MAX_CHARS, CHUNK_CHARS, in_val_split, prepare
 from growfam.data.sources import (
     LOCAL_SUFFIXES,
     Source,
