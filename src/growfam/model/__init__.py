@@ -31,6 +31,7 @@ from growfam.model.llama import (
     RMSNorm,
     apply_rope,
     rope_cos_sin,
+    weight_std,
 )
 from growfam.model.presets import PRESETS, get_preset, known_presets
 from growfam.model.resolve import resolve_config
@@ -59,4 +60,5 @@ __all__ = [
     "resolve_config",
     "rope_cos_sin",
     "save_pretrained",
+    "weight_std",
 ]

@@ -171,6 +171,18 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def weight_std(cfg: ModelConfig, name: str) -> float | None:
+    """The std `Llama.reset_parameters` draws parameter `name` from (None: an RMSNorm gain, set
+    to 1). N(0, init_std); the residual-writing projections are scaled by 1/sqrt(2·L).
+
+    The growth operators give new tensors this std too, so the rule lives here only.
+    """
+    if name.endswith("norm.weight"):
+        return None
+    scale = 1 / math.sqrt(2 * cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+    return cfg.init_std * scale
+
+
 class Llama(nn.Module):
     """Llama decoder. Parameter names equal Hugging Face's minus the `model.` prefix.
 
@@ -193,13 +205,11 @@ class Llama(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """N(0, init_std) weights; residual-writing projections scaled by 1/sqrt(2·L)."""
-        std = self.cfg.init_std
         for name, p in self.named_parameters():
             if p.ndim == 1:
                 p.fill_(1.0)
             else:
-                scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
-                p.normal_(0.0, std * scale, generator=generator)
+                p.normal_(0.0, weight_std(self.cfg, name), generator=generator)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         T = idx.shape[1]
