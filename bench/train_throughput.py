@@ -23,9 +23,9 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from growfam.hf import config_to_hf, hf_state_dict
 from growfam.metrics import peak_flops
-from growfam.model import Llama, ModelConfig, flops_per_token, num_params, resolve_config
+from growfam.model import (Llama, ModelConfig, config_to_hf, flops_per_token, hf_state_dict, num_params,
+                           resolve_config)
 from growfam.train import forward_backward, param_groups
 
 #: A ~20M-parameter shape (head_dim 64, FFN 3.5·d), for a CPU figure beyond the tiny presets.

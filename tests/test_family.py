@@ -14,7 +14,7 @@ from growfam.cli import main
 from growfam.data import prepare
 from growfam.errors import ConfigError
 from growfam.family import format_comparison, run_family
-from growfam.hf import load_pretrained
+from growfam.model import load_pretrained
 from growfam.plan import FamilySpec, make_plan
 
 TEXT = [f"Document {i}: the {'quick brown fox' if i % 2 else 'lazy dog'} number {i * 7} "

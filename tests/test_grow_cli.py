@@ -8,7 +8,7 @@ import torch
 
 from conftest import random_model, tiny_config
 from growfam.cli import main
-from growfam.hf import load_pretrained, save_pretrained
+from growfam.model import load_pretrained, save_pretrained
 
 
 @pytest.fixture
@@ -125,12 +125,12 @@ def test_expand_disk_full_keeps_the_old_out(src_dir, target, tmp_path, capsys, m
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    import growfam.hf
+    import growfam.model.hf
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(growfam.hf, "save_file", full)
+    monkeypatch.setattr(growfam.model.hf, "save_file", full)
     assert _expand(src_dir, target, out, "--force") == 2
     _one_error_line(capsys, "No space left on device")
     assert [p.name for p in out.iterdir()] == ["old.txt"]

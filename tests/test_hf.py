@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from growfam.errors import ConfigError, GrowfamError
-from growfam.hf import config_from_hf, load_pretrained, save_pretrained
+from growfam.model import config_from_hf, load_pretrained, save_pretrained
 
 from conftest import random_model, tiny_config
 
@@ -50,7 +50,7 @@ def test_round_trip_keeps_dtype_and_ties(tmp_path):
 def test_saving_over_a_member_replaces_it_atomically(tmp_path, monkeypatch):
     first = random_model(tiny_config(), seed=1)
     save_pretrained(first, tmp_path / "m")
-    import growfam.hf as hf
+    import growfam.model.hf as hf
 
     def broken_save(*args, **kwargs):
         raise OSError(28, "No space left on device")

@@ -14,9 +14,8 @@ import growfam.checkpoint as checkpoint_module
 from growfam.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state
 from growfam.errors import ConfigError, GrowfamError, TrainingDiverged
 from growfam.grow.masks import MaskState, attach_masks, mask_state
-from growfam.hf import load_pretrained
 from growfam.metrics import read_metrics
-from growfam.model import Llama, ModelConfig, flops_per_token, num_params
+from growfam.model import Llama, ModelConfig, flops_per_token, load_pretrained, num_params
 from growfam.train import TrainConfig, forward_backward, lr_at, lr_bounds, make_optimizer, param_groups, train
 
 TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, ffn_dim=64, vocab_size=128, max_seq_len=32)

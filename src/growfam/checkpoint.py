@@ -31,9 +31,8 @@ from typing import Any
 import torch
 
 from growfam.errors import GrowfamError, TrainingDiverged
-from growfam.hf import load_pretrained, save_pretrained
 from growfam.io import atomic_directory, atomic_write_text
-from growfam.model import Llama
+from growfam.model import Llama, load_pretrained, save_pretrained
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"

@@ -273,9 +273,8 @@ def _run_expand(args) -> int:
 
     from growfam.errors import ConfigError
     from growfam.grow import expand
-    from growfam.hf import load_pretrained, save_pretrained
     from growfam.io import atomic_write_text
-    from growfam.model import resolve_config
+    from growfam.model import load_pretrained, resolve_config, save_pretrained
 
     if args.width == "masked":  # its masks would be lost: a saved model has no place for them
         raise ConfigError("--width masked needs the training loop to ramp its masks; use it in "

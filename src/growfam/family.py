@@ -31,9 +31,8 @@ import torch
 from growfam.checkpoint import latest_checkpoint, load_optimizer_state
 from growfam.data import TokenDataset, token_rows
 from growfam.errors import ConfigError, GrowfamError, as_int, as_number, check_keys, read_json
-from growfam.hf import copy_tokenizer_files, load_pretrained
 from growfam.io import atomic_directory, atomic_write_text, remove_stale_temporaries
-from growfam.model import resolve_config
+from growfam.model import copy_tokenizer_files, load_pretrained, resolve_config
 from growfam.plan import FamilyPlan, FamilySpec, make_plan
 from growfam.train import RESUME_FREE_KEYS, TrainConfig, TrainResult, make_optimizer, train
 

@@ -15,8 +15,8 @@ from growfam.errors import ConfigError
 from growfam.grow import maps
 from growfam.grow.depth import DEPTH_OPS, DepthOp
 from growfam.grow.width import (WIDTH_OPS, Axis, Counts, Space, WidthOp, check_width, fill_new,
-                                fresh_std, grow_tensor, norm_rescale, width_spaces)
-from growfam.model import Llama, ModelConfig
+                                grow_tensor, norm_rescale, width_spaces)
+from growfam.model import Llama, ModelConfig, weight_std
 
 #: Layer tensor suffix -> (space its rows write, space its columns read).
 _LAYER_SPACES = {
@@ -142,7 +142,7 @@ class GrowthPlan:
         out: dict[str, torch.Tensor] = {}
         counts: dict[str, Counts] = {}
         for name, shape in self.shapes.items():
-            std = fresh_std(self.target, name)
+            std = weight_std(self.target, name)
             layer = _layer_of(name)
             if layer is not None and self.layers.new[layer[0]]:
                 # An inserted layer: a copy of its source layer's first occurrence, or fresh.

@@ -21,7 +21,6 @@ the final RMSNorm gains carry the split, γ' = γ[g]/c — the same logits, tied
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -296,12 +295,3 @@ def _count(rows: Axis, cols: Axis) -> Counts:
     kept = rows.keep * cols.keep
     plain = rows.unscaled * cols.unscaled
     return Counts(copied=plain, split=kept - plain, new=rows.n_target * cols.n_target - kept)
-
-
-def fresh_std(cfg: ModelConfig, name: str) -> float | None:
-    """The std reset_parameters gives a new tensor of `name` (None for an RMSNorm gain)."""
-    if name.endswith("norm.weight"):
-        return None
-    if name.endswith(("o_proj.weight", "down_proj.weight")):
-        return cfg.init_std / math.sqrt(2 * cfg.n_layers)
-    return cfg.init_std

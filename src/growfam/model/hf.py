@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 
 from growfam.errors import ConfigError, as_int, as_number, read_json
 from growfam.io import atomic_directory
-from growfam.model import Llama, ModelConfig
+from growfam.model.config import ModelConfig
+from growfam.model.llama import Llama
 
 #: Files of a Hugging Face tokenizer directory that travel with a member.
 TOKENIZER_FILES = (

@@ -1,0 +1,64 @@
+"""The model: its config, exact counts, named presets, the Llama modules and Hugging Face I/O.
+
+- `config`: ModelConfig (validated, to/from dict, YAML, JSON), num_params, flops_per_token.
+- `presets`: the named shapes (PRESETS, get_preset).
+- `llama`: the nn.Modules (RMSNorm, RoPE, Attention, FeedForward, Block), Llama, KVCache.
+- `hf`: config.json <-> ModelConfig, tensor names, save_pretrained / load_pretrained.
+- `resolve`: resolve_config (a preset name, a config file, a dict or a model directory).
+
+Imports point one way: presets and llama import config; hf imports config and llama; resolve
+imports config, presets and hf. model/ may import errors and io; nothing of data/, grow/,
+train/ or family/.
+"""
+
+from growfam.model.config import ModelConfig, flops_per_token, num_params
+from growfam.model.hf import (
+    TOKENIZER_FILES,
+    config_from_hf,
+    config_to_hf,
+    copy_tokenizer_files,
+    hf_state_dict,
+    load_pretrained,
+    read_hf_config,
+    save_pretrained,
+)
+from growfam.model.llama import (
+    Attention,
+    Block,
+    FeedForward,
+    KVCache,
+    Llama,
+    RMSNorm,
+    apply_rope,
+    rope_cos_sin,
+    weight_std,
+)
+from growfam.model.presets import PRESETS, get_preset, known_presets
+from growfam.model.resolve import resolve_config
+
+__all__ = [
+    "PRESETS",
+    "TOKENIZER_FILES",
+    "Attention",
+    "Block",
+    "FeedForward",
+    "KVCache",
+    "Llama",
+    "ModelConfig",
+    "RMSNorm",
+    "apply_rope",
+    "config_from_hf",
+    "config_to_hf",
+    "copy_tokenizer_files",
+    "flops_per_token",
+    "get_preset",
+    "hf_state_dict",
+    "known_presets",
+    "load_pretrained",
+    "num_params",
+    "read_hf_config",
+    "resolve_config",
+    "rope_cos_sin",
+    "save_pretrained",
+    "weight_std",
+]
