@@ -23,7 +23,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from growfam.metrics import peak_flops
+from growfam.train.metrics import peak_flops
 from growfam.model import (Llama, ModelConfig, config_to_hf, flops_per_token, hf_state_dict, num_params,
                            resolve_config)
 from growfam.train import forward_backward, param_groups

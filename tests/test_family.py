@@ -195,7 +195,7 @@ def test_cli_family_run_prepares_its_data_and_prints_the_comparison(tmp_path, ca
 
 
 def test_a_masked_growth_ramp_ends_inside_its_stage(tmp_path, dataset):
-    from growfam.checkpoint import latest_checkpoint, read_trainer_state
+    from growfam.train.checkpoint import latest_checkpoint, read_trainer_state
 
     masked = spec(tokens={"explicit": [2000, 4000]}, growth={"width": "masked", "depth": "identity"})
     ledger = run_family(masked, tmp_path, data=dataset, modes=("progressive",), log=lambda s: None)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-import growfam.checkpoint as checkpoint_module
-from growfam.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state
+import growfam.train.checkpoint as checkpoint_module
+from growfam.train.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state
 from growfam.errors import ConfigError, GrowfamError, TrainingDiverged
 from growfam.grow.masks import MaskState, attach_masks, mask_state
-from growfam.metrics import read_metrics
+from growfam.train.metrics import read_metrics
 from growfam.model import Llama, ModelConfig, flops_per_token, load_pretrained, num_params
 from growfam.train import TrainConfig, forward_backward, lr_at, lr_bounds, make_optimizer, param_groups, train
 
@@ -532,9 +532,9 @@ def _disk_full_open(fail_at: int):
 
 
 def test_full_disk_while_logging_is_one_clear_error_and_resumes(tmp_path, monkeypatch):
-    import growfam.metrics
+    import growfam.train.metrics
 
-    monkeypatch.setattr(growfam.metrics, "open", _disk_full_open(fail_at=9), raising=False)  # step 7's line
+    monkeypatch.setattr(growfam.train.metrics, "open", _disk_full_open(fail_at=9), raising=False)  # step 7's line
     with pytest.raises(GrowfamError, match=r"cannot write .*metrics.jsonl: No space left on device"):
         train(config(tmp_path), dataset=ArrayDataset())
     assert latest_checkpoint(tmp_path / "run").name == "step_0000004"

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from growfam.checkpoint import latest_checkpoint, load_optimizer_state
+from growfam.train.checkpoint import latest_checkpoint, load_optimizer_state
 from growfam.data import TokenDataset, token_rows
 from growfam.errors import ConfigError, GrowfamError, as_int, as_number, check_keys, read_json
 from growfam.io import atomic_directory, atomic_write_text, remove_stale_temporaries

@@ -1,0 +1,69 @@
+"""Training one model: the config, the optimizer, the spike guard, checkpoints, logging, the loop.
+
+- `config`: TrainConfig (validated, YAML/dict in and out), check_device, RESUME_FREE_KEYS and
+  check_resumable (what a resumed run may change).
+- `optim`: the LR schedule (lr_at, lr_bounds), AdamW's param groups, make_optimizer,
+  apply_hyperparameters, check_optimizer.
+- `guard`: SpikeGuard, the loss-spike guard (skip, roll back, or stop as diverged).
+- `parallel`: ranks and devices under torchrun (init_distributed, rank_world, resolve_device,
+  amp_dtype, average_over_ranks, barrier); the only module that calls torch.distributed.
+- `checkpoint`: complete, atomic checkpoints (Hugging Face directories plus optimizer and
+  trainer state), latest_checkpoint, load/save.
+- `metrics`: MetricsLogger (metrics.jsonl, TensorBoard, wandb), read_metrics, peak_flops.
+- `loop`: train() and TrainResult, forward_backward, evaluate.
+
+Imports point one way: optim imports config; loop imports every other module here; config,
+guard, parallel, checkpoint and metrics import nothing of train/. train/ may import errors, io,
+model, data and grow; nothing of family/ or the CLI.
+"""
+
+from growfam.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    read_trainer_state,
+    save_checkpoint,
+)
+from growfam.train.config import RESUME_FREE_KEYS, TrainConfig, check_device, check_resumable
+from growfam.train.guard import SPIKE_EMA_BETA, SpikeGuard
+from growfam.train.loop import TrainResult, evaluate, forward_backward, train
+from growfam.train.metrics import MetricsLogger, peak_flops, read_metrics
+from growfam.train.optim import (
+    DEFAULT_MIN_LR_RATIO,
+    apply_hyperparameters,
+    check_optimizer,
+    lr_at,
+    lr_bounds,
+    make_optimizer,
+    param_groups,
+)
+from growfam.train.parallel import init_distributed
+
+__all__ = [
+    "DEFAULT_MIN_LR_RATIO",
+    "RESUME_FREE_KEYS",
+    "SPIKE_EMA_BETA",
+    "MetricsLogger",
+    "SpikeGuard",
+    "TrainConfig",
+    "TrainResult",
+    "apply_hyperparameters",
+    "check_device",
+    "check_optimizer",
+    "check_resumable",
+    "evaluate",
+    "forward_backward",
+    "init_distributed",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_optimizer_state",
+    "lr_at",
+    "lr_bounds",
+    "make_optimizer",
+    "param_groups",
+    "peak_flops",
+    "read_metrics",
+    "read_trainer_state",
+    "save_checkpoint",
+    "train",
+]

@@ -1,0 +1,198 @@
+"""The train config: TrainConfig (validated, YAML/dict in and out) and what a resumed run may change.
+
+RESUME_FREE_KEYS are the keys that steer logging, bookkeeping and hardware; check_resumable
+refuses a config that differs from a checkpoint's in any other key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from growfam.errors import ConfigError, as_int, as_number, check_keys, read_yaml
+from growfam.model import ModelConfig, resolve_config
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Loaded from YAML with `TrainConfig.load`; unknown keys are errors.
+
+    model: a ModelConfig, preset name, config path or dict; None when `train` is handed a model.
+    data: a prepared token dataset directory (`growfam data prepare`).
+    out_dir: where metrics.jsonl, tensorboard/ and checkpoints/ go.
+    max_steps / max_tokens: the length of the run, exactly one of them (tokens are rounded up
+        to whole steps).
+    batch_size: global batch in sequences per optimizer step (all ranks together).
+    micro_batch_size: sequences per forward pass per rank; None = batch_size / world_size (no
+        gradient accumulation). Must divide the per-rank batch.
+    seq_len: tokens per training sequence.
+    max_lr: peak learning rate. min_lr: absolute floor of the cosine, or min_lr_ratio: floor as
+        a fraction of max_lr (at most one of the two; default ratio 0.1).
+    warmup_frac: fraction of the steps spent warming up linearly (rounded up to whole steps).
+    betas, eps, weight_decay: AdamW (each beta in [0, 1)). Weight decay applies to tensors with
+        ndim >= 2 (every linear weight and the embedding, as in nanoGPT and the paper's single
+        "0.1"), never to the RMSNorm gains. They are also set on an optimizer handed to `train`
+        (whose state may carry another stage's values), so what a checkpoint records is applied.
+    grad_clip: max global gradient L2 norm; 0 disables clipping (the norm is still logged).
+    seed: model initialisation and data order.
+    device: "auto" (CUDA if available, else CPU), "cpu", "cuda", "cuda:N" or "mps"; checked
+        against this machine when the config is made.
+    dtype: "auto" (bfloat16 autocast on CUDA, float32 elsewhere), "bfloat16" or "float32".
+        Master weights and optimizer state are always float32.
+    compile: torch.compile the loss function.
+    eval_every: validate every N steps (0: only at the end); eval_batches: micro-batches of
+        validation windows per evaluation.
+    ckpt_every: checkpoint every N steps (0: only at the end); keep_last: checkpoints kept (0: all).
+    log_every: log the mean training loss every N steps.
+    spike_factor: a loss above spike_factor × the guard's baseline skips the update (None: only
+        NaN/inf do). The baseline is ln(vocab_size) (a uniform predictor's loss) at step 0 and
+        then the lowest running mean of accepted losses, so the guard is armed from the first
+        step and a blow-up cannot drag it along. spike_patience spikes within spike_window steps
+        roll back to the last checkpoint and multiply the max LR by spike_lr_factor (patience 0:
+        never roll back).
+    max_rollbacks: the most rollbacks in a row that do not get the run past the step where the
+        previous one happened; one more stops the run with TrainingDiverged (CLI exit 3),
+        keeping the last good checkpoint. So does NaN/inf in the weights with no checkpoint to
+        go back to.
+    max_unique_tokens: fixed-data mode (paper Table 2): train on the first N tokens only and
+        repeat them once consumed.
+    tensorboard: also write TensorBoard logs (when tensorboard is installed).
+    wandb_project: log to this Weights & Biases project (needs wandb installed).
+    """
+
+    model: ModelConfig | None = None
+    data: str | None = None
+    out_dir: str = "runs/train"
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    batch_size: int = 32
+    micro_batch_size: int | None = None
+    seq_len: int = 256
+    max_lr: float = 3e-4
+    min_lr: float | None = None
+    min_lr_ratio: float | None = None
+    warmup_frac: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    eval_every: int = 200
+    eval_batches: int = 20
+    ckpt_every: int = 1000
+    keep_last: int = 2
+    log_every: int = 10
+    spike_factor: float | None = 2.0
+    spike_patience: int = 3
+    spike_window: int = 100
+    spike_lr_factor: float = 0.5
+    max_rollbacks: int = 3
+    max_unique_tokens: int | None = None
+    tensorboard: bool = True
+    wandb_project: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.model is not None:
+            self.model = resolve_config(self.model)
+        for name, low in (("batch_size", 1), ("seq_len", 1), ("eval_batches", 1), ("log_every", 1),
+                          ("spike_window", 1), ("seed", 0), ("eval_every", 0), ("ckpt_every", 0),
+                          ("keep_last", 0), ("spike_patience", 0), ("max_rollbacks", 0)):
+            setattr(self, name, as_int(getattr(self, name), name, low))
+        for name in ("max_steps", "max_tokens", "micro_batch_size", "max_unique_tokens"):
+            if getattr(self, name) is not None:
+                setattr(self, name, as_int(getattr(self, name), name, 1))
+        for name, low, high in (("max_lr", 0, None), ("warmup_frac", 0, 1), ("eps", 0, None),
+                                ("weight_decay", 0, None), ("grad_clip", 0, None),
+                                ("spike_lr_factor", 0, 1)):
+            setattr(self, name, _float(getattr(self, name), name, low, high))
+        for name, low, high in (("min_lr", 0, None), ("min_lr_ratio", 0, 1), ("spike_factor", 1, None)):
+            if getattr(self, name) is not None:
+                setattr(self, name, _float(getattr(self, name), name, low, high))
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise ConfigError(f"betas must be two numbers, got {self.betas!r}")
+        self.betas = tuple(as_number(b, "betas") for b in self.betas)
+        for b in self.betas:  # beta = 1 never forgets the first gradient: Adam stops learning
+            if not 0 <= b < 1:
+                raise ConfigError(f"betas must each be in [0, 1), got {b}")
+        check_device(self.device)
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise ConfigError("give exactly one of max_steps and max_tokens")
+        if self.min_lr is not None and self.min_lr_ratio is not None:
+            raise ConfigError("give at most one of min_lr (absolute) and min_lr_ratio")
+        if self.min_lr is not None and self.min_lr > self.max_lr:
+            raise ConfigError(f"min_lr {self.min_lr} is above max_lr {self.max_lr}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        for name in ("compile", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.model is not None and self.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"seq_len {self.seq_len} exceeds the model's max_seq_len {self.model.max_seq_len}")
+
+    # ---- (de)serialisation ----------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a train config must be a mapping, got {type(data).__name__}")
+        check_keys(data, [f.name for f in dataclasses.fields(cls)], "the train config")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(read_yaml(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the model as a dict, betas as a list."""
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _float(value: Any, name: str, low: float, high: float | None) -> float:
+    return as_number(value, name, at_least=low, at_most=high)
+
+
+def check_device(spec: Any) -> None:
+    """ConfigError unless `spec` is "auto" or a device this machine has (cpu, cuda[:N], mps)."""
+    if spec == "auto":
+        return
+    try:
+        device = torch.device(spec) if isinstance(spec, str) else None
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {spec!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {spec!r}: CUDA is not available on this machine; use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {spec!r}: MPS is not available on this machine; use cpu or auto")
+
+
+#: Config keys that may change between a checkpoint and its resumption: they steer logging,
+#: bookkeeping and hardware, not the loss trajectory.
+RESUME_FREE_KEYS = frozenset({
+    "out_dir", "data", "device", "compile", "micro_batch_size", "eval_every", "eval_batches",
+    "ckpt_every", "keep_last", "log_every", "tensorboard", "wandb_project", "max_rollbacks",
+})
+
+
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    """ConfigError naming every trajectory-relevant key that differs from the checkpoint's."""
+    differ = [k for k in sorted(set(saved) | set(current))
+              if k not in RESUME_FREE_KEYS and saved.get(k) != current.get(k)]
+    if differ:
+        lines = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in differ)
+        raise ConfigError(f"the config does not match the checkpoint {where} ({lines}); "
+                          "use the original config, or a new out_dir to start over")

@@ -1,0 +1,81 @@
+"""The learning-rate schedule (warm-up, cosine) and the AdamW optimizer a run steps.
+
+Weight decay applies to tensors with ndim >= 2, never to the RMSNorm gains; a config's betas,
+eps and weight decay are (re)applied to an optimizer's groups after every state load.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from growfam.errors import ConfigError
+from growfam.train.config import TrainConfig
+
+
+def lr_at(step: int, total_steps: int, max_lr: float, min_lr: float, warmup_steps: int) -> float:
+    """Learning rate of optimizer step `step` (0-based) of `total_steps`.
+
+    Linear warm-up over `warmup_steps` (step 0 already gets max_lr / warmup_steps, never 0),
+    then a cosine from max_lr down to min_lr, reached exactly at the last step; min_lr after.
+    """
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    decay_steps = total_steps - 1 - warmup_steps
+    progress = 1.0 if decay_steps <= 0 else min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+#: The cosine floor as a fraction of the peak when the config gives neither min_lr nor
+#: min_lr_ratio (Llama's convention; the paper states none).
+DEFAULT_MIN_LR_RATIO = 0.1
+
+
+def lr_bounds(cfg: TrainConfig, scale: float = 1.0) -> tuple[float, float]:
+    """(max_lr, min_lr) of the schedule with the peak multiplied by `scale` (the spike guard's
+    rollbacks lower it); a ratio floor scales with it, an absolute one is capped by it."""
+    max_lr = cfg.max_lr * scale
+    if cfg.min_lr is not None:
+        return max_lr, min(cfg.min_lr, max_lr)
+    ratio = DEFAULT_MIN_LR_RATIO if cfg.min_lr_ratio is None else cfg.min_lr_ratio
+    return max_lr, ratio * max_lr
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on tensors with ndim >= 2 (matrices, embeddings), not on gains."""
+    params = [p for p in model.parameters() if p.requires_grad]  # a tied weight appears once
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, "name": "decay"},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "name": "no_decay"},
+    ]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; fused kernels where torch has them (CUDA and CPU)."""
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.max_lr, betas=cfg.betas,
+                             eps=cfg.eps, fused=fused)
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """Set cfg's betas, eps and weight decay on every param group (decay only on the "decay"
+    group, or on an unnamed group of matrices). load_state_dict replaces the groups' values
+    with the saved ones, so this runs after every load. ConfigError for an unnamed group that
+    mixes matrices and gains: weight decay cannot apply as configured."""
+    for group in optimizer.param_groups:
+        matrices = {p.ndim >= 2 for p in group["params"]}
+        if "name" not in group and len(matrices) > 1:
+            raise ConfigError("the optimizer has a param group mixing matrices and norm gains; build it with "
+                              "growfam.train.make_optimizer (or param_groups) so weight decay skips the gains")
+        decays = group["name"] == "decay" if "name" in group else matrices == {True}
+        group.update(betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay if decays else 0.0)
+
+
+def check_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+    if missing:
+        raise ConfigError(f"the optimizer does not hold the model's parameters {', '.join(missing[:3])}"
+                          f"{' …' if len(missing) > 3 else ''}; build it from this model")
