@@ -9,13 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import growfam.family as family
+import growfam.family.pipeline as family
 from growfam.cli import main
 from growfam.data import prepare
 from growfam.errors import ConfigError
 from growfam.family import format_comparison, run_family
 from growfam.model import load_pretrained
-from growfam.plan import FamilySpec, make_plan
+from growfam.family import FamilySpec, make_plan
 
 TEXT = [f"Document {i}: the {'quick brown fox' if i % 2 else 'lazy dog'} number {i * 7} "
         f"jumps over {i % 5} fences and lands in field {i % 11}. " * 3 for i in range(400)]

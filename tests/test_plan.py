@@ -12,7 +12,7 @@ import pytest
 from growfam.cli import main
 from growfam.errors import ConfigError
 from growfam.model import ModelConfig, flops_per_token, get_preset, num_params
-from growfam.plan import FamilySpec, LRPolicy, load_family_spec, make_plan, shipped_families
+from growfam.family import FamilySpec, LRPolicy, load_family_spec, make_plan, shipped_families
 
 B = 1e9
 PAPER = ["paper-1b", "paper-2b", "paper-4b", "paper-8b"]

@@ -67,7 +67,7 @@ def _add_plan(sub) -> None:
 def _run_plan(args) -> int:
     import json
 
-    from growfam.plan import format_plan, load_family_spec, make_plan
+    from growfam.family import format_plan, load_family_spec, make_plan
 
     changes = {"members": args.members, "chinchilla": args.chinchilla, "count": args.count,
                "batch_size": args.batch_size[0] if args.batch_size and len(args.batch_size) == 1
@@ -198,8 +198,7 @@ def _build_family(family: str, out: str | None, data: str | None, modes: tuple[s
     """Plan, check everything, prepare the data if needed, build every member, print the comparison."""
     from pathlib import Path
 
-    from growfam.family import check_family, ensure_dataset, format_comparison, run_family
-    from growfam.plan import load_family_spec
+    from growfam.family import check_family, ensure_dataset, format_comparison, load_family_spec, run_family
 
     spec = load_family_spec(family)
     out_dir = Path(out or f"family/{spec.name}")

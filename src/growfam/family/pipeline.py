@@ -31,13 +31,14 @@ import torch
 from growfam.train.checkpoint import latest_checkpoint, load_optimizer_state
 from growfam.data import TokenDataset, token_rows
 from growfam.errors import ConfigError, GrowfamError, as_int, as_number, check_keys, read_json
+from growfam.family.ledger import MODES, _check_same_run, read_ledger, write_ledger
+from growfam.family.plan import FamilyPlan, make_plan
+from growfam.family.spec import FamilySpec
+from growfam.family.tables import _num
 from growfam.io import atomic_directory, atomic_write_text, remove_stale_temporaries
 from growfam.model import copy_tokenizer_files, load_pretrained, resolve_config
-from growfam.plan import FamilyPlan, FamilySpec, make_plan
-from growfam.train import RESUME_FREE_KEYS, TrainConfig, TrainResult, make_optimizer, train
+from growfam.train import TrainConfig, TrainResult, make_optimizer, train
 
-MODES = ("progressive", "independent")
-LEDGER = "family.json"
 GROWTH_REPORT = "growth_report.json"
 
 
@@ -168,98 +169,6 @@ class ConvergenceStop:
         return abs(self.last_slope) < self.threshold
 
 
-# --------------------------------------------------------------------------------------------
-# Ledger
-# --------------------------------------------------------------------------------------------
-
-
-# The ledger's structure, as (description, accepted types) per field: what run_family writes
-# and what it and format_comparison read. `bool` is accepted only where named (it is an int).
-_TEXT = ("a string", (str,))
-_NUMBER = ("a number", (int, float))
-_NUMBER_OR_NULL = ("a number or null", (int, float, type(None)))
-_FLAG = ("true or false", (bool,))
-_MAPPING = ("a mapping", (dict,))
-
-#: Top-level fields; `train` is optional (ledgers written before it was recorded lack it).
-_LEDGER_FIELDS = {"plan": _MAPPING, "data_fingerprint": _TEXT, "growth": _MAPPING, "fixed_data": _FLAG,
-                  "data": _TEXT, "modes": _MAPPING, "train": _MAPPING}
-_LEDGER_REQUIRED = ("plan", "data_fingerprint", "growth", "fixed_data", "data", "modes")
-#: Member fields; every member has all but `stopped_early` (run_family writes whole entries).
-_MEMBER_FIELDS = {"name": _TEXT, "done": _FLAG, "params": _NUMBER, "tokens": _NUMBER, "flops": _NUMBER,
-                  "cum_flops": _NUMBER, "wall_s": _NUMBER, "val_loss": _NUMBER_OR_NULL,
-                  "stopped_early": _FLAG}
-_MEMBER_REQUIRED = ("name", "done", "params", "tokens", "flops", "cum_flops", "wall_s", "val_loss")
-
-
-def _shown(value: Any) -> str:
-    """A scalar as written, a container by its type (it may be long)."""
-    return repr(value) if isinstance(value, (str, int, float, type(None))) else type(value).__name__
-
-
-def _check_fields(data: dict, fields: dict, required: tuple[str, ...], where: str, path: Path) -> None:
-    """ConfigError naming `path` and `where`+key for a missing `required` key or a mistyped one."""
-    for key in required:
-        if key not in data:
-            raise ConfigError(f"{path}: {where}{key} is missing")
-    for key, (description, types) in fields.items():
-        value = data.get(key)
-        if key in data and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
-            raise ConfigError(f"{path}: {where}{key} must be {description}, got {_shown(value)}")
-
-
-def check_ledger(ledger: Any, path: Path) -> dict:
-    """`ledger` (the content of family.json at `path`) if it has the structure run_family
-    writes; ConfigError naming the file and the first thing wrong otherwise."""
-    if not isinstance(ledger, dict):
-        raise ConfigError(f"{path}: the ledger must be a mapping, got {_shown(ledger)}")
-    _check_fields(ledger, _LEDGER_FIELDS, _LEDGER_REQUIRED, "", path)
-    for mode, members in ledger["modes"].items():
-        if mode not in MODES:
-            raise ConfigError(f"{path}: modes has an unknown mode {mode!r}")
-        if not isinstance(members, list):
-            raise ConfigError(f"{path}: modes.{mode} must be a list, got {_shown(members)}")
-        for i, member in enumerate(members):
-            where = f"modes.{mode}[{i}]"
-            if not isinstance(member, dict):
-                raise ConfigError(f"{path}: {where} must be a mapping, got {_shown(member)}")
-            _check_fields(member, _MEMBER_FIELDS, _MEMBER_REQUIRED, where + ".", path)
-    return ledger
-
-
-def read_ledger(out_dir: Path) -> dict:
-    """The checked ledger of the family directory `out_dir`; {} when it has none."""
-    path = out_dir / LEDGER
-    if not path.exists():
-        return {}
-    try:
-        return check_ledger(read_json(path), path)
-    except OSError as err:
-        raise GrowfamError(f"cannot read {path}: {err.strerror or err}") from None
-
-
-def write_ledger(out_dir: Path, ledger: dict) -> None:
-    """Replace family.json atomically."""
-    atomic_write_text(out_dir / LEDGER, json.dumps(ledger, indent=2) + "\n")
-
-
-def _check_same_run(ledger: dict, fresh: dict, out_dir: Path) -> None:
-    """A resumed family must have the plan, the data, the growth options and the train section
-    it started with (keys of `fresh` only; train keys that leave the loss trajectory alone,
-    RESUME_FREE_KEYS, may change)."""
-    for key in ("plan", "data_fingerprint", "growth", "fixed_data"):
-        if key in ledger and key in fresh and ledger[key] != fresh[key]:
-            raise ConfigError(f"{out_dir / LEDGER} was made with a different {key.replace('_', ' ')}; "
-                              "use another --out to build a different family")
-    old, new = ledger.get("train"), fresh.get("train")
-    if old is None or new is None:
-        return  # a ledger from before the train section was recorded
-    # keys in both only: a field added to TrainConfig later is not a change of the user's
-    differ = [k for k in sorted(set(old) & set(new)) if k not in RESUME_FREE_KEYS and old[k] != new[k]]
-    if differ:
-        changes = "; ".join(f"{k}: {old[k]!r} then, {new[k]!r} now" for k in differ)
-        raise ConfigError(f"{out_dir / LEDGER} was made with a different train section ({changes}); "
-                          "use the original train section, or another --out to build a different family")
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,52 +400,3 @@ def ensure_dataset(spec: FamilySpec, data: str | None, default_dir: Path, log=pr
     log(f"preparing {opts.source} with tokenizer {opts.tokenizer} into {path}")
     prepare(opts.source, opts.tokenizer, path, max_tokens=opts.max_tokens, val_fraction=opts.val_fraction)
     return str(path)
-
-
-def format_comparison(ledger: dict) -> str:
-    """Per member: validation loss and FLOPs, Progressive vs Independent, and the family saving."""
-    modes = ledger.get("modes", {})
-    prog, ind = modes.get("progressive", []), modes.get("independent", [])
-    names = [m["name"] for m in (prog if len(prog) >= len(ind) else ind)]
-    rows = [("member", "params", "tokens prog", "tokens ind", "val prog", "val ind", "Δ val",
-             "FLOPs prog (cum)", "FLOPs ind")]
-
-    def get(members, i, key):
-        return members[i][key] if i < len(members) and members[i].get(key) is not None else None
-
-    for i, name in enumerate(names):
-        vp, vi = get(prog, i, "val_loss"), get(ind, i, "val_loss")
-        params = get(prog, i, "params") or get(ind, i, "params")
-        rows.append((
-            name, _si(params), _si(get(prog, i, "tokens")), _si(get(ind, i, "tokens")),
-            _num(vp), _num(vi), f"{vp - vi:+.4f}" if vp is not None and vi is not None else "-",
-            _flops(get(prog, i, "cum_flops")), _flops(get(ind, i, "flops")),
-        ))
-    widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
-    lines = ["  ".join(str(v).rjust(w) if c else str(v).ljust(w) for c, (v, w) in enumerate(zip(r, widths)))
-             for r in rows]
-    total_i = sum(m["flops"] for m in ind)
-    if prog and ind and len(prog) == len(ind) and total_i > 0:
-        total_p = prog[-1]["cum_flops"]
-        lines.append("")
-        lines.append(f"family FLOPs (6ND): progressive {total_p:.3g}, independent {total_i:.3g} — "
-                     f"{1 - total_p / total_i:.1%} saved; "
-                     f"wall time {sum(m['wall_s'] for m in prog):.0f} s vs {sum(m['wall_s'] for m in ind):.0f} s")
-    return "\n".join(lines)
-
-
-def _si(value) -> str:
-    if value is None:
-        return "-"
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{unit}"
-    return f"{value:.0f}"
-
-
-def _num(value) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _flops(value) -> str:
-    return "-" if value is None else f"{value:.3g}"

@@ -1,0 +1,214 @@
+"""The family planner: token budgets, steps, FLOPs, learning rates and GPU-hours per stage.
+
+A `FamilySpec` (family.spec, loaded from a family YAML) says which members to build and by which rules;
+`make_plan(spec)` turns it into a `FamilyPlan` with, for every stage, both ways of building the
+family (DESIGN.md section 2):
+
+- Independent: member i trains from scratch on D(N_i) tokens (Chinchilla: D = r·20·N).
+- Progressive (Eq. 3-4): member i starts from the expanded member i-1 and trains on
+  D'_1 = D(N_1),  D'_i = D(N_i) − (Σ_{j<i} N_j·D'_j) / N_i,
+  so the cumulative FLOPs after stage i equal the cost of training N_i from scratch.
+
+Units: parameters and tokens are plain counts, FLOPs are floating-point operations, learning
+rates are per step, batch sizes are sequences. FLOPs are 6·N·D with the counted N (the paper's
+cost model); the attention-inclusive count (`model.flops_per_token` × tokens) is reported too
+and is what GPU-hours use, because MFU is measured against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence
+
+from growfam.errors import ConfigError
+from growfam.family.spec import CHINCHILLA_TOKENS_PER_PARAM, FamilySpec, _number
+from growfam.model import flops_per_token, num_params
+
+# --------------------------------------------------------------------------------------------
+# Plan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One family member under both training modes. Tokens are budgets (may be fractional);
+    steps are whole optimizer steps covering them: ceil(tokens / (batch_size · seq_len))."""
+
+    index: int  # 1-based, as in the paper
+    name: str
+    params: float  # N under the spec's count
+    nonembedding_params: int
+    total_params: int
+    batch_size: int  # sequences
+    seq_len: int  # tokens
+    tokens_independent: float  # D(N_i)
+    tokens_progressive: float  # D'_i
+    steps_independent: int
+    steps_progressive: int
+    flops_independent: float  # 6 · N_i · D(N_i)
+    flops_progressive: float  # 6 · N_i · D'_i
+    cum_flops_independent: float  # Σ_{j<=i}
+    cum_flops_progressive: float  # == flops_independent by Eq. 4
+    attn_flops_independent: float  # flops_per_token(cfg, seq_len) · D(N_i)
+    attn_flops_progressive: float
+    max_lr: float
+    min_lr: float
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "tokens_per_step": self.tokens_per_step}
+
+
+@dataclass(frozen=True)
+class GpuHours:
+    """Wall-clock GPU-hours of the attention-inclusive FLOPs at `mfu` of `peak_tflops`."""
+
+    peak_tflops: float  # dense peak of one GPU, 1e12 FLOP/s
+    mfu: float  # model FLOPs utilisation, fraction of peak
+    independent: list[float]  # per stage, hours
+    progressive: list[float]
+
+    @property
+    def total_independent(self) -> float:
+        return sum(self.independent)
+
+    @property
+    def total_progressive(self) -> float:
+        return sum(self.progressive)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "total_independent": self.total_independent,
+                "total_progressive": self.total_progressive}
+
+
+@dataclass(frozen=True)
+class FamilyPlan:
+    """Per-stage budgets of a family under Independent and Progressive training, with totals."""
+
+    spec: FamilySpec
+    stages: list[StagePlan]
+
+    @property
+    def flops_independent(self) -> float:
+        """Family total, 6ND: every member from scratch."""
+        return sum(s.flops_independent for s in self.stages)
+
+    @property
+    def flops_progressive(self) -> float:
+        """Family total, 6ND: equals the largest member's from-scratch cost."""
+        return sum(s.flops_progressive for s in self.stages)
+
+    @property
+    def saving(self) -> float:
+        """Fraction of the Independent 6ND FLOPs that progressive training saves."""
+        return 1 - self.flops_progressive / self.flops_independent
+
+    @property
+    def attn_saving(self) -> float:
+        """The same saving measured with attention-inclusive FLOPs."""
+        return 1 - (sum(s.attn_flops_progressive for s in self.stages)
+                    / sum(s.attn_flops_independent for s in self.stages))
+
+    def gpu_hours(self, peak_tflops: float, mfu: float) -> GpuHours:
+        """GPU-hours per stage: attention-inclusive FLOPs / (peak_tflops·1e12·mfu) / 3600."""
+        peak_tflops = _number(peak_tflops, "peak TFLOPs")
+        mfu = _number(mfu, "MFU")
+        if mfu > 1:
+            raise ConfigError(f"MFU is a fraction of peak in (0, 1], got {mfu}")
+        rate = peak_tflops * 1e12 * mfu * 3600  # FLOPs per GPU-hour
+        return GpuHours(peak_tflops, mfu,
+                        [s.attn_flops_independent / rate for s in self.stages],
+                        [s.attn_flops_progressive / rate for s in self.stages])
+
+    def to_dict(self, peak_tflops: float | None = None, mfu: float | None = None) -> dict:
+        """JSON-ready plan; GPU-hours are included when both peak_tflops and mfu are given."""
+        out = {
+            "name": self.spec.name,
+            "count": self.spec.count,
+            "tokens": {"chinchilla": self.spec.chinchilla} if self.spec.chinchilla is not None
+            else {"explicit": self.spec.tokens},
+            "lr": self.spec.lr.to_dict(),
+            "stages": [s.to_dict() for s in self.stages],
+            "totals": {
+                "tokens_independent": sum(s.tokens_independent for s in self.stages),
+                "tokens_progressive": sum(s.tokens_progressive for s in self.stages),
+                "steps_independent": sum(s.steps_independent for s in self.stages),
+                "steps_progressive": sum(s.steps_progressive for s in self.stages),
+                "flops_independent": self.flops_independent,
+                "flops_progressive": self.flops_progressive,
+                "attn_flops_independent": sum(s.attn_flops_independent for s in self.stages),
+                "attn_flops_progressive": sum(s.attn_flops_progressive for s in self.stages),
+                "saving_pct": 100 * self.saving,
+                "attn_saving_pct": 100 * self.attn_saving,
+            },
+        }
+        if peak_tflops is not None and mfu is not None:
+            out["gpu_hours"] = self.gpu_hours(peak_tflops, mfu).to_dict()
+        return out
+
+
+def independent_tokens(spec: FamilySpec, params: Sequence[float]) -> list[float]:
+    """D(N_i): r·20·N_i, or the spec's explicit tokens."""
+    if spec.tokens is not None:
+        return list(spec.tokens)
+    return [spec.chinchilla * CHINCHILLA_TOKENS_PER_PARAM * n for n in params]
+
+
+def progressive_tokens(params: Sequence[float], independent: Sequence[float],
+                       names: Sequence[str]) -> list[float]:
+    """D'_i by Eq. 4; ConfigError naming the stage whose budget comes out <= 0."""
+    spent = 0.0  # Σ_{j<i} N_j·D'_j, parameter-tokens already trained
+    out = []
+    for i, (n, d, name) in enumerate(zip(params, independent, names), start=1):
+        d_prog = d - spent / n
+        if d_prog <= 0:
+            raise ConfigError(
+                f"stage {i} ({name}): progressive budget D'_{i} = {d:.4g} - {spent / n:.4g} = "
+                f"{d_prog:.4g} tokens <= 0; the earlier stages already cost as much as training "
+                f"{name} from scratch (give it more tokens or the earlier stages fewer)"
+            )
+        out.append(d_prog)
+        spent += n * d_prog
+    return out
+
+
+def _steps(tokens: float, per_step: int) -> int:
+    # Round the budget to whole tokens first so float noise (40e9 → 40000000000.000004) cannot
+    # add a step.
+    return -(-round(tokens) // per_step)
+
+
+def make_plan(spec: FamilySpec) -> FamilyPlan:
+    """Token budgets, steps, FLOPs and peak LRs of every stage of `spec`."""
+    params = spec.counted_params()
+    names = [m.name for m in spec.members]
+    d_ind = independent_tokens(spec, params)
+    try:
+        d_prog = progressive_tokens(params, d_ind, names)
+    except ConfigError as err:
+        raise ConfigError(f"family {spec.name}: {err}") from None
+    max_lrs = spec.lr.max_lrs(params)
+    batch_sizes, seq_lens = spec.batch_sizes, spec.seq_lens
+    stages, cum_ind, cum_prog = [], 0.0, 0.0
+    for i, cfg in enumerate(spec.members):
+        n, batch, seq = params[i], batch_sizes[i], seq_lens[i]
+        f_ind, f_prog = 6 * n * d_ind[i], 6 * n * d_prog[i]
+        cum_ind += f_ind
+        cum_prog += f_prog
+        per_token = flops_per_token(cfg, seq)
+        stages.append(StagePlan(
+            index=i + 1, name=cfg.name, params=n,
+            nonembedding_params=num_params(cfg, "nonembedding"), total_params=num_params(cfg, "total"),
+            batch_size=batch, seq_len=seq,
+            tokens_independent=d_ind[i], tokens_progressive=d_prog[i],
+            steps_independent=_steps(d_ind[i], batch * seq), steps_progressive=_steps(d_prog[i], batch * seq),
+            flops_independent=f_ind, flops_progressive=f_prog,
+            cum_flops_independent=cum_ind, cum_flops_progressive=cum_prog,
+            attn_flops_independent=per_token * d_ind[i], attn_flops_progressive=per_token * d_prog[i],
+            max_lr=max_lrs[i], min_lr=max_lrs[i] * spec.lr.min_ratio,
+        ))
+    return FamilyPlan(spec, stages)

@@ -1,0 +1,131 @@
+"""The family's text tables: the plan (`format_plan`) and the built family (`format_comparison`)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from growfam.family.plan import FamilyPlan
+from growfam.family.spec import CHINCHILLA_TOKENS_PER_PARAM, _si
+
+# --------------------------------------------------------------------------------------------
+# The plan's table
+# --------------------------------------------------------------------------------------------
+
+
+def _sci(x: float) -> str:
+    """2.4e20 -> '2.40e20': three significant digits, no '+' or leading zeros in the exponent."""
+    mantissa, exponent = f"{x:.2e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _hours(h: float) -> str:
+    return f"{h:,.0f}" if h >= 100 else f"{h:.3g}"
+
+
+def _table(rows: list[list[str]], groups: Sequence[tuple[int, int, str]] = ()) -> list[str]:
+    """Rows as text columns, right-aligned to the widest cell except the first (names).
+
+    groups: (first column, last column, label) spans labelled on a line above the rows.
+    """
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for first, last, label in groups:  # widen a group's last column until its label fits
+        widths[last] += max(0, len(label) + 2 - (sum(widths[first:last + 1]) + 2 * (last - first)))
+    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
+                       for c, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+    if groups:
+        starts = [sum(widths[:c]) + 2 * c for c in range(len(widths))]
+        above = [" "] * len(lines[0])
+        for first, last, label in groups:
+            span = starts[last] + widths[last] - starts[first]
+            text = f" {label} ".center(span, "-")
+            above[starts[first]:starts[first] + span] = text
+        lines.insert(0, "".join(above).rstrip())
+    return lines
+
+
+def format_plan(plan: FamilyPlan, peak_tflops: float, mfu: float) -> str:
+    """The plan as an aligned text table (ind = Independent, prog = Progressive)."""
+    spec, hours = plan.spec, plan.gpu_hours(peak_tflops, mfu)
+    rule = (f"{spec.chinchilla:g}x Chinchilla (D = {spec.chinchilla * CHINCHILLA_TOKENS_PER_PARAM:g}·N)"
+            if spec.chinchilla is not None else "explicit tokens")
+    header = ["stage", "params", "batch", "seq", "ind", "prog", "ind", "prog", "ind", "prog",
+              "ind", "prog", "max LR", "ind", "prog"]
+    groups = [(4, 5, "tokens"), (6, 7, "steps"), (8, 9, "FLOPs 6ND"), (10, 11, "cumulative"),
+              (13, 14, "GPU-hours")]
+    body = [
+        [s.name, _si(s.params), str(s.batch_size), str(s.seq_len),
+         _si(s.tokens_independent), _si(s.tokens_progressive),
+         str(s.steps_independent), str(s.steps_progressive),
+         _sci(s.flops_independent), _sci(s.flops_progressive),
+         _sci(s.cum_flops_independent), _sci(s.cum_flops_progressive),
+         f"{s.max_lr:.3g}", _hours(h_ind), _hours(h_prog)]
+        for s, h_ind, h_prog in zip(plan.stages, hours.independent, hours.progressive)
+    ]
+    totals = plan.to_dict()["totals"]
+    total = ["total", "", "", "", _si(totals["tokens_independent"]), _si(totals["tokens_progressive"]),
+             str(totals["steps_independent"]), str(totals["steps_progressive"]),
+             _sci(plan.flops_independent), _sci(plan.flops_progressive), "", "", "",
+             _hours(hours.total_independent), _hours(hours.total_progressive)]
+    lines = [f"family {spec.name}: {len(plan.stages)} stages, {spec.count} parameter count, {rule}", ""]
+    lines += _table([header] + body + [total], groups)
+    lines += [
+        "",
+        f"saving: {100 * plan.saving:.1f}% of FLOPs (6ND), {100 * plan.attn_saving:.1f}% attention-inclusive",
+        f"GPU-hours (attention-inclusive FLOPs at {peak_tflops:g} TFLOP/s peak, {100 * mfu:g}% MFU): "
+        f"{_hours(hours.total_independent)} independent, {_hours(hours.total_progressive)} progressive, "
+        f"{_hours(hours.total_independent - hours.total_progressive)} saved",
+    ]
+    return "\n".join(lines)
+
+# --------------------------------------------------------------------------------------------
+# The built family's table (from its ledger)
+# --------------------------------------------------------------------------------------------
+
+
+def format_comparison(ledger: dict) -> str:
+    """Per member: validation loss and FLOPs, Progressive vs Independent, and the family saving."""
+    modes = ledger.get("modes", {})
+    prog, ind = modes.get("progressive", []), modes.get("independent", [])
+    names = [m["name"] for m in (prog if len(prog) >= len(ind) else ind)]
+    rows = [("member", "params", "tokens prog", "tokens ind", "val prog", "val ind", "Δ val",
+             "FLOPs prog (cum)", "FLOPs ind")]
+
+    def get(members, i, key):
+        return members[i][key] if i < len(members) and members[i].get(key) is not None else None
+
+    for i, name in enumerate(names):
+        vp, vi = get(prog, i, "val_loss"), get(ind, i, "val_loss")
+        params = get(prog, i, "params") or get(ind, i, "params")
+        rows.append((
+            name, _si_or_dash(params), _si_or_dash(get(prog, i, "tokens")), _si_or_dash(get(ind, i, "tokens")),
+            _num(vp), _num(vi), f"{vp - vi:+.4f}" if vp is not None and vi is not None else "-",
+            _flops(get(prog, i, "cum_flops")), _flops(get(ind, i, "flops")),
+        ))
+    widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(str(v).rjust(w) if c else str(v).ljust(w) for c, (v, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    total_i = sum(m["flops"] for m in ind)
+    if prog and ind and len(prog) == len(ind) and total_i > 0:
+        total_p = prog[-1]["cum_flops"]
+        lines.append("")
+        lines.append(f"family FLOPs (6ND): progressive {total_p:.3g}, independent {total_i:.3g} — "
+                     f"{1 - total_p / total_i:.1%} saved; "
+                     f"wall time {sum(m['wall_s'] for m in prog):.0f} s vs {sum(m['wall_s'] for m in ind):.0f} s")
+    return "\n".join(lines)
+
+
+def _si_or_dash(value) -> str:
+    if value is None:
+        return "-"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.0f}"
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _flops(value) -> str:
+    return "-" if value is None else f"{value:.3g}"
