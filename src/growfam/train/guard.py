@@ -32,11 +32,13 @@ class SpikeGuard:
     "diverged".
     """
 
-    factor: float | None = 2.0
-    patience: int = 3
-    window: int = 100
-    lr_factor: float = 0.5
-    max_rollbacks: int = 3
+    # settings: TrainConfig's spike_factor, spike_patience, spike_window, spike_lr_factor and
+    # max_rollbacks (their defaults live there only)
+    factor: float | None
+    patience: int
+    window: int
+    lr_factor: float
+    max_rollbacks: int
     # state, saved in checkpoints
     baseline: float | None = None
     mean: float | None = None
