@@ -13,7 +13,8 @@ import growfam.family.pipeline as family
 from growfam.cli import main
 from growfam.data import prepare
 from growfam.errors import ConfigError
-from growfam.family import format_comparison, run_family
+from growfam.family import run_family
+from growfam.report.tables import format_comparison
 from growfam.model import load_pretrained
 from growfam.family import FamilySpec, make_plan
 

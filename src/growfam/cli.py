@@ -67,7 +67,8 @@ def _add_plan(sub) -> None:
 def _run_plan(args) -> int:
     import json
 
-    from growfam.family import format_plan, load_family_spec, make_plan
+    from growfam.family import load_family_spec, make_plan
+    from growfam.report.tables import format_plan
 
     changes = {"members": args.members, "chinchilla": args.chinchilla, "count": args.count,
                "batch_size": args.batch_size[0] if args.batch_size and len(args.batch_size) == 1
@@ -198,7 +199,8 @@ def _build_family(family: str, out: str | None, data: str | None, modes: tuple[s
     """Plan, check everything, prepare the data if needed, build every member, print the comparison."""
     from pathlib import Path
 
-    from growfam.family import check_family, ensure_dataset, format_comparison, load_family_spec, run_family
+    from growfam.family import check_family, ensure_dataset, load_family_spec, run_family
+    from growfam.report.tables import format_comparison
 
     spec = load_family_spec(family)
     out_dir = Path(out or f"family/{spec.name}")
@@ -218,7 +220,8 @@ def _run_family_show(args) -> int:
     from pathlib import Path
 
     from growfam.errors import ConfigError
-    from growfam.family import format_comparison, read_ledger
+    from growfam.family import read_ledger
+    from growfam.report.tables import format_comparison
 
     ledger = read_ledger(Path(args.out))
     if not ledger:

@@ -1,18 +1,16 @@
-"""The family: its spec and plan, the progressive pipeline that builds it, its ledger and tables.
+"""The family: its spec and plan, the progressive pipeline that builds it, and its ledger.
 
 - `spec`: FamilySpec (members, token rule, count, batch, seq_len, LRPolicy), load_family_spec
   (a shipped family from growfam/configs, or a YAML path), shipped_families.
 - `plan`: make_plan -> FamilyPlan / StagePlan: token budgets (Eq. 3-4), steps, FLOPs, peak LRs,
   GpuHours.
-- `tables`: format_plan (the plan's table) and format_comparison (Progressive vs Independent,
-  from a ledger).
 - `ledger`: family.json (LEDGER, MODES): read_ledger, write_ledger, check_ledger.
 - `pipeline`: GrowthOptions, DataOptions, stage_train_config, ConvergenceStop, check_family,
   run_family, ensure_dataset.
 
-Imports point one way: spec <- plan <- tables; pipeline imports spec, plan, tables and ledger.
-family/ may import errors, io, model, data, grow and train (with checkpoint); nothing imports
-family/ but the CLI.
+Imports point one way: spec <- plan; pipeline imports spec, plan and ledger. family/ may
+import errors, io, model, data, grow, train and report.numbers (its tables live in
+report/tables.py, which imports family/); nothing else imports family/ but the CLI and report/.
 """
 
 from growfam.family.ledger import LEDGER, MODES, check_ledger, read_ledger, write_ledger
@@ -46,7 +44,6 @@ from growfam.family.spec import (
     load_family_spec,
     shipped_families,
 )
-from growfam.family.tables import format_comparison, format_plan
 
 __all__ = [
     "CHINCHILLA_TOKENS_PER_PARAM",
@@ -69,8 +66,6 @@ __all__ = [
     "check_family",
     "check_ledger",
     "ensure_dataset",
-    "format_comparison",
-    "format_plan",
     "independent_tokens",
     "load_family_spec",
     "make_plan",

@@ -34,9 +34,9 @@ from growfam.errors import ConfigError, GrowfamError, as_int, as_number, check_k
 from growfam.family.ledger import MODES, _check_same_run, read_ledger, write_ledger
 from growfam.family.plan import FamilyPlan, make_plan
 from growfam.family.spec import FamilySpec
-from growfam.family.tables import _num
 from growfam.io import atomic_directory, atomic_write_text, remove_stale_temporaries
 from growfam.model import copy_tokenizer_files, load_pretrained, resolve_config
+from growfam.report.numbers import loss
 from growfam.train import TrainConfig, TrainResult, make_optimizer, train
 
 GROWTH_REPORT = "growth_report.json"
@@ -311,7 +311,7 @@ def run_family(spec: FamilySpec, out_dir: str | Path, *, data: str, modes: str |
         members = ledger["modes"].setdefault(mode, [])
         for i, stage in enumerate(plan.stages):
             if i < len(members) and members[i].get("done"):
-                log(f"[{mode}] {stage.name}: done (val loss {_num(members[i]['val_loss'])})")
+                log(f"[{mode}] {stage.name}: done (val loss {loss(members[i]['val_loss'])})")
                 continue
             del members[i:]
             tokens = stage.tokens_independent if mode == "independent" else _progressive_tokens(plan, i, members)
@@ -356,7 +356,7 @@ def run_family(spec: FamilySpec, out_dir: str | Path, *, data: str, modes: str |
                 entry["growth_point"] = {"step": result.steps, "val_loss_slope": stop.last_slope}
             members.append(entry)
             write_ledger(out_dir, ledger)
-            log(f"[{mode}] {stage.name}: val loss {_num(result.val_loss)}, {result.tokens:,} tokens, "
+            log(f"[{mode}] {stage.name}: val loss {loss(result.val_loss)}, {result.tokens:,} tokens, "
                 f"{result.flops:.3g} FLOPs, {result.wall_s:.0f} s")
     return ledger
 

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal, Sequence
 
 from growfam.errors import ConfigError, as_int, as_number, check_keys, read_yaml
 from growfam.model import PRESETS, ModelConfig, num_params, resolve_config
+from growfam.report.numbers import si
 
 Count = Literal["nonembedding", "total", "nominal"]
 COUNTS: tuple[str, ...] = ("nonembedding", "total", "nominal")
@@ -225,7 +226,7 @@ class FamilySpec:
             if nb <= na:
                 raise ConfigError(
                     f"member sizes must strictly increase ({self.count} parameters): "
-                    f"{b.name} ({_si(nb)}) is not larger than {a.name} ({_si(na)})"
+                    f"{b.name} ({si(nb)}) is not larger than {a.name} ({si(na)})"
                 )
 
     def replace(self, **changes) -> "FamilySpec":
@@ -327,12 +328,3 @@ def load_family_spec(name_or_path: str | Path) -> FamilySpec:
         f"unknown family {str(name_or_path)!r}; shipped families: {', '.join(shipped_families())} "
         "(or give the path of a family YAML)"
     )
-
-
-
-def _si(x: float) -> str:
-    """1.09e9 -> '1.09B': counts with a K/M/B/T suffix and three significant digits."""
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{suffix}"
-    return f"{x:.3g}"

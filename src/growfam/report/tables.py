@@ -1,28 +1,20 @@
-"""The family's text tables: the plan (`format_plan`) and the built family (`format_comparison`)."""
+"""Every text table a command prints: the plan (`format_plan`) and the built family
+(`format_comparison`), aligned by one function (`text_table`)."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 from growfam.family.plan import FamilyPlan
-from growfam.family.spec import CHINCHILLA_TOKENS_PER_PARAM, _si
+from growfam.family.spec import CHINCHILLA_TOKENS_PER_PARAM
+from growfam.report.numbers import hours, loss, sci, short, si
 
 # --------------------------------------------------------------------------------------------
 # The plan's table
 # --------------------------------------------------------------------------------------------
 
 
-def _sci(x: float) -> str:
-    """2.4e20 -> '2.40e20': three significant digits, no '+' or leading zeros in the exponent."""
-    mantissa, exponent = f"{x:.2e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
-
-
-def _hours(h: float) -> str:
-    return f"{h:,.0f}" if h >= 100 else f"{h:.3g}"
-
-
-def _table(rows: list[list[str]], groups: Sequence[tuple[int, int, str]] = ()) -> list[str]:
+def text_table(rows: list[list[str]], groups: Sequence[tuple[int, int, str]] = ()) -> list[str]:
     """Rows as text columns, right-aligned to the widest cell except the first (names).
 
     groups: (first column, last column, label) spans labelled on a line above the rows.
@@ -45,7 +37,7 @@ def _table(rows: list[list[str]], groups: Sequence[tuple[int, int, str]] = ()) -
 
 def format_plan(plan: FamilyPlan, peak_tflops: float, mfu: float) -> str:
     """The plan as an aligned text table (ind = Independent, prog = Progressive)."""
-    spec, hours = plan.spec, plan.gpu_hours(peak_tflops, mfu)
+    spec, gpu = plan.spec, plan.gpu_hours(peak_tflops, mfu)
     rule = (f"{spec.chinchilla:g}x Chinchilla (D = {spec.chinchilla * CHINCHILLA_TOKENS_PER_PARAM:g}·N)"
             if spec.chinchilla is not None else "explicit tokens")
     header = ["stage", "params", "batch", "seq", "ind", "prog", "ind", "prog", "ind", "prog",
@@ -53,27 +45,27 @@ def format_plan(plan: FamilyPlan, peak_tflops: float, mfu: float) -> str:
     groups = [(4, 5, "tokens"), (6, 7, "steps"), (8, 9, "FLOPs 6ND"), (10, 11, "cumulative"),
               (13, 14, "GPU-hours")]
     body = [
-        [s.name, _si(s.params), str(s.batch_size), str(s.seq_len),
-         _si(s.tokens_independent), _si(s.tokens_progressive),
+        [s.name, si(s.params), str(s.batch_size), str(s.seq_len),
+         si(s.tokens_independent), si(s.tokens_progressive),
          str(s.steps_independent), str(s.steps_progressive),
-         _sci(s.flops_independent), _sci(s.flops_progressive),
-         _sci(s.cum_flops_independent), _sci(s.cum_flops_progressive),
-         f"{s.max_lr:.3g}", _hours(h_ind), _hours(h_prog)]
-        for s, h_ind, h_prog in zip(plan.stages, hours.independent, hours.progressive)
+         sci(s.flops_independent), sci(s.flops_progressive),
+         sci(s.cum_flops_independent), sci(s.cum_flops_progressive),
+         f"{s.max_lr:.3g}", hours(h_ind), hours(h_prog)]
+        for s, h_ind, h_prog in zip(plan.stages, gpu.independent, gpu.progressive)
     ]
     totals = plan.to_dict()["totals"]
-    total = ["total", "", "", "", _si(totals["tokens_independent"]), _si(totals["tokens_progressive"]),
+    total = ["total", "", "", "", si(totals["tokens_independent"]), si(totals["tokens_progressive"]),
              str(totals["steps_independent"]), str(totals["steps_progressive"]),
-             _sci(plan.flops_independent), _sci(plan.flops_progressive), "", "", "",
-             _hours(hours.total_independent), _hours(hours.total_progressive)]
+             sci(plan.flops_independent), sci(plan.flops_progressive), "", "", "",
+             hours(gpu.total_independent), hours(gpu.total_progressive)]
     lines = [f"family {spec.name}: {len(plan.stages)} stages, {spec.count} parameter count, {rule}", ""]
-    lines += _table([header] + body + [total], groups)
+    lines += text_table([header] + body + [total], groups)
     lines += [
         "",
         f"saving: {100 * plan.saving:.1f}% of FLOPs (6ND), {100 * plan.attn_saving:.1f}% attention-inclusive",
         f"GPU-hours (attention-inclusive FLOPs at {peak_tflops:g} TFLOP/s peak, {100 * mfu:g}% MFU): "
-        f"{_hours(hours.total_independent)} independent, {_hours(hours.total_progressive)} progressive, "
-        f"{_hours(hours.total_independent - hours.total_progressive)} saved",
+        f"{hours(gpu.total_independent)} independent, {hours(gpu.total_progressive)} progressive, "
+        f"{hours(gpu.total_independent - gpu.total_progressive)} saved",
     ]
     return "\n".join(lines)
 
@@ -97,13 +89,11 @@ def format_comparison(ledger: dict) -> str:
         vp, vi = get(prog, i, "val_loss"), get(ind, i, "val_loss")
         params = get(prog, i, "params") or get(ind, i, "params")
         rows.append((
-            name, _si_or_dash(params), _si_or_dash(get(prog, i, "tokens")), _si_or_dash(get(ind, i, "tokens")),
-            _num(vp), _num(vi), f"{vp - vi:+.4f}" if vp is not None and vi is not None else "-",
-            _flops(get(prog, i, "cum_flops")), _flops(get(ind, i, "flops")),
+            name, si(params), si(get(prog, i, "tokens")), si(get(ind, i, "tokens")),
+            loss(vp), loss(vi), f"{vp - vi:+.4f}" if vp is not None and vi is not None else "-",
+            short(get(prog, i, "cum_flops")), short(get(ind, i, "flops")),
         ))
-    widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
-    lines = ["  ".join(str(v).rjust(w) if c else str(v).ljust(w) for c, (v, w) in enumerate(zip(r, widths)))
-             for r in rows]
+    lines = text_table(rows)
     total_i = sum(m["flops"] for m in ind)
     if prog and ind and len(prog) == len(ind) and total_i > 0:
         total_p = prog[-1]["cum_flops"]
@@ -112,20 +102,3 @@ def format_comparison(ledger: dict) -> str:
                      f"{1 - total_p / total_i:.1%} saved; "
                      f"wall time {sum(m['wall_s'] for m in prog):.0f} s vs {sum(m['wall_s'] for m in ind):.0f} s")
     return "\n".join(lines)
-
-
-def _si_or_dash(value) -> str:
-    if value is None:
-        return "-"
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{unit}"
-    return f"{value:.0f}"
-
-
-def _num(value) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _flops(value) -> str:
-    return "-" if value is None else f"{value:.3g}"
