@@ -164,3 +164,14 @@ def check_output(path: str | Path, *, force: bool, source: str | Path | None = N
         raise GrowfamError(f"cannot use {what} {path}: {_describe(err)}") from None
     if kind is not None and not force:
         raise GrowfamError(f"{what} {path} {kind}; pass --force to replace it")
+
+
+def check_folder(path: str | Path, what: str) -> None:
+    """GrowfamError unless `path` can be a folder to write into: it, or the nearest folder
+    above it that exists, is a directory (new and existing folders are both fine)."""
+    path = Path(path)
+    for entry in (path, *path.parents):
+        if entry.exists() or entry.is_symlink():
+            if not entry.is_dir():
+                raise GrowfamError(f"cannot write to {what} {path}: {entry} is not a directory")
+            return

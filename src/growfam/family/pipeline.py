@@ -34,7 +34,7 @@ from growfam.errors import ConfigError, GrowfamError, as_int, as_number, check_k
 from growfam.family.ledger import MODES, _check_same_run, read_ledger, write_ledger
 from growfam.family.plan import FamilyPlan, make_plan
 from growfam.family.spec import FamilySpec
-from growfam.io import atomic_directory, atomic_write_text, remove_stale_temporaries
+from growfam.io import atomic_directory, atomic_write_text, check_folder, remove_stale_temporaries
 from growfam.model import copy_tokenizer_files, load_pretrained, resolve_config
 from growfam.report.numbers import loss
 from growfam.train import TrainConfig, TrainResult, make_optimizer, train
@@ -245,15 +245,6 @@ class CheckedFamily:
     ledger: dict
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    """ConfigError when `out_dir`, or the nearest of its parents that exists, is not a directory."""
-    for path in (out_dir, *out_dir.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise ConfigError(f"{path} is not a directory; give --out a directory (new or a family's)")
-            return
-
-
 def check_family(spec: FamilySpec, out_dir: str | Path, modes: str | tuple[str, ...] = MODES,
                  fixed_data: bool = False) -> CheckedFamily:
     """Validate a family run before any data preparation or write: the modes, the out dir, the
@@ -266,7 +257,7 @@ def check_family(spec: FamilySpec, out_dir: str | Path, modes: str | tuple[str, 
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ConfigError(f"unknown mode {bad[0]!r}; use progressive, independent or both")
-    _check_out_dir(out_dir)
+    check_folder(out_dir, "--out")
     growth = _section(GrowthOptions, spec.extra.get("growth"), "growth")
     plan = make_plan(spec)
     if "progressive" in modes:  # every growth step is checked now, not after hours of stage 1

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from growfam.data import PackedWindows, TokenDataset, eval_windows
 from growfam.errors import ConfigError, GrowfamError, TrainingDiverged
 from growfam.grow.masks import MaskState, advance_masks, attach_masks, fold_masks, mask_state
-from growfam.io import remove_stale_temporaries
+from growfam.io import check_folder, remove_stale_temporaries
 from growfam.model import Llama, ModelConfig, flops_per_token, num_params
 from growfam.train import parallel
 from growfam.train.checkpoint import (STATE_FILE, broken_checkpoint, checkpoint_root, decode_rng, encode_rng,
@@ -174,7 +174,7 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
     out_dir = Path(cfg.out_dir)
 
     # ---- check every input before any work or write -------------------------------------------
-    _check_out_dir(out_dir)
+    check_folder(out_dir, "out_dir")
     if model is None and cfg.model is None:
         raise ConfigError("no model: set `model` in the train config or pass one to train()")
     if model is not None and cfg.model is not None and _shape(cfg.model) != _shape(model.cfg):
@@ -396,15 +396,6 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
     final = checkpoint(finished=True, stopped_early=stopped_early)
     log.close()
     return _result(train_loss, val_loss, step, tokens_per_step, ledger, guard, final, stopped_early)
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    """ConfigError when out_dir, or the nearest folder above it that exists, is not a folder."""
-    for path in (out_dir, *out_dir.parents):
-        if path.exists() or path.is_symlink():
-            if not path.is_dir():
-                raise ConfigError(f"cannot write to out_dir {out_dir}: {path} is not a directory")
-            return
 
 
 def _shape(cfg: ModelConfig) -> dict[str, Any]:
