@@ -103,7 +103,8 @@ def _add_train(sub) -> None:
 def _run_train(args) -> int:
     import yaml
 
-    from growfam.errors import ConfigError, read_yaml
+    from growfam.errors import ConfigError
+    from growfam.io import read_yaml
     from growfam.train import TrainConfig, init_distributed, train
 
     init_distributed()

@@ -1,5 +1,6 @@
-"""Atomic writes: a file or directory appears whole or not at all, and what it replaces
-survives every failure before the final rename.
+"""Files on disk: readers of YAML and JSON that fail in one line, and atomic writes (a file or
+directory appears whole or not at all, and what it replaces survives every failure before the
+final rename). Imports only growfam.errors.
 
 Temporaries are siblings named `.NAME.tmp-PID-XXXX` (so a rename never crosses a file system),
 and `remove_stale_temporaries` deletes those a killed process left behind. Everything written
@@ -9,16 +10,46 @@ published members are shared.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from growfam.errors import GrowfamError
+import yaml
+
+from growfam.errors import ConfigError, GrowfamError
 
 _TMP = ".tmp-"
 _OLD = ".old-"
+
+
+def read_yaml(path: str | Path):
+    """Parse a YAML (or JSON, a YAML subset) file; ConfigError on a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
+
+
+def read_json(path: str | Path):
+    """Parse a JSON file; ConfigError on a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: malformed JSON: {err}") from None
 
 
 def _umask() -> int:

@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 
 from growfam.data.tokenizer import Tokenizer, load_tokenizer
-from growfam.errors import GrowfamError, as_int, read_json
+from growfam.checks import as_int
+from growfam.errors import GrowfamError
+from growfam.io import read_json
 
 FORMAT = "growfam-tokens/1"
 SPLITS = ("train", "val")

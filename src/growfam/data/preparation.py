@@ -22,7 +22,8 @@ import numpy as np
 from growfam.data.dataset import FORMAT, SPLITS, TokenDataset, token_dtype
 from growfam.data.sources import Source, SourceSpec, open_source
 from growfam.data.tokenizer import MIN_TRAINED_VOCAB, Tokenizer, load_tokenizer, train_bpe
-from growfam.errors import ConfigError, GrowfamError, as_int, as_number
+from growfam.checks import as_int, as_number
+from growfam.errors import ConfigError, GrowfamError
 from growfam.io import atomic_directory, check_output, remove_stale_temporaries
 
 CHUNK_CHARS = 4_000_000  # text tokenised per batch: big enough to keep every thread busy

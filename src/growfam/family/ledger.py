@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from growfam.errors import ConfigError, GrowfamError, read_json
-from growfam.io import atomic_write_text
+from growfam.checks import shown
+from growfam.errors import ConfigError, GrowfamError
+from growfam.io import atomic_write_text, read_json
 from growfam.train import RESUME_FREE_KEYS
 
 MODES = ("progressive", "independent")
@@ -37,11 +38,6 @@ _MEMBER_FIELDS = {"name": _TEXT, "done": _FLAG, "params": _NUMBER, "tokens": _NU
 _MEMBER_REQUIRED = ("name", "done", "params", "tokens", "flops", "cum_flops", "wall_s", "val_loss")
 
 
-def _shown(value: Any) -> str:
-    """A scalar as written, a container by its type (it may be long)."""
-    return repr(value) if isinstance(value, (str, int, float, type(None))) else type(value).__name__
-
-
 def _check_fields(data: dict, fields: dict, required: tuple[str, ...], where: str, path: Path) -> None:
     """ConfigError naming `path` and `where`+key for a missing `required` key or a mistyped one."""
     for key in required:
@@ -50,24 +46,24 @@ def _check_fields(data: dict, fields: dict, required: tuple[str, ...], where: st
     for key, (description, types) in fields.items():
         value = data.get(key)
         if key in data and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
-            raise ConfigError(f"{path}: {where}{key} must be {description}, got {_shown(value)}")
+            raise ConfigError(f"{path}: {where}{key} must be {description}, got {shown(value)}")
 
 
 def check_ledger(ledger: Any, path: Path) -> dict:
     """`ledger` (the content of family.json at `path`) if it has the structure run_family
     writes; ConfigError naming the file and the first thing wrong otherwise."""
     if not isinstance(ledger, dict):
-        raise ConfigError(f"{path}: the ledger must be a mapping, got {_shown(ledger)}")
+        raise ConfigError(f"{path}: the ledger must be a mapping, got {shown(ledger)}")
     _check_fields(ledger, _LEDGER_FIELDS, _LEDGER_REQUIRED, "", path)
     for mode, members in ledger["modes"].items():
         if mode not in MODES:
             raise ConfigError(f"{path}: modes has an unknown mode {mode!r}")
         if not isinstance(members, list):
-            raise ConfigError(f"{path}: modes.{mode} must be a list, got {_shown(members)}")
+            raise ConfigError(f"{path}: modes.{mode} must be a list, got {shown(members)}")
         for i, member in enumerate(members):
             where = f"modes.{mode}[{i}]"
             if not isinstance(member, dict):
-                raise ConfigError(f"{path}: {where} must be a mapping, got {_shown(member)}")
+                raise ConfigError(f"{path}: {where} must be a mapping, got {shown(member)}")
             _check_fields(member, _MEMBER_FIELDS, _MEMBER_REQUIRED, where + ".", path)
     return ledger
 

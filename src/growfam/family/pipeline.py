@@ -30,11 +30,12 @@ import torch
 
 from growfam.train.checkpoint import latest_checkpoint, load_optimizer_state
 from growfam.data import TokenDataset, token_rows
-from growfam.errors import ConfigError, GrowfamError, as_int, as_number, check_keys, read_json
+from growfam.checks import as_int, as_number, check_keys
+from growfam.errors import ConfigError, GrowfamError
 from growfam.family.ledger import MODES, _check_same_run, read_ledger, write_ledger
 from growfam.family.plan import FamilyPlan, make_plan
 from growfam.family.spec import FamilySpec
-from growfam.io import atomic_directory, atomic_write_text, check_folder, remove_stale_temporaries
+from growfam.io import atomic_directory, atomic_write_text, check_folder, read_json, remove_stale_temporaries
 from growfam.model import copy_tokenizer_files, load_pretrained, resolve_config
 from growfam.report.numbers import loss
 from growfam.train import TrainConfig, TrainResult, make_optimizer, train

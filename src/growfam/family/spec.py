@@ -14,7 +14,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
-from growfam.errors import ConfigError, as_int, as_number, check_keys, read_yaml
+from growfam.checks import as_int, as_number, check_keys
+from growfam.errors import ConfigError
+from growfam.io import read_yaml
 from growfam.model import PRESETS, ModelConfig, num_params, resolve_config
 from growfam.report.numbers import si
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from growfam.errors import ConfigError, as_int, as_number, check_keys, read_json, read_yaml
+from growfam.checks import as_int, as_number, check_keys
+from growfam.errors import ConfigError
+from growfam.io import read_json, read_yaml
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from growfam.errors import ConfigError, as_int, as_number, read_json
-from growfam.io import atomic_directory
+from growfam.checks import as_int, as_number
+from growfam.errors import ConfigError
+from growfam.io import atomic_directory, read_json
 from growfam.model.config import ModelConfig
 from growfam.model.llama import Llama
 

@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-from growfam.errors import ConfigError, as_int, as_number, check_keys, read_yaml
+from growfam.checks import as_int, as_number, check_keys
+from growfam.errors import ConfigError
+from growfam.io import read_yaml
 from growfam.model import ModelConfig, resolve_config
 
 
