@@ -73,12 +73,16 @@ def _train_tokenizer(
     return train_bpe(texts(), vocab_size, out)
 
 
+#: Share of documents held out for validation when a caller gives none.
+DEFAULT_VAL_FRACTION = 0.005
+
+
 def prepare(
     source: SourceSpec,
     tokenizer: Tokenizer | str | Path,
     out_dir: str | Path,
     *,
-    val_fraction: float = 0.005,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
     workers: int | None = None,
     max_tokens: int | None = None,
     overwrite: bool = False,

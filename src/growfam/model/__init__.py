@@ -7,8 +7,8 @@
 - `resolve`: resolve_config (a preset name, a config file, a dict or a model directory).
 
 Imports point one way: presets and llama import config; hf imports config and llama; resolve
-imports config, presets and hf. model/ may import errors and io; nothing of data/, grow/,
-train/ or family/.
+imports config, presets and hf. model/ may import errors, checks and io; nothing of data/,
+grow/, train/, growfam.config or family/.
 """
 
 from growfam.model.config import ModelConfig, flops_per_token, num_params

@@ -1,7 +1,9 @@
 """Training one model: the config, the optimizer, the spike guard, checkpoints, logging, the loop.
 
-- `config`: TrainConfig (validated, YAML/dict in and out), check_device, RESUME_FREE_KEYS and
-  check_resumable (what a resumed run may change).
+- `config`: TrainConfig (validated, YAML/dict in and out; tokens_per_step, total_steps), the
+  training defaults written once (DEFAULT_MAX_LR, DEFAULT_MIN_LR_RATIO), steps_for,
+  check_seq_len, check_device, RESUME_FREE_KEYS and check_resumable (what a resumed run may
+  change).
 - `optim`: the LR schedule (lr_at, lr_bounds), AdamW's param groups, make_optimizer,
   apply_hyperparameters, check_optimizer.
 - `guard`: SpikeGuard, the loss-spike guard (skip, roll back, or stop as diverged).
@@ -13,8 +15,9 @@
 - `loop`: train() and TrainResult, forward_backward, evaluate.
 
 Imports point one way: optim imports config; loop imports every other module here; config,
-guard, parallel, checkpoint and metrics import nothing of train/. train/ may import errors, io,
-model, data and grow; nothing of family/ or the CLI.
+guard, parallel, checkpoint and metrics import nothing of train/. train/ may import errors,
+checks, io, model, data and grow; nothing of growfam.config (which imports train.config),
+family/ or the CLI.
 """
 
 from growfam.train.checkpoint import (
@@ -24,12 +27,20 @@ from growfam.train.checkpoint import (
     read_trainer_state,
     save_checkpoint,
 )
-from growfam.train.config import RESUME_FREE_KEYS, TrainConfig, check_device, check_resumable
+from growfam.train.config import (
+    DEFAULT_MAX_LR,
+    DEFAULT_MIN_LR_RATIO,
+    RESUME_FREE_KEYS,
+    TrainConfig,
+    check_device,
+    check_resumable,
+    check_seq_len,
+    steps_for,
+)
 from growfam.train.guard import SPIKE_EMA_BETA, SpikeGuard
 from growfam.train.loop import TrainResult, evaluate, forward_backward, train
 from growfam.train.metrics import MetricsLogger, peak_flops, read_metrics
 from growfam.train.optim import (
-    DEFAULT_MIN_LR_RATIO,
     apply_hyperparameters,
     check_optimizer,
     lr_at,
@@ -40,6 +51,7 @@ from growfam.train.optim import (
 from growfam.train.parallel import init_distributed
 
 __all__ = [
+    "DEFAULT_MAX_LR",
     "DEFAULT_MIN_LR_RATIO",
     "RESUME_FREE_KEYS",
     "SPIKE_EMA_BETA",
@@ -51,6 +63,7 @@ __all__ = [
     "check_device",
     "check_optimizer",
     "check_resumable",
+    "check_seq_len",
     "evaluate",
     "forward_backward",
     "init_distributed",
@@ -65,5 +78,6 @@ __all__ = [
     "read_metrics",
     "read_trainer_state",
     "save_checkpoint",
+    "steps_for",
     "train",
 ]

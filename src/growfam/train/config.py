@@ -18,6 +18,12 @@ from growfam.errors import ConfigError
 from growfam.io import read_yaml
 from growfam.model import ModelConfig, resolve_config
 
+#: The peak LR when a config gives none (the paper's Appendix A, for every size).
+DEFAULT_MAX_LR = 3e-4
+#: The cosine floor as a fraction of the peak when a config gives neither min_lr nor
+#: min_lr_ratio (Llama's convention; the paper states none).
+DEFAULT_MIN_LR_RATIO = 0.1
+
 
 @dataclass
 class TrainConfig:
@@ -33,7 +39,7 @@ class TrainConfig:
         gradient accumulation). Must divide the per-rank batch.
     seq_len: tokens per training sequence.
     max_lr: peak learning rate. min_lr: absolute floor of the cosine, or min_lr_ratio: floor as
-        a fraction of max_lr (at most one of the two; default ratio 0.1).
+        a fraction of max_lr (at most one of the two; default ratio DEFAULT_MIN_LR_RATIO).
     warmup_frac: fraction of the steps spent warming up linearly (rounded up to whole steps).
     betas, eps, weight_decay: AdamW (each beta in [0, 1)). Weight decay applies to tensors with
         ndim >= 2 (every linear weight and the embedding, as in nanoGPT and the paper's single
@@ -74,7 +80,7 @@ class TrainConfig:
     batch_size: int = 32
     micro_batch_size: int | None = None
     seq_len: int = 256
-    max_lr: float = 3e-4
+    max_lr: float = DEFAULT_MAX_LR
     min_lr: float | None = None
     min_lr_ratio: float | None = None
     warmup_frac: float = 0.01
@@ -135,8 +141,18 @@ class TrainConfig:
         for name in ("compile", "tensorboard"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.model is not None and self.seq_len > self.model.max_seq_len:
-            raise ConfigError(f"seq_len {self.seq_len} exceeds the model's max_seq_len {self.model.max_seq_len}")
+        if self.model is not None:
+            check_seq_len(self.seq_len, self.model)
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step (all ranks together)."""
+        return self.batch_size * self.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        """The run's length in optimizer steps (max_tokens rounded up to whole steps)."""
+        return self.max_steps or steps_for(self.max_tokens, self.tokens_per_step)
 
     # ---- (de)serialisation ----------------------------------------------------------------
     @classmethod
@@ -162,6 +178,19 @@ class TrainConfig:
 
 def _float(value: Any, name: str, low: float, high: float | None) -> float:
     return as_number(value, name, at_least=low, at_most=high)
+
+
+def steps_for(tokens: float, tokens_per_step: int) -> int:
+    """Whole optimizer steps covering `tokens`: ceil(tokens / tokens_per_step). The budget is
+    rounded to whole tokens first, so float noise (40e9 -> 40000000000.000004) adds no step."""
+    return -(-round(tokens) // tokens_per_step)
+
+
+def check_seq_len(seq_len: int, model: ModelConfig, who: str = "the model") -> None:
+    """ConfigError when sequences of `seq_len` tokens do not fit `model` (its max_seq_len);
+    `who` names the model in the message."""
+    if seq_len > model.max_seq_len:
+        raise ConfigError(f"seq_len {seq_len} exceeds {who}'s max_seq_len {model.max_seq_len}")
 
 
 def check_device(spec: Any) -> None:

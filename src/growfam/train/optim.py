@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from growfam.errors import ConfigError
-from growfam.train.config import TrainConfig
+from growfam.train.config import DEFAULT_MIN_LR_RATIO, TrainConfig
 
 
 def lr_at(step: int, total_steps: int, max_lr: float, min_lr: float, warmup_steps: int) -> float:
@@ -26,11 +26,6 @@ def lr_at(step: int, total_steps: int, max_lr: float, min_lr: float, warmup_step
     decay_steps = total_steps - 1 - warmup_steps
     progress = 1.0 if decay_steps <= 0 else min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
-
-
-#: The cosine floor as a fraction of the peak when the config gives neither min_lr nor
-#: min_lr_ratio (Llama's convention; the paper states none).
-DEFAULT_MIN_LR_RATIO = 0.1
 
 
 def lr_bounds(cfg: TrainConfig, scale: float = 1.0) -> tuple[float, float]:
