@@ -11,12 +11,12 @@ from transformers import AutoModelForCausalLM
 
 import growfam.family.pipeline as family
 from growfam.cli import main
+from growfam.config import DataConfig, FamilyConfig, GrowthConfig
 from growfam.data import prepare
 from growfam.errors import ConfigError
-from growfam.family import run_family
+from growfam.family import make_plan, run_family
 from growfam.report.tables import format_comparison
 from growfam.model import load_pretrained
-from growfam.family import FamilySpec, make_plan
 
 TEXT = [f"Document {i}: the {'quick brown fox' if i % 2 else 'lazy dog'} number {i * 7} "
         f"jumps over {i % 5} fences and lands in field {i % 11}. " * 3 for i in range(400)]
@@ -29,7 +29,7 @@ def dataset(tmp_path_factory):
     return str(out)
 
 
-def spec(**changes) -> FamilySpec:
+def spec(**changes) -> FamilyConfig:
     member = dict(vocab_size=300, max_seq_len=32)
     data = dict(
         name="pair",
@@ -41,7 +41,7 @@ def spec(**changes) -> FamilySpec:
         train={"eval_every": 4, "eval_batches": 2, "ckpt_every": 4, "log_every": 4},
     )
     data.update(changes)
-    return FamilySpec.from_dict(data)
+    return FamilyConfig.from_dict(data)
 
 
 def test_two_stage_family_matches_its_plan(tmp_path, dataset):
@@ -167,6 +167,17 @@ def test_fixed_data_caps_unique_tokens_at_the_largest_budget(tmp_path, dataset):
     assert free.max_unique_tokens is None
 
 
+def test_a_stage_trains_the_steps_its_plan_counts(tmp_path):
+    plan = make_plan(spec())
+    for index, stage in enumerate(plan.stages):
+        for mode in ("independent", "progressive"):
+            cfg = family.stage_train_config(spec(), plan, index, mode, None, tmp_path,
+                                            getattr(stage, f"tokens_{mode}"), fixed_data=False)
+            assert cfg.total_steps == getattr(stage, f"steps_{mode}")
+            assert cfg.tokens_per_step == stage.tokens_per_step
+    assert plan.stages[0].steps_independent == 47  # 6000 tokens at 128 a step, rounded up
+
+
 def test_a_family_refuses_data_with_another_tokenizer(tmp_path, dataset):
     small = spec(tokens={"explicit": [1000, 2000]})
     run_family(small, tmp_path / "fam", data=dataset, modes=("independent",), log=lambda s: None)
@@ -207,15 +218,15 @@ def test_a_masked_growth_ramp_ends_inside_its_stage(tmp_path, dataset):
 
 
 def test_growth_and_data_sections_read_yaml_numbers_and_refuse_bad_ones():
-    opts = family._section(family.GrowthOptions, {"slope": "3e-6", "window": "4", "mask_steps": 1e3}, "growth")
+    opts = GrowthConfig.from_dict({"slope": "3e-6", "window": "4", "mask_steps": 1e3})
     assert (opts.slope, opts.window, opts.mask_steps) == (3e-6, 4, 1000)
-    assert family._section(family.DataOptions, {"max_tokens": "5e6"}, "data").max_tokens == 5_000_000
+    assert DataConfig.from_dict({"max_tokens": "5e6"}).max_tokens == 5_000_000
     with pytest.raises(ConfigError, match="growth.slope must be positive"):
-        family._section(family.GrowthOptions, {"slope": -1}, "growth")
+        GrowthConfig.from_dict({"slope": -1})
     with pytest.raises(ConfigError, match="unknown key 'widht' in growth \\(did you mean 'width'\\?\\)"):
-        family._section(family.GrowthOptions, {"widht": "aki"}, "growth")
+        GrowthConfig.from_dict({"widht": "aki"})
     with pytest.raises(ConfigError, match="growth.window must be an integer >= 0, got 2.5"):
-        family._section(family.GrowthOptions, {"window": 2.5}, "growth")
+        GrowthConfig.from_dict({"window": 2.5})
 
 
 # --------------------------------------------------------------------------------------------

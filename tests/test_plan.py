@@ -12,7 +12,9 @@ import pytest
 from growfam.cli import main
 from growfam.errors import ConfigError
 from growfam.model import ModelConfig, flops_per_token, get_preset, num_params
-from growfam.family import FamilySpec, LRPolicy, load_family_spec, make_plan, shipped_families
+from growfam.train import DEFAULT_MAX_LR, DEFAULT_MIN_LR_RATIO, TrainConfig
+from growfam.config import DataConfig, FamilyConfig, GrowthConfig, LRPolicy, load_family_config, shipped_families
+from growfam.family import make_plan
 
 B = 1e9
 PAPER = ["paper-1b", "paper-2b", "paper-4b", "paper-8b"]
@@ -27,7 +29,7 @@ def tokens(plan, mode: str) -> list[float]:
 
 
 def test_paper_2x_chinchilla():
-    plan = make_plan(load_family_spec("paper-r2"))
+    plan = make_plan(load_family_config("paper-r2"))
     assert tokens(plan, "progressive") == pytest.approx([40 * B, 60 * B, 120 * B, 240 * B])
     assert tokens(plan, "independent") == pytest.approx([40 * B, 80 * B, 160 * B, 320 * B])
     assert plan.flops_progressive == pytest.approx(6 * 2560e18)
@@ -36,7 +38,7 @@ def test_paper_2x_chinchilla():
 
 
 def test_paper_1x_chinchilla():
-    plan = make_plan(load_family_spec("paper-r1"))
+    plan = make_plan(load_family_config("paper-r1"))
     assert tokens(plan, "progressive") == pytest.approx([20 * B, 30 * B, 60 * B, 120 * B])
     assert tokens(plan, "independent") == pytest.approx([20 * B, 40 * B, 80 * B, 160 * B])
     assert round(100 * plan.saving, 1) == 24.7
@@ -44,31 +46,31 @@ def test_paper_1x_chinchilla():
 
 def test_paper_steps_match_table_6():
     # Table 6 reports ~40700 updates for every size at 2x Chinchilla (Independent).
-    plan = make_plan(load_family_spec("paper-r2"))
+    plan = make_plan(load_family_config("paper-r2"))
     assert [s.steps_independent for s in plan.stages] == [40691] * 4  # ceil(40e9 / (960·1024))
     assert [s.steps_progressive for s in plan.stages] == [40691, 30518, 30518, 30518]
     assert plan.stages[1].tokens_per_step == 1920 * 1024
 
 
 def test_steps_round_up_and_ignore_float_noise():
-    spec = FamilySpec(members=["tiny-1", "tiny-2"], tokens=[1000, 5000], batch_size=[2, 3], seq_len=100)
+    spec = FamilyConfig(members=["tiny-1", "tiny-2"], tokens=[1000, 5000], batch_size=[2, 3], seq_len=100)
     plan = make_plan(spec)
     assert [s.steps_independent for s in plan.stages] == [5, 17]  # 1000/200, ceil(5000/300)
     # 40e9 tokens at a million tokens per step is exactly 40000 steps, not 40001.
-    spec = FamilySpec(members=["paper-1b"], tokens=[0.1 * 4e11], batch_size=1000, seq_len=1000)
+    spec = FamilyConfig(members=["paper-1b"], tokens=[0.1 * 4e11], batch_size=1000, seq_len=1000)
     assert make_plan(spec).stages[0].steps_independent == 40000
 
 
 def test_counts():
-    nonemb = make_plan(load_family_spec("paper-r2").replace(count="nonembedding"))
-    total = make_plan(load_family_spec("paper-r2").replace(count="total"))
+    nonemb = make_plan(load_family_config("paper-r2").replace(count="nonembedding"))
+    total = make_plan(load_family_config("paper-r2").replace(count="total"))
     cfgs = [get_preset(n) for n in PAPER]
     assert [s.params for s in nonemb.stages] == [num_params(c, "nonembedding") for c in cfgs]
     assert [s.params for s in total.stages] == [num_params(c, "total") for c in cfgs]
     assert [round(s.params / B, 2) for s in nonemb.stages] == [1.09, 2.09, 4.01, 8.03]
     assert nonemb.stages[0].tokens_independent == pytest.approx(40 * num_params(cfgs[0], "nonembedding"))
     # explicit nominal sizes override the configs' own
-    spec = FamilySpec(members=["tiny-1", "tiny-2"], chinchilla=1, count="nominal", nominal=["1e6", 3e6],
+    spec = FamilyConfig(members=["tiny-1", "tiny-2"], chinchilla=1, count="nominal", nominal=["1e6", 3e6],
                       batch_size=8)
     assert [s.params for s in make_plan(spec).stages] == [1e6, 3e6]
     assert spec.replace(tokens=[1e6, 5e6]).chinchilla is None  # a new token rule replaces the old
@@ -76,10 +78,10 @@ def test_counts():
 
 def test_nominal_count_needs_nominal_sizes():
     with pytest.raises(ConfigError, match="missing for: tiny-1, tiny-2 "):
-        FamilySpec(members=["tiny-1", "tiny-2"], chinchilla=1, count="nominal", batch_size=8)
+        FamilyConfig(members=["tiny-1", "tiny-2"], chinchilla=1, count="nominal", batch_size=8)
 
 
-def random_family(rng: random.Random) -> FamilySpec:
+def random_family(rng: random.Random) -> FamilyConfig:
     """A family of 2-6 members with head_dim 16 and strictly growing layer counts and widths."""
     k = rng.randint(2, 6)
     layers = sorted(rng.sample(range(1, 30), k))
@@ -88,7 +90,7 @@ def random_family(rng: random.Random) -> FamilySpec:
                for i, (h, n) in enumerate(zip(sorted(rng.sample(range(2, 40), k)), layers))]
     # Random FFN widths can reorder the sizes: sort so the family grows.
     members.sort(key=lambda m: num_params(m, "nonembedding"))
-    return FamilySpec(members=members, chinchilla=rng.uniform(0.1, 4), count="nonembedding",
+    return FamilyConfig(members=members, chinchilla=rng.uniform(0.1, 4), count="nonembedding",
                       batch_size=rng.randint(1, 64), seq_len=rng.choice([128, 256, 1024]))
 
 
@@ -109,7 +111,7 @@ def test_eq4_cumulative_progressive_equals_from_scratch(seed):
 
 
 def test_attention_inclusive_flops():
-    plan = make_plan(load_family_spec("paper-r2"))
+    plan = make_plan(load_family_config("paper-r2"))
     s = plan.stages[3]
     assert s.attn_flops_independent == flops_per_token(get_preset("paper-8b"), 1024) * 320 * B
 
@@ -118,15 +120,15 @@ def test_attention_inclusive_flops():
 
 
 def test_lr_fixed_default():
-    plan = make_plan(load_family_spec("paper-r2"))
+    plan = make_plan(load_family_config("paper-r2"))
     assert [s.max_lr for s in plan.stages] == [3e-4] * 4
     assert [s.min_lr for s in plan.stages] == pytest.approx([3e-5] * 4)
 
 
 def test_lr_linear_by_index_and_by_params():
-    plan = make_plan(load_family_spec("paper-r2-lr"))
+    plan = make_plan(load_family_config("paper-r2-lr"))
     assert [s.max_lr for s in plan.stages] == pytest.approx([6e-4, 5e-4, 4e-4, 3e-4])
-    spec = load_family_spec("paper-r2").replace(lr=LRPolicy("linear", start=6e-4, end=3e-4, by="params"))
+    spec = load_family_config("paper-r2").replace(lr=LRPolicy("linear", start=6e-4, end=3e-4, by="params"))
     # nominal 1/2/4/8B: the LR falls by 3e-4 · (N - 1B) / 7B
     expected = [6e-4 - 3e-4 * (n - 1) / 7 for n in (1, 2, 4, 8)]
     assert [s.max_lr for s in make_plan(spec).stages] == pytest.approx(expected)
@@ -150,7 +152,7 @@ def test_lr_errors(data, message):
 
 def test_yaml_exponents_without_a_dot_are_numbers():
     # YAML 1.1 reads `3e-4` and `40e9` as strings; the spec accepts them as numbers.
-    spec = FamilySpec.from_dict({"members": PAPER[:2], "tokens": {"explicit": ["40e9", "80e9"]},
+    spec = FamilyConfig.from_dict({"members": PAPER[:2], "tokens": {"explicit": ["40e9", "80e9"]},
                                  "batch_size": 960, "lr": {"max": "3e-4"}})
     assert spec.tokens == [40e9, 80e9] and spec.lr.max == 3e-4
 
@@ -159,7 +161,7 @@ def test_yaml_exponents_without_a_dot_are_numbers():
 
 
 def test_gpu_hours():
-    plan = make_plan(load_family_spec("paper-r2"))
+    plan = make_plan(load_family_config("paper-r2"))
     hours = plan.gpu_hours(peak_tflops=1000, mfu=0.5)
     flops = flops_per_token(get_preset("paper-1b"), 1024) * 40 * B
     assert hours.independent[0] == pytest.approx(flops / (1000e12 * 0.5) / 3600)
@@ -207,35 +209,43 @@ def test_cli_overrides(capsys):
 @pytest.mark.parametrize("name", ["paper-r1", "paper-r2", "paper-r2-lr", "tiny"])
 def test_shipped_families(name):
     assert name in shipped_families()
-    spec = load_family_spec(name)
+    spec = load_family_config(name)
     assert spec.name == name
     plan = make_plan(spec)
-    again = make_plan(FamilySpec.from_dict(spec.to_dict()))  # to_dict round-trips
+    again = make_plan(FamilyConfig.from_dict(spec.to_dict()))  # to_dict round-trips
     assert again.to_dict() == plan.to_dict()
 
 
 def test_tiny_family_is_a_cpu_demo():
-    plan = make_plan(load_family_spec("tiny"))
+    plan = make_plan(load_family_config("tiny"))
     totals = plan.to_dict()["totals"]
     assert 1e6 < totals["tokens_progressive"] < totals["tokens_independent"] < 5e6
     assert [s.name for s in plan.stages] == ["tiny-1", "tiny-2", "tiny-3", "tiny-4"]
 
 
-def test_extra_sections_are_kept(tmp_path):
+def test_sections_are_parsed_when_the_yaml_is_loaded(tmp_path):
     path = tmp_path / "fam.yaml"
-    path.write_text("members: [tiny-1, tiny-2]\nbatch_size: 8\ntrain: {warmup: 0.01}\n"
-                    "growth: {operator: bert2bert}\ndata: {path: shards/}\n")
-    spec = FamilySpec.from_yaml(path)
-    assert spec.name == "fam" and spec.chinchilla == 1  # defaults: file stem, D = 20·N
-    assert spec.extra == {"train": {"warmup": 0.01}, "growth": {"operator": "bert2bert"}, "data": {"path": "shards/"}}
-    assert spec.to_dict()["growth"] == {"operator": "bert2bert"}
+    path.write_text("members: [tiny-1, tiny-2]\nbatch_size: 8\ntrain: {warmup_frac: 0.02}\n"
+                    "growth: {width: masked, slope: 1e-5}\ndata: {dir: shards/}\n")
+    config = FamilyConfig.from_yaml(path)
+    assert config.name == "fam" and config.chinchilla == 1  # defaults: file stem, D = 20·N
+    assert (config.growth.width, config.growth.depth, config.growth.slope) == ("masked", "stack", 1e-5)
+    assert (config.data.dir, config.data.tokenizer) == ("shards/", "gpt2")
+    assert config.train == {"warmup_frac": 0.02}
+    assert config.to_dict()["growth"]["width"] == "masked"
+    assert FamilyConfig.from_dict(config.to_dict()) == config  # every section round-trips
+    # no section means every default
+    bare = FamilyConfig(members=["tiny-1", "tiny-2"], chinchilla=1, batch_size=8)
+    assert (bare.growth, bare.data, bare.train) == (GrowthConfig(), DataConfig(), {})
+    assert bare.lr.max == TrainConfig(max_steps=1).max_lr == DEFAULT_MAX_LR  # one default, written once
+    assert bare.lr.min_ratio == DEFAULT_MIN_LR_RATIO
 
 
 def test_member_config_paths_resolve_next_to_the_family_yaml(tmp_path):
     (tmp_path / "configs").mkdir()
     get_preset("tiny-3").replace(name="mine").save(tmp_path / "configs" / "mine.yaml")
     (tmp_path / "fam.yaml").write_text("members: [tiny-1, configs/mine.yaml]\nbatch_size: 8\n")
-    spec = load_family_spec(str(tmp_path / "fam.yaml"))
+    spec = load_family_config(str(tmp_path / "fam.yaml"))
     assert [m.name for m in spec.members] == ["tiny-1", "mine"]
 
 
@@ -293,6 +303,31 @@ BAD_FAMILIES = {
     "seq-too-long": (
         "members: [tiny-1, tiny-2]\nbatch_size: 8\nseq_len: 512\n",
         "seq_len 512 exceeds tiny-1's max_seq_len 256",
+    ),
+    # every section is checked when the YAML is loaded, so `growfam plan` refuses it too
+    "growth-key": (
+        "members: [tiny-1, tiny-2]\nbatch_size: 8\ngrowth: {widht: aki}\n",
+        "unknown key 'widht' in growth (did you mean 'width'?)",
+    ),
+    "growth-value": (
+        "members: [tiny-1, tiny-2]\nbatch_size: 8\ngrowth: {optimizer: keep}\n",
+        "growth.optimizer must be transfer or reset, got 'keep'",
+    ),
+    "data-value": (
+        "members: [tiny-1, tiny-2]\nbatch_size: 8\ndata: {val_fraction: 0.9}\n",
+        "data.val_fraction must be in [0, 0.5], got 0.9",
+    ),
+    "train-planned": (
+        "members: [tiny-1, tiny-2]\nbatch_size: 8\ntrain: {max_lr: 1.0}\n",
+        "train.max_lr is set by the family plan; remove it from the train section",
+    ),
+    "train-key": (
+        "members: [tiny-1, tiny-2]\nbatch_size: 8\ntrain: {warmup: 0.01}\n",
+        "unknown key 'warmup' in train (did you mean 'warmup_frac'?)",
+    ),
+    "train-mapping": (
+        "members: [tiny-1, tiny-2]\nbatch_size: 8\ntrain: [1, 2]\n",
+        "train must be a mapping, got list",
     ),
 }
 

@@ -67,14 +67,15 @@ def _add_plan(sub) -> None:
 def _run_plan(args) -> int:
     import json
 
-    from growfam.family import load_family_spec, make_plan
+    from growfam.config import load_family_config
+    from growfam.family import make_plan
     from growfam.report.tables import format_plan
 
     changes = {"members": args.members, "chinchilla": args.chinchilla, "count": args.count,
                "batch_size": args.batch_size[0] if args.batch_size and len(args.batch_size) == 1
                else args.batch_size}
-    spec = load_family_spec(args.family).replace(**{k: v for k, v in changes.items() if v is not None})
-    plan = make_plan(spec)
+    family = load_family_config(args.family).replace(**{k: v for k, v in changes.items() if v is not None})
+    plan = make_plan(family)
     if args.json:
         print(json.dumps(plan.to_dict(args.peak_tflops, args.mfu), indent=2))
     else:
@@ -200,14 +201,15 @@ def _build_family(family: str, out: str | None, data: str | None, modes: tuple[s
     """Plan, check everything, prepare the data if needed, build every member, print the comparison."""
     from pathlib import Path
 
-    from growfam.family import check_family, ensure_dataset, load_family_spec, run_family
+    from growfam.config import load_family_config
+    from growfam.family import check_family, ensure_dataset, run_family
     from growfam.report.tables import format_comparison
 
-    spec = load_family_spec(family)
-    out_dir = Path(out or f"family/{spec.name}")
-    check_family(spec, out_dir, modes, fixed_data)  # before data preparation, which may take long
-    data = ensure_dataset(spec, data, out_dir / "data")
-    ledger = run_family(spec, out_dir, data=data, modes=modes, fixed_data=fixed_data)
+    config = load_family_config(family)
+    out_dir = Path(out or f"family/{config.name}")
+    check_family(config, out_dir, modes, fixed_data)  # before data preparation, which may take long
+    data = ensure_dataset(config, data, out_dir / "data")
+    ledger = run_family(config, out_dir, data=data, modes=modes, fixed_data=fixed_data)
     print()
     print(format_comparison(ledger))
     return 0

@@ -1,6 +1,6 @@
 """The progressive family pipeline: plan, train stage 1, expand, train stage 2, … (DESIGN.md §1).
 
-`run_family(spec, out_dir, modes)` builds every member of a family, Progressive (each stage
+`run_family(family, out_dir, modes)` builds every member of a family, Progressive (each stage
 starts from the expanded previous member and its AdamW state, on its Eq. 4 budget) and/or
 Independent (each member from scratch on its full budget), with the same data and
 hyper-parameters. Layout under out_dir:
@@ -16,108 +16,40 @@ reached its first checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from growfam.train.checkpoint import latest_checkpoint, load_optimizer_state
+from growfam.config import PLANNED, FamilyConfig, GrowthConfig
 from growfam.data import TokenDataset, token_rows
-from growfam.checks import as_int, as_number, check_keys
 from growfam.errors import ConfigError, GrowfamError
 from growfam.family.ledger import MODES, _check_same_run, read_ledger, write_ledger
 from growfam.family.plan import FamilyPlan, make_plan
-from growfam.family.spec import FamilySpec
 from growfam.io import atomic_directory, atomic_write_text, check_folder, read_json, remove_stale_temporaries
 from growfam.model import copy_tokenizer_files, load_pretrained, resolve_config
 from growfam.report.numbers import loss
 from growfam.train import TrainConfig, TrainResult, make_optimizer, train
+from growfam.train.checkpoint import latest_checkpoint, load_optimizer_state
 
 GROWTH_REPORT = "growth_report.json"
 
 
-@dataclass
-class GrowthOptions:
-    """The `growth:` section of a family YAML.
-
-    width / depth: growth operator names (growfam.grow registry). optimizer: "transfer" (AdamW
-    moments follow the index maps) or "reset". schedule: "budget" grows after the stage's Eq. 4
-    budget; "converged" grows once |slope| of the validation loss, fitted over the last
-    `window` evaluations, falls below `slope` per step (seed 003 §3.2 uses 3e-6), and later
-    stages take up the tokens left unspent so cumulative FLOPs still equal from-scratch cost.
-    mask_steps: ramp length of the `masked` width operator, capped at the stage's steps so the
-    masks fold away before the member is saved (None: a quarter of the stage's steps).
-    """
-
-    width: str = "aki"
-    depth: str = "stack"
-    optimizer: str = "transfer"
-    seed: int = 0
-    schedule: str = "budget"
-    slope: float = 3e-6
-    window: int = 5
-    probe_tokens: int = 2048
-    mask_steps: int | None = None
-
-    def __post_init__(self) -> None:
-        self.slope = as_number(self.slope, "growth.slope", above=0)
-        for key in ("seed", "window", "probe_tokens", "mask_steps"):
-            if getattr(self, key) is not None:
-                setattr(self, key, as_int(getattr(self, key), f"growth.{key}"))
-        if self.optimizer not in ("transfer", "reset"):
-            raise ConfigError(f"growth.optimizer must be transfer or reset, got {self.optimizer!r}")
-        if self.schedule not in ("budget", "converged"):
-            raise ConfigError(f"growth.schedule must be budget or converged, got {self.schedule!r}")
-        if self.window < 2:
-            raise ConfigError("growth.window must be at least 2 evaluations")
-
-
-def _section(cls, data: Any, where: str):
-    data = data or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping")
-    check_keys(data, [f.name for f in dataclasses.fields(cls)], where)
-    return cls(**data)
-
-
-#: TrainConfig fields that the family sets per stage (max_unique_tokens: run_family's
-#: fixed_data); a family YAML's `train:` section may not.
-PLANNED = ("model", "data", "out_dir", "max_steps", "max_tokens", "batch_size", "seq_len", "max_lr",
-           "min_lr", "min_lr_ratio", "max_unique_tokens")
-
-
-def _train_section(spec: FamilySpec) -> dict:
-    """The family YAML's `train:` section, checked to hold only TrainConfig keys the plan leaves free."""
-    extra = spec.extra.get("train") or {}
-    if not isinstance(extra, dict):
-        raise ConfigError(f"train must be a mapping, got {type(extra).__name__}")
-    clash = sorted(set(extra) & set(PLANNED))
-    if clash:
-        how = " (--fixed-data)" if clash[0] == "max_unique_tokens" else ""
-        raise ConfigError(f"train.{clash[0]} is set by the family plan{how}; remove it from the train section")
-    check_keys(extra, [f.name for f in dataclasses.fields(TrainConfig) if f.name not in PLANNED], "train")
-    return dict(extra)
-
-
-def stage_train_config(spec: FamilySpec, plan: FamilyPlan, index: int, mode: str, data: str | None,
+def stage_train_config(family: FamilyConfig, plan: FamilyPlan, index: int, mode: str, data: str | None,
                        out_dir: Path, tokens: float, fixed_data: bool) -> TrainConfig:
     """The TrainConfig of stage `index` (0-based) in `mode`: plan values + the `train:` section.
 
     An error in a key of the train section names it as `train.KEY`."""
-    extra = _train_section(spec)
     stage = plan.stages[index]
     cap = int(plan.stages[-1].tokens_independent) if fixed_data else None
     try:
         return TrainConfig.from_dict({
-            **extra,
-            "model": spec.members[index].to_dict(),
+            **family.train,
+            "model": family.members[index].to_dict(),
             "data": data,
             "out_dir": str(out_dir / "runs" / mode / stage.name),
             "max_tokens": max(1, int(round(tokens))),
@@ -129,12 +61,12 @@ def stage_train_config(spec: FamilySpec, plan: FamilyPlan, index: int, mode: str
         })
     except ConfigError as err:
         # TrainConfig's messages start with the field at fault
-        if str(err).split(" ", 1)[0] in extra:
+        if str(err).split(" ", 1)[0] in family.train:
             raise ConfigError(f"train.{err}") from None
         raise
 
 
-def _train_record(spec: FamilySpec, plan: FamilyPlan, out_dir: Path, modes: tuple[str, ...],
+def _train_record(family: FamilyConfig, plan: FamilyPlan, out_dir: Path, modes: tuple[str, ...],
                   fixed_data: bool) -> dict:
     """Build every stage's TrainConfig in every mode (so a bad train section fails before any
     work) and return the effective train section: every TrainConfig field the plan leaves free."""
@@ -142,7 +74,7 @@ def _train_record(spec: FamilySpec, plan: FamilyPlan, out_dir: Path, modes: tupl
     for mode in modes:
         for i, stage in enumerate(plan.stages):
             tokens = stage.tokens_independent if mode == "independent" else stage.tokens_progressive
-            cfg = stage_train_config(spec, plan, i, mode, None, out_dir, tokens, fixed_data)
+            cfg = stage_train_config(family, plan, i, mode, None, out_dir, tokens, fixed_data)
             if cfg.micro_batch_size and cfg.batch_size % cfg.micro_batch_size:
                 raise ConfigError(f"train.micro_batch_size {cfg.micro_batch_size} does not divide stage "
                                   f"{stage.name}'s batch_size {cfg.batch_size}")
@@ -170,8 +102,6 @@ class ConvergenceStop:
         return abs(self.last_slope) < self.threshold
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # The pipeline
 # --------------------------------------------------------------------------------------------
@@ -189,7 +119,7 @@ def _publish(result: TrainResult, member_dir: Path) -> None:
     atomic_directory(member_dir, write)
 
 
-def _grow_from(prev_run: Path, tcfg: TrainConfig, target, growth: GrowthOptions, probe):
+def _grow_from(prev_run: Path, tcfg: TrainConfig, target, growth: GrowthConfig, probe):
     """Load the previous member's final checkpoint (weights + AdamW state) and expand it.
 
     A masked ramp must end inside the stage: a Hugging Face member cannot hold the masks."""
@@ -203,7 +133,7 @@ def _grow_from(prev_run: Path, tcfg: TrainConfig, target, growth: GrowthOptions,
     if growth.optimizer == "transfer":
         optimizer = make_optimizer(source, tcfg.replace(model=source.cfg), torch.device("cpu"))
         load_optimizer_state(ckpt, optimizer)  # the weights came with load_pretrained
-    steps = math.ceil(tcfg.max_tokens / (tcfg.batch_size * tcfg.seq_len))
+    steps = tcfg.total_steps
     mask_steps = min(growth.mask_steps or max(1, steps // 4), steps)
     model, optimizer, report = expand(source, target, width=growth.width, depth=growth.depth,
                                       seed=growth.seed, optimizer=optimizer, probe=probe,
@@ -241,12 +171,12 @@ class CheckedFamily:
 
     modes: tuple[str, ...]
     plan: FamilyPlan
-    growth: GrowthOptions
+    growth: GrowthConfig
     header: dict
     ledger: dict
 
 
-def check_family(spec: FamilySpec, out_dir: str | Path, modes: str | tuple[str, ...] = MODES,
+def check_family(family: FamilyConfig, out_dir: str | Path, modes: str | tuple[str, ...] = MODES,
                  fixed_data: bool = False) -> CheckedFamily:
     """Validate a family run before any data preparation or write: the modes, the out dir, the
     growth section and every growth step, every stage's train config, and the out dir's ledger
@@ -259,35 +189,35 @@ def check_family(spec: FamilySpec, out_dir: str | Path, modes: str | tuple[str, 
     if bad:
         raise ConfigError(f"unknown mode {bad[0]!r}; use progressive, independent or both")
     check_folder(out_dir, "--out")
-    growth = _section(GrowthOptions, spec.extra.get("growth"), "growth")
-    plan = make_plan(spec)
+    growth = family.growth
+    plan = make_plan(family)
     if "progressive" in modes:  # every growth step is checked now, not after hours of stage 1
         from growfam.grow import GrowthPlan
 
-        for small, large in zip(spec.members, spec.members[1:]):
+        for small, large in zip(family.members, family.members[1:]):
             GrowthPlan.make(small, large, growth.width, growth.depth, growth.seed)
-    header = {"plan": json.loads(json.dumps(plan.to_dict())), "growth": dataclasses.asdict(growth),
-              "fixed_data": fixed_data, "train": _train_record(spec, plan, out_dir, modes, fixed_data)}
+    header = {"plan": json.loads(json.dumps(plan.to_dict())), "growth": growth.to_dict(),
+              "fixed_data": fixed_data, "train": _train_record(family, plan, out_dir, modes, fixed_data)}
     ledger = read_ledger(out_dir)
     _check_same_run(ledger, header, out_dir)
     return CheckedFamily(modes, plan, growth, header, ledger)
 
 
-def run_family(spec: FamilySpec, out_dir: str | Path, *, data: str, modes: str | tuple[str, ...] = MODES,
+def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: str | tuple[str, ...] = MODES,
                fixed_data: bool = False, log=print) -> dict:
-    """Build the family `spec` in each of `modes`; returns the ledger (also in family.json).
+    """Build every member of `family` in each of `modes`; returns the ledger (also in family.json).
 
     data: a prepared dataset directory (`growfam data prepare`). fixed_data: cap the unique
     tokens at the largest member's from-scratch budget and repeat them (paper Table 2).
     Everything is checked (`check_family`, the dataset) before anything is written.
     """
     out_dir = Path(out_dir)
-    checked = check_family(spec, out_dir, modes, fixed_data)
+    checked = check_family(family, out_dir, modes, fixed_data)
     modes, plan, growth = checked.modes, checked.plan, checked.growth
     dataset = TokenDataset.open(data)
-    if dataset.vocab_size > spec.members[0].vocab_size:
+    if dataset.vocab_size > family.members[0].vocab_size:
         raise ConfigError(f"the dataset's tokenizer has {dataset.vocab_size} tokens but the family's "
-                          f"vocab_size is {spec.members[0].vocab_size}")
+                          f"vocab_size is {family.members[0].vocab_size}")
     fresh = {**checked.header, "data_fingerprint": dataset.fingerprint()}
     _check_same_run(checked.ledger, fresh, out_dir)
     try:
@@ -307,7 +237,7 @@ def run_family(spec: FamilySpec, out_dir: str | Path, *, data: str, modes: str |
                 continue
             del members[i:]
             tokens = stage.tokens_independent if mode == "independent" else _progressive_tokens(plan, i, members)
-            tcfg = stage_train_config(spec, plan, i, mode, data, out_dir, tokens, fixed_data)
+            tcfg = stage_train_config(family, plan, i, mode, data, out_dir, tokens, fixed_data)
             run_dir = Path(tcfg.out_dir)
             resume_from = latest_checkpoint(run_dir)
             model = optimizer = report = None
@@ -315,7 +245,7 @@ def run_family(spec: FamilySpec, out_dir: str | Path, *, data: str, modes: str |
                 log(f"[{mode}] expanding {plan.stages[i - 1].name} -> {stage.name} "
                     f"(width {growth.width}, depth {growth.depth}, optimizer {growth.optimizer})")
                 prev_run = out_dir / "runs" / mode / plan.stages[i - 1].name
-                model, optimizer, report = _grow_from(prev_run, tcfg, spec.members[i], growth,
+                model, optimizer, report = _grow_from(prev_run, tcfg, family.members[i], growth,
                                                       _probe_batch(dataset, stage.seq_len, growth.probe_tokens))
                 log(str(report))
                 run_dir.mkdir(parents=True, exist_ok=True)
@@ -354,41 +284,25 @@ def run_family(spec: FamilySpec, out_dir: str | Path, *, data: str, modes: str |
 
 
 # --------------------------------------------------------------------------------------------
-# Data and the summary table
+# Data
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class DataOptions:
-    """The `data:` section of a family YAML: a prepared dataset `dir`, made from `source` with
-    `tokenizer` (see `growfam data prepare`) when it does not exist yet."""
-
-    dir: str | None = None
-    source: Any = None
-    tokenizer: str = "gpt2"
-    max_tokens: int | None = None
-    val_fraction: float = 0.005
-
-    def __post_init__(self) -> None:
-        self.val_fraction = as_number(self.val_fraction, "data.val_fraction", at_least=0, at_most=0.5)
-        if self.max_tokens is not None:
-            self.max_tokens = as_int(self.max_tokens, "data.max_tokens", 1)
-
-
-def ensure_dataset(spec: FamilySpec, data: str | None, default_dir: Path, log=print) -> str:
+def ensure_dataset(family: FamilyConfig, data: str | None, default_dir: Path, log=print) -> str:
     """The dataset directory to train on: `data` if given, else the YAML's `data:` section,
     prepared first when its directory does not exist."""
     if data is not None:
         return str(data)
-    opts = _section(DataOptions, spec.extra.get("data"), "data")
-    path = Path(opts.dir) if opts.dir else default_dir
+    section = family.data
+    path = Path(section.dir) if section.dir else default_dir
     if (path / "index.json").exists():
         return str(path)
-    if opts.source is None:
+    if section.source is None:
         raise ConfigError("no data: pass --data DIR (see `growfam data prepare`) or give the family "
                           "YAML a data: section with a source")
     from growfam.data import prepare
 
-    log(f"preparing {opts.source} with tokenizer {opts.tokenizer} into {path}")
-    prepare(opts.source, opts.tokenizer, path, max_tokens=opts.max_tokens, val_fraction=opts.val_fraction)
+    log(f"preparing {section.source} with tokenizer {section.tokenizer} into {path}")
+    prepare(section.source, section.tokenizer, path, max_tokens=section.max_tokens,
+            val_fraction=section.val_fraction)
     return str(path)

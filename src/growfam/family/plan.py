@@ -1,7 +1,7 @@
 """The family planner: token budgets, steps, FLOPs, learning rates and GPU-hours per stage.
 
-A `FamilySpec` (family.spec, loaded from a family YAML) says which members to build and by which rules;
-`make_plan(spec)` turns it into a `FamilyPlan` with, for every stage, both ways of building the
+A `FamilyConfig` (growfam.config, loaded from a family YAML) says which members to build and by
+which rules; `make_plan(family)` turns it into a `FamilyPlan` with, for every stage, both ways of building the
 family (DESIGN.md section 2):
 
 - Independent: member i trains from scratch on D(N_i) tokens (Chinchilla: D = r·20·N).
@@ -21,9 +21,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
+from growfam.checks import as_number
+from growfam.config import CHINCHILLA_TOKENS_PER_PARAM, FamilyConfig
 from growfam.errors import ConfigError
-from growfam.family.spec import CHINCHILLA_TOKENS_PER_PARAM, FamilySpec, _number
 from growfam.model import flops_per_token, num_params
+from growfam.train.config import steps_for
 
 # --------------------------------------------------------------------------------------------
 # Plan
@@ -37,7 +39,7 @@ class StagePlan:
 
     index: int  # 1-based, as in the paper
     name: str
-    params: float  # N under the spec's count
+    params: float  # N under the family's count
     nonembedding_params: int
     total_params: int
     batch_size: int  # sequences
@@ -89,7 +91,7 @@ class GpuHours:
 class FamilyPlan:
     """Per-stage budgets of a family under Independent and Progressive training, with totals."""
 
-    spec: FamilySpec
+    family: FamilyConfig
     stages: list[StagePlan]
 
     @property
@@ -115,8 +117,8 @@ class FamilyPlan:
 
     def gpu_hours(self, peak_tflops: float, mfu: float) -> GpuHours:
         """GPU-hours per stage: attention-inclusive FLOPs / (peak_tflops·1e12·mfu) / 3600."""
-        peak_tflops = _number(peak_tflops, "peak TFLOPs")
-        mfu = _number(mfu, "MFU")
+        peak_tflops = as_number(peak_tflops, "peak TFLOPs", above=0)
+        mfu = as_number(mfu, "MFU", above=0)
         if mfu > 1:
             raise ConfigError(f"MFU is a fraction of peak in (0, 1], got {mfu}")
         rate = peak_tflops * 1e12 * mfu * 3600  # FLOPs per GPU-hour
@@ -127,11 +129,11 @@ class FamilyPlan:
     def to_dict(self, peak_tflops: float | None = None, mfu: float | None = None) -> dict:
         """JSON-ready plan; GPU-hours are included when both peak_tflops and mfu are given."""
         out = {
-            "name": self.spec.name,
-            "count": self.spec.count,
-            "tokens": {"chinchilla": self.spec.chinchilla} if self.spec.chinchilla is not None
-            else {"explicit": self.spec.tokens},
-            "lr": self.spec.lr.to_dict(),
+            "name": self.family.name,
+            "count": self.family.count,
+            "tokens": {"chinchilla": self.family.chinchilla} if self.family.chinchilla is not None
+            else {"explicit": self.family.tokens},
+            "lr": self.family.lr.to_dict(),
             "stages": [s.to_dict() for s in self.stages],
             "totals": {
                 "tokens_independent": sum(s.tokens_independent for s in self.stages),
@@ -151,11 +153,11 @@ class FamilyPlan:
         return out
 
 
-def independent_tokens(spec: FamilySpec, params: Sequence[float]) -> list[float]:
-    """D(N_i): r·20·N_i, or the spec's explicit tokens."""
-    if spec.tokens is not None:
-        return list(spec.tokens)
-    return [spec.chinchilla * CHINCHILLA_TOKENS_PER_PARAM * n for n in params]
+def independent_tokens(family: FamilyConfig, params: Sequence[float]) -> list[float]:
+    """D(N_i): r·20·N_i, or the family's explicit tokens."""
+    if family.tokens is not None:
+        return list(family.tokens)
+    return [family.chinchilla * CHINCHILLA_TOKENS_PER_PARAM * n for n in params]
 
 
 def progressive_tokens(params: Sequence[float], independent: Sequence[float],
@@ -176,25 +178,19 @@ def progressive_tokens(params: Sequence[float], independent: Sequence[float],
     return out
 
 
-def _steps(tokens: float, per_step: int) -> int:
-    # Round the budget to whole tokens first so float noise (40e9 → 40000000000.000004) cannot
-    # add a step.
-    return -(-round(tokens) // per_step)
-
-
-def make_plan(spec: FamilySpec) -> FamilyPlan:
-    """Token budgets, steps, FLOPs and peak LRs of every stage of `spec`."""
-    params = spec.counted_params()
-    names = [m.name for m in spec.members]
-    d_ind = independent_tokens(spec, params)
+def make_plan(family: FamilyConfig) -> FamilyPlan:
+    """Token budgets, steps, FLOPs and peak LRs of every stage of `family`."""
+    params = family.counted_params()
+    names = [m.name for m in family.members]
+    d_ind = independent_tokens(family, params)
     try:
         d_prog = progressive_tokens(params, d_ind, names)
     except ConfigError as err:
-        raise ConfigError(f"family {spec.name}: {err}") from None
-    max_lrs = spec.lr.max_lrs(params)
-    batch_sizes, seq_lens = spec.batch_sizes, spec.seq_lens
+        raise ConfigError(f"family {family.name}: {err}") from None
+    max_lrs = family.lr.max_lrs(params)
+    batch_sizes, seq_lens = family.batch_sizes, family.seq_lens
     stages, cum_ind, cum_prog = [], 0.0, 0.0
-    for i, cfg in enumerate(spec.members):
+    for i, cfg in enumerate(family.members):
         n, batch, seq = params[i], batch_sizes[i], seq_lens[i]
         f_ind, f_prog = 6 * n * d_ind[i], 6 * n * d_prog[i]
         cum_ind += f_ind
@@ -205,10 +201,10 @@ def make_plan(spec: FamilySpec) -> FamilyPlan:
             nonembedding_params=num_params(cfg, "nonembedding"), total_params=num_params(cfg, "total"),
             batch_size=batch, seq_len=seq,
             tokens_independent=d_ind[i], tokens_progressive=d_prog[i],
-            steps_independent=_steps(d_ind[i], batch * seq), steps_progressive=_steps(d_prog[i], batch * seq),
+            steps_independent=steps_for(d_ind[i], batch * seq), steps_progressive=steps_for(d_prog[i], batch * seq),
             flops_independent=f_ind, flops_progressive=f_prog,
             cum_flops_independent=cum_ind, cum_flops_progressive=cum_prog,
             attn_flops_independent=per_token * d_ind[i], attn_flops_progressive=per_token * d_prog[i],
-            max_lr=max_lrs[i], min_lr=max_lrs[i] * spec.lr.min_ratio,
+            max_lr=max_lrs[i], min_lr=max_lrs[i] * family.lr.min_ratio,
         ))
-    return FamilyPlan(spec, stages)
+    return FamilyPlan(family, stages)

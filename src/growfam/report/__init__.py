@@ -4,6 +4,7 @@
 - `tables`: every text table a command prints — the plan (`format_plan`) and the built
   family, Progressive vs Independent (`format_comparison`).
 
-report/ may import errors and family/ (it reads plans and ledgers); family/ imports only
-`report.numbers`. So this file imports no submodule: `from growfam.report.tables import …`.
+report/ may import errors, config and family/ (it reads plans and ledgers); config and family/
+import only `report.numbers`. So this file imports no submodule: `from growfam.report.tables
+import …`.
 """

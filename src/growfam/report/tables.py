@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from growfam.config import CHINCHILLA_TOKENS_PER_PARAM
 from growfam.family.plan import FamilyPlan
-from growfam.family.spec import CHINCHILLA_TOKENS_PER_PARAM
 from growfam.report.numbers import hours, loss, sci, short, si
 
 # --------------------------------------------------------------------------------------------
@@ -37,9 +37,9 @@ def text_table(rows: list[list[str]], groups: Sequence[tuple[int, int, str]] = (
 
 def format_plan(plan: FamilyPlan, peak_tflops: float, mfu: float) -> str:
     """The plan as an aligned text table (ind = Independent, prog = Progressive)."""
-    spec, gpu = plan.spec, plan.gpu_hours(peak_tflops, mfu)
-    rule = (f"{spec.chinchilla:g}x Chinchilla (D = {spec.chinchilla * CHINCHILLA_TOKENS_PER_PARAM:g}·N)"
-            if spec.chinchilla is not None else "explicit tokens")
+    family, gpu = plan.family, plan.gpu_hours(peak_tflops, mfu)
+    rule = (f"{family.chinchilla:g}x Chinchilla (D = {family.chinchilla * CHINCHILLA_TOKENS_PER_PARAM:g}·N)"
+            if family.chinchilla is not None else "explicit tokens")
     header = ["stage", "params", "batch", "seq", "ind", "prog", "ind", "prog", "ind", "prog",
               "ind", "prog", "max LR", "ind", "prog"]
     groups = [(4, 5, "tokens"), (6, 7, "steps"), (8, 9, "FLOPs 6ND"), (10, 11, "cumulative"),
@@ -58,7 +58,7 @@ def format_plan(plan: FamilyPlan, peak_tflops: float, mfu: float) -> str:
              str(totals["steps_independent"]), str(totals["steps_progressive"]),
              sci(plan.flops_independent), sci(plan.flops_progressive), "", "", "",
              hours(gpu.total_independent), hours(gpu.total_progressive)]
-    lines = [f"family {spec.name}: {len(plan.stages)} stages, {spec.count} parameter count, {rule}", ""]
+    lines = [f"family {family.name}: {len(plan.stages)} stages, {family.count} parameter count, {rule}", ""]
     lines += text_table([header] + body + [total], groups)
     lines += [
         "",

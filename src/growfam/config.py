@@ -1,0 +1,398 @@
+"""The one config tree: a family YAML as a `FamilyConfig`, every section validated on load.
+
+The plan fields sit at the YAML's top level (name, members, tokens, count, nominal, batch_size,
+seq_len, lr: LRPolicy); each later pipeline step owns one typed section: `growth`
+(GrowthConfig), `data` (DataConfig) and `train` (TrainConfig overrides the plan leaves free).
+`load_family_config` finds a shipped family (growfam/configs) or reads a YAML path;
+`make_plan` (family.plan) turns a FamilyConfig into per-stage budgets. Training defaults (peak
+LR, LR floor) are written once, next to TrainConfig.
+
+config.py may import errors, checks, io, model, data, grow, train.config and report.numbers;
+family/, report/ and the CLI import it. growfam/train never does (train.config is below it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Sequence
+
+from growfam.checks import as_int, as_mapping, as_number, check_keys
+from growfam.data import DEFAULT_VAL_FRACTION
+from growfam.errors import ConfigError
+from growfam.grow import OPTIMIZER_MODES
+from growfam.io import read_yaml
+from growfam.model import PRESETS, ModelConfig, num_params, resolve_config
+from growfam.report.numbers import si
+from growfam.train.config import DEFAULT_MAX_LR, DEFAULT_MIN_LR_RATIO, TrainConfig, check_seq_len
+
+Count = Literal["nonembedding", "total", "nominal"]
+COUNTS: tuple[str, ...] = ("nonembedding", "total", "nominal")
+
+#: Family YAMLs shipped with the package, by file stem (`growfam plan paper-r2`).
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+#: Chinchilla tokens per parameter (Hoffmann et al. 2022); D(N) = r · 20 · N.
+CHINCHILLA_TOKENS_PER_PARAM = 20
+
+#: TrainConfig fields that the family sets per stage (max_unique_tokens: run_family's
+#: fixed_data); a family YAML's `train:` section may not.
+PLANNED = ("model", "data", "out_dir", "max_steps", "max_tokens", "batch_size", "seq_len", "max_lr",
+           "min_lr", "min_lr_ratio", "max_unique_tokens")
+
+
+class _Section:
+    """A YAML section as a dataclass named `key`: unknown keys are errors, None means defaults."""
+
+    key: ClassVar[str]
+
+    @classmethod
+    def from_dict(cls, data: Any):
+        data = {} if data is None else as_mapping(data, cls.key)
+        check_keys(data, [f.name for f in dataclasses.fields(cls)], cls.key)
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class LRPolicy(_Section):
+    """Peak (max) learning rate of each stage's cosine schedule.
+
+    policy "fixed": every stage peaks at `max` (None: DEFAULT_MAX_LR). policy "linear": the
+    peak goes linearly from `start` (first stage) to `end` (last stage), interpolated by stage
+    index (`by: index`) or by the counted parameter size (`by: params`). `min_ratio` is the
+    cosine floor as a fraction of the peak.
+    """
+
+    key: ClassVar[str] = "lr"
+    policy: Literal["fixed", "linear"] = "fixed"
+    max: float | None = None
+    start: float | None = None
+    end: float | None = None
+    by: Literal["index", "params"] = "index"
+    min_ratio: float = DEFAULT_MIN_LR_RATIO
+
+    def __post_init__(self) -> None:
+        if self.policy == "fixed":
+            self.max = as_number(DEFAULT_MAX_LR if self.max is None else self.max, "lr.max", above=0)
+            if self.start is not None or self.end is not None:
+                raise ConfigError("lr: policy fixed takes `max`, not start/end")
+        elif self.policy == "linear":
+            self.start = as_number(self.start, "lr.start", above=0)
+            self.end = as_number(self.end, "lr.end", above=0)
+            if self.max is not None:
+                raise ConfigError("lr: policy linear takes start/end, not `max`")
+            if self.by not in ("index", "params"):
+                raise ConfigError(f"lr.by must be index or params, got {self.by!r}")
+        else:
+            raise ConfigError(f"lr.policy must be fixed or linear, got {self.policy!r}")
+        self.min_ratio = as_number(self.min_ratio, "lr.min_ratio", at_least=0, at_most=1)
+
+    def to_dict(self) -> dict:
+        if self.policy == "fixed":
+            return {"policy": "fixed", "max": self.max, "min_ratio": self.min_ratio}
+        return {"policy": "linear", "start": self.start, "end": self.end, "by": self.by,
+                "min_ratio": self.min_ratio}
+
+    def max_lrs(self, params: Sequence[float]) -> list[float]:
+        """The peak LR of each stage; `params` are the counted sizes (used by `by: params`)."""
+        if self.policy == "fixed":
+            return [self.max] * len(params)
+        if len(params) == 1:
+            return [self.start]
+        if self.by == "index":
+            fractions = [i / (len(params) - 1) for i in range(len(params))]
+        else:
+            fractions = [(n - params[0]) / (params[-1] - params[0]) for n in params]
+        return [self.start + f * (self.end - self.start) for f in fractions]
+
+
+@dataclass
+class GrowthConfig(_Section):
+    """The `growth:` section: how each member grows into the next.
+
+    width / depth: growth operator names (growfam.grow registry). optimizer: "transfer" (AdamW
+    moments follow the index maps) or "reset". schedule: "budget" grows after the stage's Eq. 4
+    budget; "converged" grows once |slope| of the validation loss, fitted over the last
+    `window` evaluations, falls below `slope` per step (seed 003 §3.2 uses 3e-6), and later
+    stages take up the tokens left unspent so cumulative FLOPs still equal from-scratch cost.
+    probe_tokens: validation tokens on which the growth report measures what expansion changed.
+    mask_steps: ramp length of the `masked` width operator, capped at the stage's steps so the
+    masks fold away before the member is saved (None: a quarter of the stage's steps).
+    """
+
+    key: ClassVar[str] = "growth"
+    width: str = "aki"
+    depth: str = "stack"
+    optimizer: str = "transfer"
+    seed: int = 0
+    schedule: str = "budget"
+    slope: float = 3e-6
+    window: int = 5
+    probe_tokens: int = 2048
+    mask_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        self.slope = as_number(self.slope, "growth.slope", above=0)
+        for key in ("seed", "window", "probe_tokens", "mask_steps"):
+            if getattr(self, key) is not None:
+                setattr(self, key, as_int(getattr(self, key), f"growth.{key}"))
+        if self.optimizer not in OPTIMIZER_MODES:
+            raise ConfigError(f"growth.optimizer must be {' or '.join(OPTIMIZER_MODES)}, got {self.optimizer!r}")
+        if self.schedule not in ("budget", "converged"):
+            raise ConfigError(f"growth.schedule must be budget or converged, got {self.schedule!r}")
+        if self.window < 2:
+            raise ConfigError("growth.window must be at least 2 evaluations")
+
+
+@dataclass
+class DataConfig(_Section):
+    """The `data:` section: a prepared dataset `dir`, made from `source` with `tokenizer` (see
+    `growfam data prepare`) when it does not exist yet."""
+
+    key: ClassVar[str] = "data"
+    dir: str | None = None
+    source: Any = None
+    tokenizer: str = "gpt2"
+    max_tokens: int | None = None
+    val_fraction: float = DEFAULT_VAL_FRACTION
+
+    def __post_init__(self) -> None:
+        self.val_fraction = as_number(self.val_fraction, "data.val_fraction", at_least=0, at_most=0.5)
+        if self.max_tokens is not None:
+            self.max_tokens = as_int(self.max_tokens, "data.max_tokens", 1)
+
+
+def _train_overrides(data: Any) -> dict:
+    """The `train:` section (None: empty): TrainConfig keys the plan leaves free (not PLANNED).
+    Only the keys are checked here; the values are checked with each stage's TrainConfig."""
+    data = {} if data is None else as_mapping(data, "train")
+    clash = sorted(set(data) & set(PLANNED))
+    if clash:
+        how = " (--fixed-data)" if clash[0] == "max_unique_tokens" else ""
+        raise ConfigError(f"train.{clash[0]} is set by the family plan{how}; remove it from the train section")
+    check_keys(data, [f.name for f in dataclasses.fields(TrainConfig) if f.name not in PLANNED], "train")
+    return dict(data)
+
+
+def _per_stage(value: Any, n: int, what: str, convert) -> list:
+    """A scalar broadcast to every stage, or a list with exactly one entry per stage."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ConfigError(f"{what} has {len(value)} entries for {n} members")
+        return [convert(v, f"{what}[{i}]") for i, v in enumerate(value)]
+    return [convert(value, what)] * n
+
+
+_positive = partial(as_number, above=0)
+
+
+@dataclass
+class FamilyConfig:
+    """A family YAML: which members to build, by which rules, and each pipeline step's section.
+
+    members: the family, smallest first (a ModelConfig, a preset name, a YAML/JSON config path
+        or a dict of ModelConfig fields; all are resolved to ModelConfig on construction).
+    chinchilla / tokens: the from-scratch token rule, exactly one of them: D(N) = r·20·N with
+        r = `chinchilla`, or `tokens[i]` explicit tokens for member i. A YAML without a
+        `tokens` section means r = 1.
+    count: which parameter count N is: "nonembedding" (default; the paper's sizes are these),
+        "total", or "nominal" (the advertised size: `nominal[i]` if given, else the member's
+        `ModelConfig.nominal_params`).
+    batch_size: global batch in sequences per stage, or one int for every stage.
+    seq_len: training sequence length in tokens per stage, or one int for every stage; None
+        means each member's max_seq_len. (`batch_sizes` / `seq_lens` give the per-stage lists;
+        the fields keep what was written, so a scalar still applies after `replace(members=...)`.)
+    lr, growth, data: the sections (a mapping is parsed). train: TrainConfig overrides.
+    """
+
+    members: list[ModelConfig]
+    batch_size: list[int] | int
+    name: str = "family"
+    chinchilla: float | None = None
+    tokens: list[float] | None = None
+    count: Count = "nonembedding"
+    nominal: list[float] | None = None
+    seq_len: list[int] | int | None = None
+    lr: LRPolicy = field(default_factory=LRPolicy)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.members, (list, tuple)) or not self.members:
+            raise ConfigError("members must be a non-empty list of presets, config paths or configs")
+        self.members = [_resolve_member(m, i) for i, m in enumerate(self.members)]
+        n = len(self.members)
+        if (self.chinchilla is None) == (self.tokens is None):
+            raise ConfigError("give exactly one token rule: tokens: {chinchilla: R} or {explicit: [...]}")
+        if self.chinchilla is not None:
+            self.chinchilla = _positive(self.chinchilla, "tokens.chinchilla")
+        else:
+            if not isinstance(self.tokens, (list, tuple)):
+                raise ConfigError(f"tokens.explicit must be a list with one entry per member, got {self.tokens!r}")
+            self.tokens = _per_stage(self.tokens, n, "tokens.explicit", _positive)
+        if self.count not in COUNTS:
+            raise ConfigError(f"count must be one of {', '.join(COUNTS)}, got {self.count!r}")
+        if self.nominal is not None:
+            if not isinstance(self.nominal, (list, tuple)):
+                raise ConfigError(f"nominal must be a list with one size per member, got {self.nominal!r}")
+            self.nominal = _per_stage(self.nominal, n, "nominal", _positive)
+        _ = self.batch_sizes  # raises on a bad batch_size
+        for m, t in zip(self.members, self.seq_lens):
+            check_seq_len(t, m, m.name)
+        for name, cls in (("lr", LRPolicy), ("growth", GrowthConfig), ("data", DataConfig)):
+            if not isinstance(getattr(self, name), cls):
+                setattr(self, name, cls.from_dict(getattr(self, name)))
+        self.train = _train_overrides(self.train)
+        self._validate_family()
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Global batch of each stage, in sequences."""
+        return _per_stage(self.batch_size, len(self.members), "batch_size", partial(as_int, at_least=1))
+
+    @property
+    def seq_lens(self) -> list[int]:
+        """Training sequence length of each stage, in tokens."""
+        if self.seq_len is None:
+            return [m.max_seq_len for m in self.members]
+        return _per_stage(self.seq_len, len(self.members), "seq_len", partial(as_int, at_least=1))
+
+    def counted_params(self) -> list[float]:
+        """N of each member under `count`."""
+        if self.count != "nominal":
+            return [float(num_params(m, self.count)) for m in self.members]
+        if self.nominal is not None:
+            return list(self.nominal)
+        missing = [m.name for m in self.members if m.nominal_params is None]
+        if missing:
+            raise ConfigError(
+                f"count nominal needs a nominal size for every member, missing for: {', '.join(missing)} "
+                "(set nominal_params in the member's config or give `nominal: [...]` in the family)"
+            )
+        return [float(m.nominal_params) for m in self.members]
+
+    def _validate_family(self) -> None:
+        """Checks that make progressive growth possible: same head_dim and vocab, growing N."""
+        first = self.members[0]
+        for m in self.members[1:]:
+            if m.head_dim != first.head_dim:
+                raise ConfigError(f"head_dim must be constant across the family: {first.name} has "
+                                  f"{first.head_dim}, {m.name} has {m.head_dim}")
+            if m.vocab_size != first.vocab_size:
+                raise ConfigError(f"vocab_size must be equal across the family: {first.name} has "
+                                  f"{first.vocab_size}, {m.name} has {m.vocab_size}")
+        params = self.counted_params()
+        for (a, na), (b, nb) in zip(zip(self.members, params), zip(self.members[1:], params[1:])):
+            if nb <= na:
+                raise ConfigError(f"member sizes must strictly increase ({self.count} parameters): "
+                                  f"{b.name} ({si(nb)}) is not larger than {a.name} ({si(na)})")
+
+    def replace(self, **changes) -> "FamilyConfig":
+        """A copy with `changes` applied and re-validated; a new token rule replaces the old one."""
+        if changes.get("chinchilla") is not None:
+            changes.setdefault("tokens", None)
+        if changes.get("tokens") is not None:
+            changes.setdefault("chinchilla", None)
+        return dataclasses.replace(self, **changes)
+
+    # ---- (de)serialisation ----------------------------------------------------------------
+    KEYS: ClassVar[tuple[str, ...]] = ("name", "members", "tokens", "count", "nominal", "batch_size",
+                                       "seq_len", "lr", "growth", "data", "train")
+
+    @classmethod
+    def from_dict(cls, data: dict, base_dir: str | Path | None = None) -> "FamilyConfig":
+        """Build from the family YAML's mapping; relative config paths resolve against base_dir."""
+        data = as_mapping(data, "a family spec")
+        check_keys(data, cls.KEYS, "the family spec")
+        if "members" not in data or "batch_size" not in data:
+            raise ConfigError("a family spec needs `members` and `batch_size`")
+        tokens = as_mapping(data.get("tokens", {"chinchilla": 1}), "tokens")
+        check_keys(tokens, ["chinchilla", "explicit"], "tokens")
+        members = data["members"]
+        if base_dir is not None and isinstance(members, list):
+            members = [_relative_to(m, Path(base_dir)) for m in members]
+        return cls(
+            members=members,
+            batch_size=data["batch_size"],
+            name=str(data.get("name", "family")),
+            chinchilla=tokens.get("chinchilla"),
+            tokens=tokens.get("explicit"),
+            count=data.get("count", "nonembedding"),
+            nominal=data.get("nominal"),
+            seq_len=data.get("seq_len"),
+            lr=data.get("lr"),
+            growth=data.get("growth"),
+            data=data.get("data"),
+            train=data.get("train"),
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "FamilyConfig":
+        path = Path(path)
+        data = read_yaml(path)
+        if isinstance(data, dict):
+            data.setdefault("name", path.stem)
+        try:
+            return cls.from_dict(data, base_dir=path.parent)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+    def to_dict(self) -> dict:
+        """The YAML mapping of this family (`from_dict` reads it back to an equal one); members
+        are written inline and every section whole, so the file stands alone."""
+        tokens = {"chinchilla": self.chinchilla} if self.chinchilla is not None else {"explicit": self.tokens}
+        out: dict[str, Any] = {
+            "name": self.name,
+            "members": [m.to_dict() for m in self.members],
+            "tokens": tokens,
+            "count": self.count,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "lr": self.lr.to_dict(),
+        }
+        if self.nominal is not None:
+            out["nominal"] = self.nominal
+        return {**out, "growth": self.growth.to_dict(), "data": self.data.to_dict(), "train": dict(self.train)}
+
+
+def _resolve_member(member: Any, index: int) -> ModelConfig:
+    """A ModelConfig, with errors naming the member's position in the family."""
+    if not isinstance(member, (ModelConfig, dict, str, Path)):
+        raise ConfigError(f"members[{index}] must be a preset name, a config path or a mapping, got {member!r}")
+    try:
+        return resolve_config(member)
+    except ConfigError as err:
+        raise ConfigError(f"members[{index}]: {err}") from None
+
+
+def _relative_to(member: Any, base: Path) -> Any:
+    if isinstance(member, str) and member not in PRESETS and not Path(member).is_absolute():
+        candidate = base / member
+        if candidate.exists():
+            return candidate
+    return member
+
+
+def shipped_families() -> list[str]:
+    """Names of the family YAMLs shipped in growfam/configs."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_family_config(name_or_path: str | Path) -> FamilyConfig:
+    """A shipped family by name ("paper-r2") or a family YAML by path."""
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if isinstance(name_or_path, str) and "/" not in name_or_path and shipped.is_file():
+        return FamilyConfig.from_yaml(shipped)
+    path = Path(name_or_path)
+    if path.exists() or path.suffix in (".yaml", ".yml", ".json"):
+        return FamilyConfig.from_yaml(path)
+    raise ConfigError(
+        f"unknown family {str(name_or_path)!r}; shipped families: {', '.join(shipped_families())} "
+        "(or give the path of a family YAML)"
+    )
