@@ -8,7 +8,7 @@ import torch
 
 from conftest import random_model, tiny_config
 from growfam.cli import main
-from growfam.model import load_pretrained, save_pretrained
+from growfam.model import load_pretrained, resolve_config, save_pretrained
 
 
 @pytest.fixture
@@ -189,3 +189,109 @@ def test_expanded_member_gets_the_umask_permissions(src_dir, target, tmp_path):
         os.umask(old)
     assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o755
     assert {os.stat(p).st_mode & 0o777 for p in (tmp_path / "out").iterdir()} == {0o644}
+
+
+# --------------------------------------------------------------------------------------------
+# Several sources: growfam expand A B --to ... [--combine depth|width]
+# --------------------------------------------------------------------------------------------
+
+
+def _source(path, seed, **changes):
+    base = dict(d_model=32, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=61, max_seq_len=32)
+    model = random_model(tiny_config(**{**base, **changes}), seed=seed)
+    save_pretrained(model, path)
+    (path / "tokenizer.json").write_text('{"shared": true}')
+    return path
+
+
+@pytest.fixture
+def two_sources(tmp_path):
+    return _source(tmp_path / "a", seed=1), _source(tmp_path / "b", seed=2)
+
+
+def test_expand_two_sources_by_depth(two_sources, tmp_path, capsys):
+    a, b = two_sources
+    target = tmp_path / "target.yaml"
+    target.write_text("d_model: 32\nn_layers: 4\nn_heads: 4\nn_kv_heads: 2\nffn_dim: 64\n"
+                      "vocab_size: 61\nmax_seq_len: 32\n")
+    code = main(["expand", str(a), str(b), "--to", str(target), "--combine", "depth",
+                 "--depth", "identity", "--probe-tokens", "64", "--report",
+                 str(tmp_path / "report.json"), "--out", str(tmp_path / "out")])
+    assert code == 0
+    assert "combined from 2 sources by depth" in capsys.readouterr().out
+    grown = load_pretrained(tmp_path / "out")
+    want = {k: v for k, v in resolve_config(target).to_dict().items() if k != "name"}
+    assert {k: v for k, v in grown.cfg.to_dict().items() if k != "name"} == want
+    # the layers interleave A0 B0 A1 B1; the primary (a) gives the embedding and the tokenizer
+    source_a, source_b = load_pretrained(a), load_pretrained(b)
+    for j, (model, layer) in enumerate([(source_a, 0), (source_b, 0), (source_a, 1), (source_b, 1)]):
+        assert torch.equal(grown.layers[j].mlp.up_proj.weight, model.layers[layer].mlp.up_proj.weight)
+    assert torch.equal(grown.embed_tokens.weight, source_a.embed_tokens.weight)
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"shared": true}'
+    assert "combined from 2 sources" in " ".join(json.loads((tmp_path / "report.json").read_text())["notes"])
+
+
+def test_expand_two_sources_by_width_then_grown(two_sources, tmp_path):
+    target = tmp_path / "target.yaml"
+    target.write_text("d_model: 96\nn_layers: 3\nn_heads: 12\nn_kv_heads: 6\nffn_dim: 160\n"
+                      "vocab_size: 61\nmax_seq_len: 32\n")
+    assert main(["expand", *map(str, two_sources), "--to", str(target), "--combine", "width",
+                 "--probe-tokens", "0", "--out", str(tmp_path / "out")]) == 0
+    grown = load_pretrained(tmp_path / "out")
+    assert (grown.cfg.d_model, grown.cfg.n_layers, grown.cfg.n_kv_heads, grown.cfg.ffn_dim) == (96, 3, 6, 160)
+
+
+def _not_a_model(tmp_path, a, b):
+    (tmp_path / "empty").mkdir()
+    return [str(a), str(tmp_path / "empty")]
+
+
+def _widths_differ(tmp_path, a, b):
+    return [str(a), str(_source(tmp_path / "c", seed=3, d_model=48, n_heads=6, n_kv_heads=3))]
+
+
+def _tokenizer_differs(tmp_path, a, b):
+    (b / "tokenizer.json").write_text('{"other": true}')
+    return [str(a), str(b)]
+
+
+def _tokenizer_missing(tmp_path, a, b):
+    (b / "tokenizer.json").unlink()
+    return [str(a), str(b)]
+
+
+def _shrinks_the_combined_model(tmp_path, a, b):
+    (tmp_path / "small.yaml").write_text("d_model: 32\nn_layers: 3\nn_heads: 4\nn_kv_heads: 2\n"
+                                         "ffn_dim: 64\nvocab_size: 61\nmax_seq_len: 32\n")
+    (b / "model.safetensors").write_bytes(b"")  # unreadable: the refusal comes before the weights
+    return [str(a), str(b), "--to", str(tmp_path / "small.yaml")]
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda tmp_path, a, b: [str(a), str(tmp_path / "nowhere")], "nowhere: not a directory"),
+    (_not_a_model, "empty: a directory with no config.json (not a model directory)"),
+    (lambda tmp_path, a, b: [str(a), str(b), str(a)], "one directory is given twice"),
+    (lambda tmp_path, a, b: [str(a), f"{b}/../a"], "one directory is given twice"),
+    (lambda tmp_path, a, b: [str(a), str(b), "--combine", "sideways"], "unknown combine mode 'sideways'"),
+    (lambda tmp_path, a, b: [str(a), "--combine", "depth"], "--combine needs two or more SRC_DIRs"),
+    (_widths_differ, "sources differ in d_model ([32, 48])"),
+    (_tokenizer_differs, "tokenizers differ (tokenizer.json of"),
+    (_tokenizer_missing, "tokenizers differ (tokenizer.json of"),
+    (_shrinks_the_combined_model, "cannot shrink n_layers from 4 to 3"),
+    (lambda tmp_path, a, b: [str(a), str(b), "--out", str(b / "out")], "is inside the source directory"),
+    (lambda tmp_path, a, b: [str(a), str(b), "--out", str(b), "--force"], "is the source directory"),
+    (lambda tmp_path, a, b: [str(a), str(b), "--report", str(b / "r.json")], "the source directory"),
+], ids=["missing", "not-a-model", "twice", "twice-by-another-name", "combine-mode", "combine-one",
+        "widths-differ", "tokenizer-differs", "tokenizer-missing", "shrinks-before-weights",
+        "out-inside-second", "out-is-second", "report-inside-second"])
+def test_expand_refuses_bad_sources_in_one_line(two_sources, tmp_path, capsys, make, message):
+    target = tmp_path / "target.yaml"  # what a and b combined by depth grow into
+    target.write_text("d_model: 64\nn_layers: 6\nn_heads: 8\nn_kv_heads: 4\nffn_dim: 128\n"
+                      "vocab_size: 61\nmax_seq_len: 32\n")
+    args = make(tmp_path, *two_sources)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    args += [] if "--to" in args else ["--to", str(target)]
+    args += [] if "--out" in args else ["--out", str(tmp_path / "out")]
+    assert main(["expand", *args, "--probe-tokens", "0"]) == 2
+    _one_error_line(capsys, message)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

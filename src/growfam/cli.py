@@ -249,13 +249,22 @@ _MAX_PROBE_TOKENS = 65536
 
 
 def _add_expand(sub) -> None:
-    p = sub.add_parser("expand", help="grow a Hugging Face model directory into a larger config",
+    p = sub.add_parser("expand", help="grow a Hugging Face model directory (or several, combined) "
+                                      "into a larger config",
                        description="Expand SRC_DIR (a Hugging Face Llama directory) in width and depth "
                                    "into --to, write the grown model to --out and print the growth "
-                                   "report. An unknown operator name lists the known ones.")
-    p.add_argument("src_dir", metavar="SRC_DIR", help="the model to grow")
+                                   "report. With several SRC_DIRs, combine them into one model first "
+                                   "(--combine), then grow that; the first is the primary: its "
+                                   "embedding, head and tokenizer files go to --out, so the sources' "
+                                   "tokenizer files must be identical. An unknown operator name lists "
+                                   "the known ones.")
+    p.add_argument("src_dirs", nargs="+", metavar="SRC_DIR",
+                   help="the model to grow, or several to combine (the first is the primary)")
     p.add_argument("--to", required=True, metavar="CONFIG_OR_PRESET",
                    help="target: a preset name, a model config YAML/JSON or a model directory")
+    p.add_argument("--combine", metavar="MODE",
+                   help="several SRC_DIRs only: depth interleaves their layers (equal widths), width "
+                        "concatenates their units (equal depths) (default: depth)")
     p.add_argument("--width", default="aki", help="width operator (default: aki)")
     p.add_argument("--depth", default="stack", help="depth operator (default: stack)")
     p.add_argument("--seed", type=int, default=0, help="seed of the index maps and random fills")
@@ -267,7 +276,7 @@ def _add_expand(sub) -> None:
                    help="directory to write (new or empty; see --force)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing --out (directory or file) and --report; the old one "
-                        "is kept until the new one is complete. Never the source directory.")
+                        "is kept until the new one is complete. Never a source directory.")
     p.set_defaults(func=_run_expand)
 
 
@@ -277,10 +286,11 @@ def _run_expand(args) -> int:
     import torch
 
     from growfam.errors import ConfigError
-    from growfam.grow import expand
+    from growfam.grow import GrowthPlan, combined_config, expand, expand_from
     from growfam.io import atomic_write_text
     from growfam.model import load_pretrained, resolve_config, save_pretrained
 
+    sources = args.src_dirs
     if args.width == "masked":  # its masks would be lost: a saved model has no place for them
         raise ConfigError("--width masked needs the training loop to ramp its masks; use it in "
                           "`growfam family` (or growfam.grow.expand), not on a saved directory")
@@ -288,17 +298,27 @@ def _run_expand(args) -> int:
         raise ConfigError(f"--probe-tokens must be in [0, {_MAX_PROBE_TOKENS}], got {args.probe_tokens}")
     if not -2**63 <= args.seed < 2**63 - 1:  # torch seeds are 64-bit; expand also uses seed + 1
         raise ConfigError(f"--seed must be a 64-bit integer, got {args.seed}")
-    _check_expand_outputs(args.src_dir, args.out, args.report, args.force)
+    if args.combine is not None and len(sources) == 1:
+        raise ConfigError("--combine needs two or more SRC_DIRs (one source is grown as it is)")
+    _check_expand_outputs(sources, args.out, args.report, args.force)
     target = resolve_config(args.to)
-    source = load_pretrained(args.src_dir)
+    configs = _check_expand_sources(sources)
+    combine = args.combine or "depth"
+    start = configs[0] if len(sources) == 1 else combined_config(configs, combine)
+    GrowthPlan.make(start, target, args.width, args.depth, args.seed)  # refusals before the weights
+    models = [load_pretrained(src) for src in sources]
     probe = None
     if args.probe_tokens:
-        seq = min(args.probe_tokens, source.cfg.max_seq_len)
+        seq = min(args.probe_tokens, start.max_seq_len)
         rows = max(1, args.probe_tokens // seq)
         generator = torch.Generator().manual_seed(args.seed)
-        probe = torch.randint(0, source.cfg.vocab_size, (rows, seq), generator=generator)
-    grown, _, report = expand(source, target, args.width, args.depth, seed=args.seed, probe=probe)
-    path = save_pretrained(grown, args.out, tokenizer=args.src_dir)
+        probe = torch.randint(0, start.vocab_size, (rows, seq), generator=generator)
+    if len(models) == 1:
+        grown, _, report = expand(models[0], target, args.width, args.depth, seed=args.seed, probe=probe)
+    else:
+        grown, report = expand_from(models, target, args.width, args.depth, seed=args.seed,
+                                    probe=probe, combine=combine)
+    path = save_pretrained(grown, args.out, tokenizer=sources[0])
     print(report)
     if args.report:
         atomic_write_text(args.report, json.dumps(report.to_dict(), indent=2) + "\n")
@@ -306,14 +326,31 @@ def _run_expand(args) -> int:
     return 0
 
 
-def _check_expand_outputs(src_dir: str, out: str, report: str | None, force: bool) -> None:
+def _check_expand_sources(sources: list[str]) -> list:
+    """The ModelConfigs of the SRC_DIRs; GrowfamError for one that is not a model directory, a
+    directory given twice, or tokenizer files that differ (--out gets the first one's)."""
+    from growfam.model import check_same_tokenizer, read_hf_config
+
+    seen = {}
+    for src in sources:
+        real = os.path.realpath(src)
+        if real in seen:
+            raise GrowfamError(f"one directory is given twice as SRC_DIR ({seen[real]}, {src}); "
+                               "give each source once")
+        seen[real] = src
+    configs = [read_hf_config(src) for src in sources]
+    check_same_tokenizer(sources)
+    return configs
+
+
+def _check_expand_outputs(sources: list[str], out: str, report: str | None, force: bool) -> None:
     """Refuse, before any work, an --out or --report that would lose what a user has: --out as
-    `io.check_output` says; --report needs an existing folder, outside --out and the source."""
+    `io.check_output` says; --report needs an existing folder, outside --out and the sources."""
     from pathlib import Path
 
     from growfam.io import check_output
 
-    check_output(out, force=force, source=src_dir, what="--out")
+    check_output(out, force=force, sources=sources, what="--out")
     if report is None:
         return
     report_path = Path(report)
@@ -325,7 +362,7 @@ def _check_expand_outputs(src_dir: str, out: str, report: str | None, force: boo
                            "write it elsewhere")
     if not report_path.absolute().parent.is_dir():
         raise GrowfamError(f"--report {report_path}: {report_path.absolute().parent} is not an existing folder")
-    check_output(report_path, force=force, source=src_dir, what="--report")
+    check_output(report_path, force=force, sources=sources, what="--report")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import yaml
@@ -163,18 +163,19 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return removed
 
 
-def check_output(path: str | Path, *, force: bool, source: str | Path | None = None,
+def check_output(path: str | Path, *, force: bool, sources: Iterable[str | Path] = (),
                  what: str = "output") -> None:
     """GrowfamError unless `path` may be written as a new file or directory, before any work.
 
-    Never `source` itself, a path inside it or a folder holding it (links followed), even with
-    `force`. The nearest existing folder above `path` must be writable. An existing file, link
-    or non-empty folder is replaced only with `force`; an empty folder is fine. `what` names
-    the path in messages (e.g. "--out").
+    Never one of `sources`, a path inside one or a folder holding one (links followed), even
+    with `force`. The nearest existing folder above `path` must be writable. An existing file,
+    link or non-empty folder is replaced only with `force`; an empty folder is fine. `what`
+    names the path in messages (e.g. "--out").
     """
     path = Path(path)
-    if source is not None:
-        src, real = Path(os.path.realpath(source)), Path(os.path.realpath(path))
+    real = Path(os.path.realpath(path))
+    for source in sources:
+        src = Path(os.path.realpath(source))
         if real == src or src in real.parents or real in src.parents:
             relation = "is" if real == src else "is inside" if src in real.parents else "contains"
             raise GrowfamError(f"{what} {path} {relation} the source directory {source}; "

@@ -107,7 +107,8 @@ def prepare(
     max_tokens = None if max_tokens is None else as_int(max_tokens, "max_tokens", at_least=1)
     source = open_source(source)
     out = Path(out_dir)
-    check_output(out, force=overwrite, source=source.path, what="dataset directory")
+    check_output(out, force=overwrite, sources=[source.path] if source.path else [],
+                 what="dataset directory")
     train_vocab = _vocab_to_train(tokenizer)
     if train_vocab is None and not isinstance(tokenizer, Tokenizer):
         tokenizer = load_tokenizer(tokenizer)

@@ -10,19 +10,21 @@ use the names). A model grown with width="masked" carries masks; the trainer cal
 
 Modules: maps (index maps), width (width operators, growing one tensor), depth (depth
 operators), growth (a plan applied to named tensors), masks (the masked ramp), optim (AdamW
-state), report (GrowthReport), expansion (`expand`), multi (`expand_from`).
+state), report (GrowthReport), expansion (`expand`), multi (`combined_config`,
+`expand_from`).
 """
 
 from growfam.grow.depth import DEPTH_OPS
 from growfam.grow.expansion import expand
 from growfam.grow.growth import GrowthPlan
 from growfam.grow.masks import MaskState, advance_masks, fold_masks, mask_state
-from growfam.grow.multi import expand_from
+from growfam.grow.multi import COMBINE_MODES, combined_config, expand_from
 from growfam.grow.optim import OPTIMIZER_MODES
 from growfam.grow.report import GrowthReport
 from growfam.grow.width import WIDTH_OPS
 
 __all__ = [
+    "COMBINE_MODES",
     "DEPTH_OPS",
     "GrowthPlan",
     "GrowthReport",
@@ -30,6 +32,7 @@ __all__ = [
     "OPTIMIZER_MODES",
     "WIDTH_OPS",
     "advance_masks",
+    "combined_config",
     "expand",
     "expand_from",
     "fold_masks",

@@ -29,37 +29,47 @@ from growfam.model import Llama, ModelConfig, resolve_config
 COMBINE_MODES = ("depth", "width")
 
 
-def _require_equal(models: list[Llama], keys: tuple[str, ...], why: str) -> None:
+def _require_equal(configs: list[ModelConfig], keys: tuple[str, ...], why: str) -> None:
     for key in keys:
-        values = [getattr(m.cfg, key) for m in models]
+        values = [getattr(c, key) for c in configs]
         if len(set(values)) > 1:
             raise ConfigError(f"{why}: sources differ in {key} ({values})")
 
 
-def _combine_depth(models: list[Llama]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    _require_equal(models, ("d_model", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
-                            "tie_embeddings", "rope_theta", "norm_eps"),
-                   "combine='depth' interleaves layers into one residual stream")
+def combined_config(configs: list[ModelConfig], combine: str = "depth") -> ModelConfig:
+    """The config of the model that `combine` makes of sources of `configs` (rule: module
+    docstring); ConfigError for no source, an unknown mode or sources it cannot combine."""
+    if not configs:
+        raise ConfigError("combining needs at least one source model")
+    if combine not in COMBINE_MODES:
+        raise ConfigError(f"unknown combine mode {combine!r}; known: {', '.join(COMBINE_MODES)}")
+    name = "+".join(c.name for c in configs)
+    if combine == "depth":
+        _require_equal(configs, ("d_model", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
+                                 "tie_embeddings", "rope_theta", "norm_eps"),
+                       "combine='depth' interleaves layers into one residual stream")
+        return configs[0].replace(n_layers=sum(c.n_layers for c in configs), name=name)
+    _require_equal(configs, ("n_layers", "head_dim", "n_rep", "vocab_size", "tie_embeddings",
+                             "rope_theta", "norm_eps"),
+                   "combine='width' concatenates units layer by layer")
+    return configs[0].replace(
+        d_model=sum(c.d_model for c in configs), n_heads=sum(c.n_heads for c in configs),
+        n_kv_heads=sum(c.n_kv_heads for c in configs), ffn_dim=sum(c.ffn_dim for c in configs),
+        name=name)
+
+
+def _depth_tensors(models: list[Llama]) -> dict[str, torch.Tensor]:
     order = sorted(((l + 0.5) / m.cfg.n_layers, k, l)
                    for k, m in enumerate(models) for l in range(m.cfg.n_layers))
-    primary = models[0]
-    tensors = {n: p.detach().clone() for n, p in primary.named_parameters()
+    tensors = {n: p.detach().clone() for n, p in models[0].named_parameters()
                if not n.startswith("layers.")}
     for j, (_, k, l) in enumerate(order):
         for n, p in models[k].layers[l].named_parameters():
             tensors[f"layers.{j}.{n}"] = p.detach().clone()
-    cfg = primary.cfg.replace(n_layers=len(order), name="+".join(m.cfg.name for m in models))
-    return cfg, tensors
+    return tensors
 
 
-def _combine_width(models: list[Llama]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    _require_equal(models, ("n_layers", "head_dim", "n_rep", "vocab_size", "tie_embeddings",
-                            "rope_theta", "norm_eps"),
-                   "combine='width' concatenates units layer by layer")
-    cfg = models[0].cfg.replace(
-        d_model=sum(m.cfg.d_model for m in models), n_heads=sum(m.cfg.n_heads for m in models),
-        n_kv_heads=sum(m.cfg.n_kv_heads for m in models),
-        ffn_dim=sum(m.cfg.ffn_dim for m in models), name="+".join(m.cfg.name for m in models))
+def _width_tensors(models: list[Llama]) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, p in models[0].named_parameters():
         parts = [m.get_parameter(name).detach() for m in models]
@@ -71,7 +81,7 @@ def _combine_width(models: list[Llama]) -> tuple[ModelConfig, dict[str, torch.Te
             tensors[name] = torch.cat(parts, dim=1)
         else:
             tensors[name] = torch.block_diag(*parts)
-    return cfg, tensors
+    return tensors
 
 
 def expand_from(models: list[Llama], target_config: str | Path | dict | ModelConfig,
@@ -82,11 +92,8 @@ def expand_from(models: list[Llama], target_config: str | Path | dict | ModelCon
 
     Returns (grown model, GrowthReport); the report's source is the combined model.
     """
-    if not models:
-        raise ConfigError("expand_from needs at least one source model")
-    if combine not in COMBINE_MODES:
-        raise ConfigError(f"unknown combine mode {combine!r}; known: {', '.join(COMBINE_MODES)}")
-    cfg, tensors = (_combine_depth if combine == "depth" else _combine_width)(models)
+    cfg = combined_config([m.cfg for m in models], combine)
+    tensors = (_depth_tensors if combine == "depth" else _width_tensors)(models)
     combined = assemble(cfg, tensors, training=models[0].training)
     grown, _, report = expand(combined, resolve_config(target_config), width, depth, seed,
                               mask_steps=mask_steps)

@@ -3,7 +3,8 @@
 - `config`: ModelConfig (validated, to/from dict, YAML, JSON), num_params, flops_per_token.
 - `presets`: the named shapes (PRESETS, get_preset).
 - `llama`: the nn.Modules (RMSNorm, RoPE, Attention, FeedForward, Block), Llama, KVCache.
-- `hf`: config.json <-> ModelConfig, tensor names, save_pretrained / load_pretrained.
+- `hf`: config.json <-> ModelConfig, tensor names, save_pretrained / load_pretrained, the
+  tokenizer files that travel with a member.
 - `resolve`: resolve_config (a preset name, a config file, a dict or a model directory).
 
 Imports point one way: presets and llama import config; hf imports config and llama; resolve
@@ -14,6 +15,7 @@ grow/, train/, growfam.config or family/.
 from growfam.model.config import ModelConfig, flops_per_token, num_params
 from growfam.model.hf import (
     TOKENIZER_FILES,
+    check_same_tokenizer,
     config_from_hf,
     config_to_hf,
     copy_tokenizer_files,
@@ -47,6 +49,7 @@ __all__ = [
     "ModelConfig",
     "RMSNorm",
     "apply_rope",
+    "check_same_tokenizer",
     "config_from_hf",
     "config_to_hf",
     "copy_tokenizer_files",

@@ -9,6 +9,7 @@ half-written member where a complete one was.
 
 from __future__ import annotations
 
+import filecmp
 import json
 import shutil
 from pathlib import Path, PurePosixPath
@@ -125,6 +126,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
 def read_hf_config(path: str | Path) -> ModelConfig:
     """The ModelConfig of the model directory `path`; ConfigError naming the directory."""
     path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: not a directory")
     if not (path / "config.json").is_file():
         raise ConfigError(f"{path}: a directory with no config.json (not a model directory)")
     try:
@@ -180,6 +183,24 @@ def copy_tokenizer_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
             shutil.copy2(Path(src_dir) / name, Path(dst_dir) / name)
             copied.append(name)
     return copied
+
+
+def check_same_tokenizer(dirs: list[str | Path]) -> None:
+    """ConfigError unless every directory of `dirs` holds the same tokenizer files, byte for
+    byte (a model grown from several sources is fed one tokenizer: the first one's)."""
+    first = Path(dirs[0])
+    for other in map(Path, dirs[1:]):
+        for name in TOKENIZER_FILES:
+            a, b = first / name, other / name
+            try:
+                same = a.is_file() == b.is_file() and (
+                    not a.is_file() or filecmp.cmp(a, b, shallow=False))
+            except OSError as err:
+                raise ConfigError(f"cannot compare {a} with {b}: {err.strerror or err}") from None
+            if not same:
+                raise ConfigError(f"the sources' tokenizers differ ({name} of {other} is not "
+                                  f"{first}'s); the grown model gets {first}'s tokenizer files, so "
+                                  "every source must have the same ones")
 
 
 def save_pretrained(model: Llama, out_dir: str | Path, tokenizer=None,
@@ -271,8 +292,6 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device=N
     dtype: cast to it (default: keep the stored dtype); device: where the tensors land.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(f"{path}: not a directory")
     cfg = read_hf_config(path)
     with torch.device("meta"):
         model = Llama(cfg)
