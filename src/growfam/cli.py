@@ -146,12 +146,12 @@ def _add_data(sub) -> None:
                                            "for the train and val splits, index.json and the tokenizer.")
     prep.add_argument("source", help="'embedded' (Python stdlib sources and docs), a .txt/.jsonl/.parquet "
                                      "file or folder, or hf:NAME[:CONFIG[:SPLIT]]")
-    prep.add_argument("--tokenizer", default="gpt2",
+    prep.add_argument("--tokenizer",
                       help="gpt2, a Hugging Face tokenizer directory, or train:VOCAB to train a byte-level "
                            "BPE on the source (default: gpt2)")
     prep.add_argument("--out", required=True, metavar="DIR", help="dataset directory to create")
     # Numbers stay text here: prepare() checks them (NaN, inf, bounds) with one clear line.
-    prep.add_argument("--val-fraction", default=0.005, metavar="F",
+    prep.add_argument("--val-fraction", metavar="F",
                       help="share of documents held out for validation, chosen by hash (default: 0.005)")
     prep.add_argument("--workers", metavar="N", help="tokenising threads (default: all CPUs)")
     prep.add_argument("--max-tokens", metavar="N", help="stop after about N tokens (1e6 is fine)")
@@ -162,11 +162,12 @@ def _add_data(sub) -> None:
 
 
 def _run_data_prepare(args) -> int:
-    from growfam.data import open_source, prepare
+    from growfam.data import DEFAULT_TOKENIZER, open_source, prepare
 
-    ds = prepare(open_source(args.source, text_field=args.text_field), args.tokenizer, args.out,
-                 val_fraction=args.val_fraction, workers=args.workers, max_tokens=args.max_tokens,
-                 overwrite=args.force)
+    # prepare() owns the defaults: a flag left out is not passed
+    given = {"val_fraction": args.val_fraction} if args.val_fraction is not None else {}
+    ds = prepare(open_source(args.source, text_field=args.text_field), DEFAULT_TOKENIZER if args.tokenizer is None else args.tokenizer,
+                 args.out, workers=args.workers, max_tokens=args.max_tokens, overwrite=args.force, **given)
     print(f"{ds.path}: train {ds.num_tokens('train'):,} tokens ({ds.num_documents('train'):,} documents), "
           f"val {ds.num_tokens('val'):,} tokens ({ds.num_documents('val'):,} documents), "
           f"vocab {ds.vocab_size:,} ({ds.dtype.name})")
@@ -265,8 +266,8 @@ def _add_expand(sub) -> None:
     p.add_argument("--combine", metavar="MODE",
                    help="several SRC_DIRs only: depth interleaves their layers (equal widths), width "
                         "concatenates their units (equal depths) (default: depth)")
-    p.add_argument("--width", default="aki", help="width operator (default: aki)")
-    p.add_argument("--depth", default="stack", help="depth operator (default: stack)")
+    p.add_argument("--width", help="width operator (default: aki)")
+    p.add_argument("--depth", help="depth operator (default: stack)")
     p.add_argument("--seed", type=int, default=0, help="seed of the index maps and random fills")
     p.add_argument("--probe-tokens", type=int, default=512, metavar="N",
                    help="measure Δlogits and Δloss on N seeded random tokens (0: skip; at most "
@@ -287,11 +288,16 @@ def _run_expand(args) -> int:
 
     from growfam.errors import ConfigError
     from growfam.grow import GrowthPlan, combined_config, expand, expand_from
+    from growfam.grow.growth import DEFAULT_DEPTH, DEFAULT_WIDTH
+    from growfam.grow.multi import DEFAULT_COMBINE
     from growfam.io import atomic_write_text
     from growfam.model import load_pretrained, resolve_config, save_pretrained
 
     sources = args.src_dirs
-    if args.width == "masked":  # its masks would be lost: a saved model has no place for them
+    # grow/ owns the defaults: a flag left out takes them
+    width = DEFAULT_WIDTH if args.width is None else args.width
+    depth = DEFAULT_DEPTH if args.depth is None else args.depth
+    if width == "masked":  # its masks would be lost: a saved model has no place for them
         raise ConfigError("--width masked needs the training loop to ramp its masks; use it in "
                           "`growfam family` (or growfam.grow.expand), not on a saved directory")
     if not 0 <= args.probe_tokens <= _MAX_PROBE_TOKENS:  # one batch: its logits must fit in memory
@@ -303,9 +309,9 @@ def _run_expand(args) -> int:
     _check_expand_outputs(sources, args.out, args.report, args.force)
     target = resolve_config(args.to)
     configs = _check_expand_sources(sources)
-    combine = args.combine or "depth"
+    combine = DEFAULT_COMBINE if args.combine is None else args.combine
     start = configs[0] if len(sources) == 1 else combined_config(configs, combine)
-    GrowthPlan.make(start, target, args.width, args.depth, args.seed)  # refusals before the weights
+    GrowthPlan.make(start, target, width, depth, args.seed)  # refusals before the weights
     models = [load_pretrained(src) for src in sources]
     probe = None
     if args.probe_tokens:
@@ -314,9 +320,9 @@ def _run_expand(args) -> int:
         generator = torch.Generator().manual_seed(args.seed)
         probe = torch.randint(0, start.vocab_size, (rows, seq), generator=generator)
     if len(models) == 1:
-        grown, _, report = expand(models[0], target, args.width, args.depth, seed=args.seed, probe=probe)
+        grown, _, report = expand(models[0], target, width, depth, seed=args.seed, probe=probe)
     else:
-        grown, report = expand_from(models, target, args.width, args.depth, seed=args.seed,
+        grown, report = expand_from(models, target, width, depth, seed=args.seed,
                                     probe=probe, combine=combine)
     path = save_pretrained(grown, args.out, tokenizer=sources[0])
     print(report)

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
 from growfam.checks import as_int, as_mapping, as_number, check_keys
-from growfam.data import DEFAULT_VAL_FRACTION
+from growfam.data import DEFAULT_TOKENIZER, DEFAULT_VAL_FRACTION
 from growfam.errors import ConfigError
 from growfam.grow import OPTIMIZER_MODES
+from growfam.grow.growth import DEFAULT_DEPTH, DEFAULT_WIDTH
 from growfam.io import read_yaml
 from growfam.model import PRESETS, ModelConfig, num_params, resolve_config
 from growfam.report.numbers import si
@@ -126,8 +127,8 @@ class GrowthConfig(_Section):
     """
 
     key: ClassVar[str] = "growth"
-    width: str = "aki"
-    depth: str = "stack"
+    width: str = DEFAULT_WIDTH
+    depth: str = DEFAULT_DEPTH
     optimizer: str = "transfer"
     seed: int = 0
     schedule: str = "budget"
@@ -157,7 +158,7 @@ class DataConfig(_Section):
     key: ClassVar[str] = "data"
     dir: str | None = None
     source: Any = None
-    tokenizer: str = "gpt2"
+    tokenizer: str = DEFAULT_TOKENIZER
     max_tokens: int | None = None
     val_fraction: float = DEFAULT_VAL_FRACTION
 

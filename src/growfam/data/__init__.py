@@ -12,8 +12,8 @@ Modules, each importing only those listed before it (no cycles):
     sources.py     Source, embedded / local (.txt, .jsonl, .parquet) / hf sources, open_source
     dataset.py     TokenDataset, SplitTokens, the index checks, FORMAT, SPLITS, token_dtype
                    (imports tokenizer)
-    preparation.py prepare, in_val_split, DEFAULT_VAL_FRACTION, chunking, writing the token
-                   files and the index (imports tokenizer, sources, dataset)
+    preparation.py prepare, in_val_split, DEFAULT_TOKENIZER, DEFAULT_VAL_FRACTION, chunking,
+                   writing the token files and the index (imports tokenizer, sources, dataset)
     loader.py      token_rows, PackedWindows, eval_windows (imports nothing of data/: it reads
                    a SplitTokens' vocab_size and origin by duck typing)
 
@@ -25,7 +25,8 @@ shadowed by it in this package's namespace.)
 
 from growfam.data.dataset import FORMAT, SPLITS, SplitTokens, TokenDataset, token_dtype
 from growfam.data.loader import PackedWindows, eval_windows, token_rows
-from growfam.data.preparation import BPE_TRAIN_MAX_CHARS, CHUNK_CHARS, DEFAULT_VAL_FRACTION, in_val_split, prepare
+from growfam.data.preparation import (BPE_TRAIN_MAX_CHARS, CHUNK_CHARS, DEFAULT_TOKENIZER, DEFAULT_VAL_FRACTION,
+                                      in_val_split, prepare)
 from growfam.data.sources import (
     LOCAL_SUFFIXES,
     Source,
@@ -51,6 +52,7 @@ from growfam.data.tokenizer import (
 __all__ = [
     "BPE_TRAIN_MAX_CHARS",
     "CHUNK_CHARS",
+    "DEFAULT_TOKENIZER",
     "DEFAULT_VAL_FRACTION",
     "EOT",
     "FORMAT",

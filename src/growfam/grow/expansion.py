@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from growfam.grow.growth import GrowthPlan, assemble
+from growfam.grow.growth import DEFAULT_DEPTH, DEFAULT_WIDTH, GrowthPlan, assemble
 from growfam.grow.masks import MaskState, attach_masks, mask_state
 from growfam.grow.optim import check_optimizer, grow_adamw
 from growfam.grow.report import GrowthReport, ParamGrowth, compare, probe_logits, rms_mismatch
@@ -16,8 +16,8 @@ from growfam.model import Llama, ModelConfig, resolve_config
 
 
 @torch.no_grad()
-def expand(model: Llama, target_config: str | Path | dict | ModelConfig, width: str = "aki",
-           depth: str = "stack", seed: int = 0, optimizer: torch.optim.AdamW | None = None,
+def expand(model: Llama, target_config: str | Path | dict | ModelConfig, width: str = DEFAULT_WIDTH,
+           depth: str = DEFAULT_DEPTH, seed: int = 0, optimizer: torch.optim.AdamW | None = None,
            probe: torch.Tensor | None = None, *, optimizer_mode: str = "transfer",
            mask_steps: int = 1000, free_source: bool = False
            ) -> tuple[Llama, torch.optim.AdamW | None, GrowthReport]:

@@ -29,6 +29,9 @@ _LAYER_SPACES = {
     "mlp.down_proj.weight": ("d", "f"),
 }
 
+#: The operators when a caller names none: the paper's (bert2BERT AKI width, stacking depth).
+DEFAULT_WIDTH, DEFAULT_DEPTH = "aki", "stack"
+
 #: Fields a growth may not change (besides the grown shapes and the names).
 _FIXED = ("vocab_size", "tie_embeddings", "rope_theta")
 
@@ -77,8 +80,8 @@ class GrowthPlan:
     _axes: dict[str, tuple[Axis, ...]] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def make(cls, source: ModelConfig, target: ModelConfig, width: str = "aki",
-             depth: str = "stack", seed: int = 0) -> "GrowthPlan":
+    def make(cls, source: ModelConfig, target: ModelConfig, width: str = DEFAULT_WIDTH,
+             depth: str = DEFAULT_DEPTH, seed: int = 0) -> "GrowthPlan":
         width_op = lookup(WIDTH_OPS, "width", width)
         depth_op = lookup(DEPTH_OPS, "depth", depth)
         check_growth(source, target)

@@ -22,11 +22,12 @@ import torch
 
 from growfam.errors import ConfigError
 from growfam.grow.expansion import expand
-from growfam.grow.growth import assemble
+from growfam.grow.growth import DEFAULT_DEPTH, DEFAULT_WIDTH, assemble
 from growfam.grow.report import GrowthReport, compare, probe_logits
 from growfam.model import Llama, ModelConfig, resolve_config
 
 COMBINE_MODES = ("depth", "width")
+DEFAULT_COMBINE = "depth"  # when a caller names none
 
 
 def _require_equal(configs: list[ModelConfig], keys: tuple[str, ...], why: str) -> None:
@@ -36,7 +37,7 @@ def _require_equal(configs: list[ModelConfig], keys: tuple[str, ...], why: str) 
             raise ConfigError(f"{why}: sources differ in {key} ({values})")
 
 
-def combined_config(configs: list[ModelConfig], combine: str = "depth") -> ModelConfig:
+def combined_config(configs: list[ModelConfig], combine: str = DEFAULT_COMBINE) -> ModelConfig:
     """The config of the model that `combine` makes of sources of `configs` (rule: module
     docstring); ConfigError for no source, an unknown mode or sources it cannot combine."""
     if not configs:
@@ -85,8 +86,8 @@ def _width_tensors(models: list[Llama]) -> dict[str, torch.Tensor]:
 
 
 def expand_from(models: list[Llama], target_config: str | Path | dict | ModelConfig,
-                width: str = "aki", depth: str = "stack", seed: int = 0,
-                probe: torch.Tensor | None = None, *, combine: str = "depth",
+                width: str = DEFAULT_WIDTH, depth: str = DEFAULT_DEPTH, seed: int = 0,
+                probe: torch.Tensor | None = None, *, combine: str = DEFAULT_COMBINE,
                 mask_steps: int = 1000) -> tuple[Llama, GrowthReport]:
     """Grow one model of `target_config` from several sources (rule: module docstring).
 
