@@ -334,6 +334,16 @@ def test_advance_masks_is_a_noop_without_masks(source, probe):
     assert torch.equal(logits(source, probe), before)
 
 
+def test_attaching_masks_again_replaces_them(source, probe):
+    grown, _, _ = expand(source, ragged_target(source.cfg), "masked", "identity", mask_steps=4)
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in grown.modules())
+    assert hooks == 4 * grown.cfg.n_layers + 1  # two RMSNorms, o_proj and down_proj per block; the final norm
+    at_zero = logits(grown, probe)
+    attach_masks(grown, MaskState(4, mask_state(grown).sizes))
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in grown.modules()) == hooks
+    assert torch.equal(logits(grown, probe), at_zero)
+
+
 def test_masked_model_cannot_grow_again(source):
     grown, _, _ = expand(source, ragged_target(source.cfg), "masked", "stack")
     with pytest.raises(ConfigError, match="masks"):
