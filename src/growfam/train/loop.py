@@ -43,9 +43,10 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -87,7 +88,7 @@ class TrainResult:
 
 def forward_backward(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                      batches: Sequence[Batch], device: torch.device, amp_dtype: torch.dtype | None = None,
-                     micro_batch: Callable[[bool], ContextManager] | None = None) -> torch.Tensor:
+                     micro_batch: Callable[[bool], AbstractContextManager] | None = None) -> torch.Tensor:
     """Accumulate into .grad the gradient of the mean loss over equal-sized micro-batches.
 
     Returns that mean loss (detached, on `device`). Each micro-batch's loss is divided by their
@@ -189,9 +190,7 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
         if verdict != "ok":
             _log_spike(run, overflow)
         if verdict == "diverged":
-            raise _diverged(run, (f"{guard.streak} rollbacks in a row (max LR down to "
-                                  f"{cfg.max_lr * guard.lr_scale:.3g}) did not get past step {guard.rolled_back_at + 1}")
-                            if guard.streak else "repeated loss spikes and max_rollbacks is 0")
+            raise _diverged(run, _spikes_reason(run))
         if verdict == "rollback":
             _roll_back(run, checkpoints)
             continue
@@ -222,6 +221,15 @@ def _log_spike(run: Run, overflow: bool) -> None:
                 baseline=guard.baseline, lr=state.lr, action=state.verdict, nonfinite_weights=overflow)
     what = "NaN/inf weights" if overflow else f"loss spike ({state.loss:.4g}, grad norm {state.grad_norm:.4g})"
     tqdm.write(f"step {state.step}: {what}; update skipped")
+
+
+def _spikes_reason(run: Run) -> str:
+    """Why the guard refused another rollback, for the TrainingDiverged message."""
+    guard = run.guard
+    if not guard.streak:
+        return "repeated loss spikes and max_rollbacks is 0"
+    return (f"{guard.streak} rollbacks in a row (max LR down to {run.cfg.max_lr * guard.lr_scale:.3g}) "
+            f"did not get past step {guard.rolled_back_at + 1}")
 
 
 def _roll_back(run: Run, checkpoints: Checkpoints) -> None:

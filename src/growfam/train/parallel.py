@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
-from typing import ContextManager
 
 import torch
 import torch.distributed as dist
@@ -55,7 +54,7 @@ class Parallelism:
         """The module to train (the model itself here)."""
         return model
 
-    def micro_batch(self, model: nn.Module, last: bool) -> ContextManager:
+    def micro_batch(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
         """The context of one micro-batch's forward and backward; `last`: the step's final one,
         after which gradients are reduced."""
         return contextlib.nullcontext()

@@ -41,7 +41,7 @@ class Schedule:
     warmup_steps: int
 
     @classmethod
-    def of(cls, cfg: TrainConfig, world: int) -> "Schedule":
+    def of(cls, cfg: TrainConfig, world: int) -> Schedule:
         """ConfigError when batch_size does not split into whole micro-batches on every rank."""
         per_rank, rem = divmod(cfg.batch_size, world)
         micro = cfg.micro_batch_size or per_rank
