@@ -56,8 +56,8 @@ class MaskState:
 
 
 def _cast(mask: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """`mask` in the dtype of the gated module's weight, then of its input `x` (the order a mask
-    buffer of the model would take: it follows the model's dtype, then meets x)."""
+    """`mask` on x's device, rounded to the gated module's weight dtype and then cast to x's: the
+    masks are rounded to the model's precision (bf16 under autocast sees bf16(fp32(mask)))."""
     return mask.to(device=x.device, dtype=weight.dtype).to(x.dtype)
 
 
