@@ -10,7 +10,7 @@ from conftest import random_model
 from growfam.errors import ConfigError
 from growfam.grow import (DEPTH_OPS, WIDTH_OPS, GrowthPlan, MaskState, advance_masks, expand,
                           expand_from, mask_state)
-from growfam.grow.masks import attach_masks
+from growfam.grow.masks import applied_masks, attach_masks
 from growfam.grow.maps import spread_map, stack_map
 from growfam.model import Llama, ModelConfig, get_preset
 
@@ -312,8 +312,8 @@ def test_masks_ramp_and_fold(source, probe):
     for step in range(1, 4):
         advance_masks(grown)
         assert state.step == step
-        ramps.append(grown.norm.mask[32:].clone())
-        assert torch.all(grown.norm.mask[:32] == 1)
+        ramps.append(applied_masks(grown)["d"][32:].clone())
+        assert torch.all(applied_masks(grown)["d"][:32] == 1)
     assert torch.all(ramps[0] <= ramps[1]) and torch.all(ramps[1] <= ramps[2])
     assert ramps[0][0] == 1 and ramps[0][-1] == 0  # units switch on one after another
     assert 0 < ramps[1].mean() < 1
@@ -322,8 +322,8 @@ def test_masks_ramp_and_fold(source, probe):
     at_one = logits(grown, probe)
     advance_masks(grown)
     assert mask_state(grown) is None
-    assert all(getattr(m, n, None) is None for m in grown.modules()
-               for n in ("mask", "head_mask", "unit_mask"))
+    assert applied_masks(grown) is None
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in grown.modules())
     torch.testing.assert_close(logits(grown, probe), at_one, rtol=1e-12, atol=1e-12)
     assert "mask" not in " ".join(grown.state_dict())
 
@@ -332,6 +332,16 @@ def test_advance_masks_is_a_noop_without_masks(source, probe):
     before = logits(source, probe)
     advance_masks(source)
     assert torch.equal(logits(source, probe), before)
+
+
+def test_attaching_masks_again_replaces_them(source, probe):
+    grown, _, _ = expand(source, ragged_target(source.cfg), "masked", "identity", mask_steps=4)
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in grown.modules())
+    assert hooks == 4 * grown.cfg.n_layers + 1  # two RMSNorms, o_proj and down_proj per block; the final norm
+    at_zero = logits(grown, probe)
+    attach_masks(grown, MaskState(4, mask_state(grown).sizes))
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in grown.modules()) == hooks
+    assert torch.equal(logits(grown, probe), at_zero)
 
 
 def test_masked_model_cannot_grow_again(source):

@@ -16,7 +16,8 @@ from growfam.errors import ConfigError, GrowfamError, TrainingDiverged
 from growfam.grow.masks import MaskState, attach_masks, mask_state
 from growfam.train.metrics import read_metrics
 from growfam.model import Llama, ModelConfig, flops_per_token, load_pretrained, num_params
-from growfam.train import TrainConfig, forward_backward, lr_at, lr_bounds, make_optimizer, param_groups, train
+from growfam.train import (Callback, Parallelism, TrainConfig, forward_backward, lr_at, lr_bounds, make_optimizer,
+                           make_parallelism, param_groups, train)
 
 TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, ffn_dim=64, vocab_size=128, max_seq_len=32)
 
@@ -271,6 +272,79 @@ def test_a_handed_optimizer_gets_the_configs_hyperparameters(tmp_path):
 def test_a_given_model_must_match_the_config(tmp_path):
     with pytest.raises(ConfigError, match="not the configured one"):
         train(config(tmp_path), Llama(TINY.replace(d_model=64, n_heads=4)), dataset=ArrayDataset())
+
+
+# ---- callbacks and the parallelism seam -----------------------------------------------------------
+
+
+class Recorder(Callback):
+    """Records the hooks it gets, raises KeyboardInterrupt (a kill) or stops at given steps, and
+    carries its count of updates in checkpoints."""
+
+    state_key = "recorder"
+
+    def __init__(self, kill_at: int | None = None, stop_at: int | None = None) -> None:
+        self.calls, self.updates, self.kill_at, self.stop_at = [], 0, kill_at, stop_at
+
+    def on_train_start(self, run):
+        self.calls.append(("start", run.state.step))
+
+    def on_update(self, run):
+        self.updates += 1
+
+    def on_step_end(self, run):
+        self.calls.append(("end", run.state.step))
+        if run.state.step == self.kill_at:
+            raise KeyboardInterrupt
+        return run.state.step == self.stop_at
+
+    def on_train_end(self, run):
+        self.calls.append(("train_end", run.state.step))
+
+    def state_dict(self):
+        return {"updates": self.updates}
+
+    def load_state_dict(self, saved):
+        self.updates = saved["updates"]
+
+
+def test_a_callback_sees_every_step_keeps_its_state_and_can_stop_the_run(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path), dataset=ArrayDataset(), callbacks=[Recorder(kill_at=6)])
+    assert read_trainer_state(latest_checkpoint(tmp_path / "run"))["recorder"] == {"updates": 4}
+    resumed = Recorder(stop_at=7)
+    result = train(config(tmp_path), dataset=ArrayDataset(), callbacks=[resumed])
+    assert resumed.calls == [("start", 4), ("end", 5), ("end", 6), ("end", 7), ("train_end", 7)]
+    assert resumed.updates == 7  # 4 from the checkpoint, 3 in this session
+    assert result.stopped_early and result.steps == 7
+    state = read_trainer_state(latest_checkpoint(tmp_path / "run"))
+    assert (state["step"], state["finished"], state["stopped_early"]) == (7, True, True)
+    assert state["recorder"] == {"updates": 7}
+
+
+def test_one_process_parallelism_is_the_identity():
+    parallel = make_parallelism("cpu")
+    assert type(parallel) is Parallelism and (parallel.rank, parallel.world, parallel.is_main) == (0, 1, True)
+    torch.manual_seed(0)
+    model = Llama(TINY)
+    assert parallel.wrap(model) is model
+    x = torch.randint(0, TINY.vocab_size, (4, 16))
+    lasts = []
+
+    def micro_batch(last: bool):
+        lasts.append(last)
+        return parallel.micro_batch(model, last)
+
+    loss = forward_backward(model.loss, [(x[:2, :-1], x[:2, 1:]), (x[2:, :-1], x[2:, 1:])], torch.device("cpu"),
+                            micro_batch=micro_batch)
+    assert lasts == [False, True]
+    grads = [p.grad.clone() for p in model.parameters()]
+    parallel.average([loss])
+    parallel.reduce_gradients(model)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    norm = parallel.clip_grad_norm(model, 1e-3)
+    assert norm.item() == pytest.approx(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+    assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])) <= 1e-3 * (1 + 1e-5)
 
 
 # ---- spike guard -----------------------------------------------------------------------------------

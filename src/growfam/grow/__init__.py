@@ -5,12 +5,13 @@
     print(report)
 
 Operators are looked up by name in WIDTH_OPS and DEPTH_OPS (the CLI and the family pipeline
-use the names). A model grown with width="masked" carries masks; the trainer calls
-`advance_masks(model)` after every optimizer step until they fold away.
+use the names). A model grown with width="masked" carries masks as forward hooks the model
+does not know about; the trainer calls `advance_masks(model)` (through its MaskRamp callback)
+after every optimizer step until they fold away and the hooks are removed.
 
 Modules: maps (index maps), width (width operators, growing one tensor), depth (depth
-operators), growth (a plan applied to named tensors), masks (the masked ramp), optim (AdamW
-state), report (GrowthReport), expansion (`expand`), multi (`combined_config`,
+operators), growth (a plan applied to named tensors), masks (the masked ramp, as hooks), optim
+(AdamW state), report (GrowthReport), expansion (`expand`), multi (`combined_config`,
 `expand_from`).
 """
 

@@ -64,17 +64,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        # [dim] growth mask (growfam.grow masked operator); None outside a growth ramp.
-        self.register_buffer("mask", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.to(torch.promote_types(dtype, torch.float32))
-        if self.mask is None:
-            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        else:  # statistics over the active (mask-weighted) dimensions, output gated by the mask
-            m = self.mask.to(x.dtype)
-            x = x * torch.rsqrt((x.pow(2) * m).sum(-1, keepdim=True) / m.sum() + self.eps) * m
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
 
@@ -110,8 +104,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
-        # [n_heads] growth mask on the heads' outputs; None outside a growth ramp.
-        self.register_buffer("head_mask", None, persistent=False)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
         cfg = self.cfg
@@ -135,8 +127,6 @@ class Attention(nn.Module):
             )
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=cfg.n_rep > 1)
-        if self.head_mask is not None:
-            y = y * self.head_mask.to(y.dtype)[:, None, None]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
 
 
@@ -148,14 +138,9 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
-        # [ffn_dim] growth mask on the hidden units; None outside a growth ramp.
-        self.register_buffer("unit_mask", None, persistent=False)
 
     def forward(self, x):
-        h = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        if self.unit_mask is not None:
-            h = h * self.unit_mask.to(h.dtype)
-        return self.down_proj(h)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):

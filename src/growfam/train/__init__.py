@@ -7,19 +7,26 @@
 - `optim`: the LR schedule (lr_at, lr_bounds), AdamW's param groups, make_optimizer,
   apply_hyperparameters, check_optimizer.
 - `guard`: SpikeGuard, the loss-spike guard (skip, roll back, or stop as diverged).
-- `parallel`: ranks and devices under torchrun (init_distributed, rank_world, resolve_device,
-  amp_dtype, average_over_ranks, barrier); the only module that calls torch.distributed.
+- `parallel`: Parallelism, the one interface to processes, devices and gradient reduction
+  (one process, or AllReduce under torchrun; DDP/FSDP2 plug in here), make_parallelism,
+  init_distributed, amp_dtype; the only module that calls torch.distributed.
 - `checkpoint`: complete, atomic checkpoints (Hugging Face directories plus optimizer and
   trainer state), latest_checkpoint, load/save.
 - `metrics`: MetricsLogger (metrics.jsonl, TensorBoard, wandb), read_metrics, peak_flops.
-- `loop`: train() and TrainResult, forward_backward, evaluate.
+- `state`: what the loop and its callbacks share: Schedule, RunState (step, losses, ledger),
+  Run (the run's parts).
+- `callbacks`: Callback (the hooks) and the built-in ones: MaskRamp (masked-growth ramp),
+  Progress (train log line, progress bar), Validation (evaluate, on_eval), Checkpoints.
+- `loop`: train() and TrainResult, forward_backward; the step, the spike guard's rollbacks.
 
-Imports point one way: optim imports config; loop imports every other module here; config,
-guard, parallel, checkpoint and metrics import nothing of train/. train/ may import errors,
-checks, io, model, data and grow; nothing of growfam.config (which imports train.config),
-family/ or the CLI.
+Imports point one way: optim imports config; state imports config, guard, metrics and
+parallel; callbacks imports state, checkpoint, config, metrics, optim and parallel; loop
+imports every other module here; config, guard, parallel, checkpoint and metrics import
+nothing of train/. train/ may import errors, checks, io, model, data and grow; nothing of
+growfam.config (which imports train.config), family/ or the CLI.
 """
 
+from growfam.train.callbacks import Callback, Checkpoints, MaskRamp, Progress, Validation, evaluate
 from growfam.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -38,7 +45,7 @@ from growfam.train.config import (
     steps_for,
 )
 from growfam.train.guard import SPIKE_EMA_BETA, SpikeGuard
-from growfam.train.loop import TrainResult, evaluate, forward_backward, train
+from growfam.train.loop import TrainResult, forward_backward, train
 from growfam.train.metrics import MetricsLogger, peak_flops, read_metrics
 from growfam.train.optim import (
     apply_hyperparameters,
@@ -48,17 +55,28 @@ from growfam.train.optim import (
     make_optimizer,
     param_groups,
 )
-from growfam.train.parallel import init_distributed
+from growfam.train.parallel import AllReduce, Parallelism, init_distributed, make_parallelism
+from growfam.train.state import Run, RunState, Schedule
 
 __all__ = [
     "DEFAULT_MAX_LR",
     "DEFAULT_MIN_LR_RATIO",
     "RESUME_FREE_KEYS",
     "SPIKE_EMA_BETA",
+    "AllReduce",
+    "Callback",
+    "Checkpoints",
+    "MaskRamp",
     "MetricsLogger",
+    "Parallelism",
+    "Progress",
+    "Run",
+    "RunState",
+    "Schedule",
     "SpikeGuard",
     "TrainConfig",
     "TrainResult",
+    "Validation",
     "apply_hyperparameters",
     "check_device",
     "check_optimizer",
@@ -73,6 +91,7 @@ __all__ = [
     "lr_at",
     "lr_bounds",
     "make_optimizer",
+    "make_parallelism",
     "param_groups",
     "peak_flops",
     "read_metrics",
