@@ -25,31 +25,36 @@ _TMP = ".tmp-"
 _OLD = ".old-"
 
 
-def read_yaml(path: str | Path):
-    """Parse a YAML (or JSON, a YAML subset) file; ConfigError on a missing or malformed file."""
+def _parse(path: str | Path, parse: Callable[[str], object], error: type[Exception],
+           describe: Callable[[Exception], str]):
+    """parse(the file's text); ConfigError naming the file when it is missing, not text, or
+    `parse` raises `error` (described by `describe`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
     try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+        return parse(path.read_text())
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file") from None
+    except error as err:
+        raise ConfigError(f"{path}: {describe(err)}") from None
+
+
+def _yaml_problem(err: Exception) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"malformed YAML{where}: {problem}"
+
+
+def read_yaml(path: str | Path):
+    """Parse a YAML (or JSON, a YAML subset) file; ConfigError on a missing or malformed file."""
+    return _parse(path, yaml.safe_load, yaml.YAMLError, _yaml_problem)
 
 
 def read_json(path: str | Path):
-    """Parse a JSON file; ConfigError on a missing or malformed file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: malformed JSON: {err}") from None
+    """Parse a JSON file; ConfigError on a missing, non-text or malformed file."""
+    return _parse(path, json.loads, json.JSONDecodeError, lambda err: f"malformed JSON: {err}")
 
 
 def _umask() -> int:
