@@ -22,7 +22,7 @@ METRICS = {"acc": "acc", "acc_norm": "acc_norm", "perplexity": "ppl", "word_perp
            "byte_perplexity": "byte_ppl", "bits_per_byte": "bpb"}
 
 
-def _offline() -> None:
+def offline() -> None:
     """Keep `datasets` and the hub offline, also when they were imported before this call."""
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -72,7 +72,7 @@ def run_tasks(model, tokenizer, names: list[str], limit: int | None = None, batc
     limit: the first N examples of each task (None: all). Returns ({task: {metric: value,
     "examples": n}}, {task: where its data came from})."""
     lm_eval_version()
-    _offline()
+    offline()
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

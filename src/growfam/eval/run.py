@@ -87,21 +87,22 @@ def check_eval(target: Target, opts: EvalOptions):
     return dataset
 
 
-def evaluate_member(member: Member, target: Target, opts: EvalOptions, dataset=None) -> dict:
-    """The `eval` record of one member: perplexity per source, then the zero-shot tasks."""
+def evaluate_member(member: Member, target: Target, opts: EvalOptions, val_stream=None) -> dict:
+    """The `eval` record of one member: perplexity per source, then the zero-shot tasks.
+
+    val_stream: (tokens, bytes) of the validation split (`split_stream`), the same for every
+    member, when `val` is one of opts.ppl."""
     from growfam.data import load_tokenizer
-    from growfam.eval.perplexity import file_stream, score_stream, split_stream
+    from growfam.eval.perplexity import file_stream, score_stream
     from growfam.train.parallel import resolve_device
 
     device = resolve_device(opts.device, 1)
     record: dict = {"growfam": __version__, "perplexity": {}, "tasks": {}}
     files = [s for s in opts.ppl if s not in (VAL, WIKI)]
-    if dataset is not None or files:
+    if val_stream is not None or files:
         model = load_pretrained(member.path, dtype=torch.float32, device=device).eval()
         window = target.window()
-        streams = []
-        if dataset is not None:
-            streams.append((VAL, *split_stream(dataset, max_tokens=opts.ppl_tokens)))
+        streams = [(VAL, *val_stream)] if val_stream is not None else []
         if files:
             tokenizer = load_tokenizer(_tokenizer_dir(member, target))
             if tokenizer.vocab_size > member.config.vocab_size:
@@ -136,11 +137,14 @@ def evaluate_member(member: Member, target: Target, opts: EvalOptions, dataset=N
 def evaluate_target(target: Target, opts: EvalOptions) -> list[dict]:
     """Evaluate every member of `target`; a family's ledger gets each member's record as soon as
     it is done (merged with earlier records). Returns [{name, mode, dir, eval}]."""
+    from growfam.eval.perplexity import split_stream
+
     dataset = check_eval(target, opts)
+    val_stream = split_stream(dataset, max_tokens=opts.ppl_tokens) if dataset is not None else None
     out = []
     for member in target.members:
         _log(f"[{member.mode or 'member'}] {member.name}: evaluating {member.path}")
-        record = evaluate_member(member, target, opts, dataset)
+        record = evaluate_member(member, target, opts, val_stream)
         out.append({"name": member.name, "mode": member.mode, "dir": str(member.path), "eval": record})
         if target.family_dir is not None:
             _record_member(target.family_dir, member, record)
