@@ -32,7 +32,7 @@ def family(tmp_path_factory):
     for m, mode in enumerate(MODES):
         modes[mode] = []
         for i, shape in enumerate(SHAPES):
-            model = random_model(tiny_config(vocab_size=300, max_seq_len=512, **shape), seed=10 * m + i)
+            model = random_model(tiny_config(vocab_size=300, max_seq_len=64, **shape), seed=10 * m + i)
             save_pretrained(model, root / mode / f"m{i + 1}", tokenizer=root / "data" / "tokenizer")
             modes[mode].append({"name": f"m{i + 1}", "done": True, "params": 1, "tokens": 1, "flops": 1,
                                 "cum_flops": 1, "wall_s": 0, "val_loss": None})
@@ -75,10 +75,10 @@ def test_strided_perplexity_equals_a_float64_hand_computation():
             nll -= torch.log_softmax(logits, -1)[tokens[t]].item()
     result = score_stream(model, tokens, window=8, stride=4, batch_size=3, num_bytes=40)
     assert result.tokens == 19
-    assert result.nll == pytest.approx(nll, rel=1e-6)  # the batches run in float32 logits
-    assert result.nll_per_token == pytest.approx(nll / 19, rel=1e-6)
-    assert result.perplexity == pytest.approx(math.exp(nll / 19), rel=1e-6)
-    assert result.bits_per_byte == pytest.approx(nll / math.log(2) / 40, rel=1e-6)
+    assert result.nll == pytest.approx(nll, rel=1e-12)
+    assert result.nll_per_token == pytest.approx(nll / 19, rel=1e-12)
+    assert result.perplexity == pytest.approx(math.exp(nll / 19), rel=1e-12)
+    assert result.bits_per_byte == pytest.approx(nll / math.log(2) / 40, rel=1e-12)
 
 
 def test_streams_begin_with_end_of_text_and_count_the_text_bytes(family, tmp_path):
@@ -137,7 +137,7 @@ def test_consistency_of_a_family_prints_table_4_and_records_it(family_copy, caps
 
 
 def _swap_in_other_vocab(family_dir):
-    model = random_model(tiny_config(vocab_size=301, max_seq_len=512, **SHAPES[1]))
+    model = random_model(tiny_config(vocab_size=301, max_seq_len=64, **SHAPES[1]))
     shutil.rmtree(family_dir / "progressive" / "m2")
     save_pretrained(model, family_dir / "progressive" / "m2", tokenizer=family_dir / "data" / "tokenizer")
 

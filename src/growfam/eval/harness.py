@@ -17,6 +17,8 @@ import torch
 from growfam.errors import GrowfamError
 from growfam.eval.tasks import INSTALL_HINT, TASKS, prepare_tasks
 
+#: Context lm_eval gives the choice tasks at least (its own default max_length).
+_CHOICE_MAX_LENGTH = 2048
 #: lm_eval metric -> the name growfam reports it under.
 METRICS = {"acc": "acc", "acc_norm": "acc_norm", "perplexity": "ppl", "word_perplexity": "word_ppl",
            "byte_perplexity": "byte_ppl", "bits_per_byte": "bpb"}
@@ -79,16 +81,26 @@ def run_tasks(model, tokenizer, names: list[str], limit: int | None = None, batc
 
     configs, origins = prepare_tasks(names)
     manager = TaskManager(include_path=str(configs), include_defaults=False)
-    loaded = manager.load([f"growfam_{name}" for name in names])
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
-    out = evaluate(lm, loaded, limit=limit, bootstrap_iters=0, log_samples=False, verbosity="WARNING")
+    context = HFLM(pretrained=model, tokenizer=tokenizer).max_length  # the member's own
     results = {}
-    for name in names:
-        raw = out["results"][f"growfam_{name}"]
-        metrics = {ours: raw[f"{theirs},none"] for theirs, ours in METRICS.items() if f"{theirs},none" in raw}
-        metrics["examples"] = out["n-samples"][f"growfam_{name}"]["effective"]
-        results[name] = metrics
-    return results, origins
+    # The rolling task (wiki) runs in windows of the member's context. The choice tasks must see
+    # each answer whole; lm_eval refuses an answer longer than max_length, and a few are longer
+    # than a small member's context (5 PIQA solutions exceed 256 tokens of the demo's BPE), so
+    # they get at least lm_eval's default 2048 tokens (RoPE runs past the trained context).
+    for group, max_length in (([n for n in names if n == "wiki"], context),
+                              ([n for n in names if n != "wiki"], max(context, _CHOICE_MAX_LENGTH))):
+        if not group:
+            continue
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device),
+                  max_length=max_length)
+        loaded = manager.load([f"growfam_{name}" for name in group])
+        out = evaluate(lm, loaded, limit=limit, bootstrap_iters=0, log_samples=False, verbosity="WARNING")
+        for name in group:
+            raw = out["results"][f"growfam_{name}"]
+            metrics = {ours: raw[f"{theirs},none"] for theirs, ours in METRICS.items() if f"{theirs},none" in raw}
+            metrics["examples"] = out["n-samples"][f"growfam_{name}"]["effective"]
+            results[name] = metrics
+    return {name: results[name] for name in names}, origins
 
 
 def task_names(spec: str) -> list[str]:

@@ -80,8 +80,8 @@ def strided_windows(num_tokens: int, window: int, stride: int) -> list[tuple[int
 def score_stream(model: torch.nn.Module, stream: np.ndarray | torch.Tensor, window: int, stride: int | None = None,
                batch_size: int = 8, device: str | torch.device = "cpu", num_bytes: int | None = None) -> Perplexity:
     """Score every target of `stream` (1-D token ids) with `model` (idx [B, T] -> logits
-    [B, T, V]); windows as `strided_windows` (stride defaults to window // 2). The NLL is summed
-    in float64. num_bytes: the UTF-8 bytes the targets spell, for bits per byte."""
+    [B, T, V]); windows as `strided_windows` (stride defaults to window // 2). The NLL is taken
+    in at least float32 and summed in float64. num_bytes: the UTF-8 bytes the targets spell, for bits per byte."""
     stride = stride or max(1, window // 2)
     tokens = torch.as_tensor(np.asarray(stream, dtype=np.int64))
     schedule = strided_windows(len(tokens), window, stride)
@@ -92,7 +92,8 @@ def score_stream(model: torch.nn.Module, stream: np.ndarray | torch.Tensor, wind
         batch = schedule[i:i + batch_size]
         rows = torch.stack([tokens[s:s + length + 1] for s, _ in batch]).to(device)
         logits = model(rows[:, :-1])
-        nll = F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(), reduction="none")
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, float64 kept
+        nll = F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="none")
         keep = torch.arange(length, device=device)[None, :] >= torch.tensor([f for _, f in batch], device=device)[:, None]
         total += nll.view(len(batch), length)[keep].double().sum().cpu()
         count += int(keep.sum())

