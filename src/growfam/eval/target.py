@@ -69,7 +69,7 @@ def resolve_target(path: str | Path) -> Target:
     whose directory is not a model."""
     path = Path(path)
     if not path.is_dir():
-        raise GrowfamError(f"{path}: no such directory")
+        raise GrowfamError(f"{path}: {'not a directory' if path.exists() else 'no such directory'}")
     if (path / LEDGER).is_file():
         ledger = read_ledger(path)
         members = [_member(m["name"], mode, path / mode / m["name"])
