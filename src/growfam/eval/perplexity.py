@@ -97,7 +97,7 @@ def score_stream(model: torch.nn.Module, stream: np.ndarray | torch.Tensor, wind
         keep = torch.arange(length, device=device)[None, :] >= torch.tensor([f for _, f in batch], device=device)[:, None]
         total += nll.view(len(batch), length)[keep].double().sum().cpu()
         count += int(keep.sum())
-    return Perplexity(tokens=count, nll=float(total), bytes=num_bytes, window=length, stride=stride)
+    return Perplexity(tokens=count, nll=float(total), bytes=num_bytes, window=length, stride=min(stride, length))
 
 
 def text_bytes(tokenizer, ids: np.ndarray) -> int:
