@@ -5,7 +5,8 @@ by lm_eval's own tasks over growfam's offline data) of the same member directory
 
 - plain lm_eval: `HFLM(pretrained=DIR, tokenizer=DIR)`, lm_eval loading the directory itself;
 - growfam: the path `growfam eval` takes (growfam.eval.harness: transformers model from the
-  directory, safetensors only, handed to `HFLM(pretrained=model, tokenizer=tok)` in memory).
+  directory, safetensors only, handed to `HFLM(pretrained=model, tokenizer=tok)` in memory by
+  `make_lm`, which gives choice tasks at least 2048 tokens of context).
 
 It also times a floor that no lm_eval model class which runs every request's tokens through the
 model can beat: the transformer body alone (no output head, no log-softmax, no Python per
@@ -25,7 +26,7 @@ import time
 
 import torch
 
-from growfam.eval.harness import load_hf_model, load_hf_tokenizer, offline
+from growfam.eval.harness import load_hf_model, load_hf_tokenizer, make_lm, offline
 from growfam.eval.tasks import prepare_tasks
 
 
@@ -78,13 +79,13 @@ def main() -> None:
 
     requests = build_requests(args.tasks.split(","), args.limit)
     model, tokenizer = load_hf_model(args.member, args.device), load_hf_tokenizer(args.member)
-    growfam_lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, device=args.device)
+    growfam_lm = make_lm(model, tokenizer, args.batch_size, args.device)
     plain_lm = HFLM(pretrained=args.member, tokenizer=args.member, batch_size=args.batch_size,
                     device=args.device, dtype="float32")
     token_lists = []
     for r in requests:
         context, continuation = growfam_lm._encode_pair(*r.args)
-        token_lists.append((context + continuation)[-(growfam_lm.max_length + 1):][:-1])
+        token_lists.append((context + continuation)[-(plain_lm.max_length + 1):][:-1])
     tokens = sum(len(t) for t in token_lists)
     for name, lm in (("plain", plain_lm), ("growfam", growfam_lm)):
         print(f"{name}: attention {lm.model.config._attn_implementation}, {lm.model.dtype}, max_length {lm.max_length}")

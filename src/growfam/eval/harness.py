@@ -67,6 +67,22 @@ def load_hf_tokenizer(path: str | Path):
         raise GrowfamError(f"{path}: cannot load its tokenizer: {err}") from None
 
 
+def make_lm(model, tokenizer, batch_size: int = 8, device: str | torch.device = "cpu", rolling: bool = False):
+    """lm_eval's HFLM over the in-memory `model`.
+
+    A rolling task (wiki) runs in windows of the member's own context. The choice tasks must
+    see each answer whole: lm_eval refuses an answer longer than max_length, and a few are
+    longer than a small member's context (5 PIQA solutions exceed 256 tokens of the demo's
+    BPE), so they get at least lm_eval's default 2048 tokens (RoPE runs past the trained
+    context; shorter requests are unaffected)."""
+    offline()
+    from lm_eval.models.huggingface import HFLM
+
+    context = HFLM(pretrained=model, tokenizer=tokenizer).max_length  # the member's own, as lm_eval reads it
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device),
+                max_length=context if rolling else max(context, _CHOICE_MAX_LENGTH))
+
+
 def run_tasks(model, tokenizer, names: list[str], limit: int | None = None, batch_size: int = 8,
               device: str | torch.device = "cpu") -> tuple[dict[str, dict], dict[str, str]]:
     """Evaluate a transformers causal LM on the tasks `names` (keys of `tasks.TASKS`).
@@ -76,23 +92,15 @@ def run_tasks(model, tokenizer, names: list[str], limit: int | None = None, batc
     lm_eval_version()
     offline()
     from lm_eval.evaluator import evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     configs, origins = prepare_tasks(names)
     manager = TaskManager(include_path=str(configs), include_defaults=False)
-    context = HFLM(pretrained=model, tokenizer=tokenizer).max_length  # the member's own
     results = {}
-    # The rolling task (wiki) runs in windows of the member's context. The choice tasks must see
-    # each answer whole; lm_eval refuses an answer longer than max_length, and a few are longer
-    # than a small member's context (5 PIQA solutions exceed 256 tokens of the demo's BPE), so
-    # they get at least lm_eval's default 2048 tokens (RoPE runs past the trained context).
-    for group, max_length in (([n for n in names if n == "wiki"], context),
-                              ([n for n in names if n != "wiki"], max(context, _CHOICE_MAX_LENGTH))):
+    for group, rolling in (([n for n in names if n == "wiki"], True), ([n for n in names if n != "wiki"], False)):
         if not group:
             continue
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device),
-                  max_length=max_length)
+        lm = make_lm(model, tokenizer, batch_size, device, rolling)
         loaded = manager.load([f"growfam_{name}" for name in group])
         out = evaluate(lm, loaded, limit=limit, bootstrap_iters=0, log_samples=False, verbosity="WARNING")
         for name in group:
