@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"growfam {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # One `_add_<command>(sub)` function per subcommand below; each sets `func` to its handler.
-    for add in (_add_info, _add_plan, _add_train, _add_data, _add_family, _add_demo, _add_expand):
+    for add in (_add_info, _add_plan, _add_train, _add_data, _add_family, _add_demo, _add_expand,
+                _add_eval, _add_consistency):
         add(sub)
     return parser
 
@@ -369,6 +370,93 @@ def _check_expand_outputs(sources: list[str], out: str, report: str | None, forc
     if not report_path.absolute().parent.is_dir():
         raise GrowfamError(f"--report {report_path}: {report_path.absolute().parent} is not an existing folder")
     check_output(report_path, force=force, sources=sources, what="--report")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity and the paper's zero-shot tasks of a member or a family",
+                       description="Evaluate TARGET, a member directory (any Hugging Face Llama directory) or "
+                                   "a family directory (every finished member of every mode): perplexity on "
+                                   "the family's validation split, the WikiText-like set (wiki) or a text/JSONL "
+                                   "file, and zero-shot tasks through lm-evaluation-harness, offline. A "
+                                   "family's results go into its family.json.")
+    p.add_argument("target", metavar="TARGET", help="a member directory or a family directory")
+    p.add_argument("--tasks", default="paper",
+                   help="'paper' (lambada_openai, arc_easy, arc_challenge, winogrande, piqa, openbookqa, "
+                        "hellaswag), 'none', or comma-separated task names (default: paper)")
+    p.add_argument("--limit", metavar="N", help="score only the first N examples of each task")
+    p.add_argument("--ppl", nargs="+", metavar="SOURCE",
+                   help="perplexity sources: val (the family's validation split), wiki (BoolQ's Wikipedia "
+                        "passages), or .txt/.jsonl/.parquet files or folders; 'none' for no perplexity "
+                        "(default: val wiki for a family's members, wiki otherwise)")
+    p.add_argument("--ppl-tokens", default="1e6", metavar="N",
+                   help="score at most about N tokens of each val / file source (default: 1e6)")
+    p.add_argument("--batch-size", default="8", metavar="B", help="sequences per forward pass (default: 8)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT ('-': stdout)")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    import json
+
+    from growfam.checks import as_int
+    from growfam.eval import EvalOptions, default_ppl, evaluate_target, resolve_target
+    from growfam.eval.harness import task_names
+    from growfam.eval.tables import format_eval
+    from growfam.io import atomic_write_text, check_output
+
+    opts = EvalOptions(tasks=task_names(args.tasks),
+                       limit=None if args.limit is None else as_int(args.limit, "--limit", at_least=1),
+                       batch_size=as_int(args.batch_size, "--batch-size", at_least=1),
+                       device=args.device, ppl_tokens=as_int(args.ppl_tokens, "--ppl-tokens", at_least=2))
+    if args.json not in (None, "-"):
+        json_path = os.path.abspath(args.json)
+        if os.path.isdir(json_path) or not os.path.isdir(os.path.dirname(json_path)):
+            raise GrowfamError(f"--json {args.json}: give a file name in an existing folder")
+        check_output(args.json, force=args.force, what="--json")
+    target = resolve_target(args.target)
+    opts.ppl = default_ppl(target) if args.ppl is None else [s for s in dict.fromkeys(args.ppl) if s != "none"]
+    if not opts.ppl and not opts.tasks:
+        raise GrowfamError("nothing to evaluate: --ppl none and --tasks none")
+    members = evaluate_target(target, opts)
+    if args.json == "-":
+        print(json.dumps({"members": members}, indent=2))
+        return 0
+    print(format_eval(members))
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"members": members}, indent=2) + "\n")
+    return 0
+
+
+def _add_consistency(sub) -> None:
+    p = sub.add_parser("consistency", help="KL between a family's members (paper Table 4)",
+                       description="For each pair of members of each mode, on the same validation windows: "
+                                   "KL(P_small||P_large), the reverse, total variation and the expected "
+                                   "speculative acceptance sum(min(p, q)); recorded in family.json.")
+    p.add_argument("family_dir", metavar="FAMILY_DIR")
+    p.add_argument("--pairs", choices=("adjacent", "all"), default="adjacent")
+    p.add_argument("--windows", default="64", metavar="N", help="validation windows per pair (default: 64)")
+    p.add_argument("--batch-size", default="8", metavar="B", help="windows per forward pass (default: 8)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=_run_consistency)
+
+
+def _run_consistency(args) -> int:
+    import json
+
+    from growfam.checks import as_int
+    from growfam.eval import family_consistency, resolve_target
+    from growfam.eval.tables import format_consistency
+
+    windows = as_int(args.windows, "--windows", at_least=1)
+    batch_size = as_int(args.batch_size, "--batch-size", at_least=1)
+    if not os.path.isfile(os.path.join(args.family_dir, "family.json")):
+        raise GrowfamError(f"{args.family_dir}: not a family directory (no family.json)")
+    section = family_consistency(resolve_target(args.family_dir), args.pairs, windows, batch_size, args.device)
+    print(json.dumps(section, indent=2) if args.json else format_consistency(section))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,15 +89,20 @@ class AllReduce(Parallelism):
         dist.barrier()
 
 
+def resolve_device(spec: str, world: int = 1) -> torch.device:
+    """The device a config's spec names; "auto" is cuda (cuda:LOCAL_RANK under torchrun) when
+    there is one, else the CPU."""
+    if spec != "auto":
+        return torch.device(spec)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if world > 1 else 0)
+    return torch.device("cpu")
+
+
 def make_parallelism(device: str) -> Parallelism:
     """The strategy for this process: AllReduce in a process group of several ranks, else one
-    process. device: the config's spec ("auto" picks cuda:LOCAL_RANK under torchrun)."""
+    process. device: the config's spec (see resolve_device)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
         else (0, 1)
-    if device != "auto":
-        resolved = torch.device(device)
-    elif torch.cuda.is_available():
-        resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if world > 1 else 0)
-    else:
-        resolved = torch.device("cpu")
+    resolved = resolve_device(device, world)
     return AllReduce(resolved, rank, world) if world > 1 else Parallelism(resolved, rank, world)

