@@ -247,8 +247,6 @@ def _run_demo(args) -> int:
     return _build_family("tiny", args.out, None, ("progressive", "independent"))
 
 
-_MAX_PROBE_TOKENS = 65536
-
 
 def _add_expand(sub) -> None:
     p = sub.add_parser("expand", help="grow a Hugging Face model directory (or several, combined) "
@@ -271,8 +269,7 @@ def _add_expand(sub) -> None:
     p.add_argument("--depth", help="depth operator (default: stack)")
     p.add_argument("--seed", type=int, default=0, help="seed of the index maps and random fills")
     p.add_argument("--probe-tokens", type=int, default=512, metavar="N",
-                   help="measure Δlogits and Δloss on N seeded random tokens (0: skip; at most "
-                        f"{_MAX_PROBE_TOKENS}; default 512)")
+                   help="measure Δlogits and Δloss on N seeded random tokens (0: skip; default 512)")
     p.add_argument("--report", metavar="FILE", help="also write the report as JSON")
     p.add_argument("--out", required=True, metavar="DST_DIR",
                    help="directory to write (new or empty; see --force)")
@@ -283,93 +280,14 @@ def _add_expand(sub) -> None:
 
 
 def _run_expand(args) -> int:
-    import json
+    from growfam.grow.directories import expand_directories
 
-    import torch
-
-    from growfam.errors import ConfigError
-    from growfam.grow import GrowthPlan, combined_config, expand, expand_from
-    from growfam.grow.growth import DEFAULT_DEPTH, DEFAULT_WIDTH
-    from growfam.grow.multi import DEFAULT_COMBINE
-    from growfam.io import atomic_write_text
-    from growfam.model import load_pretrained, resolve_config, save_pretrained
-
-    sources = args.src_dirs
-    # grow/ owns the defaults: a flag left out takes them
-    width = DEFAULT_WIDTH if args.width is None else args.width
-    depth = DEFAULT_DEPTH if args.depth is None else args.depth
-    if width == "masked":  # its masks would be lost: a saved model has no place for them
-        raise ConfigError("--width masked needs the training loop to ramp its masks; use it in "
-                          "`growfam family` (or growfam.grow.expand), not on a saved directory")
-    if not 0 <= args.probe_tokens <= _MAX_PROBE_TOKENS:  # one batch: its logits must fit in memory
-        raise ConfigError(f"--probe-tokens must be in [0, {_MAX_PROBE_TOKENS}], got {args.probe_tokens}")
-    if not -2**63 <= args.seed < 2**63 - 1:  # torch seeds are 64-bit; expand also uses seed + 1
-        raise ConfigError(f"--seed must be a 64-bit integer, got {args.seed}")
-    if args.combine is not None and len(sources) == 1:
-        raise ConfigError("--combine needs two or more SRC_DIRs (one source is grown as it is)")
-    _check_expand_outputs(sources, args.out, args.report, args.force)
-    target = resolve_config(args.to)
-    configs = _check_expand_sources(sources)
-    combine = DEFAULT_COMBINE if args.combine is None else args.combine
-    start = configs[0] if len(sources) == 1 else combined_config(configs, combine)
-    GrowthPlan.make(start, target, width, depth, args.seed)  # refusals before the weights
-    models = [load_pretrained(src) for src in sources]
-    probe = None
-    if args.probe_tokens:
-        seq = min(args.probe_tokens, start.max_seq_len)
-        rows = max(1, args.probe_tokens // seq)
-        generator = torch.Generator().manual_seed(args.seed)
-        probe = torch.randint(0, start.vocab_size, (rows, seq), generator=generator)
-    if len(models) == 1:
-        grown, _, report = expand(models[0], target, width, depth, seed=args.seed, probe=probe)
-    else:
-        grown, report = expand_from(models, target, width, depth, seed=args.seed,
-                                    probe=probe, combine=combine)
-    path = save_pretrained(grown, args.out, tokenizer=sources[0])
+    path, report = expand_directories(args.src_dirs, args.to, args.out, width=args.width, depth=args.depth,
+                                      combine=args.combine, seed=args.seed, probe_tokens=args.probe_tokens,
+                                      report=args.report, force=args.force)
     print(report)
-    if args.report:
-        atomic_write_text(args.report, json.dumps(report.to_dict(), indent=2) + "\n")
     print(f"model: {path}")
     return 0
-
-
-def _check_expand_sources(sources: list[str]) -> list:
-    """The ModelConfigs of the SRC_DIRs; GrowfamError for one that is not a model directory, a
-    directory given twice, or tokenizer files that differ (--out gets the first one's)."""
-    from growfam.model import check_same_tokenizer, read_hf_config
-
-    seen = {}
-    for src in sources:
-        real = os.path.realpath(src)
-        if real in seen:
-            raise GrowfamError(f"one directory is given twice as SRC_DIR ({seen[real]}, {src}); "
-                               "give each source once")
-        seen[real] = src
-    configs = [read_hf_config(src) for src in sources]
-    check_same_tokenizer(sources)
-    return configs
-
-
-def _check_expand_outputs(sources: list[str], out: str, report: str | None, force: bool) -> None:
-    """Refuse, before any work, an --out or --report that would lose what a user has: --out as
-    `io.check_output` says; --report needs an existing folder, outside --out and the sources."""
-    from pathlib import Path
-
-    from growfam.io import check_output
-
-    check_output(out, force=force, sources=sources, what="--out")
-    if report is None:
-        return
-    report_path = Path(report)
-    if report_path.is_dir():
-        raise GrowfamError(f"--report {report_path} is a directory; give a file name")
-    report_real, out_real = Path(os.path.realpath(report_path)), Path(os.path.realpath(out))
-    if report_real == out_real or out_real in report_real.parents:
-        raise GrowfamError(f"--report {report_path} is inside --out {out}, which expand replaces; "
-                           "write it elsewhere")
-    if not report_path.absolute().parent.is_dir():
-        raise GrowfamError(f"--report {report_path}: {report_path.absolute().parent} is not an existing folder")
-    check_output(report_path, force=force, sources=sources, what="--report")
 
 
 def _add_eval(sub) -> None:

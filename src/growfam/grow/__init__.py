@@ -12,10 +12,11 @@ after every optimizer step until they fold away and the hooks are removed.
 Modules: maps (index maps), width (width operators, growing one tensor), depth (depth
 operators), growth (a plan applied to named tensors), masks (the masked ramp, as hooks), optim
 (AdamW state), report (GrowthReport), expansion (`expand`), multi (`combined_config`,
-`expand_from`).
+`expand_from`), directories (`expand_directories`: `growfam expand` on saved models).
 """
 
 from growfam.grow.depth import DEPTH_OPS
+from growfam.grow.directories import expand_directories
 from growfam.grow.expansion import expand
 from growfam.grow.growth import GrowthPlan
 from growfam.grow.masks import MaskState, advance_masks, fold_masks, mask_state
@@ -35,6 +36,7 @@ __all__ = [
     "advance_masks",
     "combined_config",
     "expand",
+    "expand_directories",
     "expand_from",
     "fold_masks",
     "mask_state",
