@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from growfam.errors import GrowfamError
-from growfam.eval.tasks import INSTALL_HINT, TASKS, prepare_tasks
+from growfam.eval.tasks import INSTALL_HINT, prepare_tasks
 
 #: Context lm_eval gives the choice tasks at least (its own default max_length).
 _CHOICE_MAX_LENGTH = 2048
