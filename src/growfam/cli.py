@@ -188,6 +188,9 @@ def _add_family(sub) -> None:
     run.add_argument("--data", metavar="DIR", help="prepared dataset (default: the YAML's data: section)")
     run.add_argument("--fixed-data", action="store_true",
                      help="cap unique tokens at the largest member's from-scratch budget, then repeat them")
+    run.add_argument("--eval", action="store_true",
+                     help="evaluate each member once it is published (perplexity, zero-shot tasks, as the "
+                          "YAML's eval: section says) and the members' consistency at the end")
     run.set_defaults(func=_run_family)
     show = fam.add_parser("show", help="print the comparison table of a family directory")
     show.add_argument("out", metavar="DIR")
@@ -199,8 +202,11 @@ def _modes(mode: str) -> tuple[str, ...]:
 
 
 def _build_family(family: str, out: str | None, data: str | None, modes: tuple[str, ...],
-                  fixed_data: bool = False) -> int:
-    """Plan, check everything, prepare the data if needed, build every member, print the comparison."""
+                  fixed_data: bool = False, evaluate: str | None = None) -> int:
+    """Plan, check everything, prepare the data if needed, build every member, print the comparison.
+
+    evaluate: None, "eval" (`--eval`: the eval section, refused without lm_eval when it names
+    tasks) or "demo" (the same, the zero-shot tasks dropped without lm_eval); then the tables."""
     from pathlib import Path
 
     from growfam.config import load_family_config
@@ -210,15 +216,28 @@ def _build_family(family: str, out: str | None, data: str | None, modes: tuple[s
     config = load_family_config(family)
     out_dir = Path(out or f"family/{config.name}")
     check_family(config, out_dir, modes, fixed_data)  # before data preparation, which may take long
+    evaluator = None
+    if evaluate:
+        from growfam.eval.run import FamilyEval
+
+        evaluator = FamilyEval(config.eval, out_dir, optional_harness=evaluate == "demo")
     data = ensure_dataset(config, data, out_dir / "data")
-    ledger = run_family(config, out_dir, data=data, modes=modes, fixed_data=fixed_data)
+    ledger = run_family(config, out_dir, data=data, modes=modes, fixed_data=fixed_data, on_member=evaluator)
     print()
     print(format_comparison(ledger))
+    if evaluator is not None:
+        from growfam.eval.tables import format_consistency, format_eval
+
+        members, consistency = evaluator.finish()
+        for table in ([format_eval(members)] if members else []) + ([format_consistency(consistency)] if consistency else []):
+            print()
+            print(table)
     return 0
 
 
 def _run_family(args) -> int:
-    return _build_family(args.family, args.out, args.data, _modes(args.mode), args.fixed_data)
+    return _build_family(args.family, args.out, args.data, _modes(args.mode), args.fixed_data,
+                         "eval" if args.eval else None)
 
 
 def _run_family_show(args) -> int:
@@ -238,13 +257,15 @@ def _run_family_show(args) -> int:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="build a tiny four-member family both ways on the CPU (~15 min)",
                        description="Prepare the embedded corpus (the Python standard library), then build "
-                                   "the `tiny` family progressively and independently and compare them.")
+                                   "the `tiny` family progressively and independently, evaluate every member "
+                                   "(perplexity, the paper's zero-shot tasks on a few examples when lm_eval is "
+                                   "installed) and compare them, consistency included.")
     p.add_argument("--out", default="growfam-demo", metavar="DIR")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args) -> int:
-    return _build_family("tiny", args.out, None, ("progressive", "independent"))
+    return _build_family("tiny", args.out, None, ("progressive", "independent"), evaluate="demo")
 
 
 

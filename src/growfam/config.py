@@ -2,7 +2,8 @@
 
 The plan fields sit at the YAML's top level (name, members, tokens, count, nominal, batch_size,
 seq_len, lr: LRPolicy); each later pipeline step owns one typed section: `growth`
-(GrowthConfig), `data` (DataConfig) and `train` (TrainConfig overrides the plan leaves free).
+(GrowthConfig), `data` (DataConfig), `train` (TrainConfig overrides the plan leaves free) and
+`eval` (EvalConfig).
 `load_family_config` finds a shipped family (growfam/configs) or reads a YAML path;
 `make_plan` (family.plan) turns a FamilyConfig into per-stage budgets. Training defaults (peak
 LR, LR floor) are written once, next to TrainConfig.
@@ -151,6 +152,33 @@ class GrowthConfig(_Section):
 
 
 @dataclass
+class EvalConfig(_Section):
+    """The `eval:` section: what `growfam family run --eval` and `growfam demo` evaluate, as
+    `growfam eval` / `growfam consistency` would (their flags). tasks: "paper", "none" or task
+    names; ppl: "val", "wiki", files, or "none". A None leaves the commands' default (EvalOptions)."""
+
+    key: ClassVar[str] = "eval"
+    tasks: str | list[str] = "paper"
+    limit: int | None = None
+    ppl: str | list[str] | None = None
+    ppl_tokens: int | None = None
+    batch_size: int | None = None
+    device: str | None = None
+    windows: int | None = None
+    pairs: Literal["adjacent", "all"] | None = None
+
+    def __post_init__(self) -> None:
+        for key, least in (("limit", 1), ("ppl_tokens", 2), ("batch_size", 1), ("windows", 1)):
+            if getattr(self, key) is not None:
+                setattr(self, key, as_int(getattr(self, key), f"eval.{key}", least))
+        for key, value in (("tasks", self.tasks), ("ppl", self.ppl)):
+            if not isinstance(value, (str, type(None))) and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise ConfigError(f"eval.{key} must be a name or a list of names, got {value!r}")
+        if self.pairs not in (None, "adjacent", "all"):
+            raise ConfigError(f"eval.pairs must be adjacent or all, got {self.pairs!r}")
+
+
+@dataclass
 class DataConfig(_Section):
     """The `data:` section: a prepared dataset `dir`, made from `source` with `tokenizer` (see
     `growfam data prepare`) when it does not exist yet."""
@@ -208,7 +236,7 @@ class FamilyConfig:
     seq_len: training sequence length in tokens per stage, or one int for every stage; None
         means each member's max_seq_len. (`batch_sizes` / `seq_lens` give the per-stage lists;
         the fields keep what was written, so a scalar still applies after `replace(members=...)`.)
-    lr, growth, data: the sections (a mapping is parsed). train: TrainConfig overrides.
+    lr, growth, data, eval: the sections (a mapping is parsed). train: TrainConfig overrides.
     """
 
     members: list[ModelConfig]
@@ -223,6 +251,7 @@ class FamilyConfig:
     growth: GrowthConfig = field(default_factory=GrowthConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: dict[str, Any] = field(default_factory=dict)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.members, (list, tuple)) or not self.members:
@@ -246,7 +275,7 @@ class FamilyConfig:
         _ = self.batch_sizes  # raises on a bad batch_size
         for m, t in zip(self.members, self.seq_lens):
             check_seq_len(t, m, m.name)
-        for name, cls in (("lr", LRPolicy), ("growth", GrowthConfig), ("data", DataConfig)):
+        for name, cls in (("lr", LRPolicy), ("growth", GrowthConfig), ("data", DataConfig), ("eval", EvalConfig)):
             if not isinstance(getattr(self, name), cls):
                 setattr(self, name, cls.from_dict(getattr(self, name)))
         self.train = _train_overrides(self.train)
@@ -304,7 +333,7 @@ class FamilyConfig:
 
     # ---- (de)serialisation ----------------------------------------------------------------
     KEYS: ClassVar[tuple[str, ...]] = ("name", "members", "tokens", "count", "nominal", "batch_size",
-                                       "seq_len", "lr", "growth", "data", "train")
+                                       "seq_len", "lr", "growth", "data", "train", "eval")
 
     @classmethod
     def from_dict(cls, data: dict, base_dir: str | Path | None = None) -> "FamilyConfig":
@@ -325,12 +354,8 @@ class FamilyConfig:
             chinchilla=tokens.get("chinchilla"),
             tokens=tokens.get("explicit"),
             count=data.get("count", "nonembedding"),
-            nominal=data.get("nominal"),
-            seq_len=data.get("seq_len"),
-            lr=data.get("lr"),
-            growth=data.get("growth"),
-            data=data.get("data"),
-            train=data.get("train"),
+            **{key: data.get(key) for key in ("nominal", "seq_len")},
+            **{key: data.get(key) for key in ("lr", "growth", "data", "train", "eval")},
         )
 
     @classmethod
@@ -359,7 +384,8 @@ class FamilyConfig:
         }
         if self.nominal is not None:
             out["nominal"] = self.nominal
-        return {**out, "growth": self.growth.to_dict(), "data": self.data.to_dict(), "train": dict(self.train)}
+        return {**out, "growth": self.growth.to_dict(), "data": self.data.to_dict(), "train": dict(self.train),
+                "eval": self.eval.to_dict()}
 
 
 def _resolve_member(member: Any, index: int) -> ModelConfig:

