@@ -327,10 +327,10 @@ def _add_eval(sub) -> None:
                    help="perplexity sources: val (the family's validation split), wiki (BoolQ's Wikipedia "
                         "passages), or .txt/.jsonl/.parquet files or folders; 'none' for no perplexity "
                         "(default: val wiki for a family's members, wiki otherwise)")
-    p.add_argument("--ppl-tokens", default="1e6", metavar="N",
+    p.add_argument("--ppl-tokens", metavar="N",
                    help="score at most about N tokens of each val / file source (default: 1e6)")
-    p.add_argument("--batch-size", default="8", metavar="B", help="sequences per forward pass (default: 8)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--batch-size", metavar="B", help="sequences per forward pass (default: 8)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT ('-': stdout)")
     p.add_argument("--force", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=_run_eval)
@@ -339,16 +339,13 @@ def _add_eval(sub) -> None:
 def _run_eval(args) -> int:
     import json
 
-    from growfam.checks import as_int
     from growfam.eval import EvalOptions, default_ppl, evaluate_target, resolve_target
     from growfam.eval.harness import task_names
     from growfam.eval.tables import format_eval
     from growfam.io import atomic_write_text, check_output
 
-    opts = EvalOptions(tasks=task_names(args.tasks),
-                       limit=None if args.limit is None else as_int(args.limit, "--limit", at_least=1),
-                       batch_size=as_int(args.batch_size, "--batch-size", at_least=1),
-                       device=args.device, ppl_tokens=as_int(args.ppl_tokens, "--ppl-tokens", at_least=2))
+    given = _given(args, limit=1, batch_size=1, ppl_tokens=2)  # EvalOptions owns the defaults
+    opts = EvalOptions(tasks=task_names(args.tasks), **given)
     if args.json not in (None, "-"):
         json_path = os.path.abspath(args.json)
         if os.path.isdir(json_path) or not os.path.isdir(os.path.dirname(json_path)):
@@ -375,9 +372,9 @@ def _add_consistency(sub) -> None:
                                    "speculative acceptance sum(min(p, q)); recorded in family.json.")
     p.add_argument("family_dir", metavar="FAMILY_DIR")
     p.add_argument("--pairs", choices=("adjacent", "all"), default="adjacent")
-    p.add_argument("--windows", default="64", metavar="N", help="validation windows per pair (default: 64)")
-    p.add_argument("--batch-size", default="8", metavar="B", help="windows per forward pass (default: 8)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--windows", metavar="N", help="validation windows per pair (default: 64)")
+    p.add_argument("--batch-size", metavar="B", help="windows per forward pass (default: 8)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=_run_consistency)
 
@@ -385,17 +382,25 @@ def _add_consistency(sub) -> None:
 def _run_consistency(args) -> int:
     import json
 
-    from growfam.checks import as_int
     from growfam.eval import family_consistency, resolve_target
     from growfam.eval.tables import format_consistency
 
-    windows = as_int(args.windows, "--windows", at_least=1)
-    batch_size = as_int(args.batch_size, "--batch-size", at_least=1)
+    given = _given(args, windows=1, batch_size=1)  # family_consistency owns the defaults
     if not os.path.isfile(os.path.join(args.family_dir, "family.json")):
         raise GrowfamError(f"{args.family_dir}: not a family directory (no family.json)")
-    section = family_consistency(resolve_target(args.family_dir), args.pairs, windows, batch_size, args.device)
+    section = family_consistency(resolve_target(args.family_dir), args.pairs, **given)
     print(json.dumps(section, indent=2) if args.json else format_consistency(section))
     return 0
+
+
+def _given(args, **at_least: int) -> dict:
+    """The flags a user gave: `device` as text, each named one as an integer >= its bound; the
+    flags left out are not passed, so the called function's defaults apply."""
+    from growfam.checks import as_int
+
+    given = {k: as_int(getattr(args, k), "--" + k.replace("_", "-"), at_least=low)
+             for k, low in at_least.items() if getattr(args, k) is not None}
+    return {**given, **({"device": args.device} if args.device is not None else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
