@@ -68,3 +68,21 @@ def as_mapping(value: Any, what: str) -> dict:
     if not isinstance(value, dict):
         raise ConfigError(f"{what} must be a mapping, got {shown(value)}")
     return value
+
+
+def as_choice(value: Any, choices: Iterable[str], what: str) -> Any:
+    """`value` if it is one of `choices`; ConfigError listing them otherwise."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"{what} must be {' or '.join(choices)}, got {value!r}")
+    return value
+
+
+def per_stage(value: Any, n: int, what: str, convert) -> list:
+    """A scalar broadcast to each of n stages, or a list with exactly one entry per stage, each
+    passed through convert(entry, name)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ConfigError(f"{what} has {len(value)} entries for {n} members")
+        return [convert(v, f"{what}[{i}]") for i, v in enumerate(value)]
+    return [convert(value, what)] * n

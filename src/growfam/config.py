@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
-from growfam.checks import as_int, as_mapping, as_number, check_keys
+from growfam.checks import as_choice, as_int, as_mapping, as_number, check_keys, per_stage
 from growfam.data import DEFAULT_TOKENIZER, DEFAULT_VAL_FRACTION
 from growfam.errors import ConfigError
 from growfam.grow import OPTIMIZER_MODES
@@ -88,10 +88,9 @@ class LRPolicy(_Section):
             self.end = as_number(self.end, "lr.end", above=0)
             if self.max is not None:
                 raise ConfigError("lr: policy linear takes start/end, not `max`")
-            if self.by not in ("index", "params"):
-                raise ConfigError(f"lr.by must be index or params, got {self.by!r}")
+            as_choice(self.by, ("index", "params"), "lr.by")
         else:
-            raise ConfigError(f"lr.policy must be fixed or linear, got {self.policy!r}")
+            as_choice(self.policy, ("fixed", "linear"), "lr.policy")
         self.min_ratio = as_number(self.min_ratio, "lr.min_ratio", at_least=0, at_most=1)
 
     def to_dict(self) -> dict:
@@ -143,10 +142,8 @@ class GrowthConfig(_Section):
         for key in ("seed", "window", "probe_tokens", "mask_steps"):
             if getattr(self, key) is not None:
                 setattr(self, key, as_int(getattr(self, key), f"growth.{key}"))
-        if self.optimizer not in OPTIMIZER_MODES:
-            raise ConfigError(f"growth.optimizer must be {' or '.join(OPTIMIZER_MODES)}, got {self.optimizer!r}")
-        if self.schedule not in ("budget", "converged"):
-            raise ConfigError(f"growth.schedule must be budget or converged, got {self.schedule!r}")
+        as_choice(self.optimizer, OPTIMIZER_MODES, "growth.optimizer")
+        as_choice(self.schedule, ("budget", "converged"), "growth.schedule")
         if self.window < 2:
             raise ConfigError("growth.window must be at least 2 evaluations")
 
@@ -174,8 +171,8 @@ class EvalConfig(_Section):
         for key, value in (("tasks", self.tasks), ("ppl", self.ppl)):
             if not isinstance(value, (str, type(None))) and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
                 raise ConfigError(f"eval.{key} must be a name or a list of names, got {value!r}")
-        if self.pairs not in (None, "adjacent", "all"):
-            raise ConfigError(f"eval.pairs must be adjacent or all, got {self.pairs!r}")
+        if self.pairs is not None:
+            as_choice(self.pairs, ("adjacent", "all"), "eval.pairs")
 
 
 @dataclass
@@ -206,15 +203,6 @@ def _train_overrides(data: Any) -> dict:
         raise ConfigError(f"train.{clash[0]} is set by the family plan{how}; remove it from the train section")
     check_keys(data, [f.name for f in dataclasses.fields(TrainConfig) if f.name not in PLANNED], "train")
     return dict(data)
-
-
-def _per_stage(value: Any, n: int, what: str, convert) -> list:
-    """A scalar broadcast to every stage, or a list with exactly one entry per stage."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ConfigError(f"{what} has {len(value)} entries for {n} members")
-        return [convert(v, f"{what}[{i}]") for i, v in enumerate(value)]
-    return [convert(value, what)] * n
 
 
 _positive = partial(as_number, above=0)
@@ -265,13 +253,13 @@ class FamilyConfig:
         else:
             if not isinstance(self.tokens, (list, tuple)):
                 raise ConfigError(f"tokens.explicit must be a list with one entry per member, got {self.tokens!r}")
-            self.tokens = _per_stage(self.tokens, n, "tokens.explicit", _positive)
+            self.tokens = per_stage(self.tokens, n, "tokens.explicit", _positive)
         if self.count not in COUNTS:
             raise ConfigError(f"count must be one of {', '.join(COUNTS)}, got {self.count!r}")
         if self.nominal is not None:
             if not isinstance(self.nominal, (list, tuple)):
                 raise ConfigError(f"nominal must be a list with one size per member, got {self.nominal!r}")
-            self.nominal = _per_stage(self.nominal, n, "nominal", _positive)
+            self.nominal = per_stage(self.nominal, n, "nominal", _positive)
         _ = self.batch_sizes  # raises on a bad batch_size
         for m, t in zip(self.members, self.seq_lens):
             check_seq_len(t, m, m.name)
@@ -284,14 +272,14 @@ class FamilyConfig:
     @property
     def batch_sizes(self) -> list[int]:
         """Global batch of each stage, in sequences."""
-        return _per_stage(self.batch_size, len(self.members), "batch_size", partial(as_int, at_least=1))
+        return per_stage(self.batch_size, len(self.members), "batch_size", partial(as_int, at_least=1))
 
     @property
     def seq_lens(self) -> list[int]:
         """Training sequence length of each stage, in tokens."""
         if self.seq_len is None:
             return [m.max_seq_len for m in self.members]
-        return _per_stage(self.seq_len, len(self.members), "seq_len", partial(as_int, at_least=1))
+        return per_stage(self.seq_len, len(self.members), "seq_len", partial(as_int, at_least=1))
 
     def counted_params(self) -> list[float]:
         """N of each member under `count`."""
