@@ -187,3 +187,63 @@ def test_text_stream_waits_for_whole_characters():
         stream([byte])
     stream.finish()
     assert out == ["a", "é"]
+
+
+# --------------------------------------------------------------------------------------------
+# growfam generate
+# --------------------------------------------------------------------------------------------
+
+TEXT = [f"line {i}: the {'quick brown fox' if i % 2 else 'lazy dog'} jumps over {i % 5} fences. " * 3
+        for i in range(200)]
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    """Two members sharing a trained tokenizer, and one with another tokenizer."""
+    from growfam.data import train_bpe
+    from growfam.model import save_pretrained
+
+    root = tmp_path_factory.mktemp("members")
+    train_bpe(TEXT, 300, root / "tok")
+    train_bpe([t.upper() for t in TEXT], 300, root / "other-tok")
+    for name, seed, tok in (("big", 0, "tok"), ("small", 1, "tok"), ("other", 2, "other-tok")):
+        model = random_model(tiny_config(vocab_size=300, max_seq_len=32, n_layers=1), seed)
+        save_pretrained(model, root / name, tokenizer=root / tok)
+    return root
+
+
+def _cli(capsys, *argv):
+    from growfam.cli import main
+
+    code = main(["generate", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_generate_with_and_without_draft(members, capsys):
+    code, plain, err = _cli(capsys, members / "big", "--prompt", "the lazy dog", "--max-new-tokens", 8)
+    assert code == 0 and plain.startswith("the lazy dog") and len(plain) > len("the lazy dog\n") and err == ""
+    code, spec, err = _cli(capsys, members / "big", "--prompt", "the lazy dog", "--max-new-tokens", 8,
+                           "--draft", members / "small", "--k", 3)
+    assert code == 0 and spec == plain  # greedy: the target's own output
+    assert err.startswith("prompt 1: ") and "drafted" in err
+
+
+def test_cli_generate_refuses_bad_input(members, capsys, tmp_path):
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    big = members / "big"
+    cases = [
+        (big, "--prompt", "x", "--draft", members / "other"),  # another tokenizer
+        (big, "--prompt", "x", "--draft", members / "small", "--k", 0),
+        (big, "--prompt", "fox " * 40),  # longer than the 32-token context
+        (big, "--prompts", tmp_path / "blank.txt"),
+        (big, "--prompts", tmp_path / "missing.txt"),
+        (big, "--prompt", "x", "--temperature", "nan"),
+        (big, "--prompt", "x", "--max-new-tokens", "1.5"),
+        (tmp_path / "nowhere", "--prompt", "x"),
+    ]
+    for argv in cases:
+        code, out, err = _cli(capsys, *argv)
+        assert code == 2 and out == "", argv
+        assert err.count("\n") == 1 and err.startswith("growfam generate: error: "), err
+    assert "share the target's tokenizer" in _cli(capsys, big, "--prompt", "x", "--draft", members / "other")[2]

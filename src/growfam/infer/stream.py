@@ -10,12 +10,14 @@ class TextStream:
 
     A byte-level BPE token can hold part of a UTF-8 character: text ending in U+FFFD waits for
     the next tokens (`finish` writes whatever is left). tokenizer: anything with decode(ids).
+    prompt: ids decoded with the new ones but not written (a token may merge with the prompt's
+    last characters).
     """
 
-    def __init__(self, tokenizer, write: Callable[[str], object]):
+    def __init__(self, tokenizer, write: Callable[[str], object], prompt: list[int] = ()):
         self.tokenizer, self.write = tokenizer, write
-        self.ids: list[int] = []
-        self.shown = 0  # characters already written
+        self.ids = list(prompt)
+        self.shown = len(tokenizer.decode(self.ids)) if self.ids else 0  # characters already written
 
     def __call__(self, new: list[int]) -> None:
         self.ids += new
