@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # One `_add_<command>(sub)` function per subcommand below; each sets `func` to its handler.
     for add in (_add_info, _add_plan, _add_train, _add_data, _add_family, _add_demo, _add_expand,
-                _add_eval, _add_consistency):
+                _add_eval, _add_consistency, _add_generate):
         add(sub)
     return parser
 
@@ -401,6 +401,50 @@ def _given(args, **at_least: int) -> dict:
     given = {k: as_int(getattr(args, k), "--" + k.replace("_", "-"), at_least=low)
              for k, low in at_least.items() if getattr(args, k) is not None}
     return {**given, **({"device": args.device} if args.device is not None else {})}
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="decode text with a member (KV cache), optionally with a smaller "
+                                        "member as the speculative draft",
+                       description="Decode a continuation of each prompt with MEMBER_DIR (a Hugging Face "
+                                   "Llama directory with its tokenizer), streaming text to stdout. With "
+                                   "--draft, speculative sampling: the draft proposes k tokens, the member "
+                                   "verifies them in one pass; the output is distributed as the member's "
+                                   "own (at temperature 0: identical). Acceptance goes to stderr.")
+    p.add_argument("member", metavar="MEMBER_DIR")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", metavar="TEXT", help="one prompt")
+    prompt.add_argument("--prompts", metavar="FILE", help="a UTF-8 text file, one prompt a line")
+    p.add_argument("--max-new-tokens", metavar="N", help="tokens per prompt (default: 64)")
+    p.add_argument("--temperature", metavar="T", help="0 is greedy (default: 0)")
+    p.add_argument("--top-p", metavar="P", help="nucleus sampling mass (default: 1)")
+    p.add_argument("--seed", metavar="S", help="sampling seed (default: 0)")
+    p.add_argument("--draft", metavar="MEMBER_DIR",
+                   help="a smaller member with the same tokenizer files, as the speculative draft")
+    p.add_argument("--k", metavar="K", help="tokens the draft proposes a round (default: 8)")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from growfam.data import load_tokenizer
+    from growfam.infer import DecodeOptions, check_members, decode_prompts, read_prompts
+
+    given = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "seed", "k")
+             if getattr(args, k) is not None}  # DecodeOptions owns the defaults
+    opts = DecodeOptions(**given).check()
+    prompts = [args.prompt] if args.prompts is None else read_prompts(args.prompts)
+    if not all(p.strip() for p in prompts):
+        raise GrowfamError("--prompt is empty")
+    check_members(args.member, args.draft, 0)  # model directories, same tokenizer files
+    tokenizer = load_tokenizer(args.member)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    decode_prompts(args.member, args.draft, tokenizer, prompts, opts, write,
+                   lambda line: print(line, file=sys.stderr))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

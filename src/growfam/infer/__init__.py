@@ -1,0 +1,37 @@
+"""Inference: sampling, KV-cached decoding and speculative decoding with a family member as the
+draft (paper §5, Table 5; DESIGN.md §5; Leviathan et al. 2023).
+
+- `sampling`: next-token probabilities under temperature / top-p (one-hot at temperature 0,
+  so greedy decoding is the same maths as sampling) and drawing from them.
+- `generate`: `generate` (prefill once, then one token per step with a KVCache),
+  `speculative_generate` (draft proposes k tokens, the target verifies them in one pass, both
+  caches roll back to the accepted prefix), `verify` (the accept / resample rule) and
+  `Generation` (the tokens and the counts).
+- `stream`: text of a growing token list, printed as it comes (for the CLI).
+- `run`: `growfam generate` as functions (DecodeOptions, read_prompts, check_members,
+  decode_prompts).
+
+infer/ may import model, errors and checks; nothing of data/, grow/, train/, family/ or eval/
+(a tokenizer is passed in, used by duck typing: `decode`).
+"""
+
+from growfam.infer.generate import Generation, generate, residual, speculative_generate, verify
+from growfam.infer.run import DecodeOptions, check_members, decode_prompts, read_prompts
+from growfam.infer.sampling import check_sampling, draw, probabilities
+from growfam.infer.stream import TextStream
+
+__all__ = [
+    "DecodeOptions",
+    "Generation",
+    "TextStream",
+    "check_members",
+    "check_sampling",
+    "decode_prompts",
+    "draw",
+    "generate",
+    "probabilities",
+    "read_prompts",
+    "residual",
+    "speculative_generate",
+    "verify",
+]

@@ -1,0 +1,105 @@
+"""`growfam generate` as functions: check the members and prompts, then decode each prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from growfam.checks import as_int
+from growfam.errors import ConfigError
+from growfam.infer.generate import Generation, generate, speculative_generate
+from growfam.infer.sampling import check_sampling
+from growfam.infer.stream import TextStream
+from growfam.model import ModelConfig, check_same_tokenizer, load_pretrained, read_hf_config
+
+
+@dataclass
+class DecodeOptions:
+    """What `growfam generate` decodes with; `check` validates and normalises it."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    k: int = 8
+
+    def check(self) -> "DecodeOptions":
+        self.max_new_tokens = as_int(self.max_new_tokens, "--max-new-tokens", at_least=1)
+        self.temperature, self.top_p = check_sampling(self.temperature, self.top_p)
+        self.seed = as_int(self.seed, "--seed")
+        self.k = as_int(self.k, "--k", at_least=1)
+        return self
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The non-blank lines of a UTF-8 text file, one prompt each; ConfigError when there are none."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: {err.strerror or err}") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError(f"{path}: no prompts (one a line)")
+    return prompts
+
+
+def check_members(target_dir: str | Path, draft_dir: str | Path | None, tokenizer_vocab: int) -> int:
+    """The context both models share; ConfigError unless the directories are models whose
+    vocabularies hold the tokenizer's and agree, with byte-identical tokenizer files."""
+    configs: list[tuple[Path, ModelConfig]] = [(Path(d), read_hf_config(d)) for d in (target_dir, draft_dir) if d]
+    for path, cfg in configs:
+        if cfg.vocab_size < tokenizer_vocab:
+            raise ConfigError(f"{path}: vocab_size {cfg.vocab_size} is below its tokenizer's {tokenizer_vocab} tokens")
+    if draft_dir is not None:
+        (_, target), (_, draft) = configs
+        if draft.vocab_size != target.vocab_size:
+            raise ConfigError(f"the draft's vocabulary ({draft.vocab_size} tokens) is not the target's "
+                              f"({target.vocab_size})")
+        try:
+            check_same_tokenizer([target_dir, draft_dir])
+        except ConfigError:  # its message speaks of growth sources
+            raise ConfigError(f"{draft_dir}: its tokenizer files are not {target_dir}'s (a draft must "
+                              "share the target's tokenizer)") from None
+    return min(cfg.max_seq_len for _, cfg in configs)
+
+
+def decode_prompts(target_dir: str | Path, draft_dir: str | Path | None, tokenizer, prompts: list[str],
+                   opts: DecodeOptions, write: Callable[[str], object],
+                   report: Callable[[str], object]) -> list[Generation]:
+    """Check everything, then decode each prompt: its text and continuation through write,
+    a blank line between prompts; with a draft, each prompt's counts through report.
+
+    tokenizer: the target's (anything with encode, decode, vocab_size, eos_id)."""
+    opts.check()
+    context = check_members(target_dir, draft_dir, tokenizer.vocab_size)
+    encoded = [tokenizer.encode(p) for p in prompts]
+    for i, ids in enumerate(encoded):
+        if not ids or len(ids) >= context:
+            raise ConfigError(f"prompt {i + 1} has {len(ids)} tokens; it needs 1 to {context - 1} to "
+                              f"leave room in the context of {context}")
+    target = load_pretrained(target_dir, dtype=torch.float32).eval()
+    draft = load_pretrained(draft_dir, dtype=torch.float32).eval() if draft_dir is not None else None
+    generator = torch.Generator().manual_seed(opts.seed)
+    results = []
+    for i, (text, ids) in enumerate(zip(prompts, encoded)):
+        write(("\n" if i else "") + text)
+        stream = TextStream(tokenizer, write, ids)
+        common = dict(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p,
+                      generator=generator, eos_id=tokenizer.eos_id, on_tokens=stream)
+        if draft is None:
+            out = generate(target, ids, **common)
+        else:
+            out = speculative_generate(target, draft, ids, opts.k, **common)
+        stream.finish()
+        write("\n")
+        if draft is not None:
+            report(f"prompt {i + 1}: {len(out.tokens)} tokens, accepted {out.accepted}/{out.drafted} drafted "
+                   f"({out.acceptance:.1%}), {out.tokens_per_target_call:.2f} tokens per target call, "
+                   f"{len(out.tokens) / out.wall_s:.1f} tokens/s")
+        results.append(out)
+    return results
