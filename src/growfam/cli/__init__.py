@@ -1,0 +1,46 @@
+"""`growfam` command line: one parser, one subcommand per job.
+
+building.py holds the commands that build a family (info, plan, data, train, family, demo,
+expand), members.py those that use its members (eval, consistency, generate). Every handler
+raises GrowfamError for bad input; `main` prints it as one line on stderr and exits with
+status 2 (3 for a diverged run), so users never see a traceback for a mistake of theirs.
+cli/ may import every package; nothing imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from growfam import __version__
+from growfam.cli.building import (_add_data, _add_demo, _add_expand, _add_family, _add_info, _add_plan,
+                                  _add_train)
+from growfam.cli.members import _add_consistency, _add_eval, _add_generate
+from growfam.errors import GrowfamError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="growfam",
+        description="Build Llama model families by progressive training with model expansion.",
+    )
+    parser.add_argument("--version", action="version", version=f"growfam {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # One `_add_<command>(sub)` per subcommand (building.py, members.py); each sets `func` to its handler.
+    for add in (_add_info, _add_plan, _add_train, _add_data, _add_family, _add_demo, _add_expand,
+                _add_eval, _add_consistency, _add_generate):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except GrowfamError as err:
+        print(f"growfam {args.command}: error: {err}", file=sys.stderr)
+        return getattr(err, "exit_code", 2)
+    except KeyboardInterrupt:
+        print(f"growfam {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,148 @@
+"""The commands that use built members: eval, consistency, generate.
+
+Each `_add_<command>(sub)` adds one subparser and sets its handler; handlers pass on only the
+flags a user gave, so the stage package's defaults are the only ones.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from growfam.errors import GrowfamError
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity and the paper's zero-shot tasks of a member or a family",
+                       description="Evaluate TARGET, a member directory (any Hugging Face Llama directory) or "
+                                   "a family directory (every finished member of every mode): perplexity on "
+                                   "the family's validation split, the WikiText-like set (wiki) or a text/JSONL "
+                                   "file, and zero-shot tasks through lm-evaluation-harness, offline. A "
+                                   "family's results go into its family.json.")
+    p.add_argument("target", metavar="TARGET", help="a member directory or a family directory")
+    p.add_argument("--tasks", default="paper",
+                   help="'paper' (lambada_openai, arc_easy, arc_challenge, winogrande, piqa, openbookqa, "
+                        "hellaswag), 'none', or comma-separated task names (default: paper)")
+    p.add_argument("--limit", metavar="N", help="score only the first N examples of each task")
+    p.add_argument("--ppl", nargs="+", metavar="SOURCE",
+                   help="perplexity sources: val (the family's validation split), wiki (BoolQ's Wikipedia "
+                        "passages), or .txt/.jsonl/.parquet files or folders; 'none' for no perplexity "
+                        "(default: val wiki for a family's members, wiki otherwise)")
+    p.add_argument("--ppl-tokens", metavar="N",
+                   help="score at most about N tokens of each val / file source (default: 1e6)")
+    p.add_argument("--batch-size", metavar="B", help="sequences per forward pass (default: 8)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT ('-': stdout)")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    import json
+
+    from growfam.eval import EvalOptions, default_ppl, evaluate_target, resolve_target
+    from growfam.eval.harness import task_names
+    from growfam.eval.tables import format_eval
+    from growfam.io import atomic_write_text, check_output
+
+    given = _given(args, limit=1, batch_size=1, ppl_tokens=2)  # EvalOptions owns the defaults
+    opts = EvalOptions(tasks=task_names(args.tasks), **given)
+    if args.json not in (None, "-"):
+        json_path = os.path.abspath(args.json)
+        if os.path.isdir(json_path) or not os.path.isdir(os.path.dirname(json_path)):
+            raise GrowfamError(f"--json {args.json}: give a file name in an existing folder")
+        check_output(args.json, force=args.force, what="--json")
+    target = resolve_target(args.target)
+    opts.ppl = default_ppl(target) if args.ppl is None else [s for s in dict.fromkeys(args.ppl) if s != "none"]
+    if not opts.ppl and not opts.tasks:
+        raise GrowfamError("nothing to evaluate: --ppl none and --tasks none")
+    members = evaluate_target(target, opts)
+    if args.json == "-":
+        print(json.dumps({"members": members}, indent=2))
+        return 0
+    print(format_eval(members))
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"members": members}, indent=2) + "\n")
+    return 0
+
+
+def _add_consistency(sub) -> None:
+    p = sub.add_parser("consistency", help="KL between a family's members (paper Table 4)",
+                       description="For each pair of members of each mode, on the same validation windows: "
+                                   "KL(P_small||P_large), the reverse, total variation and the expected "
+                                   "speculative acceptance sum(min(p, q)); recorded in family.json.")
+    p.add_argument("family_dir", metavar="FAMILY_DIR")
+    p.add_argument("--pairs", choices=("adjacent", "all"), default="adjacent")
+    p.add_argument("--windows", metavar="N", help="validation windows per pair (default: 64)")
+    p.add_argument("--batch-size", metavar="B", help="windows per forward pass (default: 8)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=_run_consistency)
+
+
+def _run_consistency(args) -> int:
+    import json
+
+    from growfam.eval import family_consistency, resolve_target
+    from growfam.eval.tables import format_consistency
+
+    given = _given(args, windows=1, batch_size=1)  # family_consistency owns the defaults
+    if not os.path.isfile(os.path.join(args.family_dir, "family.json")):
+        raise GrowfamError(f"{args.family_dir}: not a family directory (no family.json)")
+    section = family_consistency(resolve_target(args.family_dir), args.pairs, **given)
+    print(json.dumps(section, indent=2) if args.json else format_consistency(section))
+    return 0
+
+
+def _given(args, **at_least: int) -> dict:
+    """The flags a user gave: `device` as text, each named one as an integer >= its bound; the
+    flags left out are not passed, so the called function's defaults apply."""
+    from growfam.checks import as_int
+
+    given = {k: as_int(getattr(args, k), "--" + k.replace("_", "-"), at_least=low)
+             for k, low in at_least.items() if getattr(args, k) is not None}
+    return {**given, **({"device": args.device} if args.device is not None else {})}
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="decode text with a member (KV cache), optionally with a smaller "
+                                        "member as the speculative draft",
+                       description="Decode a continuation of each prompt with MEMBER_DIR (a Hugging Face "
+                                   "Llama directory with its tokenizer), streaming text to stdout. With "
+                                   "--draft, speculative sampling: the draft proposes k tokens, the member "
+                                   "verifies them in one pass; the output is distributed as the member's "
+                                   "own (at temperature 0: identical). Acceptance goes to stderr.")
+    p.add_argument("member", metavar="MEMBER_DIR")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", metavar="TEXT", help="one prompt")
+    prompt.add_argument("--prompts", metavar="FILE", help="a UTF-8 text file, one prompt a line")
+    p.add_argument("--max-new-tokens", metavar="N", help="tokens per prompt (default: 64)")
+    p.add_argument("--temperature", metavar="T", help="0 is greedy (default: 0)")
+    p.add_argument("--top-p", metavar="P", help="nucleus sampling mass (default: 1)")
+    p.add_argument("--seed", metavar="S", help="sampling seed (default: 0)")
+    p.add_argument("--draft", metavar="MEMBER_DIR",
+                   help="a smaller member with the same tokenizer files, as the speculative draft")
+    p.add_argument("--k", metavar="K", help="tokens the draft proposes a round (default: 8)")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from growfam.data import load_tokenizer
+    from growfam.infer import DecodeOptions, check_members, decode_prompts, read_prompts
+
+    given = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "seed", "k")
+             if getattr(args, k) is not None}  # DecodeOptions owns the defaults
+    opts = DecodeOptions(**given).check()
+    prompts = [args.prompt] if args.prompts is None else read_prompts(args.prompts)
+    if not all(p.strip() for p in prompts):
+        raise GrowfamError("--prompt is empty")
+    check_members(args.member, args.draft, 0)  # model directories, same tokenizer files
+    tokenizer = load_tokenizer(args.member)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    decode_prompts(args.member, args.draft, tokenizer, prompts, opts, write,
+                   lambda line: print(line, file=sys.stderr))
+    return 0
