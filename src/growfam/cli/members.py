@@ -1,4 +1,4 @@
-"""The commands that use built members: eval, consistency, generate.
+"""The commands that use built members: eval, consistency, generate, speculate.
 
 Each `_add_<command>(sub)` adds one subparser and sets its handler; handlers pass on only the
 flags a user gave, so the stage package's defaults are the only ones.
@@ -145,4 +145,44 @@ def _run_generate(args) -> int:
 
     decode_prompts(args.member, args.draft, tokenizer, prompts, opts, write,
                    lambda line: print(line, file=sys.stderr))
+    return 0
+
+
+def _add_speculate(sub) -> None:
+    p = sub.add_parser("speculate", help="speculative decoding with smaller members as drafts (paper Table 5)",
+                       description="For each target member and each smaller draft, in the four combinations "
+                                   "of modes (prog->prog, ind->prog, ind->ind, prog->ind): speculative "
+                                   "decoding of N prompts cut from the family's validation split against the "
+                                   "target decoding alone; acceptance, tokens per target call, tokens/s, "
+                                   "speed-up and the expected acceptance sum(min(p, q)). Recorded in "
+                                   "family.json.")
+    p.add_argument("family_dir", metavar="FAMILY_DIR")
+    p.add_argument("--pairs", choices=("adjacent", "all"), default="adjacent",
+                   help="drafts for each target: the next smaller member, or every smaller one (default: adjacent)")
+    p.add_argument("--prompts", metavar="N", help="prompts cut from the validation split (default: 8)")
+    p.add_argument("--prompt-tokens", metavar="T", help="tokens per prompt (default: 32)")
+    p.add_argument("--max-new-tokens", metavar="N", help="tokens decoded per prompt (default: 64)")
+    p.add_argument("--k", metavar="K", help="tokens the draft proposes a round (default: 8)")
+    p.add_argument("--temperature", nargs="+", metavar="T", help="temperatures, 0 = greedy (default: 0 1)")
+    p.add_argument("--seed", metavar="S", help="sampling seed (default: 0)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=_run_speculate)
+
+
+def _run_speculate(args) -> int:
+    import json
+
+    from growfam.eval import resolve_target
+    from growfam.infer.speculate import SpeculateOptions, family_speculative, format_speculative
+
+    given = {k: getattr(args, k) for k in ("prompts", "prompt_tokens", "max_new_tokens", "k", "seed", "device")
+             if getattr(args, k) is not None}  # SpeculateOptions owns the defaults
+    if args.temperature is not None:
+        given["temperatures"] = args.temperature
+    opts = SpeculateOptions(pairs=args.pairs, **given).check()
+    if not os.path.isfile(os.path.join(args.family_dir, "family.json")):
+        raise GrowfamError(f"{args.family_dir}: not a family directory (no family.json)")
+    section = family_speculative(resolve_target(args.family_dir), opts)
+    print(json.dumps(section, indent=2) if args.json else format_speculative(section))
     return 0

@@ -180,9 +180,9 @@ def check_family(family: FamilyConfig, out_dir: str | Path, modes: str | tuple[s
                  fixed_data: bool = False) -> CheckedFamily:
     """Validate a family run before any data preparation or write: the modes, the out dir, the
     growth section and every growth step, every stage's train config, and the out dir's ledger
-    (its structure, and that this family made it). `modes`: mode names or one name."""
+    (its structure, and that this family made it). `modes`: mode names, one name or "both"."""
     out_dir = Path(out_dir)
-    modes = (modes,) if isinstance(modes, str) else tuple(modes)
+    modes = MODES if modes == "both" else (modes,) if isinstance(modes, str) else tuple(modes)
     if not modes:
         raise ConfigError("no mode given; use progressive, independent or both")
     bad = [m for m in modes if m not in MODES]

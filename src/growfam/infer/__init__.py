@@ -10,9 +10,13 @@ draft (paper §5, Table 5; DESIGN.md §5; Leviathan et al. 2023).
 - `stream`: text of a growing token list, printed as it comes (for the CLI).
 - `run`: `growfam generate` as functions (DecodeOptions, read_prompts, check_members,
   decode_prompts).
+- `speculate`: `growfam speculate`, the paper's Table 5 for a built family (every pair of
+  sizes in the four combinations of modes; acceptance, expected acceptance, speed-up), and its
+  table.
 
-infer/ may import model, errors and checks; nothing of data/, grow/, train/, family/ or eval/
-(a tokenizer is passed in, used by duck typing: `decode`).
+infer/ may import model, errors and checks; `speculate` also the family's members, dataset
+and ledger (eval.target, eval.consistency, data, family.ledger). A tokenizer is passed in,
+used by duck typing (`decode`).
 """
 
 from growfam.infer.generate import Generation, generate, residual, speculative_generate, verify

@@ -25,12 +25,14 @@ class Generation:
     """The new tokens and what producing them cost.
 
     drafted / accepted: draft tokens proposed / accepted by the target (0 without a draft);
+    verified: drafted tokens the rule checked (each round's up to its first rejection);
     target_calls / draft_calls: forward passes of each model (prefill included); wall_s: seconds.
     """
 
     tokens: list[int] = field(default_factory=list)
     drafted: int = 0
     accepted: int = 0
+    verified: int = 0
     target_calls: int = 0
     draft_calls: int = 0
     wall_s: float = 0.0
@@ -182,6 +184,7 @@ def speculative_generate(target: Llama, draft: Llama, ids, k: int = 8, max_new_t
                                  torch.stack(q) if q else None, drafted, generator)
         out.drafted += kk
         out.accepted += accepted
+        out.verified += accepted + (accepted < kk)
         new = drafted[:accepted] + [token]
         seq += new
         target_cache.truncate(n + accepted)
