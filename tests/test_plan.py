@@ -356,7 +356,7 @@ def test_vocab_must_match(tmp_path, capsys):
 def test_unknown_family_and_cli_member(capsys):
     assert main(["plan", "paper-r3"]) == 2
     err = capsys.readouterr().err
-    assert err == ("growfam plan: error: unknown family 'paper-r3'; shipped families: paper-r1, paper-r2, "
+    assert err == ("growfam plan: error: unknown family 'paper-r3'; shipped families: micro, micro-lr, paper-r1, paper-r2, "
                    "paper-r2-lr, tiny (or give the path of a family YAML)\n")
     assert main(["plan", "--members", "paper-1b", "paper-16b", "--batch-size", "8"]) == 2
     assert capsys.readouterr().err.startswith("growfam plan: error: members[1]: unknown preset 'paper-16b'")
@@ -370,3 +370,17 @@ def test_cli_process_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith(f"growfam plan: error: {path}: malformed YAML")
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_the_micro_family_keeps_its_stated_limits():
+    """micro.yaml: 2 tokens per non-embedding parameter, no member's budget over ~4 passes over
+    the embedded corpus (3.38M training tokens with the 4096-token BPE), micro-lr the same but
+    the max LR falling 4e-3 -> 2e-3."""
+    corpus_tokens = 3.38e6
+    for name in ("micro", "micro-lr"):
+        plan = make_plan(load_family_config(name))
+        for stage in plan.stages:
+            assert stage.tokens_independent == pytest.approx(2 * stage.params)
+            assert stage.tokens_independent < 4 * corpus_tokens
+    lrs = [s.max_lr for s in make_plan(load_family_config("micro-lr")).stages]
+    assert lrs[0] == pytest.approx(4e-3) and lrs[-1] == pytest.approx(2e-3) and lrs == sorted(lrs, reverse=True)

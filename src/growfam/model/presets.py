@@ -1,4 +1,5 @@
-"""Named model shapes: the paper's ladder (Yano et al. 2025, Appendix A) and tiny ones for tests."""
+"""Named model shapes: the paper's ladder (Yano et al. 2025, Appendix A), tiny ones for the CPU
+demo and tests, and micro ones for one GPU."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ def _tiny(name: str, d: int, layers: int, heads: int) -> ModelConfig:
                        vocab_size=4096, max_seq_len=256, name=name)
 
 
+def _micro(name: str, d: int, layers: int, heads: int) -> ModelConfig:
+    # head_dim 32, FFN 3.5·d; the tiny presets' 4096-token BPE, so the two share a dataset.
+    return ModelConfig(d_model=d, n_layers=layers, n_heads=heads, ffn_dim=int(3.5 * d),
+                       vocab_size=4096, max_seq_len=512, name=name)
+
+
 #: Named model shapes. Paper sizes are Appendix A of Yano et al. 2025 (head_dim 128, MHA).
 PRESETS: dict[str, ModelConfig] = {
     cfg.name: cfg
@@ -31,6 +38,10 @@ PRESETS: dict[str, ModelConfig] = {
         _tiny("tiny-2", 96, 3, 6),
         _tiny("tiny-3", 128, 4, 8),
         _tiny("tiny-4", 160, 5, 10),
+        _micro("micro-1", 128, 4, 4),
+        _micro("micro-2", 160, 5, 5),
+        _micro("micro-3", 192, 6, 6),
+        _micro("micro-4", 256, 7, 8),
     )
 }
 
