@@ -252,11 +252,17 @@ def _add_demo(sub) -> None:
 def _run_demo(args) -> int:
     from pathlib import Path
 
-    from growfam.io import check_output
+    from growfam.errors import GrowfamError
+    from growfam.io import check_folder, check_output
     from growfam.report.run import DEFAULT_FOLDER, is_report, write_report
 
-    folder = Path(args.out) / DEFAULT_FOLDER
-    check_output(folder, force=is_report(folder), what="the demo's report folder")  # an earlier demo's is replaced
+    folder = Path(args.out) / DEFAULT_FOLDER  # an earlier demo's report is replaced; nothing else is
+    check_folder(args.out, "--out")
+    check_output(folder, force=True, what="the demo's report folder")
+    if (folder.exists() or folder.is_symlink()) and not is_report(folder) and \
+            not (folder.is_dir() and not any(folder.iterdir())):
+        raise GrowfamError(f"{folder} exists and is not a growfam report; move it away (the demo writes its "
+                           "report there)")
     _build_family("tiny", args.out, None, ("progressive", "independent"), evaluate="demo")
     _print_report(write_report([args.out], folder, force=True))
     return 0

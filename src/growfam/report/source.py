@@ -53,7 +53,7 @@ def load_family(path: str | Path, label: str | None = None) -> FamilySource:
     """The family directory at `path`, checked; ConfigError when it is not one."""
     path = Path(path)
     if not path.is_dir():
-        raise ConfigError(f"{path}: not a family directory (no such directory)")
+        raise ConfigError(f"{path}: not a family directory ({'a file' if path.exists() else 'no such directory'})")
     ledger = read_ledger(path)
     if not ledger:
         raise ConfigError(f"{path}: not a family directory (no {LEDGER}; `growfam family run` writes one)")
