@@ -3,7 +3,6 @@ FLOPs-to-equal-loss numbers against hand computations, the "how to produce it" l
 missing sections, Table 5 from a speculative section, and bad input."""
 
 import json
-import shutil
 
 import pytest
 from matplotlib.image import imread

@@ -2,7 +2,7 @@
 no global backend switch: importing this module changes nothing for a user's own plots).
 
 - `figure2`: validation loss against cumulative training FLOPs (log x), the paper's Figure 2:
-  progressive stages from their cumulative-FLOPs offset, starting at their growth point (◆);
+  progressive stages from their cumulative-FLOPs offset, starting at their growth point (◇);
   independent members from 0. One family: a colour per member; several: a colour per family.
 - `training_curves`: per member, train and validation loss against the tokens of its own run.
 - `equal_flops_chart`: per member, the FLOPs saved to reach the independent member's final

@@ -74,13 +74,28 @@ def _no_curves(source: FamilySource, modes: Sequence[str] = ("progressive", "ind
 
 
 def _largest(source: FamilySource) -> tuple[dict | None, dict | None]:
+    """The largest member's ledger entries (progressive, independent); None where it is missing."""
     prog, ind = source.members("progressive"), source.members("independent")
     name = (prog or ind)[-1]["name"] if (prog or ind) else None
-    find = lambda members: next((m for m in members if m["name"] == name), None)  # noqa: E731
+
+    def find(members):
+        return next((m for m in members if m["name"] == name), None)
+
     return find(prog), find(ind)
 
 
+def _largest_equal_loss(source: FamilySource):
+    """The largest member's EqualLoss, or None when it cannot be computed."""
+    results, (prog, _) = source.equal_loss(), _largest(source)
+    return results[-1] if results and prog is not None and results[-1].member == prog["name"] else None
+
+
+def _saved(totals: tuple[float, float]) -> str:
+    return f"{100 * (1 - totals[0] / totals[1]):.1f}%"
+
+
 def equal_loss_text(r) -> str:
+    """An EqualLoss in words: where the loss was reached and the saving, or the gap."""
     if r.saving is None:
         return f"not reached (the progressive member ended {r.gap:+.4f} nats above it)"
     return (f"{sci(r.progressive_flops)} FLOPs, {100 * r.saving:.1f}% fewer than the independent family's "
@@ -91,17 +106,14 @@ def headline(source: FamilySource) -> list[str]:
     """The family's headline numbers, a line each: family FLOPs, the largest member's loss in
     both modes, and its FLOPs to equal loss."""
     lines = []
-    totals = family_flops(source.ledger)
-    if totals is not None:
+    if (totals := family_flops(source.ledger)) is not None:
         lines.append(f"family FLOPs (6ND): progressive {sci(totals[0])}, independent {sci(totals[1])} "
-                     f"({100 * (1 - totals[0] / totals[1]):.1f}% saved)")
+                     f"({_saved(totals)} saved)")
     prog, ind = _largest(source)
     if prog is not None and ind is not None and prog["val_loss"] is not None and ind["val_loss"] is not None:
         lines.append(f"{prog['name']} val loss: progressive {loss(prog['val_loss'])}, independent "
                      f"{loss(ind['val_loss'])} (Δ {prog['val_loss'] - ind['val_loss']:+.4f})")
-    results = source.equal_loss()
-    if results and prog is not None and results[-1].member == prog["name"]:
-        r = results[-1]
+    if (r := _largest_equal_loss(source)) is not None:
         lines.append(f"{r.member} FLOPs to equal loss (the independent {r.member}'s final val loss "
                      f"{loss(r.target_loss)}): {equal_loss_text(r)}")
     return lines or ["no member built in both modes yet: " + _build_command(source, "both")]
@@ -113,33 +125,28 @@ def _lr_text(lr: dict) -> str:
     return f"{lr.get('policy', '?')} {lr.get('max', '')}"
 
 
+_SIDE_BY_SIDE = ("family", "growth", "max LR", "family FLOPs progressive", "family FLOPs independent",
+                 "family FLOPs saved", "largest member", "its val loss, progressive", "its val loss, independent",
+                 "its FLOPs to equal loss")
+
+
+def _headline_cells(source: FamilySource) -> list[str]:
+    """One family's column of the side-by-side table, in _SIDE_BY_SIDE's order."""
+    totals, (prog, ind), r = family_flops(source.ledger), _largest(source), _largest_equal_loss(source)
+    growth = source.ledger["growth"]
+    return [source.name, f"{growth.get('width')} / {growth.get('depth')}",
+            _lr_text(source.ledger.get("plan", {}).get("lr", {})),
+            *((sci(totals[0]), sci(totals[1]), _saved(totals)) if totals else ("-",) * 3),
+            (prog or ind or {}).get("name", "-"), loss((prog or {}).get("val_loss")), loss((ind or {}).get("val_loss")),
+            "-" if r is None else f"{100 * r.saving:.1f}% fewer" if r.saving is not None
+            else f"not reached ({r.gap:+.4f} nats)"]
+
+
 def side_by_side(sources: list[FamilySource]) -> list[str]:
     """The headline figures of several families as one table, a column per family."""
-    rows = [["", *(s.label for s in sources)]]
-
-    def row(label, cell):
-        rows.append([label, *(cell(s) for s in sources)])
-
-    row("family", lambda s: s.name)
-    row("growth", lambda s: f"{s.ledger['growth'].get('width')} / {s.ledger['growth'].get('depth')}")
-    row("max LR", lambda s: _lr_text(s.ledger.get("plan", {}).get("lr", {})))
-    for k, label in ((0, "family FLOPs progressive"), (1, "family FLOPs independent")):
-        row(label, lambda s, k=k: sci(family_flops(s.ledger)[k]) if family_flops(s.ledger) else "-")
-    row("family FLOPs saved", lambda s: f"{100 * (1 - (t := family_flops(s.ledger))[0] / t[1]):.1f}%"
-        if family_flops(s.ledger) else "-")
-    row("largest member", lambda s: (_largest(s)[0] or _largest(s)[1] or {}).get("name", "-"))
-    for k, label in ((0, "its val loss, progressive"), (1, "its val loss, independent")):
-        row(label, lambda s, k=k: loss((_largest(s)[k] or {}).get("val_loss")))
-
-    def equal(s):
-        results = s.equal_loss()
-        if not results:
-            return "-"
-        r = results[-1]
-        return f"{100 * r.saving:.1f}% fewer" if r.saving is not None else f"not reached ({r.gap:+.4f} nats)"
-
-    row("its FLOPs to equal loss", equal)
-    return markdown_table(rows)
+    columns = [_headline_cells(s) for s in sources]
+    return markdown_table([["", *(s.label for s in sources)]]
+                          + [[label, *(c[i] for c in columns)] for i, label in enumerate(_SIDE_BY_SIDE)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,7 +156,7 @@ def side_by_side(sources: list[FamilySource]) -> list[str]:
 FIGURE2_CAPTION = (
     "Validation loss (nats, on the trainer's validation windows) against cumulative training FLOPs "
     "(6ND, log scale). Solid lines: the progressive family, each stage drawn from the FLOPs all "
-    "stages before it spent, starting at its growth point (◆: the previous member's final loss plus "
+    "stages before it spent, starting at its growth point (◇: the previous member's final loss plus "
     "what the expansion changed on the probe batch; the thin line joins it to where the previous "
     "stage ended). Dashed lines: each independent member from scratch, from 0 FLOPs. By Eq. 4 a "
     "progressive member ends at the FLOPs its independent twin ends at, so the two curves' right "
@@ -197,7 +204,7 @@ def _tables_1_2(source: FamilySource, h: str) -> list[str]:
     out += markdown_table(comparison_rows(source.ledger)) + [""]
     if (totals := family_flops(source.ledger)) is not None:
         out += [f"Family FLOPs (6ND): progressive {sci(totals[0])}, independent {sci(totals[1])}, "
-                f"{100 * (1 - totals[0] / totals[1]):.1f}% saved. Δ = progressive − independent.", ""]
+                f"{_saved(totals)} saved. Δ = progressive − independent.", ""]
     records = [{"name": m["name"], "mode": mode, "eval": m["eval"]}
                for mode in ("progressive", "independent") for m in source.members(mode) if isinstance(m.get("eval"), dict)]
     if not records:
