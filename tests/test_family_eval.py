@@ -123,3 +123,8 @@ def test_demo_evaluates_its_members_and_prints_the_tables(tmp_path, capsys, monk
     printed = capsys.readouterr().out
     assert printed.count("val ppl") == 2 and "KL(small‖large)" in printed  # a block per member
     assert set(read_ledger(out)["consistency"]["modes"]) == {"progressive", "independent"}
+    # it ends with the report in OUT/report, its path and the headline numbers
+    assert f"report: {out / 'report' / 'REPORT.md'}" in printed and "FLOPs to equal loss" in printed
+    report = (out / "report" / "REPORT.md").read_text()
+    assert "| val ppl |" in report and "| small -> large |" in report and "growfam consistency" not in report
+    assert main(["demo", "--out", str(out)]) == 0  # a rerun replaces its own report

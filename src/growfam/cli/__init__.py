@@ -1,9 +1,10 @@
 """`growfam` command line: one parser, one subcommand per job.
 
 building.py holds the commands that build a family (info, plan, data, train, family, demo,
-expand), members.py those that use its members (eval, consistency, generate, speculate). Every handler
-raises GrowfamError for bad input; `main` prints it as one line on stderr and exits with
-status 2 (3 for a diverged run), so users never see a traceback for a mistake of theirs.
+expand, report), members.py those that use its members (eval, consistency, generate, speculate).
+Every handler raises GrowfamError for bad input; `main` prints it as one line on stderr and
+exits with status 2 (3 for a diverged run), so users never see a traceback for a mistake of
+theirs.
 cli/ may import every package; nothing imports it.
 """
 
@@ -14,7 +15,7 @@ import sys
 
 from growfam import __version__
 from growfam.cli.building import (_add_data, _add_demo, _add_expand, _add_family, _add_info, _add_plan,
-                                  _add_train)
+                                  _add_report, _add_train)
 from growfam.cli.members import _add_consistency, _add_eval, _add_generate, _add_speculate
 from growfam.errors import GrowfamError
 
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # One `_add_<command>(sub)` per subcommand (building.py, members.py); each sets `func` to its handler.
     for add in (_add_info, _add_plan, _add_train, _add_data, _add_family, _add_demo, _add_expand,
-                _add_eval, _add_consistency, _add_generate, _add_speculate):
+                _add_eval, _add_consistency, _add_generate, _add_speculate, _add_report):
         add(sub)
     return parser
 

@@ -250,7 +250,56 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    return _build_family("tiny", args.out, None, ("progressive", "independent"), evaluate="demo")
+    from pathlib import Path
+
+    from growfam.errors import GrowfamError
+    from growfam.io import check_folder, check_output
+    from growfam.report.run import DEFAULT_FOLDER, is_report, write_report
+
+    folder = Path(args.out) / DEFAULT_FOLDER  # an earlier demo's report is replaced; nothing else is
+    check_folder(args.out, "--out")
+    check_output(folder, force=True, what="the demo's report folder")
+    if (folder.exists() or folder.is_symlink()) and not is_report(folder) and \
+            not (folder.is_dir() and not any(folder.iterdir())):
+        raise GrowfamError(f"{folder} exists and is not a growfam report; move it away (the demo writes its "
+                           "report there)")
+    _build_family("tiny", args.out, None, ("progressive", "independent"), evaluate="demo")
+    _print_report(write_report([args.out], folder, force=True))
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="write REPORT.md and figures (Figure 2, FLOPs to equal loss, Tables 1-5) "
+                                      "of one family directory or several side by side",
+                       description="Read each family directory (family.json, every stage's metrics.jsonl, "
+                                   "evaluation, consistency and speculative results where present) and write "
+                                   "REPORT.md with PNG figures: validation loss against cumulative FLOPs "
+                                   "(the paper's Figure 2), training curves, FLOPs to equal loss, the paper's "
+                                   "tables, the plan and the growth steps. A section whose data is missing "
+                                   "says which command produces it. Several families: their Figure 2 "
+                                   "overlaid and their headline figures side by side.")
+    p.add_argument("families", nargs="+", metavar="FAMILY_DIR", help="a family directory (growfam family run --out)")
+    p.add_argument("--out", metavar="DIR",
+                   help="the report's folder, new or empty (default: FAMILY_DIR/report; required for several)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out (the old one is kept until the new one is complete)")
+    p.set_defaults(func=_run_report)
+
+
+def _print_report(report) -> None:
+    print()
+    print(f"report: {report.path} (figures: {', '.join(f for f in report.files if f.endswith('.png')) or 'none'})")
+    for label, lines in report.headlines:
+        print(f"{label}:")
+        for line in lines:
+            print(f"  {line}")
+
+
+def _run_report(args) -> int:
+    from growfam.report.run import write_report
+
+    _print_report(write_report(args.families, args.out, args.force))
+    return 0
 
 
 

@@ -15,7 +15,8 @@ and the consistency (KL) between members (paper §4.1, Appendix F; DESIGN.md §5
 perplexity, consistency and tasks import nothing of growfam but errors, io and data; lm_eval,
 datasets and transformers are imported only inside the functions that need them, so
 `import growfam.eval` works without the `[eval]` extra. eval/ may import errors, io, model,
-data, train (devices), family (the ledger) and report; nothing imports eval/ but the CLI.
+data, train (devices), family (the ledger) and report.numbers / report.tables; nothing imports
+eval/ but the CLI and report/ (the rows of `tables`).
 """
 
 from growfam.eval.consistency import Divergence, chunk_divergence, divergence

@@ -42,9 +42,9 @@ def _cell(value, kind: str, sign: str = "") -> str:
     return f"{value:{sign}.3g}" if kind == "ppl" else (loss(value) if not sign else f"{value:+.4f}")
 
 
-def format_eval(members: list[dict]) -> str:
-    """members: [{name, mode, eval}] (what `evaluate_target` returns). Per member a block of
-    metric rows; a column per mode, and Δ = progressive − independent when there are both."""
+def eval_rows(members: list[dict]) -> list[list[str]]:
+    """The rows of `format_eval`: a header, then per member a row with its name alone followed
+    by its metric rows (labels indented by two spaces)."""
     modes = [m for m in ("progressive", "independent") if any(r["mode"] == m for r in members)] or [None]
     by_key = {(r["mode"], r["name"]): r["eval"] for r in members}
     rows = _rows_of([r["eval"] for r in members])
@@ -58,19 +58,29 @@ def format_eval(members: list[dict]) -> str:
             if both:
                 line.append("-" if None in values else _cell(values[0] - values[1], kind, "+"))
             table.append(line)
-    lines = text_table(table)
+    return table
+
+
+def eval_note(members: list[dict]) -> str | None:
+    """The line under `format_eval`'s table saying how many examples the tasks scored, or None."""
     limits = sorted({t.get("limit") for r in members for t in [*r["eval"].get("tasks", {}).values(),
                                                                  r["eval"].get("perplexity", {}).get("wiki", {})]}
                     - {None})
-    if limits:
-        lines += ["", f"lm_eval tasks and wiki: the first {', '.join(map(str, limits))} examples of each "
-                  "(--limit); acc is the share answered right"]
-    return "\n".join(lines)
+    if not limits:
+        return None
+    return (f"lm_eval tasks and wiki: the first {', '.join(map(str, limits))} examples of each "
+            "(--limit); acc is the share answered right")
 
 
-def format_consistency(section: dict) -> str:
-    """The `consistency` section: per pair, KL(small‖large), KL(large‖small) and the expected
-    speculative acceptance Σ min(p, q), Progressive vs Independent with their ratio."""
+def format_eval(members: list[dict]) -> str:
+    """members: [{name, mode, eval}] (what `evaluate_target` returns). Per member a block of
+    metric rows; a column per mode, and Δ = progressive − independent when there are both."""
+    lines, note = text_table(eval_rows(members)), eval_note(members)
+    return "\n".join(lines + (["", note] if note else []))
+
+
+def consistency_rows(section: dict) -> tuple[list[list[str]], list[tuple[int, int, str]]]:
+    """The rows and column groups of `format_consistency` (for `text_table`)."""
     modes = section.get("modes", {})
     prog, ind = modes.get("progressive", []), modes.get("independent", [])
     pairs = list(dict.fromkeys((r["small"], r["large"]) for r in prog + ind))
@@ -93,7 +103,16 @@ def format_consistency(section: dict) -> str:
             ratio = f"{vp / vi:.2f}" if vp is not None and vi else "-"
             line += [loss(vp), loss(vi), ratio]
         table.append(line)
-    lines = text_table(table, groups)
-    lines += ["", f"{section.get('windows')} validation windows of {section.get('window')} tokens per pair "
-              "(the same for every pair); ratio = progressive / independent; acceptance = Σ min(p, q) = 1 − TV"]
-    return "\n".join(lines)
+    return table, groups
+
+
+def consistency_note(section: dict) -> str:
+    """The line under `format_consistency`'s table: windows, ratio, acceptance."""
+    return (f"{section.get('windows')} validation windows of {section.get('window')} tokens per pair "
+            "(the same for every pair); ratio = progressive / independent; acceptance = Σ min(p, q) = 1 − TV")
+
+
+def format_consistency(section: dict) -> str:
+    """The `consistency` section: per pair, KL(small‖large), KL(large‖small) and the expected
+    speculative acceptance Σ min(p, q), Progressive vs Independent with their ratio."""
+    return "\n".join(text_table(*consistency_rows(section)) + ["", consistency_note(section)])

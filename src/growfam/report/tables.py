@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from growfam.config import CHINCHILLA_TOKENS_PER_PARAM
-from growfam.family.plan import FamilyPlan
+from growfam.family.plan import FamilyPlan, GpuHours
 from growfam.report.numbers import hours, loss, sci, short, si
 
 # --------------------------------------------------------------------------------------------
@@ -35,31 +35,37 @@ def text_table(rows: list[list[str]], groups: Sequence[tuple[int, int, str]] = (
     return lines
 
 
-def format_plan(plan: FamilyPlan, peak_tflops: float, mfu: float) -> str:
-    """The plan as an aligned text table (ind = Independent, prog = Progressive)."""
-    family, gpu = plan.family, plan.gpu_hours(peak_tflops, mfu)
-    rule = (f"{family.chinchilla:g}x Chinchilla (D = {family.chinchilla * CHINCHILLA_TOKENS_PER_PARAM:g}·N)"
-            if family.chinchilla is not None else "explicit tokens")
+def plan_rows(stages: Sequence[dict], totals: dict, gpu: GpuHours | None = None) -> tuple[list[list[str]], list]:
+    """The plan's table as (rows, groups) for `text_table` or a Markdown renderer: a header, a
+    row per stage and the totals. stages / totals: `FamilyPlan.to_dict()`'s (or a ledger's
+    `plan`); gpu: the GPU-hours columns, left out when None."""
     header = ["stage", "params", "batch", "seq", "ind", "prog", "ind", "prog", "ind", "prog",
-              "ind", "prog", "max LR", "ind", "prog"]
-    groups = [(4, 5, "tokens"), (6, 7, "steps"), (8, 9, "FLOPs 6ND"), (10, 11, "cumulative"),
-              (13, 14, "GPU-hours")]
+              "ind", "prog", "max LR"] + (["ind", "prog"] if gpu else [])
+    groups = [(4, 5, "tokens"), (6, 7, "steps"), (8, 9, "FLOPs 6ND"), (10, 11, "cumulative")] + \
+        ([(13, 14, "GPU-hours")] if gpu else [])
     body = [
-        [s.name, si(s.params), str(s.batch_size), str(s.seq_len),
-         si(s.tokens_independent), si(s.tokens_progressive),
-         str(s.steps_independent), str(s.steps_progressive),
-         sci(s.flops_independent), sci(s.flops_progressive),
-         sci(s.cum_flops_independent), sci(s.cum_flops_progressive),
-         f"{s.max_lr:.3g}", hours(h_ind), hours(h_prog)]
-        for s, h_ind, h_prog in zip(plan.stages, gpu.independent, gpu.progressive)
+        [s["name"], si(s["params"]), str(s["batch_size"]), str(s["seq_len"]),
+         si(s["tokens_independent"]), si(s["tokens_progressive"]),
+         str(s["steps_independent"]), str(s["steps_progressive"]),
+         sci(s["flops_independent"]), sci(s["flops_progressive"]),
+         sci(s["cum_flops_independent"]), sci(s["cum_flops_progressive"]), f"{s['max_lr']:.3g}"]
+        + ([hours(gpu.independent[i]), hours(gpu.progressive[i])] if gpu else [])
+        for i, s in enumerate(stages)
     ]
-    totals = plan.to_dict()["totals"]
     total = ["total", "", "", "", si(totals["tokens_independent"]), si(totals["tokens_progressive"]),
              str(totals["steps_independent"]), str(totals["steps_progressive"]),
-             sci(plan.flops_independent), sci(plan.flops_progressive), "", "", "",
-             hours(gpu.total_independent), hours(gpu.total_progressive)]
+             sci(totals["flops_independent"]), sci(totals["flops_progressive"]), "", "", ""] \
+        + ([hours(gpu.total_independent), hours(gpu.total_progressive)] if gpu else [])
+    return [header] + body + [total], groups
+
+
+def format_plan(plan: FamilyPlan, peak_tflops: float, mfu: float) -> str:
+    """The plan as an aligned text table (ind = Independent, prog = Progressive)."""
+    family, gpu, data = plan.family, plan.gpu_hours(peak_tflops, mfu), plan.to_dict()
+    rule = (f"{family.chinchilla:g}x Chinchilla (D = {family.chinchilla * CHINCHILLA_TOKENS_PER_PARAM:g}·N)"
+            if family.chinchilla is not None else "explicit tokens")
     lines = [f"family {family.name}: {len(plan.stages)} stages, {family.count} parameter count, {rule}", ""]
-    lines += text_table([header] + body + [total], groups)
+    lines += text_table(*plan_rows(data["stages"], data["totals"], gpu))
     lines += [
         "",
         f"saving: {100 * plan.saving:.1f}% of FLOPs (6ND), {100 * plan.attn_saving:.1f}% attention-inclusive",
@@ -74,13 +80,14 @@ def format_plan(plan: FamilyPlan, peak_tflops: float, mfu: float) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def format_comparison(ledger: dict) -> str:
-    """Per member: validation loss and FLOPs, Progressive vs Independent, and the family saving."""
+def comparison_rows(ledger: dict) -> list[list[str]]:
+    """Per member (a header, then a row each): parameters, tokens, validation loss and FLOPs,
+    Progressive vs Independent, and Δ val = progressive − independent."""
     modes = ledger.get("modes", {})
     prog, ind = modes.get("progressive", []), modes.get("independent", [])
     names = [m["name"] for m in (prog if len(prog) >= len(ind) else ind)]
-    rows = [("member", "params", "tokens prog", "tokens ind", "val prog", "val ind", "Δ val",
-             "FLOPs prog (cum)", "FLOPs ind")]
+    rows = [["member", "params", "tokens prog", "tokens ind", "val prog", "val ind", "Δ val",
+             "FLOPs prog (cum)", "FLOPs ind"]]
 
     def get(members, i, key):
         return members[i][key] if i < len(members) and members[i].get(key) is not None else None
@@ -88,17 +95,63 @@ def format_comparison(ledger: dict) -> str:
     for i, name in enumerate(names):
         vp, vi = get(prog, i, "val_loss"), get(ind, i, "val_loss")
         params = get(prog, i, "params") or get(ind, i, "params")
-        rows.append((
+        rows.append([
             name, si(params), si(get(prog, i, "tokens")), si(get(ind, i, "tokens")),
             loss(vp), loss(vi), f"{vp - vi:+.4f}" if vp is not None and vi is not None else "-",
             short(get(prog, i, "cum_flops")), short(get(ind, i, "flops")),
-        ))
-    lines = text_table(rows)
+        ])
+    return rows
+
+
+def family_flops(ledger: dict) -> tuple[float, float] | None:
+    """(progressive, independent) FLOPs of the whole family (6ND), when both modes have every
+    member and the independent total is positive; else None."""
+    modes = ledger.get("modes", {})
+    prog, ind = modes.get("progressive", []), modes.get("independent", [])
     total_i = sum(m["flops"] for m in ind)
     if prog and ind and len(prog) == len(ind) and total_i > 0:
-        total_p = prog[-1]["cum_flops"]
+        return prog[-1]["cum_flops"], total_i
+    return None
+
+
+def format_comparison(ledger: dict) -> str:
+    """Per member: validation loss and FLOPs, Progressive vs Independent, and the family saving."""
+    lines = text_table(comparison_rows(ledger))
+    totals = family_flops(ledger)
+    if totals is not None:
+        (total_p, total_i), modes = totals, ledger["modes"]
         lines.append("")
         lines.append(f"family FLOPs (6ND): progressive {total_p:.3g}, independent {total_i:.3g} — "
-                     f"{1 - total_p / total_i:.1%} saved; "
-                     f"wall time {sum(m['wall_s'] for m in prog):.0f} s vs {sum(m['wall_s'] for m in ind):.0f} s")
+                     f"{1 - total_p / total_i:.1%} saved; wall time {sum(m['wall_s'] for m in modes['progressive']):.0f} s "
+                     f"vs {sum(m['wall_s'] for m in modes['independent']):.0f} s")
     return "\n".join(lines)
+
+# --------------------------------------------------------------------------------------------
+# Speculative decoding (paper Table 5), from the ledger's `speculative` section
+# --------------------------------------------------------------------------------------------
+
+#: (draft mode, target mode) columns of Table 5, in the paper's order.
+SPECULATIVE_COMBOS = (("progressive", "progressive"), ("independent", "progressive"),
+                      ("independent", "independent"), ("progressive", "independent"))
+_SHORT_MODE = {"progressive": "prog", "independent": "ind"}
+
+
+def speculative_rows(rows: list[dict], temperature: float) -> tuple[list[list[str]], list]:
+    """Table 5 at one temperature as (rows, groups): a row per (draft -> target) pair, and per
+    (draft mode, target mode) combination the acceptance (accepted / drafted) and the speed-up
+    (tokens/s against the target decoding alone). rows: the section's `rows`."""
+    here = [r for r in rows if r["temperature"] == temperature]
+    pairs = list(dict.fromkeys((r["draft"], r["target"]) for r in here))
+    header, groups = ["draft -> target"], []
+    for draft_mode, target_mode in SPECULATIVE_COMBOS:
+        groups.append((len(header), len(header) + 1, f"{_SHORT_MODE[draft_mode]}→{_SHORT_MODE[target_mode]}"))
+        header += ["accept", "speed-up"]
+    table = [header]
+    for draft, target in pairs:
+        line = [f"{draft} -> {target}"]
+        for draft_mode, target_mode in SPECULATIVE_COMBOS:
+            row = next((r for r in here if (r["draft"], r["target"], r["draft_mode"], r["target_mode"])
+                        == (draft, target, draft_mode, target_mode)), None)
+            line += ["-", "-"] if row is None else [f"{row['acceptance']:.3f}", f"{row['speedup']:.2f}×"]
+        table.append(line)
+    return table, groups

@@ -1,0 +1,104 @@
+"""A family's loss curves: each member's metrics.jsonl read into train and validation points,
+placed on the family's cumulative-FLOPs axis.
+
+A run's `eval` records carry a step; its tokens are step × tokens per step and its FLOPs
+6·N·tokens (the ledger's FLOPs / tokens, so the last evaluation lands on the ledger's value).
+A progressive stage starts where the earlier stages ended: its FLOPs are offset by their
+cumulative FLOPs, and its curve begins at the growth point, whose loss is the previous
+member's final validation loss plus what the expansion changed on the probe batch (the growth
+report's Δloss; the probe batch is validation tokens too). An independent member starts at 0.
+A resumed or rolled-back run logged some steps twice: the later records replace the earlier.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from growfam.errors import ConfigError
+from growfam.train.metrics import read_metrics
+
+#: Where a member's run lives in a family directory.
+RUNS = "runs"
+METRICS = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class MemberCurve:
+    """One member's run. Points are (tokens of this run, loss in nats), in step order."""
+
+    mode: str
+    name: str
+    offset: float  # FLOPs spent before this run: the earlier progressive stages', else 0
+    flops_per_token: float  # 6·N of this member's counted N
+    cum_flops: float  # what the mode's family spent through this member (independent: Σ_{j<=i})
+    train: list[tuple[float, float]]
+    val: list[tuple[float, float]]
+    start: tuple[float, float] | None = None  # growth point (FLOPs, loss); progressive stages 2..n
+
+    def flops(self, tokens: float) -> float:
+        """Cumulative FLOPs of the family after `tokens` tokens of this run."""
+        return self.offset + self.flops_per_token * tokens
+
+    def val_by_flops(self) -> list[tuple[float, float]]:
+        """The validation curve as (cumulative FLOPs, loss), from the growth point when there is one."""
+        return ([self.start] if self.start else []) + [(self.flops(t), v) for t, v in self.val]
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def run_points(path: Path, tokens_per_step: float) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """(train, val) points of a metrics.jsonl as (tokens, loss); ConfigError naming the file
+    when it cannot be read. Non-finite losses (logged as null) are left out."""
+    try:
+        records = read_metrics(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: not a readable metrics file ({err})") from None
+    series: dict[str, dict[int, float]] = {"train": {}, "eval": {}}
+    for record in records:
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise ConfigError(f"{path}: a record without an integer step: {str(record)[:80]}")
+        event = record.get("event")
+        if event in ("resume", "rollback"):  # the run went back to `step`: what came after is replaced
+            for points in series.values():
+                for later in [s for s in points if s > step]:
+                    del points[later]
+        elif event in series:
+            value = _number(record.get("loss" if event == "train" else "val_loss"))
+            if value is not None:
+                series[event][step] = value
+    train, val = ([(step * tokens_per_step, v) for step, v in sorted(series[key].items())] for key in ("train", "eval"))
+    return train, val
+
+
+def member_curves(family_dir: Path, ledger: dict, mode: str) -> tuple[list[MemberCurve], list[str]]:
+    """The curves of `mode`'s finished members, in order, and a note per member whose run
+    cannot be drawn (no metrics.jsonl, no steps)."""
+    curves, missing, previous = [], [], None
+    offset = spent = 0.0  # the progressive stage's start; the mode's FLOPs through this member
+    for entry in ledger.get("modes", {}).get(mode, []):
+        if not entry.get("done"):
+            missing.append(f"{mode}/{entry['name']} has not finished")
+            break
+        spent = entry["cum_flops"] if mode == "progressive" else spent + entry["flops"]
+        path = family_dir / RUNS / mode / entry["name"] / METRICS
+        steps = entry.get("steps")
+        if not path.is_file():
+            missing.append(f"{mode}/{entry['name']}: no {path.relative_to(family_dir)}")
+        elif not isinstance(steps, int) or steps <= 0 or entry["tokens"] <= 0:
+            missing.append(f"{mode}/{entry['name']}: the ledger records no steps")
+        else:
+            train, val = run_points(path, entry["tokens"] / steps)
+            start = None
+            if mode == "progressive" and previous is not None and previous["val_loss"] is not None:
+                probe = (entry.get("growth") or {}).get("probe") or {}
+                start = (offset, previous["val_loss"] + (_number(probe.get("dloss")) or 0.0))
+            curves.append(MemberCurve(mode, entry["name"], offset, entry["flops"] / entry["tokens"], spent,
+                                      train, val, start))
+        previous = entry
+        offset = spent if mode == "progressive" else 0.0
+    return curves, missing

@@ -1,0 +1,66 @@
+"""FLOPs to equal loss, the paper's headline (§4.3: Progressive reaches Independent's loss
+with 26% fewer FLOPs at 2x Chinchilla, 31% with the max-LR adjustment).
+
+For member i: the cumulative FLOPs at which the progressive curve (its stage, from the growth
+point; see `curves`) first reaches the independent member i's final validation loss, linearly
+interpolated between evaluations, against what the independent family spends up to member i
+(Σ_{j<=i} FLOPs of independent member j). When the stage never gets there: "not reached", with
+the gap left at its end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from growfam.report.curves import MemberCurve
+
+
+@dataclass(frozen=True)
+class EqualLoss:
+    """One member's comparison. FLOPs are 6ND; losses nats."""
+
+    member: str
+    target_loss: float  # the independent member's final validation loss
+    independent_flops: float  # the independent family's cumulative FLOPs through this member
+    progressive_flops: float | None  # where the progressive curve first reaches target_loss; None: never
+    gap: float | None  # not reached: the progressive member's final loss − target_loss
+    stage_end_flops: float  # the progressive family's cumulative FLOPs at the end of this stage
+
+    @property
+    def saving(self) -> float | None:
+        """1 − progressive / independent FLOPs (0.26 is the paper's 26% fewer), None when not reached."""
+        return None if self.progressive_flops is None else 1 - self.progressive_flops / self.independent_flops
+
+    @property
+    def saving_at_end(self) -> float:
+        """The saving had the loss been reached only at the end of the stage (the plan's saving
+        through this member, by Eq. 4)."""
+        return 1 - self.stage_end_flops / self.independent_flops
+
+
+def first_crossing(points: list[tuple[float, float]], target: float) -> float | None:
+    """The first x at which the piecewise-linear curve through `points` (x, loss) gets down to
+    `target`: the first point at or below it, or the interpolation between it and the point
+    before. None when no point gets there."""
+    for i, (x, y) in enumerate(points):
+        if y <= target:
+            if i == 0:
+                return x
+            x0, y0 = points[i - 1]
+            return x0 + (y0 - target) / (y0 - y) * (x - x0)
+    return None
+
+
+def flops_to_equal_loss(progressive: list[MemberCurve], independent: list[MemberCurve]) -> list[EqualLoss]:
+    """Per member present in both modes with a validation curve, in the independent order."""
+    by_name = {c.name: c for c in progressive}
+    results = []
+    for ind in independent:
+        prog = by_name.get(ind.name)
+        if prog is None or not ind.val or not prog.val:
+            continue
+        target = ind.val[-1][1]
+        reached = first_crossing(prog.val_by_flops(), target)
+        gap = None if reached is not None else prog.val[-1][1] - target
+        results.append(EqualLoss(ind.name, target, ind.cum_flops, reached, gap, prog.cum_flops))
+    return results

@@ -1,0 +1,80 @@
+"""What a report reads from a family directory: its checked ledger and its members' curves,
+labelled by the directory's name (several families in one report are told apart by it)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from growfam.errors import ConfigError
+from growfam.family.ledger import LEDGER, MODES, read_ledger
+from growfam.report.curves import RUNS, MemberCurve, member_curves
+from growfam.report.equal_flops import EqualLoss, flops_to_equal_loss
+
+
+@dataclass
+class FamilySource:
+    """One family directory. curves: per mode, the members that can be drawn; missing: a note
+    per member that cannot (no metrics.jsonl, not finished)."""
+
+    path: Path
+    label: str
+    ledger: dict
+    curves: dict[str, list[MemberCurve]] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The family's name as its plan records it ("family" when it does not)."""
+        name = self.ledger.get("plan", {}).get("name")
+        return name if isinstance(name, str) else "family"
+
+    @property
+    def slug(self) -> str:
+        """The label as a file-name prefix."""
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", self.label).strip("-.") or "family"
+
+    def members(self, mode: str) -> list[dict]:
+        return self.ledger.get("modes", {}).get(mode, [])
+
+    def equal_loss(self) -> list[EqualLoss]:
+        return flops_to_equal_loss(self.curves.get("progressive", []), self.curves.get("independent", []))
+
+    def protected(self) -> list[Path]:
+        """What a report must never write over or into: the ledger, the members, the runs and
+        the dataset."""
+        data = self.ledger.get("data")
+        return [self.path / LEDGER, self.path / RUNS, *(self.path / m for m in MODES), self.path / "data",
+                *([Path(data)] if isinstance(data, str) else [])]
+
+
+def load_family(path: str | Path, label: str | None = None) -> FamilySource:
+    """The family directory at `path`, checked; ConfigError when it is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: not a family directory ({'a file' if path.exists() else 'no such directory'})")
+    ledger = read_ledger(path)
+    if not ledger:
+        raise ConfigError(f"{path}: not a family directory (no {LEDGER}; `growfam family run` writes one)")
+    source = FamilySource(path, label or path.resolve().name, ledger)
+    for mode in MODES:
+        source.curves[mode], missing = member_curves(path, ledger, mode)
+        source.missing += missing
+    return source
+
+
+def load_families(paths: list[str | Path]) -> list[FamilySource]:
+    """Every family directory, checked, labelled by its name; a name two of them share is
+    labelled by the path as given. The same directory twice is an error."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ConfigError("no family directory given")
+    seen = {}
+    for p in paths:
+        key = p.resolve()
+        if key in seen:
+            raise ConfigError(f"{p}: the same family directory is given twice ({seen[key]})")
+        seen[key] = p
+    names = [p.resolve().name for p in paths]
+    return [load_family(p, name if names.count(name) == 1 else str(p)) for p, name in zip(paths, names)]
