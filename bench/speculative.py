@@ -105,7 +105,8 @@ class Calls:
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
     return f"{names[0] if names else 'CPU'} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 

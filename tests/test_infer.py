@@ -85,7 +85,7 @@ def test_reading_tokens_in_chunks_changes_nothing(pair):
     for sync_every in (1, 4, 30):
         seen = []
         out = generate(target, [4, 2], 30, eos_id=eos, on_tokens=seen.append, sync_every=sync_every)
-        assert out.tokens == full[:full.index(eos) + 1] == sum(seen, [])
+        assert out.tokens == full[:full.index(eos) + 1] == [t for chunk in seen for t in chunk]
         assert all(len(chunk) <= sync_every for chunk in seen)
         assert out.target_calls == min(30, -(-len(out.tokens) // sync_every) * sync_every)
     gen = [torch.Generator().manual_seed(5) for _ in range(2)]
@@ -311,7 +311,7 @@ def test_cli_generate_with_and_without_draft(members, capsys):
 
 
 def test_cli_generate_checks_the_members_once(members, capsys, monkeypatch):
-    import growfam.infer.run as run
+    from growfam.infer import run
 
     calls = []
     checked = run.check_members
