@@ -5,9 +5,10 @@ import torch
 
 from conftest import random_model, tiny_config
 from growfam.errors import GrowfamError
-from growfam.infer import (TextStream, draw, generate, probabilities, residual, speculative_generate,
-                           verify)
-from growfam.model import KVCache
+from growfam.infer import (DecodeOptions, TextStream, draw, generate, probabilities, residual,
+                           speculative_generate, verify)
+from growfam.infer.sampling import next_token, sample
+from growfam.model import KVCache, Llama
 
 F64 = torch.float64
 
@@ -75,6 +76,71 @@ def test_eos_stops_both(pair):
     assert speculative_generate(target, draft, [1, 2], 4, 30, eos_id=eos).tokens == cut
 
 
+def test_reading_tokens_in_chunks_changes_nothing(pair):
+    """sync_every > 1 (the accelerator default) gives the same tokens, the same eos cut and the
+    same stream; the steps decoded past the eos cost target calls but never show."""
+    target, _ = pair
+    full = generate(target, [4, 2], 30).tokens
+    eos = full[6]
+    for sync_every in (1, 4, 30):
+        seen = []
+        out = generate(target, [4, 2], 30, eos_id=eos, on_tokens=seen.append, sync_every=sync_every)
+        assert out.tokens == full[:full.index(eos) + 1] == [t for chunk in seen for t in chunk]
+        assert all(len(chunk) <= sync_every for chunk in seen)
+        assert out.target_calls == min(30, -(-len(out.tokens) // sync_every) * sync_every)
+    gen = [torch.Generator().manual_seed(5) for _ in range(2)]
+    assert (generate(target, [3], 20, 1.0, 0.9, gen[0]).tokens
+            == generate(target, [3], 20, 1.0, 0.9, gen[1], sync_every=7).tokens)
+
+
+def test_logits_of_the_last_positions_only(pair):
+    target, _ = pair
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        full = target(ids)
+        torch.testing.assert_close(target(ids, last=2), full[:, -2:], atol=1e-12, rtol=0)
+        assert target(ids, last=0).shape == (1, 0, 97)
+
+
+def test_greedy_and_sampled_next_tokens():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 97, generator=gen, dtype=F64)
+    # greedy from the logits is the hot index of probabilities' one-hot
+    assert torch.equal(next_token(logits), probabilities(logits, 0.0).argmax(-1))
+    # sampling is torch.multinomial's own method: the same draws from the same generator state
+    probs = probabilities(logits, 0.8, 0.9)
+    ours = sample(probs, torch.Generator().manual_seed(1))
+    theirs = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(1))[:, 0]
+    assert torch.equal(ours, theirs)
+    assert bool((probs.gather(-1, ours[:, None]) > 0).all())  # never a token top-p cut
+
+
+def test_draft_and_target_on_different_devices_refused(pair):
+    target, _ = pair
+    with torch.device("meta"):
+        elsewhere = Llama(target.cfg)
+    with pytest.raises(GrowfamError, match="one device"):
+        speculative_generate(target, elsewhere, [1], 4, 5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_decoding_matches_cpu(pair):
+    """On CUDA (float64, so exact): greedy equals the CPU's, speculative greedy the target's own,
+    and sampling runs with a generator on the GPU or on the CPU."""
+    target, draft = pair
+    gpu_target, gpu_draft = (m.to("cuda") for m in (target, draft))
+    try:
+        want = generate(target, [5, 6, 7], 40).tokens
+        assert generate(gpu_target, [5, 6, 7], 40).tokens == want
+        assert speculative_generate(gpu_target, gpu_draft, [5, 6, 7], 4, 40).tokens == want
+        for gen in (torch.Generator(device="cuda").manual_seed(0), torch.Generator().manual_seed(0)):
+            out = speculative_generate(gpu_target, gpu_draft, [5, 6, 7], 4, 20, 1.0, 1.0, gen)
+            assert len(out.tokens) == 20 and max(out.tokens) < 97
+            assert len(generate(gpu_target, [5], 20, 1.0, 1.0, gen).tokens) == 20
+    finally:
+        target.to("cpu"), draft.to("cpu")
+
+
 def test_rollback_equals_fresh_prefill(pair):
     target, _ = pair
     seq = list(range(20, 40))
@@ -140,6 +206,18 @@ def test_speculative_sampling_reproducible_and_in_vocab(pair):
     b = speculative_generate(target, draft, [1, 2, 3], 4, 20, 1.0, 0.9, torch.Generator().manual_seed(3))
     assert a.tokens == b.tokens and len(a.tokens) == 20
     assert 0 < a.acceptance < 1
+
+
+def test_decode_options_name_the_flags():
+    cases = [(dict(temperature=-1), "--temperature"), (dict(temperature=1, top_p=1.5), "--top-p"),
+             (dict(top_p=0), "--top-p"), (dict(dtype="float64"), "--dtype"), (dict(device="tpu"), "device"),
+             (dict(k=0), "--k")]
+    if not torch.cuda.is_available():
+        cases.append((dict(device="cuda"), "CUDA is not available"))
+    for given, named in cases:
+        with pytest.raises(GrowfamError, match=named):
+            DecodeOptions(**given).check()
+    assert DecodeOptions(device="cpu", dtype="bfloat16").check().dtype == "bfloat16"
 
 
 def test_probabilities_temperature_and_top_p():
@@ -227,6 +305,19 @@ def test_cli_generate_with_and_without_draft(members, capsys):
                            "--draft", members / "small", "--k", 3)
     assert code == 0 and spec == plain  # greedy: the target's own output
     assert err.startswith("prompt 1: ") and "drafted" in err
+    code, half, err = _cli(capsys, members / "big", "--prompt", "the lazy dog", "--max-new-tokens", 8,
+                           "--device", "cpu", "--dtype", "bfloat16")
+    assert code == 0 and half.startswith("the lazy dog") and err == ""
+
+
+def test_cli_generate_checks_the_members_once(members, capsys, monkeypatch):
+    from growfam.infer import run
+
+    calls = []
+    checked = run.check_members
+    monkeypatch.setattr(run, "check_members", lambda *a: calls.append(a) or checked(*a))
+    code, _, _ = _cli(capsys, members / "big", "--prompt", "x", "--max-new-tokens", 2, "--draft", members / "small")
+    assert code == 0 and len(calls) == 1
 
 
 def test_cli_generate_refuses_bad_input(members, capsys, tmp_path):
@@ -241,9 +332,14 @@ def test_cli_generate_refuses_bad_input(members, capsys, tmp_path):
         (big, "--prompt", "x", "--temperature", "nan"),
         (big, "--prompt", "x", "--max-new-tokens", "1.5"),
         (tmp_path / "nowhere", "--prompt", "x"),
+        (tmp_path, "--prompt", "x"),  # a directory without a tokenizer
+        (big, "--prompt", "x", "--dtype", "float64"),
+        (big, "--prompt", "x", "--device", "tpu"),
+        (big, "--prompt", "x", "--temperature", "1", "--top-p", "2"),
     ]
     for argv in cases:
         code, out, err = _cli(capsys, *argv)
         assert code == 2 and out == "", argv
         assert err.count("\n") == 1 and err.startswith("growfam generate: error: "), err
     assert "share the target's tokenizer" in _cli(capsys, big, "--prompt", "x", "--draft", members / "other")[2]
+    assert "--top-p must be in (0, 1]" in _cli(capsys, big, "--prompt", "x", "--top-p", "2")[2]

@@ -123,20 +123,26 @@ def _add_generate(sub) -> None:
     p.add_argument("--draft", metavar="MEMBER_DIR",
                    help="a smaller member with the same tokenizer files, as the speculative draft")
     p.add_argument("--k", metavar="K", help="tokens the draft proposes a round (default: 8)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32)")
     p.set_defaults(func=_run_generate)
 
 
 def _run_generate(args) -> int:
     from growfam.data import load_tokenizer
-    from growfam.infer import DecodeOptions, check_members, decode_prompts, read_prompts
+    from growfam.infer import DecodeOptions, decode_prompts, read_prompts
 
-    given = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "seed", "k")
+    given = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "seed", "k", "device", "dtype")
              if getattr(args, k) is not None}  # DecodeOptions owns the defaults
-    opts = DecodeOptions(**given).check()
+    opts = DecodeOptions(**given)  # checked by decode_prompts
     prompts = [args.prompt] if args.prompts is None else read_prompts(args.prompts)
     if not all(p.strip() for p in prompts):
         raise GrowfamError("--prompt is empty")
-    check_members(args.member, args.draft, 0)  # model directories, same tokenizer files
+    # the tokenizer first (decode_prompts checks the members against it): named as what is missing
+    if not os.path.isdir(args.member):
+        raise GrowfamError(f"{args.member}: not a directory")
+    if not os.path.isfile(os.path.join(args.member, "tokenizer.json")):
+        raise GrowfamError(f"{args.member}: no tokenizer.json (generate needs the member's tokenizer)")
     tokenizer = load_tokenizer(args.member)
 
     def write(text: str) -> None:

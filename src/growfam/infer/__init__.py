@@ -2,7 +2,8 @@
 draft (paper §5, Table 5; DESIGN.md §5; Leviathan et al. 2023).
 
 - `sampling`: next-token probabilities under temperature / top-p (one-hot at temperature 0,
-  so greedy decoding is the same maths as sampling) and drawing from them.
+  so greedy decoding is the same maths as sampling) and drawing from them on the device
+  (`next_token`, `sample`; `draw` for an int).
 - `generate`: `generate` (prefill once, then one token per step with a KVCache),
   `speculative_generate` (draft proposes k tokens, the target verifies them in one pass, both
   caches roll back to the accepted prefix), `verify` (the accept / resample rule) and
@@ -14,14 +15,14 @@ draft (paper §5, Table 5; DESIGN.md §5; Leviathan et al. 2023).
   sizes in the four combinations of modes; acceptance, expected acceptance, speed-up), and its
   table.
 
-infer/ may import model, errors and checks; `speculate` also the family's members, dataset
-and ledger (eval.target, eval.consistency, data, family.ledger). A tokenizer is passed in,
-used by duck typing (`decode`).
+infer/ may import model, errors and checks, and train's device helpers (`run`, `speculate`);
+`speculate` also the family's members, dataset and ledger (eval.target, eval.consistency,
+data, family.ledger). A tokenizer is passed in, used by duck typing (`decode`).
 """
 
 from growfam.infer.generate import Generation, generate, residual, speculative_generate, verify
 from growfam.infer.run import DecodeOptions, check_members, decode_prompts, read_prompts
-from growfam.infer.sampling import check_sampling, draw, probabilities
+from growfam.infer.sampling import check_sampling, draw, next_token, probabilities, sample
 from growfam.infer.stream import TextStream
 
 __all__ = [
@@ -33,9 +34,11 @@ __all__ = [
     "decode_prompts",
     "draw",
     "generate",
+    "next_token",
     "probabilities",
     "read_prompts",
     "residual",
+    "sample",
     "speculative_generate",
     "verify",
 ]

@@ -2,6 +2,12 @@
 
 Both keep the sequence's context within the models' max_seq_len: the prompt must leave room
 for at least one token, and decoding stops at the end of the context.
+
+Tokens stay on the model's device between steps (a drawn token is the next step's input), so
+the host reads them only when it must: once a round in speculative decoding (the number
+accepted decides what comes next), and every `sync_every` tokens in plain decoding (1 on the
+CPU, where reading costs nothing; DEVICE_CHUNK on an accelerator, which then runs while the
+host queues the next steps).
 """
 
 from __future__ import annotations
@@ -14,10 +20,14 @@ import torch
 
 from growfam.checks import as_int
 from growfam.errors import ConfigError
-from growfam.infer.sampling import check_sampling, draw, probabilities
+from growfam.infer.sampling import check_sampling, next_token, probabilities, sample, uniform
 from growfam.model import KVCache, Llama
 
 OnTokens = Callable[[list[int]], None]
+
+#: Tokens decoded between two reads by the host on an accelerator. The price: up to
+#: DEVICE_CHUNK - 1 steps decoded past an eos, thrown away.
+DEVICE_CHUNK = 16
 
 
 @dataclass
@@ -60,14 +70,14 @@ def _check_prompt(ids, vocab_size: int, context: int) -> list[int]:
     return ids
 
 
-def _new_cache(model: Llama, context: int) -> KVCache:
+def _device(model: Llama) -> torch.device:
+    return model.embed_tokens.weight.device
+
+
+def _new_cache(model: Llama, length: int) -> KVCache:
+    """A cache for `length` tokens (what the sequence can reach, not the whole context)."""
     weight = model.embed_tokens.weight
-    return KVCache.empty(model.cfg, 1, context, device=weight.device, dtype=weight.dtype)
-
-
-def _forward(model: Llama, ids: list[int], cache: KVCache) -> torch.Tensor:
-    """Logits [len(ids), V] of `ids` appended to the cache."""
-    return model(torch.tensor([ids], device=model.embed_tokens.weight.device), cache)[0]
+    return KVCache.empty(model.cfg, 1, length, device=weight.device, dtype=weight.dtype)
 
 
 def _emit(out: Generation, new: list[int], eos_id: int | None, on_tokens: OnTokens | None) -> bool:
@@ -84,29 +94,41 @@ def _emit(out: Generation, new: list[int], eos_id: int | None, on_tokens: OnToke
 @torch.inference_mode()
 def generate(model: Llama, ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              generator: torch.Generator | None = None, eos_id: int | None = None,
-             on_tokens: OnTokens | None = None) -> Generation:
+             on_tokens: OnTokens | None = None, *, sync_every: int | None = None) -> Generation:
     """Decode up to max_new_tokens after the prompt `ids` (a list or 1-D tensor of token ids).
 
     The prompt is prefilled once, then one token per forward pass with the KV cache. Stops after
-    `eos_id`, or at the end of the context (model.cfg.max_seq_len). on_tokens(new) sees each
-    token as it comes. Greedy at temperature 0.
+    `eos_id`, or at the end of the context (model.cfg.max_seq_len). on_tokens(new) sees the
+    tokens as they come, `sync_every` at a time (default: 1 on the CPU, DEVICE_CHUNK on an
+    accelerator). Greedy at temperature 0. generator: best on the model's device (any works).
     """
     start = time.perf_counter()
     context = model.cfg.max_seq_len
     ids = _check_prompt(ids, model.cfg.vocab_size, context)
     max_new_tokens = as_int(max_new_tokens, "max_new_tokens", at_least=1)
     temperature, top_p = check_sampling(temperature, top_p)
+    device = _device(model)
+    if sync_every is None:
+        sync_every = 1 if device.type == "cpu" else DEVICE_CHUNK
+    sync_every = as_int(sync_every, "sync_every", at_least=1)
     budget = min(max_new_tokens, context - len(ids))
     out = Generation()
-    cache = _new_cache(model, context)
-    logits = _forward(model, ids, cache)[-1]
+    cache = _new_cache(model, len(ids) + budget)
+    logits = model(torch.tensor([ids], device=device), cache, last=1)[0, -1]
     out.target_calls = 1
+    token = next_token(logits, temperature, top_p, generator)
+    pending = [token]  # drawn, not yet read by the host
     while True:
-        token = draw(probabilities(logits, temperature, top_p), generator)
-        if _emit(out, [token], eos_id, on_tokens) or len(out.tokens) == budget:
-            break
-        logits = _forward(model, [token], cache)[-1]
+        done = len(out.tokens) + len(pending) == budget
+        if done or len(pending) == sync_every:
+            stop = _emit(out, torch.stack(pending).tolist(), eos_id, on_tokens)
+            pending = []
+            if stop or done:
+                break
+        logits = model(token.view(1, 1), cache)[0, -1]
         out.target_calls += 1
+        token = next_token(logits, temperature, top_p, generator)
+        pending.append(token)
     out.wall_s = time.perf_counter() - start
     return out
 
@@ -117,7 +139,39 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     p == q leaves nothing (a rejection is then impossible); p is returned for that case."""
     rest = (p - q).clamp_min(0)
     total = rest.sum()
-    return rest / total if total > 0 else p
+    return torch.where(total > 0, rest / total, p)  # no branch on the value: no wait for the device
+
+
+def _verify(p: torch.Tensor, q: torch.Tensor | None, drafted: torch.Tensor,
+            generator: torch.Generator | None) -> torch.Tensor:
+    """`verify` on the device: [accepted, next token] (int64 [2]); drafted: int64 [k].
+
+    The k uniforms are drawn at once; token i is accepted when u_i · q_i(x_i) < p_i(x_i) (u < p/q
+    without the division), `accepted` counts the leading acceptances, and the next token is
+    drawn from norm(max(0, p_a − q_a)) with q padded by a zero row, which is p_k when all k
+    were accepted.
+    """
+    k = drafted.numel()
+    zero = torch.zeros_like(p[:1])
+    if k:
+        rows = torch.arange(k, device=p.device)
+        accepts = uniform(k, p, generator) * q[rows, drafted] < p[rows, drafted]
+        accepted = accepts.long().cumprod(0).sum()
+        q = torch.cat([q, zero])
+    else:
+        accepted, q = torch.zeros((), dtype=torch.long, device=p.device), zero
+    at = accepted.view(1)
+    token = sample(residual(p.index_select(0, at)[0], q.index_select(0, at)[0]), generator)
+    return torch.stack([accepted, token])
+
+
+def _verify_greedy(logits: torch.Tensor, drafted: torch.Tensor) -> torch.Tensor:
+    """`_verify` at temperature 0, from the target's logits [k+1, V]: the drafts agreeing with
+    the target's argmax are accepted, the next token is its argmax after them (the same as the
+    rule on one-hot p and q, without building them)."""
+    best = logits.argmax(-1)
+    accepted = (drafted == best[:-1]).long().cumprod(0).sum()
+    return torch.stack([accepted, best.index_select(0, accepted.view(1))[0]])
 
 
 def verify(p: torch.Tensor, q: torch.Tensor, drafted: list[int],
@@ -130,11 +184,8 @@ def verify(p: torch.Tensor, q: torch.Tensor, drafted: list[int],
     norm(max(0, p_i − q_i)); when all k are accepted it is drawn from p_k. The tokens emitted
     are drafted[:accepted] + [next], distributed exactly as the target samples them.
     """
-    for i, x in enumerate(drafted):
-        u = torch.rand((), generator=generator, dtype=p.dtype, device=p.device)
-        if u * q[i, x] >= p[i, x]:  # rejected: u >= p/q, written without the division
-            return i, draw(residual(p[i], q[i]), generator)
-    return len(drafted), draw(p[len(drafted)], generator)
+    accepted, token = _verify(p, q, torch.tensor(drafted, dtype=torch.long, device=p.device), generator).tolist()
+    return accepted, token
 
 
 @torch.inference_mode()
@@ -149,47 +200,60 @@ def speculative_generate(target: Llama, draft: Llama, ids, k: int = 8, max_new_t
     both caches roll back to the accepted prefix. Temperature 0 gives exactly the target's
     greedy output. Both caches hold every token but the last one emitted (the draft's may lag
     further behind; it catches up at the start of its next proposal). The context is the
-    smaller of the two models' max_seq_len.
+    smaller of the two models' max_seq_len. The host reads the device once a round.
     """
     start = time.perf_counter()
     if target.cfg.vocab_size != draft.cfg.vocab_size:
         raise ConfigError(f"the draft's vocabulary ({draft.cfg.vocab_size} tokens) is not the target's "
                           f"({target.cfg.vocab_size})")
+    device = _device(target)
+    if _device(draft) != device:
+        raise ConfigError(f"the draft is on {_device(draft)} and the target on {device}; put both on one device")
     k = as_int(k, "k", at_least=1)
     context = min(target.cfg.max_seq_len, draft.cfg.max_seq_len)
-    seq = _check_prompt(ids, target.cfg.vocab_size, context)
+    prompt = _check_prompt(ids, target.cfg.vocab_size, context)
     max_new_tokens = as_int(max_new_tokens, "max_new_tokens", at_least=1)
     temperature, top_p = check_sampling(temperature, top_p)
-    budget = min(max_new_tokens, context - len(seq))
+    budget = min(max_new_tokens, context - len(prompt))
     out = Generation()
-    target_cache, draft_cache = _new_cache(target, context), _new_cache(draft, context)
-    if len(seq) > 1:  # prefill both with all but the last prompt token (the caches' invariant)
-        _forward(target, seq[:-1], target_cache)
-        _forward(draft, seq[:-1], draft_cache)
+    # the sequence on the device: the prompt, the tokens emitted, then this round's drafts
+    seq = torch.empty(len(prompt) + budget, dtype=torch.long, device=device)
+    seq[:len(prompt)] = torch.tensor(prompt)
+    n = len(prompt)  # tokens of seq known for good
+    target_cache, draft_cache = _new_cache(target, len(seq)), _new_cache(draft, len(seq))
+    if n > 1:  # prefill both with all but the last prompt token (the caches' invariant)
+        target(seq[None, :n - 1], target_cache, last=0)
+        draft(seq[None, :n - 1], draft_cache, last=0)
         out.target_calls, out.draft_calls = 1, 1
     while True:
-        # k drafts + 1 must fit the budget and the context (the target scores n-1+kk tokens)
+        # k drafts + 1 must fit the budget (which keeps the sequence within the context)
         kk = min(k, budget - len(out.tokens) - 1)
-        drafted, q = [], []
-        pending = seq[draft_cache.length:]
-        for _ in range(kk):
-            q.append(probabilities(_forward(draft, pending, draft_cache)[-1], temperature, top_p))
-            drafted.append(draw(q[-1], generator))
-            pending = drafted[-1:]
+        q = []
+        for i in range(kk):
+            logits = draft(seq[None, draft_cache.length:n + i], draft_cache, last=1)[0, -1]
+            if temperature == 0:
+                seq[n + i] = logits.argmax(-1)
+            else:
+                q.append(probabilities(logits, temperature, top_p))
+                seq[n + i] = sample(q[-1], generator)
         out.draft_calls += kk
-        n = len(seq)
-        logits = _forward(target, seq[target_cache.length:] + drafted, target_cache)[-(kk + 1):]
+        logits = target(seq[None, target_cache.length:n + kk], target_cache, last=kk + 1)[0]
         out.target_calls += 1
-        accepted, token = verify(probabilities(logits, temperature, top_p),
-                                 torch.stack(q) if q else None, drafted, generator)
+        drafted = seq[n:n + kk]
+        if temperature == 0:
+            decision = _verify_greedy(logits, drafted)
+        else:
+            decision = _verify(probabilities(logits, temperature, top_p), torch.stack(q) if q else None,
+                               drafted, generator)
+        accepted, token, *proposed = torch.cat([decision, drafted]).tolist()  # the round's one read
         out.drafted += kk
         out.accepted += accepted
         out.verified += accepted + (accepted < kk)
-        new = drafted[:accepted] + [token]
-        seq += new
+        seq[n + accepted] = token
         target_cache.truncate(n + accepted)
         draft_cache.truncate(min(draft_cache.length, n + accepted))
-        if _emit(out, new, eos_id, on_tokens) or len(out.tokens) >= budget:
+        n += accepted + 1
+        if _emit(out, proposed[:accepted] + [token], eos_id, on_tokens) or len(out.tokens) >= budget:
             break
     out.wall_s = time.perf_counter() - start
     return out

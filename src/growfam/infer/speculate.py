@@ -190,7 +190,7 @@ def family_speculative(target: Target, opts: SpeculateOptions) -> dict:
         """(target alone, speculative, prompts + the target's own continuations [N, L]); the two
         decodings alternate prompt by prompt, so a change in the machine's load hits both alike."""
         alone, spec, continuations = _Totals(), _Totals(), []
-        seeded = [torch.Generator(device="cpu").manual_seed(opts.seed) for _ in range(2)]
+        seeded = [torch.Generator(device=device).manual_seed(opts.seed) for _ in range(2)]
         common = dict(max_new_tokens=opts.max_new_tokens, temperature=temperature)
         for ids in prompts.tolist():
             out = generate(model(large), ids, generator=seeded[0], **common)

@@ -171,8 +171,9 @@ def weight_std(cfg: ModelConfig, name: str) -> float | None:
 class Llama(nn.Module):
     """Llama decoder. Parameter names equal Hugging Face's minus the `model.` prefix.
 
-    forward(idx [B, T] int64, cache=None) -> logits [B, T, vocab]. With a KVCache, idx holds
-    the next T tokens after the cache's `length` and the cache advances by T.
+    forward(idx [B, T] int64, cache=None, last=None) -> logits [B, T, vocab], or [B, last, vocab]
+    for the last `last` positions only (decoding needs one; filling a cache needs none). With a
+    KVCache, idx holds the next T tokens after the cache's `length` and the cache advances by T.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -196,7 +197,7 @@ class Llama(nn.Module):
             else:
                 p.normal_(0.0, weight_std(self.cfg, name), generator=generator)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last: int | None = None) -> torch.Tensor:
         T = idx.shape[1]
         start = 0 if cache is None else cache.length
         if cache is not None and start + T > cache.capacity:
@@ -208,6 +209,8 @@ class Llama(nn.Module):
             x = block(x, cos, sin, cache, i)
         if cache is not None:
             cache.length = start + T
+        if last is not None:  # the output head costs T·d·V: skip the positions nobody reads
+            x = x[:, T - last:]
         return self.lm_head(self.norm(x))
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
