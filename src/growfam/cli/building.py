@@ -191,23 +191,30 @@ def _build_family(family: str, out: str | None, data: str | None, modes: tuple[s
     """Plan, check everything, prepare the data if needed, build every member, print the comparison.
 
     evaluate: None, "eval" (`--eval`: the eval section, refused without lm_eval when it names
-    tasks) or "demo" (the same, the zero-shot tasks dropped without lm_eval); then the tables."""
+    tasks) or "demo" (the same, the zero-shot tasks dropped without lm_eval); then the tables.
+    Under torchrun every rank trains; rank 0 alone prepares data, evaluates and prints."""
     from pathlib import Path
 
     from growfam.config import load_family_config
     from growfam.family import check_family, ensure_dataset, run_family
     from growfam.report.tables import format_comparison
+    from growfam.train.parallel import init_distributed, rank_and_world, share
+
+    init_distributed()
+    main = rank_and_world()[0] == 0
 
     config = load_family_config(family)
     out_dir = Path(out or f"family/{config.name}")
     check_family(config, out_dir, modes, fixed_data)  # before data preparation, which may take long
     evaluator = None
-    if evaluate:
+    if evaluate and main:
         from growfam.eval.run import FamilyEval
 
         evaluator = FamilyEval(config.eval, out_dir, optional_harness=evaluate == "demo")
-    data = ensure_dataset(config, data, out_dir / "data")
+    data = share(ensure_dataset(config, data, out_dir / "data") if main else None)
     ledger = run_family(config, out_dir, data=data, modes=modes, fixed_data=fixed_data, on_member=evaluator)
+    if not main:
+        return 0
     print()
     print(format_comparison(ledger))
     if evaluator is not None:
