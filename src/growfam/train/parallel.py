@@ -243,8 +243,9 @@ class DDP(AllReduce):
         from torch.nn.parallel import DistributedDataParallel
 
         model = super().wrap(model)
+        # gradient_as_bucket_view: the gradients live in DDP's buckets (no copy in and out)
         self.ddp = DistributedDataParallel(_Loss(model), device_ids=[self.device] if self.device.type == "cuda"
-                                           else None)
+                                           else None, gradient_as_bucket_view=True)
         return model
 
     def loss_fn(self, model: nn.Module):
