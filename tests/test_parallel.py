@@ -227,3 +227,32 @@ def test_bad_parallel_settings_are_one_line_and_exit_2(tmp_path, monkeypatch, ca
     with pytest.raises(ConfigError, match=r"stage small: batch_size 4 must split into 3 rank\(s\)"):
         pipeline.check_family(spec(), tmp_path / "family")
     assert not (tmp_path / "family").exists()
+
+
+# ---- memory per GPU ------------------------------------------------------------------------------
+
+
+def test_the_memory_estimate_counts_the_models_tensors_and_shards_them():
+    from growfam.model import Llama, ModelConfig
+    from growfam.train.memory import fsdp_memory
+
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=128, max_seq_len=32)
+    params = sum(p.numel() for p in Llama(cfg).parameters())
+    one, four = fsdp_memory(cfg, 1, 2, 16), fsdp_memory(cfg, 4, 2, 16)
+    assert (one.parameters, one.gradients, one.moments) == (4 * params, 4 * params, 8 * params)
+    assert (four.parameters, four.moments) == (params, 2 * params)  # sharded over 4
+    assert four.activations == one.activations and four.gathered == one.gathered  # whole on each GPU
+    checkpointed = fsdp_memory(cfg, 1, 2, 16, activation_checkpointing=True)
+    assert checkpointed.activations < one.activations
+    assert fsdp_memory(cfg, 1, 4, 16).activations == 2 * one.activations  # linear in the micro-batch
+
+
+def test_cli_plan_memory_prints_each_member(capsys):
+    from growfam.cli import main
+
+    assert main(["plan", "paper-r2", "--memory", "--gpus", "8", "--activation-checkpointing"]) == 0
+    out = capsys.readouterr().out
+    assert "FSDP2 over 8 GPU(s)" in out and "micro-batch 8 sequences" in out  # the family's micro_batch_size
+    assert all(name in out for name in ("paper-1b", "paper-2b", "paper-4b", "paper-8b"))
+    assert main(["plan", "--memory", "--gpus", "0"]) == 2
+    assert "--gpus must be an integer >= 1" in capsys.readouterr().err

@@ -47,6 +47,15 @@ def _add_plan(sub) -> None:
     p.add_argument("--mfu", type=float, default=0.4, metavar="M",
                    help="model FLOPs utilisation as a fraction (default: 0.4)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--memory", action="store_true",
+                   help="print each member's memory per GPU under FSDP2 instead (parameters, gradients, AdamW "
+                        "moments, gathered copies, activations)")
+    p.add_argument("--gpus", default="8", metavar="N", help="--memory: GPUs the model is sharded over (default: 8)")
+    p.add_argument("--micro-batch", metavar="B",
+                   help="--memory: sequences per forward pass per GPU (default: the family's "
+                        "train.micro_batch_size, else 1)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="--memory: with activation checkpointing (parallel.activation_checkpointing)")
     p.set_defaults(func=_run_plan)
 
 
@@ -62,7 +71,13 @@ def _run_plan(args) -> int:
                else args.batch_size}
     family = load_family_config(args.family).replace(**{k: v for k, v in changes.items() if v is not None})
     plan = make_plan(family)
-    if args.json:
+    if args.memory:
+        from growfam.checks import as_int
+        from growfam.report.tables import format_memory
+
+        micro = as_int(args.micro_batch or family.train.get("micro_batch_size") or 1, "--micro-batch", 1)
+        print(format_memory(family, as_int(args.gpus, "--gpus", 1), micro, args.activation_checkpointing))
+    elif args.json:
         print(json.dumps(plan.to_dict(args.peak_tflops, args.mfu), indent=2))
     else:
         print(format_plan(plan, args.peak_tflops, args.mfu))
