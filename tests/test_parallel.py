@@ -82,15 +82,15 @@ def assert_same_weights(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One process: an uninterrupted run, and one interrupted after its step-4 checkpoint.
-    Two ranks (one launch): DDP, FSDP2 (uninterrupted), the interrupted one-process run resumed
-    under FSDP2 (1 -> 2), and an FSDP2 run killed with SIGKILL at step 6."""
+    Two ranks (one launch): per-tensor averaging, DDP, FSDP2 (uninterrupted), the interrupted
+    one-process run resumed under FSDP2 (1 -> 2), and an FSDP2 run killed with SIGKILL at step 6."""
     root = tmp_path_factory.mktemp("parallel")
     train(config(root / "one", **RUN), dataset=Data())
     with pytest.raises(KeyboardInterrupt):
         train(config(root / "one_to_two", **RUN), dataset=Data(), callbacks=[Interrupt()])
     with pytest.raises(torch.multiprocessing.ProcessExitedException, match="SIGKILL"):
-        two_ranks((root / "ddp", "ddp", None), (root / "fsdp", "fsdp", None), (root / "one_to_two", "fsdp", None),
-                  (root / "killed", "fsdp", 6))
+        two_ranks((root / "none", "none", None), (root / "ddp", "ddp", None), (root / "fsdp", "fsdp", None),
+                  (root / "one_to_two", "fsdp", None), (root / "killed", "fsdp", 6))
     shutil.copytree(root / "killed", root / "two_to_one")
     two_ranks((root / "killed", "fsdp", None))
     return root
@@ -99,7 +99,7 @@ def runs(tmp_path_factory):
 def test_ddp_and_fsdp_match_one_process(runs):
     one = step_losses(runs / "one" / "run")
     assert sorted(one) == list(range(1, 9))
-    for strategy in ("ddp", "fsdp"):
+    for strategy in ("none", "ddp", "fsdp"):
         assert step_losses(runs / strategy / "run") == pytest.approx(one, abs=1e-5)
         assert_same_weights(weights(runs / strategy / "run"), weights(runs / "one" / "run"))
     state = read_trainer_state(latest_checkpoint(runs / "fsdp" / "run"))
@@ -126,6 +126,13 @@ def test_checkpoints_resume_on_another_world_size(runs):
     # 1 -> 2: a one-process checkpoint (whole tensors) resumed under FSDP2
     assert step_losses(runs / "one_to_two" / "run") == pytest.approx(step_losses(runs / "one" / "run"), abs=1e-5)
     assert_same_weights(weights(runs / "one_to_two" / "run"), weights(runs / "one" / "run"))
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
+    train(config(tmp_path / "plain", max_steps=3), dataset=Data())
+    train(config(tmp_path / "ac", max_steps=3, parallel={"activation_checkpointing": True}), dataset=Data())
+    assert step_losses(tmp_path / "ac" / "run") == step_losses(tmp_path / "plain" / "run")  # recomputed exactly
+    assert_same_weights(weights(tmp_path / "ac" / "run"), weights(tmp_path / "plain" / "run"))
 
 
 @pytest.mark.parametrize("section, message", [
@@ -186,6 +193,7 @@ def test_a_family_built_under_torchrun_matches_one_process(tmp_path):
 
     prepare(TEXT, "train:300", tmp_path / "ds", val_fraction=0.05, progress=False)
     family = spec(tokens={"explicit": [1000, 2000]}, lr={"policy": "fixed", "max": 1e-3},
+                  growth={"width": "masked", "depth": "stack", "mask_steps": 4},  # masks too go to every rank
                   train={"eval_every": 4, "eval_batches": 2, "ckpt_every": 4, "log_every": 1, "tensorboard": False,
                          "device": "cpu"})
     (tmp_path / "pair.yaml").write_text(yaml.safe_dump(family.to_dict()))
@@ -206,7 +214,7 @@ def test_a_family_built_under_torchrun_matches_one_process(tmp_path):
                                                                            abs=1e-5)
         assert_same_weights(load_file(str(tmp_path / "two" / "progressive" / a["name"] / "model.safetensors")),
                             load_file(str(tmp_path / "one" / "progressive" / a["name"] / "model.safetensors")))
-    assert two[1]["growth"]["target"]["d_model"] == 64
+    assert (two[1]["growth"]["width"], two[1]["growth"]["target"]["d_model"]) == ("masked", 64)
 
 
 def test_bad_parallel_settings_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys):

@@ -139,7 +139,7 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
     """
     parallel = make_parallelism(cfg.device, cfg.parallel, cfg.dtype)
     cfg, schedule, dataset, ckpt = check_inputs(cfg, model, dataset, resume, parallel.world)
-    run = build_run(cfg, schedule, parallel, model, optimizer, dataset, tokenizer)
+    run = build_run(cfg, schedule, parallel, model, optimizer, dataset, tokenizer, resuming=ckpt is not None)
     checkpoints = Checkpoints()
     run.callbacks = [MaskRamp(run.model), Progress(), Validation(on_eval), checkpoints, *callbacks]
     if parallel.is_main:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -188,20 +189,23 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder) -> 
 
 def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, folder, alone: bool = False) -> None:
     """Read a DCP checkpoint into the model (and optimizer), resharded to however they are laid
-    out now (any world size, sharded or whole). Collective, unless `alone`: one process reading
-    every shard (rank 0 consolidating a checkpoint between family stages)."""
+    out now (any world size, sharded or whole). Collective, unless `alone` or outside a process
+    group: one process reading every shard (rank 0 consolidating a checkpoint between family
+    stages, a one-process resume)."""
     import torch.distributed.checkpoint as dcp
 
-    alone = alone or not dist.is_initialized()
     if optimizer is None:
         state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=str(folder), no_dist=alone)
+    else:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+    with warnings.catch_warnings():  # DCP warns that reading alone is what it assumes
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(folder), no_dist=alone or not dist.is_initialized())
+    if optimizer is None:
         set_model_state_dict(model, state["model"])
-        return
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(folder), no_dist=alone)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 class AllReduce(Parallelism):

@@ -63,8 +63,9 @@ def check_inputs(cfg: TrainConfig, model: Llama | None, dataset, resume: bool | 
 
 
 def build_run(cfg: TrainConfig, schedule: Schedule, parallel: Parallelism, model: Llama | None,
-           optimizer: torch.optim.Optimizer | None, dataset, tokenizer) -> Run:
-    """The run's parts: the model on its device (seeded when fresh), data, optimizer, guard."""
+              optimizer: torch.optim.Optimizer | None, dataset, tokenizer, resuming: bool = False) -> Run:
+    """The run's parts: the model on its device (seeded when fresh), data, optimizer, guard.
+    resuming: a checkpoint will be loaded into them (nothing is sent between ranks first)."""
     device = parallel.device
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -72,8 +73,9 @@ def build_run(cfg: TrainConfig, schedule: Schedule, parallel: Parallelism, model
     if model is None:
         torch.manual_seed(cfg.seed)
         # initialised on the CPU, so the same seed gives the same model anywhere (on rank 0 only
-        # when the others receive it)
-        model = Llama(cfg.model) if parallel.is_main or not parallel.from_main else None
+        # when the others receive it, and not at all when a checkpoint will replace it)
+        if not parallel.from_main or (parallel.is_main and not resuming):
+            model = Llama(cfg.model)
     if tokenizer is None and hasattr(dataset, "tokenizer"):
         tokenizer = dataset.tokenizer()
     windows = PackedWindows(dataset.tokens("train"), cfg.seq_len, schedule.micro_batch, cfg.seed,
@@ -85,7 +87,7 @@ def build_run(cfg: TrainConfig, schedule: Schedule, parallel: Parallelism, model
                   "training without validation")
         val_tokens = None
     if parallel.from_main:
-        model, optimizer = _from_main(cfg, parallel, model, optimizer)
+        model, optimizer = _from_main(cfg, parallel, model, optimizer, send=not resuming)
     else:
         model = parallel.wrap(model)
         if optimizer is None:
@@ -106,14 +108,17 @@ def build_run(cfg: TrainConfig, schedule: Schedule, parallel: Parallelism, model
 
 
 def _from_main(cfg: TrainConfig, parallel: Parallelism, source: Llama | None,
-               source_optimizer: torch.optim.Optimizer | None) -> tuple[Llama, torch.optim.Optimizer]:
+               source_optimizer: torch.optim.Optimizer | None, send: bool) -> tuple[Llama, torch.optim.Optimizer]:
     """The model and optimizer of a run whose ranks all start from rank 0's `source` (and its
     optimizer's AdamW state, growth masks): every rank builds the shape on the meta device,
-    the strategy lays it out (sharded, or whole on each rank) and rank 0's state is sent."""
+    the strategy lays it out (sharded, or whole on each rank) and, if `send`, rank 0's state
+    is sent (otherwise they stay uninitialised for a checkpoint to fill)."""
     with torch.device("meta"):
         skeleton = Llama(cfg.model)
     model = parallel.wrap(skeleton)
     optimizer = make_optimizer(model, cfg, parallel.device, fused=parallel.fused_adamw)
+    if not send:
+        return model, optimizer
     moments = None
     if parallel.is_main and source_optimizer is not None:
         check_optimizer(source, source_optimizer)
