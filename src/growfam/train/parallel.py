@@ -98,7 +98,6 @@ def _on_device(model: nn.Module, device: torch.device) -> nn.Module:
 class Parallelism:
     """One process training alone (rank 0 of 1): the base every strategy overrides."""
 
-    name = "none"
     sharded = False  # parameters split over ranks: checkpoints go through DCP
     from_main = False  # the model is built on rank 0 and sent to the others (load_from_main)
 
@@ -241,8 +240,6 @@ class _Loss(nn.Module):
 class DDP(AllReduce):
     """DistributedDataParallel: gradients averaged in buckets while the backward pass runs."""
 
-    name = "ddp"
-
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -265,7 +262,6 @@ class DDP(AllReduce):
 class FSDP(AllReduce):
     """FSDP2: fully_shard on each transformer block, then on the root, over all ranks."""
 
-    name = "fsdp"
     sharded = True
 
     @property
