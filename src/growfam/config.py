@@ -28,7 +28,7 @@ from growfam.grow.growth import DEFAULT_DEPTH, DEFAULT_WIDTH
 from growfam.io import read_yaml
 from growfam.model import PRESETS, ModelConfig, num_params, resolve_config
 from growfam.report.numbers import si
-from growfam.train.config import DEFAULT_MAX_LR, DEFAULT_MIN_LR_RATIO, TrainConfig, check_seq_len
+from growfam.train.config import DEFAULT_MAX_LR, DEFAULT_MIN_LR_RATIO, ParallelConfig, TrainConfig, check_seq_len
 
 Count = Literal["nonembedding", "total", "nominal"]
 COUNTS: tuple[str, ...] = ("nonembedding", "total", "nominal")
@@ -195,13 +195,18 @@ class DataConfig(_Section):
 
 def _train_overrides(data: Any) -> dict:
     """The `train:` section (None: empty): TrainConfig keys the plan leaves free (not PLANNED).
-    Only the keys are checked here; the values are checked with each stage's TrainConfig."""
+    The keys and the `parallel:` subsection are checked here; the other values with each
+    stage's TrainConfig."""
     data = {} if data is None else as_mapping(data, "train")
     clash = sorted(set(data) & set(PLANNED))
     if clash:
         how = " (--fixed-data)" if clash[0] == "max_unique_tokens" else ""
         raise ConfigError(f"train.{clash[0]} is set by the family plan{how}; remove it from the train section")
     check_keys(data, [f.name for f in dataclasses.fields(TrainConfig) if f.name not in PLANNED], "train")
+    try:
+        ParallelConfig.from_dict(data.get("parallel"))
+    except ConfigError as err:
+        raise ConfigError(f"train section: {err}") from None
     return dict(data)
 
 

@@ -47,6 +47,15 @@ def _add_plan(sub) -> None:
     p.add_argument("--mfu", type=float, default=0.4, metavar="M",
                    help="model FLOPs utilisation as a fraction (default: 0.4)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--memory", action="store_true",
+                   help="print each member's memory per GPU under FSDP2 instead (parameters, gradients, AdamW "
+                        "moments, gathered copies, activations)")
+    p.add_argument("--gpus", default="8", metavar="N", help="--memory: GPUs the model is sharded over (default: 8)")
+    p.add_argument("--micro-batch", metavar="B",
+                   help="--memory: sequences per forward pass per GPU (default: the family's "
+                        "train.micro_batch_size, else 1)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="--memory: with activation checkpointing (parallel.activation_checkpointing)")
     p.set_defaults(func=_run_plan)
 
 
@@ -62,7 +71,13 @@ def _run_plan(args) -> int:
                else args.batch_size}
     family = load_family_config(args.family).replace(**{k: v for k, v in changes.items() if v is not None})
     plan = make_plan(family)
-    if args.json:
+    if args.memory:
+        from growfam.checks import as_int
+        from growfam.report.tables import format_memory
+
+        micro = as_int(args.micro_batch or family.train.get("micro_batch_size") or 1, "--micro-batch", 1)
+        print(format_memory(family, as_int(args.gpus, "--gpus", 1), micro, args.activation_checkpointing))
+    elif args.json:
         print(json.dumps(plan.to_dict(args.peak_tflops, args.mfu), indent=2))
     else:
         print(format_plan(plan, args.peak_tflops, args.mfu))
@@ -191,23 +206,30 @@ def _build_family(family: str, out: str | None, data: str | None, modes: tuple[s
     """Plan, check everything, prepare the data if needed, build every member, print the comparison.
 
     evaluate: None, "eval" (`--eval`: the eval section, refused without lm_eval when it names
-    tasks) or "demo" (the same, the zero-shot tasks dropped without lm_eval); then the tables."""
+    tasks) or "demo" (the same, the zero-shot tasks dropped without lm_eval); then the tables.
+    Under torchrun every rank trains; rank 0 alone prepares data, evaluates and prints."""
     from pathlib import Path
 
     from growfam.config import load_family_config
     from growfam.family import check_family, ensure_dataset, run_family
     from growfam.report.tables import format_comparison
+    from growfam.train.parallel import init_distributed, rank_and_world, share
+
+    init_distributed()
+    main = rank_and_world()[0] == 0
 
     config = load_family_config(family)
     out_dir = Path(out or f"family/{config.name}")
     check_family(config, out_dir, modes, fixed_data)  # before data preparation, which may take long
     evaluator = None
-    if evaluate:
+    if evaluate and main:
         from growfam.eval.run import FamilyEval
 
         evaluator = FamilyEval(config.eval, out_dir, optional_harness=evaluate == "demo")
-    data = ensure_dataset(config, data, out_dir / "data")
+    data = share(ensure_dataset(config, data, out_dir / "data") if main else None)
     ledger = run_family(config, out_dir, data=data, modes=modes, fixed_data=fixed_data, on_member=evaluator)
+    if not main:
+        return 0
     print()
     print(format_comparison(ledger))
     if evaluator is not None:

@@ -149,14 +149,27 @@ class PackedWindows:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where `state` was taken (same batches from here on)."""
-        for key in ("seed", "seq_len", "rank", "world_size", "num_windows", "max_unique_tokens"):
+        """Continue exactly where `state` was taken (same batches from here on).
+
+        `state` may come from another world size: the ranks of a world of w have consumed the
+        first w·position windows of the epoch's order between them, whatever w is, so the
+        cursor carries over when both worlds cut the epoch to the same length and this world
+        splits the consumed windows evenly; a GrowfamError otherwise."""
+        for key in ("seed", "seq_len", "rank", "num_windows", "max_unique_tokens"):
             if state.get(key) != getattr(self, key):
                 raise GrowfamError(
                     f"data cursor does not match this data stream: {key} is {state.get(key)!r} "
                     f"in the checkpoint but {getattr(self, key)!r} now"
                 )
-        position = int(state["position"])
+        position, world = int(state["position"]), int(state["world_size"])
+        if world != self.world_size:
+            consumed = position * world
+            if (self.num_windows // world) * world != self.windows_per_rank * self.world_size \
+                    or consumed % self.world_size:
+                raise GrowfamError(
+                    f"the data cursor of {world} rank(s) cannot be carried over exactly to {self.world_size}: "
+                    f"{self.num_windows} windows split into different epochs; resume with {world} rank(s)")
+            position = consumed // self.world_size
         if not 0 <= position < self.windows_per_rank:
             raise GrowfamError(f"data cursor position {position} is outside 0..{self.windows_per_rank - 1}")
         # batch_size may differ (a changed micro-batch): the cursor counts windows, not batches.

@@ -12,6 +12,11 @@ hyper-parameters. Layout under out_dir:
 Everything is resumable: repeating the same command skips finished members, continues a
 stage from its last checkpoint, and redoes an expansion (it is seeded) that had not yet
 reached its first checkpoint.
+
+Under torchrun every rank runs run_family: all of them train each stage (train/parallel.py),
+rank 0 alone writes the ledger, the members and the growth reports, and grows each member
+into the next on the CPU (the previous stage's final checkpoint, consolidated: weights and
+AdamW moments); train() sends the grown state from rank 0 to the others' sharded models.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ from growfam.family.plan import FamilyPlan, make_plan
 from growfam.io import atomic_directory, atomic_write_text, check_folder, read_json, remove_stale_temporaries
 from growfam.model import copy_tokenizer_files, load_pretrained, resolve_config
 from growfam.report.numbers import loss
-from growfam.train import TrainConfig, TrainResult, make_optimizer, train
-from growfam.train.checkpoint import latest_checkpoint, load_optimizer_state
+from growfam.train import Schedule, TrainConfig, TrainResult, make_optimizer, train
+from growfam.train.checkpoint import latest_checkpoint, load_checkpoint
+from growfam.train.parallel import rank_and_world, share
 
 GROWTH_REPORT = "growth_report.json"
 
@@ -70,7 +76,7 @@ def _train_record(family: FamilyConfig, plan: FamilyPlan, out_dir: Path, modes: 
                   fixed_data: bool) -> dict:
     """Build every stage's TrainConfig in every mode (so a bad train section fails before any
     work) and return the effective train section: every TrainConfig field the plan leaves free."""
-    configs = []
+    configs, world = [], rank_and_world()[1]
     for mode in modes:
         for i, stage in enumerate(plan.stages):
             tokens = stage.tokens_independent if mode == "independent" else stage.tokens_progressive
@@ -78,6 +84,10 @@ def _train_record(family: FamilyConfig, plan: FamilyPlan, out_dir: Path, modes: 
             if cfg.micro_batch_size and cfg.batch_size % cfg.micro_batch_size:
                 raise ConfigError(f"train.micro_batch_size {cfg.micro_batch_size} does not divide stage "
                                   f"{stage.name}'s batch_size {cfg.batch_size}")
+            try:
+                Schedule.of(cfg, world)
+            except ConfigError as err:
+                raise ConfigError(f"stage {stage.name}: {err}") from None
             configs.append(cfg)
     return {k: v for k, v in configs[0].to_dict().items() if k not in PLANNED}
 
@@ -132,7 +142,7 @@ def _grow_from(prev_run: Path, tcfg: TrainConfig, target, growth: GrowthConfig, 
     optimizer = None
     if growth.optimizer == "transfer":
         optimizer = make_optimizer(source, tcfg.replace(model=source.cfg), torch.device("cpu"))
-        load_optimizer_state(ckpt, optimizer)  # the weights came with load_pretrained
+        load_checkpoint(ckpt, source, optimizer)  # whole, or every shard of a sharded one, read here
     steps = tcfg.total_steps
     mask_steps = min(growth.mask_steps or max(1, steps // 4), steps)
     model, optimizer, report = expand(source, target, width=growth.width, depth=growth.depth,
@@ -222,7 +232,11 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
     (`growfam eval`'s records) is kept. A rerun keeps what `growfam eval` / `consistency`
     recorded, except for a member trained again: its entry starts anew and its pairs' rows go.
     Everything is checked (`check_family`, the dataset) before anything is written.
+    Under torchrun every rank calls it (see the module docstring); only rank 0 logs and calls
+    on_member.
     """
+    main = rank_and_world()[0] == 0
+    log = log if main else (lambda line: None)
     out_dir = Path(out_dir)
     checked = check_family(family, out_dir, modes, fixed_data)
     modes, plan, growth = checked.modes, checked.plan, checked.growth
@@ -232,17 +246,18 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
                           f"vocab_size is {family.members[0].vocab_size}")
     fresh = {**checked.header, "data_fingerprint": dataset.fingerprint()}
     _check_same_run(checked.ledger, fresh, out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise GrowfamError(f"cannot create {out_dir}: {err.strerror or err}") from None
-    for folder in (out_dir, *(out_dir / mode for mode in MODES)):  # what a killed run left
-        remove_stale_temporaries(folder)
     ledger = {**checked.ledger, **fresh, "data": str(data), "modes": checked.ledger.get("modes", {})}
-    write_ledger(out_dir, ledger)
+    if main:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise GrowfamError(f"cannot create {out_dir}: {err.strerror or err}") from None
+        for folder in (out_dir, *(out_dir / mode for mode in MODES)):  # what a killed run left
+            remove_stale_temporaries(folder)
+        write_ledger(out_dir, ledger)
 
     def published(mode: str, entry: dict, trained: bool) -> dict:
-        if on_member is None:
+        if on_member is None or not main:
             return ledger
         on_member(mode, entry, trained)
         return read_ledger(out_dir)  # with what on_member recorded
@@ -266,12 +281,13 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
                 log(f"[{mode}] expanding {plan.stages[i - 1].name} -> {stage.name} "
                     f"(width {growth.width}, depth {growth.depth}, optimizer {growth.optimizer})")
                 prev_run = out_dir / "runs" / mode / plan.stages[i - 1].name
-                model, optimizer, report = _grow_from(prev_run, tcfg, family.members[i], growth,
-                                                      _probe_batch(dataset, stage.seq_len, growth.probe_tokens))
-                log(str(report))
-                run_dir.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(run_dir / GROWTH_REPORT, json.dumps(report.to_dict(), indent=1) + "\n")
-                tcfg = tcfg.replace(model=model.cfg)
+                if main:  # the others receive the grown model from rank 0 in train()
+                    model, optimizer, report = _grow_from(prev_run, tcfg, family.members[i], growth,
+                                                          _probe_batch(dataset, stage.seq_len, growth.probe_tokens))
+                    log(str(report))
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    atomic_write_text(run_dir / GROWTH_REPORT, json.dumps(report.to_dict(), indent=1) + "\n")
+                tcfg = tcfg.replace(model=share(model.cfg if main else None))
             elif resume_from is not None:
                 # resuming: the checkpoint holds the grown shape (lossless growth changes norm_eps)
                 tcfg = tcfg.replace(model=resolve_config(resume_from))
@@ -281,10 +297,11 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
             start = time.perf_counter()
             result = train(tcfg, model, optimizer, dataset=dataset, on_eval=stop)
             member_dir = out_dir / mode / stage.name
-            _publish(result, member_dir)
+            if main:
+                _publish(result, member_dir)
             flops_before = members[-1]["cum_flops"] if (members and mode == "progressive") else 0
             entry = {
-                "name": stage.name, "dir": str(member_dir), "config": resolve_config(member_dir).to_dict(),
+                "name": stage.name, "dir": str(member_dir), "config": resolve_config(result.hf_dir).to_dict(),
                 "params": stage.params, "nonembedding_params": stage.nonembedding_params,
                 "total_params": stage.total_params, "tokens": result.tokens, "planned_tokens": tokens,
                 "steps": result.steps, "flops": result.flops, "flops_attn": result.flops_attn,
@@ -298,7 +315,8 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
             if stop is not None:
                 entry["growth_point"] = {"step": result.steps, "val_loss_slope": stop.last_slope}
             members.append(entry)
-            write_ledger(out_dir, ledger)
+            if main:
+                write_ledger(out_dir, ledger)
             log(f"[{mode}] {stage.name}: val loss {loss(result.val_loss)}, {result.tokens:,} tokens, "
                 f"{result.flops:.3g} FLOPs, {result.wall_s:.0f} s")
             ledger = published(mode, entry, True)

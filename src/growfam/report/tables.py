@@ -1,12 +1,15 @@
-"""Every text table a command prints: the plan (`format_plan`) and the built family
-(`format_comparison`), aligned by one function (`text_table`)."""
+"""Every text table a command prints: the plan (`format_plan`), its memory per GPU
+(`format_memory`) and the built family (`format_comparison`), aligned by one function
+(`text_table`)."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from growfam.config import CHINCHILLA_TOKENS_PER_PARAM
+from growfam.config import CHINCHILLA_TOKENS_PER_PARAM, FamilyConfig
 from growfam.family.plan import FamilyPlan, GpuHours
+from growfam.model import num_params
+from growfam.train.memory import fsdp_memory
 from growfam.report.numbers import hours, loss, sci, short, si
 
 # --------------------------------------------------------------------------------------------
@@ -74,6 +77,25 @@ def format_plan(plan: FamilyPlan, peak_tflops: float, mfu: float) -> str:
         f"{hours(gpu.total_independent - gpu.total_progressive)} saved",
     ]
     return "\n".join(lines)
+
+
+def format_memory(family: FamilyConfig, gpus: int, micro_batch: int, activation_checkpointing: bool) -> str:
+    """Each member's estimated memory per GPU under FSDP2 (train/memory.py), in GiB."""
+    header = ["member", "params", "params", "grads", "AdamW", "gathered", "activations", "total"]
+    body = []
+    for cfg, seq_len in zip(family.members, family.seq_lens):
+        m = fsdp_memory(cfg, gpus, micro_batch, seq_len, activation_checkpointing)
+        body.append([cfg.name, si(num_params(cfg))] +
+                    [f"{b / 2**30:.1f}" for b in (m.parameters, m.gradients, m.moments, m.gathered, m.activations,
+                                                 m.total)])
+    checkpointing = "with" if activation_checkpointing else "without"
+    lines = [f"memory per GPU (GiB), FSDP2 over {gpus} GPU(s), bf16 mixed precision, micro-batch {micro_batch} "
+             f"sequences, {checkpointing} activation checkpointing", ""]
+    lines += text_table([header] + body, [(2, 7, "per GPU")])
+    lines += ["", "an estimate: add ~0.5 GiB of CUDA context and the allocator's slack; bench/parallel.py --gpu "
+                  "measures the real peak"]
+    return "\n".join(lines)
+
 
 # --------------------------------------------------------------------------------------------
 # The built family's table (from its ledger)

@@ -1,6 +1,7 @@
 """Training one model: the config, the optimizer, the spike guard, checkpoints, logging, the loop.
 
-- `config`: TrainConfig (validated, YAML/dict in and out; tokens_per_step, total_steps), the
+- `config`: TrainConfig (validated, YAML/dict in and out; tokens_per_step, total_steps) and
+  its `parallel:` section (ParallelConfig), the
   training defaults written once (DEFAULT_MAX_LR, DEFAULT_MIN_LR_RATIO), steps_for,
   check_seq_len, check_device, RESUME_FREE_KEYS and check_resumable (what a resumed run may
   change).
@@ -8,21 +9,24 @@
   apply_hyperparameters, check_optimizer.
 - `guard`: SpikeGuard, the loss-spike guard (skip, roll back, or stop as diverged).
 - `parallel`: Parallelism, the one interface to processes, devices and gradient reduction
-  (one process, or AllReduce under torchrun; DDP/FSDP2 plug in here), make_parallelism,
-  init_distributed, amp_dtype; the only module that calls torch.distributed.
+  (one process; under torchrun AllReduce, DDP or FSDP2), make_parallelism, init_distributed,
+  amp_dtype, share/barrier, DCP's sharded save and load; the only module that calls
+  torch.distributed.
 - `checkpoint`: complete, atomic checkpoints (Hugging Face directories plus optimizer and
-  trainer state), latest_checkpoint, load/save.
+  trainer state; the sharded state of FSDP runs), latest_checkpoint, load/save.
 - `metrics`: MetricsLogger (metrics.jsonl, TensorBoard, wandb), read_metrics, peak_flops.
 - `state`: what the loop and its callbacks share: Schedule, RunState (step, losses, ledger),
   Run (the run's parts).
 - `callbacks`: Callback (the hooks) and the built-in ones: MaskRamp (masked-growth ramp),
   Progress (train log line, progress bar), Validation (evaluate, on_eval), Checkpoints.
+- `setup`: before the loop: check_inputs, build_run (the model laid out by the Parallelism,
+  rank 0's state sent to the other ranks), resume_run.
 - `loop`: train() and TrainResult, forward_backward; the step, the spike guard's rollbacks.
 
-Imports point one way: optim imports config; state imports config, guard, metrics and
-parallel; callbacks imports state, checkpoint, config, metrics, optim and parallel; loop
-imports every other module here; config, guard, parallel, checkpoint and metrics import
-nothing of train/. train/ may import errors, checks, io, model, data and grow; nothing of
+Imports point one way: optim and parallel import config; checkpoint imports parallel; state
+imports config, guard, metrics and parallel; callbacks imports state, checkpoint, config,
+metrics, optim and parallel; setup imports all of these; loop imports setup and what it
+uses; config, guard and metrics import nothing of train/. train/ may import errors, checks, io, model, data and grow; nothing of
 growfam.config (which imports train.config), family/ or the CLI.
 """
 
@@ -35,9 +39,11 @@ from growfam.train.checkpoint import (
     save_checkpoint,
 )
 from growfam.train.config import (
+    STRATEGIES,
     DEFAULT_MAX_LR,
     DEFAULT_MIN_LR_RATIO,
     RESUME_FREE_KEYS,
+    ParallelConfig,
     TrainConfig,
     check_device,
     check_resumable,
@@ -55,7 +61,7 @@ from growfam.train.optim import (
     make_optimizer,
     param_groups,
 )
-from growfam.train.parallel import AllReduce, Parallelism, init_distributed, make_parallelism
+from growfam.train.parallel import DDP, FSDP, AllReduce, Parallelism, init_distributed, make_parallelism
 from growfam.train.state import Run, RunState, Schedule
 
 __all__ = [
@@ -63,11 +69,15 @@ __all__ = [
     "DEFAULT_MIN_LR_RATIO",
     "RESUME_FREE_KEYS",
     "SPIKE_EMA_BETA",
+    "STRATEGIES",
+    "DDP",
+    "FSDP",
     "AllReduce",
     "Callback",
     "Checkpoints",
     "MaskRamp",
     "MetricsLogger",
+    "ParallelConfig",
     "Parallelism",
     "Progress",
     "Run",

@@ -139,11 +139,13 @@ class Progress(Callback):
 @torch.no_grad()
 def evaluate(loss_fn: Callable, val_tokens, cfg: TrainConfig, batch_size: int, parallel: Parallelism,
              amp_dtype: torch.dtype | None) -> float:
-    """Mean validation loss over `eval_batches` batches of fixed, evenly spread windows of
-    `batch_size` sequences, shared out over the ranks."""
+    """Mean validation loss over fixed, evenly spread windows: `eval_batches` one-process
+    micro-batches of them (the same windows at any world size), in batches of `batch_size`
+    sequences shared out over the ranks."""
     device = parallel.device
     total = torch.zeros(2, device=device)  # sum of losses × windows, windows
-    batches = eval_windows(val_tokens, cfg.seq_len, cfg.eval_batches * batch_size, batch_size)
+    windows = cfg.eval_batches * (cfg.micro_batch_size or cfg.batch_size)
+    batches = eval_windows(val_tokens, cfg.seq_len, windows, batch_size)
     for i, (x, y) in enumerate(batches):
         if i % parallel.world != parallel.rank:
             continue
@@ -177,7 +179,8 @@ class Validation(Callback):
 
 class Checkpoints(Callback):
     """A checkpoint every `ckpt_every` steps (after an accepted step) and at the end, written
-    by rank 0; and loading one back into the model and optimizer."""
+    by rank 0 (by every rank, each its shards, under FSDP); and loading one back into the model
+    and optimizer."""
 
     @staticmethod
     def due(run: Run, step: int) -> bool:
@@ -203,9 +206,9 @@ class Checkpoints(Callback):
             "ledger": state.ledger, "window_losses": state.window_losses, "world_size": run.parallel.world,
             "config": run.run_config,
         }
-        if run.parallel.is_main:
+        if run.parallel.is_main or run.parallel.sharded:  # a sharded model is written by every rank
             save_checkpoint(run.out_dir, state.step, run.model, run.optimizer, trainer_state,
-                            tokenizer=run.tokenizer, keep_last=run.cfg.keep_last)
+                            tokenizer=run.tokenizer, keep_last=run.cfg.keep_last, parallel=run.parallel)
             run.log.log("checkpoint", state.step)
         run.parallel.barrier()
         return latest_checkpoint(run.out_dir)
@@ -214,6 +217,6 @@ class Checkpoints(Callback):
     def load(run: Run, path: Path) -> dict[str, Any]:
         """Copy checkpoint `path` into the model and optimizer (this config's hyperparameters
         applied); its trainer state. The run's state and the callbacks' are the caller's."""
-        saved = load_checkpoint(path, run.model, run.optimizer, run.parallel.device)
+        saved = load_checkpoint(path, run.model, run.optimizer, run.parallel.device, run.parallel)
         apply_hyperparameters(run.optimizer, run.cfg)
         return saved

@@ -10,6 +10,13 @@ Layout under a run's `out_dir`:
       step_0000200/
       latest                 one line: the name of the newest complete checkpoint
 
+Under FSDP (sharded parameters) a checkpoint also holds `dcp/`, the model and AdamW state as
+torch.distributed.checkpoint writes them (each rank its shards, in parallel), instead of
+optimizer.pt; its Hugging Face files are gathered to rank 0 and written there. A checkpoint
+with dcp/ resumes on any number of processes (DCP reshards; one process reads every shard),
+and a whole one (optimizer.pt) resumes under FSDP too: rank 0 reads it and sends each rank its
+shards.
+
 A checkpoint is written into a temporary sibling directory and renamed into place; only then
 is `latest` replaced (os.replace), and only then are checkpoints beyond `keep_last` deleted.
 A crash or a full disk at any point leaves every checkpoint that `latest` can name complete.
@@ -25,6 +32,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +41,12 @@ import torch
 from growfam.errors import GrowfamError, TrainingDiverged
 from growfam.io import atomic_directory, atomic_write_text
 from growfam.model import Llama, load_pretrained, save_pretrained
+from growfam.train.parallel import (Parallelism, load_sharded, local, named_optimizer_state, save_sharded,
+                                    share)
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+SHARDED_DIR = "dcp"
 LATEST_FILE = "latest"
 
 
@@ -94,7 +105,8 @@ def decode_rng(state: dict[str, Any]) -> None:
 
 
 def nonfinite_tensors(model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
-    """Names of the model's parameters (and "optimizer KEY of NAME" entries) holding NaN/inf."""
+    """Names of the model's parameters (and "optimizer KEY of NAME" entries) holding NaN/inf
+    (in this rank's shards of a sharded model: see Parallelism.union)."""
     tensors = list(model.named_parameters()) if model is not None else []
     names = {id(p): n for n, p in tensors}
     if optimizer is not None:
@@ -102,24 +114,25 @@ def nonfinite_tensors(model: torch.nn.Module | None, optimizer: torch.optim.Opti
                     for key, v in state.items() if torch.is_tensor(v) and v.is_floating_point()]
     if not tensors:
         return []
-    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).tolist()  # one device sync
+    finite = torch.stack([torch.isfinite(local(t)).all() for _, t in tensors]).tolist()  # one device sync
     return [n for (n, _), ok in zip(tensors, finite) if not ok]
 
 
 def save_checkpoint(out_dir: str | Path, step: int, model: Llama, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], *, tokenizer=None, keep_last: int = 2) -> Path:
+                    trainer_state: dict[str, Any], *, tokenizer=None, keep_last: int = 2,
+                    parallel: Parallelism | None = None) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, prune to `keep_last`; its path.
 
     trainer_state must be JSON-serialisable. Any OSError (unwritable directory, full disk)
     becomes a GrowfamError, and the checkpoints written before stay as they were. NaN/inf in
     the weights or the optimizer state raise TrainingDiverged and nothing is written.
+    parallel: a sharded (FSDP) run's strategy; then every rank calls this (see save_sharded).
     """
+    if parallel is not None and parallel.sharded:
+        return _save_sharded(parallel, out_dir, step, model, optimizer, trainer_state, tokenizer, keep_last)
     root = checkpoint_root(out_dir)
     target = root / _step_dir_name(step)
-    bad = nonfinite_tensors(model, optimizer)
-    if bad:
-        raise TrainingDiverged(f"NaN/inf in {', '.join(bad[:3])}{' …' if len(bad) > 3 else ''} at step {step}: "
-                               f"checkpoint not written; the earlier checkpoints in {root} are intact")
+    _refuse_nonfinite(nonfinite_tensors(model, optimizer), step, root)
 
     def write(tmp: Path) -> None:
         save_pretrained(model, tmp, tokenizer=tokenizer)
@@ -127,16 +140,83 @@ def save_checkpoint(out_dir: str | Path, step: int, model: Llama, optimizer: tor
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1) + "\n")
 
     try:
-        atomic_directory(target, write)
-        atomic_write_text(root / LATEST_FILE, target.name + "\n")
+        _publish(root, target, write)
     except (GrowfamError, OSError) as err:
-        detail = err.strerror if isinstance(err, OSError) and err.strerror else err
-        raise GrowfamError(f"checkpoint for step {step} was not written ({detail}); "
-                           f"the earlier checkpoints in {root} are intact") from None
+        raise _not_written(step, root, err) from None
+    _prune(root, target, keep_last)
+    return target
+
+
+def _save_sharded(parallel: Parallelism, out_dir: str | Path, step: int, model: Llama,
+                  optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any], tokenizer, keep_last: int) -> Path:
+    """save_checkpoint of a sharded model, on every rank: rank 0 makes the temporary directory
+    and tells the others, every rank writes its shards into dcp/ there, rank 0 writes the
+    gathered Hugging Face files and the trainer state and publishes it; every rank raises the
+    same error when any of it fails."""
+    root = checkpoint_root(out_dir)
+    target = root / _step_dir_name(step)
+    _refuse_nonfinite(parallel.union(nonfinite_tensors(model, optimizer)), step, root)
+    whole = parallel.full_state(model)  # collective: rank 0 gets the weights, on the CPU
+    told = False
+
+    def write(tmp: Path) -> None:
+        nonlocal told
+        with torch.device("meta"):
+            skeleton = Llama(model.cfg)
+        skeleton.load_state_dict(whole, assign=True)
+        save_pretrained(skeleton, tmp, tokenizer=tokenizer)  # first: it replaces the directory
+        share(str(tmp))
+        told = True
+        save_sharded(model, optimizer, tmp / SHARDED_DIR)
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1) + "\n")
+
+    error = None
+    if parallel.is_main:
+        try:
+            _publish(root, target, write)
+        except Exception as err:  # noqa: BLE001 -- DCP raises its own types; every rank must hear of it
+            error = str(_not_written(step, root, err))
+            if not told:
+                share(None)
+    else:
+        tmp = share(None)
+        if tmp is not None:
+            with suppress(Exception):  # DCP raises on every rank alike; rank 0 reports it
+                save_sharded(model, optimizer, Path(tmp) / SHARDED_DIR)
+    error = share(error)
+    if error is not None:
+        raise GrowfamError(error)
+    if parallel.is_main:
+        _prune(root, target, keep_last)
+    return target
+
+
+def _refuse_nonfinite(bad: list[str], step: int, root: Path) -> None:
+    if bad:
+        raise TrainingDiverged(f"NaN/inf in {', '.join(bad[:3])}{' …' if len(bad) > 3 else ''} at step {step}: "
+                               f"checkpoint not written; the earlier checkpoints in {root} are intact")
+
+
+def _publish(root: Path, target: Path, write) -> None:
+    """Write the checkpoint directory through a temporary one, then point `latest` at it."""
+    atomic_directory(target, write)
+    atomic_write_text(root / LATEST_FILE, target.name + "\n")
+
+
+def _not_written(step: int, root: Path, err: BaseException) -> GrowfamError:
+    if isinstance(err, OSError) and err.strerror:
+        detail = err.strerror
+    else:
+        detail = err if isinstance(err, (GrowfamError, OSError)) else _describe(err)
+    return GrowfamError(f"checkpoint for step {step} was not written ({detail}); "
+                        f"the earlier checkpoints in {root} are intact")
+
+
+def _prune(root: Path, target: Path, keep_last: int) -> None:
+    """Delete the complete checkpoints older than the newest `keep_last` (never `target`)."""
     for old in _checkpoints(root)[:-keep_last] if keep_last > 0 else []:
         if old != target:
             shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def broken_checkpoint(path: str | Path, problem: str) -> GrowfamError:
@@ -195,15 +275,36 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | Path, model: Llama, optimizer: torch.optim.Optimizer | None = None,
-                    device: torch.device | None = None) -> dict[str, Any]:
+                    device: torch.device | None = None, parallel: Parallelism | None = None) -> dict[str, Any]:
     """Copy checkpoint weights (and optimizer state) into `model` / `optimizer`; trainer state.
 
     The model must have the checkpoint's shape; the tensors are copied in place, so references
     held elsewhere (an optimizer, a compiled wrapper) stay valid. A damaged checkpoint (any
     failure reading it, or NaN/inf in it) raises a `broken_checkpoint` GrowfamError.
+    parallel: the run's strategy when every rank of a run calls this together; None: this
+    process alone (a sharded checkpoint's every shard is read here).
     """
     path = Path(path)
     state = read_trainer_state(path)
+    if (path / SHARDED_DIR).is_dir():
+        try:
+            load_sharded(model, optimizer, path / SHARDED_DIR, alone=parallel is None)
+        except Exception as err:  # noqa: BLE001 -- DCP and torch raise many types for a damaged file
+            raise broken_checkpoint(path, f"sharded state: {_describe(err)}") from None
+    elif parallel is not None and parallel.sharded:
+        _load_whole_into_shards(path, model, optimizer, parallel)
+    else:
+        _load_whole(path, model, optimizer, device)
+        return state
+    bad = nonfinite_tensors(model, optimizer)
+    bad = parallel.union(bad) if parallel is not None else bad
+    if bad:
+        raise broken_checkpoint(path, f"NaN/inf in {', '.join(bad[:3])}")
+    return state
+
+
+def _load_whole(path: Path, model: Llama, optimizer: torch.optim.Optimizer | None, device: torch.device | None) -> None:
+    """Load a checkpoint of whole tensors (Hugging Face weights, optimizer.pt) into a whole model."""
     try:
         saved = load_pretrained(path)
         with torch.no_grad():
@@ -215,7 +316,25 @@ def load_checkpoint(path: str | Path, model: Llama, optimizer: torch.optim.Optim
         raise broken_checkpoint(path, f"NaN/inf in {', '.join(bad[:3])}")
     if optimizer is not None:
         load_optimizer_state(path, optimizer, device)
-    return state
+
+
+def _load_whole_into_shards(path: Path, model: Llama, optimizer: torch.optim.Optimizer | None,
+                            parallel: Parallelism) -> None:
+    """A checkpoint of whole tensors into a sharded model (a one-process run resumed under
+    FSDP): rank 0 reads it and sends every rank its shards."""
+    weights = moments = problem = None
+    if parallel.is_main:
+        try:
+            weights = load_pretrained(path).state_dict()
+            if optimizer is not None:
+                saved = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+                moments = named_optimizer_state(saved, model, optimizer)
+        except Exception as err:  # noqa: BLE001 -- as in _load_whole
+            problem = _describe(err)
+    problem = share(problem)
+    if problem is not None:
+        raise broken_checkpoint(path, problem)
+    parallel.load_from_main(model, optimizer, weights, moments)
 
 
 def load_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer,

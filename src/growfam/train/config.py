@@ -7,13 +7,13 @@ refuses a config that differs from a checkpoint's in any other key.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from growfam.checks import as_int, as_number, check_keys
+from growfam.checks import as_choice, as_int, as_mapping, as_number, check_keys
 from growfam.errors import ConfigError
 from growfam.io import read_yaml
 from growfam.model import ModelConfig, resolve_config
@@ -23,6 +23,55 @@ DEFAULT_MAX_LR = 3e-4
 #: The cosine floor as a fraction of the peak when a config gives neither min_lr nor
 #: min_lr_ratio (Llama's convention; the paper states none).
 DEFAULT_MIN_LR_RATIO = 0.1
+
+
+#: parallel.strategy values; "auto" is "none" for one process and "fsdp" for several.
+STRATEGIES = ("auto", "none", "ddp", "fsdp")
+
+
+@dataclass
+class ParallelConfig:
+    """The `parallel:` section: how the processes torchrun starts share one run.
+
+    strategy: "none" (every rank holds the whole model; gradients averaged one tensor at a time
+        after the backward pass), "ddp" (DistributedDataParallel: bucketed all-reduce overlapped
+        with the backward pass, none during gradient accumulation), "fsdp" (FSDP2: parameters,
+        gradients and AdamW moments sharded over the ranks, each transformer block gathered in
+        turn), or "auto" (none for one process, fsdp for several).
+    activation_checkpointing: recompute each block's activations during the backward pass
+        instead of keeping them (any strategy).
+    mixed_precision: FSDP's compute dtype: "bf16" gathers the parameters in bfloat16 and
+        reduces gradients in float32, "none" keeps float32, "auto" is bf16 when the run computes
+        in bfloat16 (TrainConfig.dtype). Master weights and moments stay float32.
+    reshard_after_forward: FSDP frees each block's gathered parameters after its forward pass
+        and gathers them again for the backward pass (less memory, more communication).
+    compile: torch.compile each transformer block (the form that composes with FSDP2).
+    """
+
+    strategy: str = "auto"
+    activation_checkpointing: bool = False
+    mixed_precision: str = "auto"
+    reshard_after_forward: bool = True
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        as_choice(self.strategy, STRATEGIES, "parallel.strategy")
+        as_choice(self.mixed_precision, ("auto", "bf16", "none"), "parallel.mixed_precision")
+        for name in ("activation_checkpointing", "reshard_after_forward", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"parallel.{name} must be true or false, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ParallelConfig":
+        data = {} if data is None else as_mapping(data, "parallel")
+        check_keys(data, [f.name for f in dataclasses.fields(cls)], "parallel")
+        return cls(**data)
+
+    def resolved(self, world: int) -> str:
+        """The strategy for `world` processes ("auto" decided)."""
+        if self.strategy == "auto":
+            return "fsdp" if world > 1 else "none"
+        return self.strategy
 
 
 @dataclass
@@ -53,7 +102,8 @@ class TrainConfig:
         Master weights and optimizer state are always float32.
     compile: torch.compile the loss function.
     eval_every: validate every N steps (0: only at the end); eval_batches: micro-batches of
-        validation windows per evaluation.
+        validation windows per evaluation (as one process splits them: the same windows at
+        any number of ranks).
     ckpt_every: checkpoint every N steps (0: only at the end); keep_last: checkpoints kept (0: all).
     log_every: log the mean training loss every N steps.
     spike_factor: a loss above spike_factor × the guard's baseline skips the update (None: only
@@ -70,6 +120,7 @@ class TrainConfig:
         repeat them once consumed.
     tensorboard: also write TensorBoard logs (when tensorboard is installed).
     wandb_project: log to this Weights & Biases project (needs wandb installed).
+    parallel: a ParallelConfig (or its mapping): DDP / FSDP2 under torchrun.
     """
 
     model: ModelConfig | None = None
@@ -105,8 +156,11 @@ class TrainConfig:
     max_unique_tokens: int | None = None
     tensorboard: bool = True
     wandb_project: str | None = None
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.parallel, ParallelConfig):
+            self.parallel = ParallelConfig.from_dict(self.parallel)
         if self.model is not None:
             self.model = resolve_config(self.model)
         for name, low in (("batch_size", 1), ("seq_len", 1), ("eval_batches", 1), ("log_every", 1),
@@ -215,7 +269,7 @@ def check_device(spec: Any) -> None:
 #: bookkeeping and hardware, not the loss trajectory.
 RESUME_FREE_KEYS = frozenset({
     "out_dir", "data", "device", "compile", "micro_batch_size", "eval_every", "eval_batches",
-    "ckpt_every", "keep_last", "log_every", "tensorboard", "wandb_project", "max_rollbacks",
+    "ckpt_every", "keep_last", "log_every", "tensorboard", "wandb_project", "max_rollbacks", "parallel",
 })
 
 

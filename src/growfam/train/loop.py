@@ -14,7 +14,8 @@ AdamW state is kept, its learning rate follows this stage's schedule). Each opti
    only after an accepted step, and never with NaN/inf in the weights or AdamW moments: such
    an update is rolled back instead).
 
-The loop itself does 1-3 and the rollbacks; the rest are callbacks (train/callbacks.py):
+The loop itself does 1-3 and the rollbacks; the checks before it, the run's parts and resuming
+are in train/setup.py; the rest are callbacks (train/callbacks.py):
 MaskRamp, Progress, Validation and Checkpoints, then any the caller adds. Processes and
 gradient reduction go through one `Parallelism` (train/parallel.py).
 
@@ -31,39 +32,37 @@ are floating-point operations (6·N·D with non-embedding N, and the attention-i
 `model.flops_per_token`).
 
 Multi-process (torchrun): data is sharded by rank, the gradient and the loss are averaged over
-ranks, only rank 0 logs and writes checkpoints, and checkpoints are whole Hugging Face
-directories a single process can read.
+ranks (TrainConfig.parallel: DDP, FSDP2, or tensor by tensor), rank 0's model is the one every
+rank starts from, only rank 0 logs, and every checkpoint is a Hugging Face directory a single
+process can read (under FSDP with the sharded state beside it, which any number of processes
+resumes).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from growfam.data import PackedWindows, TokenDataset
-from growfam.errors import ConfigError, GrowfamError, TrainingDiverged
-from growfam.io import check_folder, remove_stale_temporaries
-from growfam.model import Llama, ModelConfig, flops_per_token, num_params
+from growfam.errors import TrainingDiverged
+from growfam.io import remove_stale_temporaries
+from growfam.model import Llama
 from growfam.train.callbacks import Callback, Checkpoints, MaskRamp, Progress, Validation, load_states
-from growfam.train.checkpoint import (STATE_FILE, broken_checkpoint, checkpoint_root, decode_rng,
-                                      latest_checkpoint, nonfinite_tensors, read_trainer_state)
-from growfam.train.config import TrainConfig, check_resumable
-from growfam.train.guard import SpikeGuard
+from growfam.train.checkpoint import checkpoint_root, latest_checkpoint, nonfinite_tensors
+from growfam.train.config import TrainConfig
 from growfam.train.metrics import MetricsLogger
-from growfam.train.optim import apply_hyperparameters, check_optimizer, lr_at, lr_bounds, make_optimizer
-from growfam.train.parallel import Parallelism, amp_dtype, make_parallelism
-from growfam.train.state import Run, Schedule
+from growfam.train.optim import lr_at, lr_bounds
+from growfam.train.parallel import make_parallelism
+from growfam.train.setup import build_run, check_inputs, resume_run
+from growfam.train.state import Run
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -119,7 +118,8 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
 
     model / optimizer: start from these (a grown model and its transferred AdamW state)
         instead of a fresh, seeded initialisation; the optimizer's LR follows the schedule,
-        and its betas, eps and weight decay are set from cfg.
+        and its betas, eps and weight decay are set from cfg. Under several processes only
+        rank 0's are read (the others may pass None, with cfg.model set to its shape).
     tokenizer: saved into every checkpoint (default: the dataset's tokenizer).
     on_eval(step, val_loss): called after each validation; returning True stops the run there
         (with a final checkpoint), e.g. when the loss has converged.
@@ -137,14 +137,14 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
     the one to fall back to. A full disk is a GrowfamError that leaves earlier checkpoints
     intact. Temporaries of killed checkpoint writes are removed at the start.
     """
-    parallel = make_parallelism(cfg.device)
-    cfg, schedule, dataset, ckpt = _check_inputs(cfg, model, dataset, resume, parallel.world)
-    run = _build(cfg, schedule, parallel, model, optimizer, dataset, tokenizer)
+    parallel = make_parallelism(cfg.device, cfg.parallel, cfg.dtype)
+    cfg, schedule, dataset, ckpt = check_inputs(cfg, model, dataset, resume, parallel.world)
+    run = build_run(cfg, schedule, parallel, model, optimizer, dataset, tokenizer, resuming=ckpt is not None)
     checkpoints = Checkpoints()
     run.callbacks = [MaskRamp(run.model), Progress(), Validation(on_eval), checkpoints, *callbacks]
     if parallel.is_main:
         remove_stale_temporaries(checkpoint_root(cfg.out_dir))  # of checkpoint writes that were killed
-    if ckpt is not None and _resume(run, ckpt)["finished"]:
+    if ckpt is not None and resume_run(run, ckpt)["finished"]:
         return _result(run, ckpt)  # a completed run: nothing to do but report it
     run.log = MetricsLogger(cfg.out_dir, enabled=parallel.is_main, resume=ckpt is not None,
                             tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project, run_config=run.run_config)
@@ -182,7 +182,8 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
 
         # An update that overflowed the weights is never checkpointed: go back instead. (Checked
         # only when a checkpoint is due; otherwise the next loss shows it as NaN.)
-        overflow = verdict == "ok" and checkpoints.due(run, state.step) and bool(nonfinite_tensors(model, optimizer))
+        overflow = verdict == "ok" and checkpoints.due(run, state.step) and \
+            bool(parallel.union(nonfinite_tensors(model, optimizer)))
         if overflow or (verdict == "skip" and state.step == total_steps and guard.streak):
             # Nor does a run end amid spikes it was rolled back for and has not got past.
             verdict = guard.rollback(state.step)
@@ -242,7 +243,7 @@ def _roll_back(run: Run, checkpoints: Checkpoints) -> None:
         saved = checkpoints.load(run, back_to)
         state.step = saved["step"]
         load_states(run.callbacks, saved)
-    elif nonfinite_tensors(run.model, run.optimizer):
+    elif run.parallel.union(nonfinite_tensors(run.model, run.optimizer)):
         raise _diverged(run, "NaN/inf in the weights and no checkpoint to roll back to")
     elif state.step == run.schedule.total_steps:
         raise _diverged(run, "the last step was a loss spike and there is no checkpoint to roll back to")
@@ -265,119 +266,6 @@ def _diverged(run: Run, reason: str) -> TrainingDiverged:
     kept = f"keeping the last checkpoint, {good.name}" if good else "no checkpoint was written"
     return TrainingDiverged(f"training diverged at step {run.state.step}: {reason}; stopped, {kept}. "
                             f"Lower max_lr and start again in a new out_dir (not {run.out_dir})")
-
-
-# --------------------------------------------------------------------------------------------
-# Before the loop: checks, parts, resume
-# --------------------------------------------------------------------------------------------
-
-
-def _check_inputs(cfg: TrainConfig, model: Llama | None, dataset, resume: bool | None,
-                  world: int) -> tuple[TrainConfig, Schedule, Any, Path | None]:
-    """Check every input before any work or write. Returns the config with its model filled in,
-    the schedule, the dataset (opened from cfg.data unless given) and the checkpoint to resume."""
-    out_dir = Path(cfg.out_dir)
-    check_folder(out_dir, "out_dir")
-    if model is None and cfg.model is None:
-        raise ConfigError("no model: set `model` in the train config or pass one to train()")
-    if model is not None and cfg.model is not None and _shape(cfg.model) != _shape(model.cfg):
-        raise ConfigError(f"the model handed to train() is not the configured one: {model.cfg} vs {cfg.model}")
-    if cfg.model is None:
-        cfg = cfg.replace(model=model.cfg)
-    schedule = Schedule.of(cfg, world)
-    if dataset is None:
-        if cfg.data is None:
-            raise ConfigError("no data: set `data` in the train config to a prepared dataset directory")
-        dataset = TokenDataset.open(cfg.data)
-    if dataset.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"the dataset's vocabulary ({dataset.vocab_size}) is larger than the model's "
-                          f"({cfg.model.vocab_size})")
-    ckpt = latest_checkpoint(out_dir)
-    if resume is True and ckpt is None:
-        raise GrowfamError(f"nothing to resume: {out_dir} holds no checkpoint")
-    if resume is False and ckpt is not None:
-        raise GrowfamError(f"{out_dir} holds checkpoints of an earlier run (latest: {ckpt.name}); "
-                           "resume it, or choose another out_dir to start over")
-    if ckpt is not None:
-        check_resumable(read_trainer_state(ckpt)["config"], _run_config(cfg), ckpt)
-    return cfg, schedule, dataset, ckpt
-
-
-def _build(cfg: TrainConfig, schedule: Schedule, parallel: Parallelism, model: Llama | None,
-           optimizer: torch.optim.Optimizer | None, dataset, tokenizer) -> Run:
-    """The run's parts: the model on its device (seeded when fresh), data, optimizer, guard."""
-    device = parallel.device
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # float32 runs use the TF32 tensor cores
-    if model is None:
-        torch.manual_seed(cfg.seed)
-        model = Llama(cfg.model)  # initialised on the CPU, so the same seed gives the same model anywhere
-    if tokenizer is None and hasattr(dataset, "tokenizer"):
-        tokenizer = dataset.tokenizer()
-    windows = PackedWindows(dataset.tokens("train"), cfg.seq_len, schedule.micro_batch, cfg.seed,
-                            rank=parallel.rank, world_size=parallel.world, max_unique_tokens=cfg.max_unique_tokens)
-    val_tokens = dataset.tokens("val")
-    if len(val_tokens) <= cfg.seq_len:
-        if parallel.is_main:
-            print(f"growfam train: the validation split holds no window of {cfg.seq_len + 1} tokens; "
-                  "training without validation")
-        val_tokens = None
-    model = parallel.wrap(model.to(device))
-    if optimizer is None:
-        optimizer = make_optimizer(model, cfg, device)
-    else:
-        check_optimizer(model, optimizer)
-        # load_state_dict casts every state tensor to its parameter's device and dtype.
-        optimizer.load_state_dict(optimizer.state_dict())
-    apply_hyperparameters(optimizer, cfg)
-    guard = SpikeGuard(cfg.spike_factor, cfg.spike_patience, cfg.spike_window, cfg.spike_lr_factor,
-                       cfg.max_rollbacks, baseline=math.log(model.cfg.vocab_size))
-    return Run(cfg=cfg, schedule=schedule, parallel=parallel, model=model, optimizer=optimizer,
-               loss_fn=_loss_fn(model, cfg.compile), amp_dtype=amp_dtype(cfg.dtype, device), windows=windows,
-               val_tokens=val_tokens, guard=guard, tokenizer=tokenizer, run_config=_run_config(cfg),
-               nonembedding_params=num_params(model.cfg, "nonembedding"),
-               attn_flops_per_token=flops_per_token(model.cfg, cfg.seq_len))
-
-
-def _resume(run: Run, ckpt: Path) -> dict[str, Any]:
-    """Load checkpoint `ckpt` into the run: weights, AdamW state, progress, data cursor, guard,
-    RNG, callbacks' states. Its trainer state; a broken_checkpoint error when it does not load."""
-    saved = Checkpoints.load(run, ckpt)
-    state = run.state
-    try:
-        state.step, state.train_loss, state.val_loss = saved["step"], saved["train_loss"], saved["val_loss"]
-        # Ranks advance in lock-step, so rank 0's cursor position is every rank's.
-        run.windows.load_state_dict({**saved["data"], "rank": run.parallel.rank})
-        run.guard.load_state_dict(saved["guard"])
-        state.ledger = saved["ledger"]
-        state.window_losses = [float(x) for x in saved.get("window_losses", [])]
-        state.stopped_early = saved["stopped_early"]
-        decode_rng(saved["rng"])
-        load_states(run.callbacks, saved)
-    except GrowfamError:
-        raise  # the checkpoint is whole but does not fit this run (another data stream, ...)
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
-        raise broken_checkpoint(ckpt, f"{STATE_FILE}: {type(err).__name__}: {err}") from None
-    return saved
-
-
-def _loss_fn(model: Llama, compile: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """model.loss, compiled on request. Forward hooks come and go during a run (growth masks):
-    the compiled code guards on them, which torch.compile does not do by default."""
-    if not compile:
-        return model.loss
-    return torch._dynamo.config.patch(skip_nnmodule_hook_guards=False)(torch.compile(model.loss))
-
-
-def _run_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The config as JSON values: what checkpoints record and a resume is compared with."""
-    return json.loads(json.dumps(cfg.to_dict()))
-
-
-def _shape(cfg: ModelConfig) -> dict[str, Any]:
-    """A ModelConfig's fields that define the network (not its name or advertised size)."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in ("name", "nominal_params")}
 
 
 def _result(run: Run, hf_dir: Path) -> TrainResult:

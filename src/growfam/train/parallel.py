@@ -1,26 +1,43 @@
 """Processes, devices and gradient reduction: the one seam where several GPUs plug in.
 
-`make_parallelism(device)` is called once per run and returns the strategy the loop talks to;
-nothing else in train/ calls torch.distributed. Today there are two:
+`make_parallelism(device, options, dtype)` is called once per run and returns the strategy
+the loop talks to; nothing else in train/ calls torch.distributed. The strategies
+(TrainConfig.parallel.strategy):
 
 - `Parallelism`: one process, rank 0 of a world of 1; every reduction is a no-op.
-- `AllReduce`: several processes under torchrun, each holding the whole model; after a step's
-  micro-batches the gradients (and the loss) are averaged over ranks, one tensor at a time.
+- `AllReduce` ("none" under torchrun): every rank holds the whole model; after a step's
+  micro-batches the gradients are averaged over ranks, one tensor at a time.
+- `DDP`: DistributedDataParallel, its bucketed all-reduce overlapped with the backward pass,
+  none during gradient accumulation (no_sync before the last micro-batch).
+- `FSDP`: FSDP2 (`fully_shard` on each transformer block, then the root, on a 1-D device
+  mesh): parameters, gradients and AdamW moments sharded over the ranks; gradients clipped
+  over the shards; checkpoints through torch.distributed.checkpoint (DCP). It runs in one
+  process too (a group of one), so one GPU can train with FSDP2's mixed precision.
 
-DDP and FSDP2 fill in the same methods: `wrap` (DDP's wrapper, FSDP2's fully_shard),
-`micro_batch` (DDP's no_sync before the last micro-batch), `reduce_gradients` (nothing left to
-do after DDP's backward hooks), `clip_grad_norm` (over sharded gradients).
+With several processes (or FSDP), rank 0's model — freshly seeded, handed to train(), or read
+from a checkpoint — is the one every rank trains: the others build the same shape on the meta
+device and receive rank 0's weights (and AdamW state) with `load_from_main`, so no rank but
+rank 0 ever holds the whole model or optimizer state in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict, set_state_dict)
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
+
+from growfam.train.config import ParallelConfig
 
 
 def init_distributed() -> None:
@@ -30,6 +47,33 @@ def init_distributed() -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0, 1 outside a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def share(obj: Any) -> Any:
+    """Rank 0's `obj` (any picklable value) on every rank; `obj` itself in one process."""
+    if rank_and_world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in one process)."""
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor) tensor; any other tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def amp_dtype(spec: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain float32."""
     if spec == "bfloat16" or (spec == "auto" and device.type == "cuda"):
@@ -37,22 +81,57 @@ def amp_dtype(spec: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Recompute each transformer block's activations in the backward pass instead of keeping
+    them. The block's forward is replaced in place, so parameter names do not change."""
+    for block in model.layers:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def _on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model on `device`: moved, or allocated there (uninitialised) when it is on meta."""
+    if any(p.is_meta for p in model.parameters()):
+        return model.to_empty(device=device)
+    return model.to(device)
+
+
 class Parallelism:
     """One process training alone (rank 0 of 1): the base every strategy overrides."""
 
-    def __init__(self, device: torch.device, rank: int = 0, world: int = 1) -> None:
+    sharded = False  # parameters split over ranks: checkpoints go through DCP
+    from_main = False  # the model is built on rank 0 and sent to the others (load_from_main)
+
+    def __init__(self, device: torch.device, rank: int = 0, world: int = 1,
+                 options: ParallelConfig | None = None, compute_dtype: torch.dtype | None = None) -> None:
         self.device = device
         self.rank = rank
         self.world = world
+        self.options = options or ParallelConfig()
+        self.compute_dtype = compute_dtype  # the run's autocast dtype (None: float32)
 
     @property
     def is_main(self) -> bool:
         """Rank 0: the process that logs and writes checkpoints."""
         return self.rank == 0
 
+    @property
+    def fused_adamw(self) -> bool:
+        """Whether AdamW may use its fused kernels on these parameters."""
+        return self.device.type in ("cuda", "cpu")
+
     def wrap(self, model: nn.Module) -> nn.Module:
-        """The module to train (the model itself here)."""
-        return model
+        """The model to train, on this rank's device (allocated there when it is on meta), with
+        activation checkpointing and per-block compilation as configured. The same object."""
+        if self.options.activation_checkpointing:
+            checkpoint_blocks(model)
+        if self.options.compile:
+            for block in model.layers:
+                block.compile()
+        return _on_device(model, self.device)
+
+    def loss_fn(self, model: nn.Module):
+        """(idx, targets) [B, T] -> mean loss, through whatever wrapper reduces gradients."""
+        return model.loss
 
     def micro_batch(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
         """The context of one micro-batch's forward and backward; `last`: the step's final one,
@@ -69,12 +148,70 @@ class Parallelism:
         """Scale the gradients to a total 2-norm of at most max_norm; the norm before, a scalar."""
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
+    def union(self, names: list[str]) -> list[str]:
+        """Every rank's `names` together (the ranks of a sharded model see different tensors)."""
+        return names
+
     def barrier(self) -> None:
         """Wait for every rank."""
 
+    def load_from_main(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict | None,
+                       optimizer_state: dict | None = None) -> None:
+        """Copy rank 0's whole `model_state` (and `optimizer_state`, keyed by parameter names:
+        see named_optimizer_state) into every rank's `model` and `optimizer`, laid out as they
+        are; the other ranks pass None. Collective."""
+        with_moments = share(optimizer_state is not None)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, model_state if self.is_main else {}, options=options)
+        if with_moments:
+            set_optimizer_state_dict(model, optimizer, optimizer_state if self.is_main else {}, options=options)
+
+
+def named_optimizer_state(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """An optimizer state dict as `optimizer.state_dict()` gives it (parameters numbered in the
+    order of the groups) keyed by parameter names instead, the form set_optimizer_state_dict
+    takes. model, optimizer: any pair with these groups and parameter names, sharded or not."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {"state": {order[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder) -> None:
+    """Write the model's and optimizer's state (each rank its shards) as a DCP checkpoint;
+    collective: every rank calls it with the same folder."""
+    import torch.distributed.checkpoint as dcp
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, folder, alone: bool = False) -> None:
+    """Read a DCP checkpoint into the model (and optimizer), resharded to however they are laid
+    out now (any world size, sharded or whole). Collective, unless `alone` or outside a process
+    group: one process reading every shard (rank 0 consolidating a checkpoint between family
+    stages, a one-process resume)."""
+    import torch.distributed.checkpoint as dcp
+
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+    else:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+    with warnings.catch_warnings():  # DCP warns that reading alone is what it assumes
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(folder), no_dist=alone or not dist.is_initialized())
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
 
 class AllReduce(Parallelism):
-    """Several processes (torchrun), each with the whole model; gradients averaged by all_reduce."""
+    """Several processes (torchrun), each with the whole model; gradients averaged by all_reduce,
+    one tensor at a time after the backward pass (strategy "none"; the baseline DDP beats)."""
+
+    from_main = True
 
     def reduce_gradients(self, model: nn.Module) -> None:
         self.average([p.grad for p in model.parameters() if p.grad is not None])
@@ -89,6 +226,85 @@ class AllReduce(Parallelism):
         dist.barrier()
 
 
+class _Loss(nn.Module):
+    """model.loss as a module's forward: DDP must be called to reduce the gradients."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(idx, targets)
+
+
+class DDP(AllReduce):
+    """DistributedDataParallel: gradients averaged in buckets while the backward pass runs."""
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = super().wrap(model)
+        # gradient_as_bucket_view: the gradients live in DDP's buckets (no copy in and out)
+        self.ddp = DistributedDataParallel(_Loss(model), device_ids=[self.device] if self.device.type == "cuda"
+                                           else None, gradient_as_bucket_view=True)
+        return model
+
+    def loss_fn(self, model: nn.Module):
+        return self.ddp
+
+    def micro_batch(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if last else self.ddp.no_sync()
+
+    def reduce_gradients(self, model: nn.Module) -> None:
+        pass  # done by DDP's hooks during the last micro-batch's backward
+
+
+class FSDP(AllReduce):
+    """FSDP2: fully_shard on each transformer block, then on the root, over all ranks."""
+
+    sharded = True
+
+    @property
+    def fused_adamw(self) -> bool:
+        return self.device.type == "cuda"  # torch's fused CPU AdamW does not take DTensors
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        mixed = self.options.mixed_precision
+        bf16 = mixed == "bf16" or (mixed == "auto" and self.compute_dtype == torch.bfloat16)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+            else MixedPrecisionPolicy()
+        if self.options.activation_checkpointing:
+            checkpoint_blocks(model)
+        for block in model.layers:
+            if self.options.compile:
+                block.compile()
+            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=self.options.reshard_after_forward)
+        # The root (embedding, final norm, head) is gathered for the whole step: the head is
+        # needed right after the forward pass ends.
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+        return _on_device(model, self.device)
+
+    def reduce_gradients(self, model: nn.Module) -> None:
+        pass  # reduce-scattered by FSDP during each backward pass
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        return super().clip_grad_norm(model, max_norm).full_tensor()
+
+    def union(self, names: list[str]) -> list[str]:
+        every = [None] * self.world
+        dist.all_gather_object(every, names)
+        return sorted(set().union(*every))
+
+    def full_state(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The whole model's state dict on the CPU on rank 0 (None on the others); collective."""
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.is_main else None
+
+
 def resolve_device(spec: str, world: int = 1) -> torch.device:
     """The device a config's spec names; "auto" is cuda (cuda:LOCAL_RANK under torchrun) when
     there is one, else the CPU."""
@@ -99,10 +315,18 @@ def resolve_device(spec: str, world: int = 1) -> torch.device:
     return torch.device("cpu")
 
 
-def make_parallelism(device: str) -> Parallelism:
-    """The strategy for this process: AllReduce in a process group of several ranks, else one
-    process. device: the config's spec (see resolve_device)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
-        else (0, 1)
+def make_parallelism(device: str, options: ParallelConfig | None = None, dtype: str = "auto") -> Parallelism:
+    """The strategy for this process. device, dtype: the config's specs (see resolve_device,
+    amp_dtype); options: its `parallel` section. FSDP in a single process runs in a process
+    group of one."""
+    options = options or ParallelConfig()
+    rank, world = rank_and_world()
     resolved = resolve_device(device, world)
-    return AllReduce(resolved, rank, world) if world > 1 else Parallelism(resolved, rank, world)
+    strategy = options.resolved(world)
+    if strategy == "none" and world == 1:
+        return Parallelism(resolved, rank, world, options, amp_dtype(dtype, resolved))
+    if world == 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
+    kind = {"none": AllReduce, "ddp": DDP, "fsdp": FSDP}[strategy]
+    return kind(resolved, rank, world, options, amp_dtype(dtype, resolved))

@@ -1,0 +1,65 @@
+"""GPU memory of training a model with FSDP2, estimated for planning (`growfam plan --memory`).
+
+Per GPU, for a model of P parameters sharded over N GPUs as the trainer shards it (FSDP2 on
+each block and the root, float32 master weights, bf16 mixed precision), in bytes:
+
+- parameters: 4·P/N (float32 shards);
+- gradients: 4·P/N (float32 shards, after the reduce-scatter);
+- AdamW moments: 8·P/N (exp_avg and exp_avg_sq, float32);
+- gathered: what FSDP2 holds whole for a while: the root's bf16 parameters (embedding, head,
+  final norm; gathered for the whole step) and two blocks' (the one computing and the one
+  prefetched), plus the float32 gradients of the root and of one block before they are
+  reduce-scattered;
+- activations: what the backward pass needs of a micro-batch of B sequences of T tokens.
+  Per block and token, in bf16: the two RMSNorms' input, float32 upcast and output (8·d
+  each), attention's q, k, v after RoPE and its output (4·d + 4·kv, flash attention keeps no
+  T×T scores), the FFN's gate, up, silu(gate) and their product (8·f). With activation
+  checkpointing only each block's input (2·d) is kept, and one block's full set is rebuilt
+  at a time. The head adds 12·V bytes per token (the float32 log-softmax, its gradient and
+  the logits' gradient). d: d_model, kv: n_kv_heads·head_dim, f: ffn_dim, V: vocab_size.
+
+An estimate: the CUDA context (~0.5 GiB), the allocator's fragmentation and temporary
+buffers of kernels come on top; bench/parallel.py --gpu measures the real peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from growfam.model import ModelConfig, num_params
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU of each part (see the module docstring); `total` is their sum."""
+
+    parameters: float
+    gradients: float
+    moments: float
+    gathered: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.moments + self.gathered + self.activations
+
+
+def fsdp_memory(cfg: ModelConfig, gpus: int, micro_batch: int, seq_len: int,
+                activation_checkpointing: bool = False) -> MemoryEstimate:
+    """Bytes per GPU of training `cfg` with FSDP2 over `gpus` GPUs on micro-batches of
+    `micro_batch` sequences of `seq_len` tokens (see the module docstring)."""
+    total, block = num_params(cfg, "total"), _block_params(cfg)
+    root = total - cfg.n_layers * block
+    d, kv, f, vocab = cfg.d_model, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim, cfg.vocab_size
+    tokens = micro_batch * seq_len
+    per_block = 2 * 8 * d + (4 * d + 4 * kv) + 8 * f  # bytes per token: norms, attention, FFN
+    kept = cfg.n_layers * 2 * d + per_block if activation_checkpointing else cfg.n_layers * per_block
+    return MemoryEstimate(parameters=4 * total / gpus, gradients=4 * total / gpus, moments=8 * total / gpus,
+                          gathered=2 * (root + 2 * block) + 4 * (root + block),
+                          activations=tokens * (kept + 12 * vocab))
+
+
+def _block_params(cfg: ModelConfig) -> int:
+    """Parameters of one transformer block: attention, SwiGLU FFN and the two norm gains."""
+    attention = 2 * cfg.d_model * cfg.n_heads * cfg.head_dim + 2 * cfg.d_model * cfg.n_kv_heads * cfg.head_dim
+    return attention + 3 * cfg.d_model * cfg.ffn_dim + 2 * cfg.d_model

@@ -1,0 +1,266 @@
+"""Several processes (CPU, gloo, 2 ranks): DDP and FSDP2 match one process; sharded checkpoints
+survive SIGKILL and resume on another world size; the parallel section's checks."""
+
+import os
+import shutil
+import signal
+import socket
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from growfam.errors import ConfigError, GrowfamError
+from growfam.train import Callback, TrainConfig, train
+from growfam.train.checkpoint import SHARDED_DIR, latest_checkpoint, read_trainer_state
+from growfam.train.config import ParallelConfig
+
+from test_train import ArrayDataset, config, step_losses
+
+# max_lr 1e-3: Adam's first steps turn float-rounding differences of the gradient into weight
+# differences of the order of the learning rate times them; 1e-5 holds with room.
+RUN = dict(max_steps=8, ckpt_every=4, max_lr=1e-3, batch_size=4, micro_batch_size=1)
+
+
+class Data(ArrayDataset):
+    """1248 training windows of 16 tokens: one epoch on 1 rank is one epoch on 2, so a cursor
+    moves between world sizes exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.splits["train"] = self.splits["train"][: 1248 * 16 + 1]
+
+
+class Kill(Callback):
+    """Kill this process (SIGKILL: no cleanup of any kind) when step `at` is done."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, run):
+        if run.state.step == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Interrupt(Callback):
+    def on_step_end(self, run):
+        if run.state.step == 6:
+            raise KeyboardInterrupt
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ranks(rank: int, port: int, jobs: list[tuple]) -> None:
+    """Each job: (out_dir, strategy, kill_at or None), trained in order by both ranks."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        for out_dir, strategy, kill_at in jobs:
+            cfg = config(out_dir, **RUN, parallel={"strategy": strategy})
+            train(cfg, dataset=Data(), callbacks=[Kill(kill_at)] if kill_at else [])
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def two_ranks(*jobs: tuple) -> None:
+    torch.multiprocessing.spawn(_ranks, args=(_free_port(), list(jobs)), nprocs=2)
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(latest_checkpoint(run_dir) / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One process: an uninterrupted run, and one interrupted after its step-4 checkpoint.
+    Two ranks (one launch): per-tensor averaging, DDP, FSDP2 (uninterrupted), the interrupted
+    one-process run resumed under FSDP2 (1 -> 2), and an FSDP2 run killed with SIGKILL at step 6."""
+    root = tmp_path_factory.mktemp("parallel")
+    train(config(root / "one", **RUN), dataset=Data())
+    with pytest.raises(KeyboardInterrupt):
+        train(config(root / "one_to_two", **RUN), dataset=Data(), callbacks=[Interrupt()])
+    with pytest.raises(torch.multiprocessing.ProcessExitedException, match="SIGKILL"):
+        two_ranks((root / "none", "none", None), (root / "ddp", "ddp", None), (root / "fsdp", "fsdp", None),
+                  (root / "one_to_two", "fsdp", None), (root / "killed", "fsdp", 6))
+    shutil.copytree(root / "killed", root / "two_to_one")
+    two_ranks((root / "killed", "fsdp", None))
+    return root
+
+
+def test_ddp_and_fsdp_match_one_process(runs):
+    one = step_losses(runs / "one" / "run")
+    assert sorted(one) == list(range(1, 9))
+    for strategy in ("none", "ddp", "fsdp"):
+        assert step_losses(runs / strategy / "run") == pytest.approx(one, abs=1e-5)
+        assert_same_weights(weights(runs / strategy / "run"), weights(runs / "one" / "run"))
+    state = read_trainer_state(latest_checkpoint(runs / "fsdp" / "run"))
+    assert (state["step"], state["world_size"], state["finished"]) == (8, 2, True)
+    assert (latest_checkpoint(runs / "fsdp" / "run") / SHARDED_DIR).is_dir()
+    assert not (latest_checkpoint(runs / "ddp" / "run") / SHARDED_DIR).exists()  # DDP: whole, from rank 0
+
+
+def test_a_killed_fsdp_run_resumes_on_the_uninterrupted_trajectory(runs):
+    killed = runs / "killed" / "run"
+    assert step_losses(killed) == pytest.approx(step_losses(runs / "fsdp" / "run"), abs=0)  # same world: exact
+    assert_same_weights(weights(killed), weights(runs / "fsdp" / "run"))
+    # the SIGKILL left the step-4 checkpoint as the one to resume, and no temporaries behind
+    names = sorted(p.name for p in (killed / "checkpoints").iterdir())
+    assert names == ["latest", "step_0000004", "step_0000008"]
+
+
+def test_checkpoints_resume_on_another_world_size(runs):
+    # 2 -> 1: the sharded step-4 checkpoint of the killed run, in one process
+    result = train(config(runs / "two_to_one", **RUN), dataset=Data())
+    assert result.steps == 8
+    assert step_losses(runs / "two_to_one" / "run") == pytest.approx(step_losses(runs / "one" / "run"), abs=1e-5)
+    assert_same_weights(weights(runs / "two_to_one" / "run"), weights(runs / "one" / "run"))
+    # 1 -> 2: a one-process checkpoint (whole tensors) resumed under FSDP2
+    assert step_losses(runs / "one_to_two" / "run") == pytest.approx(step_losses(runs / "one" / "run"), abs=1e-5)
+    assert_same_weights(weights(runs / "one_to_two" / "run"), weights(runs / "one" / "run"))
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
+    train(config(tmp_path / "plain", max_steps=3), dataset=Data())
+    train(config(tmp_path / "ac", max_steps=3, parallel={"activation_checkpointing": True}), dataset=Data())
+    assert step_losses(tmp_path / "ac" / "run") == step_losses(tmp_path / "plain" / "run")  # recomputed exactly
+    assert_same_weights(weights(tmp_path / "ac" / "run"), weights(tmp_path / "plain" / "run"))
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"strategy": "zero3"}, "parallel.strategy must be auto or none or ddp or fsdp, got 'zero3'"),
+    ({"mixed_precision": "fp8"}, "parallel.mixed_precision must be auto or bf16 or none"),
+    ({"compile": "yes"}, "parallel.compile must be true or false"),
+    ({"shard": True}, "unknown key 'shard' in parallel"),
+    ("fsdp", "parallel must be a mapping"),
+])
+def test_a_bad_parallel_section_is_one_clear_line(tmp_path, section, message):
+    with pytest.raises(ConfigError, match=message):
+        config(tmp_path, parallel=section)
+
+
+def test_the_parallel_section_reads_from_yaml_and_auto_depends_on_the_world(tmp_path):
+    (tmp_path / "train.yaml").write_text("max_steps: 2\nparallel: {strategy: ddp, activation_checkpointing: true}\n")
+    cfg = TrainConfig.load(tmp_path / "train.yaml")
+    assert cfg.parallel == ParallelConfig(strategy="ddp", activation_checkpointing=True)
+    assert (ParallelConfig().resolved(1), ParallelConfig().resolved(2)) == ("none", "fsdp")
+
+
+def test_a_data_cursor_that_cannot_move_to_another_world_size_is_refused():
+    from growfam.data import PackedWindows
+
+    tokens = torch.arange(4 * 25 + 1).numpy()  # 25 windows: 2 ranks drop one, 1 rank does not
+    two = PackedWindows(tokens, seq_len=4, batch_size=2, seed=0, rank=0, world_size=2)
+    two.next_batch()
+    one = PackedWindows(tokens, seq_len=4, batch_size=4, seed=0)
+    with pytest.raises(GrowfamError, match="cursor of 2 rank.*cannot be carried over exactly to 1"):
+        one.load_state_dict(two.state_dict())
+    # 24 windows: the same epochs; the two ranks' 4 windows are the first 4 of the order
+    tokens = tokens[: 4 * 24 + 1]
+    two = PackedWindows(tokens, seq_len=4, batch_size=2, seed=0, rank=0, world_size=2)
+    first = two.next_batch()
+    one = PackedWindows(tokens, seq_len=4, batch_size=4, seed=0)
+    expected = one.next_batch()
+    assert set(first[0][:, 0].tolist()) < set(expected[0][:, 0].tolist())
+    one.load_state_dict(two.state_dict())
+    assert torch.equal(one.next_batch()[0], PackedWindows(tokens, seq_len=4, batch_size=8, seed=0).next_batch()[0][4:])
+
+
+# ---- a family under torchrun ---------------------------------------------------------------------
+
+
+def test_a_family_built_under_torchrun_matches_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 -m growfam family run`: two FSDP2 ranks train each stage, rank
+    0 grows the first member into the second; the same losses and members as one process."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from growfam.config import FamilyConfig
+    from growfam.data import prepare
+    from growfam.family import run_family
+    from test_family import TEXT, spec
+
+    prepare(TEXT, "train:300", tmp_path / "ds", val_fraction=0.05, progress=False)
+    family = spec(tokens={"explicit": [1000, 2000]}, lr={"policy": "fixed", "max": 1e-3},
+                  growth={"width": "masked", "depth": "stack", "mask_steps": 4},  # masks too go to every rank
+                  train={"eval_every": 4, "eval_batches": 2, "ckpt_every": 4, "log_every": 1, "tensorboard": False,
+                         "device": "cpu"})
+    (tmp_path / "pair.yaml").write_text(yaml.safe_dump(family.to_dict()))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "growfam", "family", "run", str(tmp_path / "pair.yaml"), "--out", str(tmp_path / "two"),
+                           "--data", str(tmp_path / "ds")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("[progressive] large: val loss") == 1  # rank 0 alone reports
+    run_family(FamilyConfig.from_yaml(tmp_path / "pair.yaml"), tmp_path / "one", data=str(tmp_path / "ds"),
+               log=lambda line: None)
+    one, two = (json.loads((tmp_path / d / "family.json").read_text())["modes"]["progressive"] for d in ("one", "two"))
+    for a, b in zip(one, two):
+        assert (a["name"], a["steps"], a["tokens"]) == (b["name"], b["steps"], b["tokens"])
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-5)
+        run = ("runs", "progressive", a["name"])
+        assert step_losses(tmp_path.joinpath("two", *run)) == pytest.approx(step_losses(tmp_path.joinpath("one", *run)),
+                                                                           abs=1e-5)
+        assert_same_weights(load_file(str(tmp_path / "two" / "progressive" / a["name"] / "model.safetensors")),
+                            load_file(str(tmp_path / "one" / "progressive" / a["name"] / "model.safetensors")))
+    assert (two[1]["growth"]["width"], two[1]["growth"]["target"]["d_model"]) == ("masked", 64)
+
+
+def test_bad_parallel_settings_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    import growfam.family.pipeline as pipeline
+    from growfam.cli import main
+    from test_family import spec
+    from test_train import cli_config
+
+    path = cli_config(tmp_path, monkeypatch, "max_steps: 2\n")
+    assert main(["train", str(path), "--set", "parallel={strategy: zero3}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "parallel.strategy must be auto or none or ddp or fsdp" in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="train section: unknown key 'shards' in parallel"):
+        spec(train={"parallel": {"shards": 2}})
+    # a world of 3 ranks cannot split a stage's batch of 4 sequences
+    monkeypatch.setattr(pipeline, "rank_and_world", lambda: (0, 3))
+    with pytest.raises(ConfigError, match=r"stage small: batch_size 4 must split into 3 rank\(s\)"):
+        pipeline.check_family(spec(), tmp_path / "family")
+    assert not (tmp_path / "family").exists()
+
+
+# ---- memory per GPU ------------------------------------------------------------------------------
+
+
+def test_the_memory_estimate_counts_the_models_tensors_and_shards_them():
+    from growfam.model import Llama, ModelConfig
+    from growfam.train.memory import fsdp_memory
+
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=128, max_seq_len=32)
+    params = sum(p.numel() for p in Llama(cfg).parameters())
+    one, four = fsdp_memory(cfg, 1, 2, 16), fsdp_memory(cfg, 4, 2, 16)
+    assert (one.parameters, one.gradients, one.moments) == (4 * params, 4 * params, 8 * params)
+    assert (four.parameters, four.moments) == (params, 2 * params)  # sharded over 4
+    assert four.activations == one.activations and four.gathered == one.gathered  # whole on each GPU
+    checkpointed = fsdp_memory(cfg, 1, 2, 16, activation_checkpointing=True)
+    assert checkpointed.activations < one.activations
+    assert fsdp_memory(cfg, 1, 4, 16).activations == 2 * one.activations  # linear in the micro-batch
+
+
+def test_cli_plan_memory_prints_each_member(capsys):
+    from growfam.cli import main
+
+    assert main(["plan", "paper-r2", "--memory", "--gpus", "8", "--activation-checkpointing"]) == 0
+    out = capsys.readouterr().out
+    assert "FSDP2 over 8 GPU(s)" in out and "micro-batch 8 sequences" in out  # the family's micro_batch_size
+    assert all(name in out for name in ("paper-1b", "paper-2b", "paper-4b", "paper-8b"))
+    assert main(["plan", "--memory", "--gpus", "0"]) == 2
+    assert "--gpus must be an integer >= 1" in capsys.readouterr().err
