@@ -18,7 +18,7 @@ import torch
 
 from growfam import __version__
 from growfam.errors import GrowfamError
-from growfam.eval.target import Member, Target, resolve_target
+from growfam.eval.target import LoadedMembers, Member, Target, resolve_target
 from growfam.family.ledger import MODES, read_ledger, write_ledger
 from growfam.model import load_pretrained
 from growfam.report.numbers import loss
@@ -216,14 +216,7 @@ def family_consistency(target: Target, pairs: str = "adjacent", windows: int = 6
                                f"{large.config.vocab_size}: KL needs one vocabulary")
     tokens = target.dataset().tokens("val")
     window, torch_device = target.window(), resolve_device(device, 1)
-    loaded: dict[Path, torch.nn.Module] = {}
-
-    def model(member: Member) -> torch.nn.Module:
-        if member.path not in loaded:
-            if len(loaded) >= 2:  # at most a pair in memory
-                loaded.pop(next(iter(loaded)))
-            loaded[member.path] = load_pretrained(member.path, dtype=torch.float32, device=torch_device).eval()
-        return loaded[member.path]
+    model = LoadedMembers(torch_device)
 
     section = {"growfam": __version__, "pairs": pairs, "windows": windows, "window": window, "modes": {}}
     for mode, mode_pairs in plan.items():

@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from growfam.errors import GrowfamError
 from growfam.family.ledger import LEDGER, MODES, read_ledger
-from growfam.model import read_hf_config
+from growfam.model import load_pretrained, read_hf_config
 from growfam.model.config import ModelConfig
 
 
@@ -57,6 +59,26 @@ class Target:
         stages = self.ledger.get("plan", {}).get("stages") or []
         lengths = [s["seq_len"] for s in stages if isinstance(s, dict) and isinstance(s.get("seq_len"), int)]
         return min(lengths + [m.config.max_seq_len for m in self.members])
+
+
+class LoadedMembers:
+    """Members' models, loaded on first use in float32 on `device` and kept `keep` at a time
+    (the one loaded first goes first): a pair walk over a family holds a pair in memory.
+    on_load(model) runs once after each load (e.g. a warm-up)."""
+
+    def __init__(self, device: torch.device, keep: int = 2, on_load=None):
+        self.device, self.keep, self.on_load = device, keep, on_load
+        self.loaded: dict[Path, torch.nn.Module] = {}
+
+    def __call__(self, member: Member) -> torch.nn.Module:
+        if member.path not in self.loaded:
+            if len(self.loaded) >= self.keep:
+                self.loaded.pop(next(iter(self.loaded)))
+            model = load_pretrained(member.path, dtype=torch.float32, device=self.device).eval()
+            if self.on_load is not None:
+                self.on_load(model)
+            self.loaded[member.path] = model
+        return self.loaded[member.path]
 
 
 def _member(name: str, mode: str | None, path: Path) -> Member:

@@ -47,6 +47,20 @@ class Generation:
     draft_calls: int = 0
     wall_s: float = 0.0
 
+    def add(self, other: "Generation") -> None:
+        """Sum `other` into this one (its tokens appended): totals over several prompts."""
+        self.tokens += other.tokens
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+        self.verified += other.verified
+        self.target_calls += other.target_calls
+        self.draft_calls += other.draft_calls
+        self.wall_s += other.wall_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.tokens) / self.wall_s if self.wall_s else float("nan")
+
     @property
     def acceptance(self) -> float:
         """accepted / drafted (nan without drafting)."""

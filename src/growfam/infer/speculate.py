@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -32,10 +31,9 @@ from growfam import __version__
 from growfam.checks import as_int, as_number
 from growfam.errors import ConfigError, GrowfamError
 from growfam.eval.consistency import chunk_divergence
-from growfam.eval.target import Member, Target
+from growfam.eval.target import LoadedMembers, Member, Target
 from growfam.family.ledger import read_ledger, write_ledger
 from growfam.infer.generate import Generation, generate, speculative_generate
-from growfam.model import load_pretrained
 
 PROG, IND = "progressive", "independent"
 #: (draft mode, target mode) in Table 5's order.
@@ -115,30 +113,6 @@ def expected_acceptance(draft: torch.nn.Module, target: torch.nn.Module, sequenc
     return float(1.0 - chunk_divergence(logits_q / temperature, logits_p / temperature)[..., 2].mean())
 
 
-@dataclass
-class _Totals:
-    """Counts summed over the prompts."""
-
-    tokens: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    verified: int = 0
-    target_calls: int = 0
-    wall_s: float = 0.0
-
-    def add(self, out: Generation) -> None:
-        self.tokens += len(out.tokens)
-        self.drafted += out.drafted
-        self.accepted += out.accepted
-        self.verified += out.verified
-        self.target_calls += out.target_calls
-        self.wall_s += out.wall_s
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.wall_s if self.wall_s else float("nan")
-
-
 def _ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
@@ -176,20 +150,13 @@ def family_speculative(target: Target, opts: SpeculateOptions) -> dict:
     pairs = check_speculate(target, opts)
     device = resolve_device(opts.device, 1)
     prompts = cut_prompts(target.dataset().tokens("val"), opts.prompts, opts.prompt_tokens)
-    loaded: dict[Path, torch.nn.Module] = {}
+    # warm-up on load: a model's first calls are slow
+    model = LoadedMembers(device, on_load=lambda m: generate(m, prompts[0].tolist(), 4))
 
-    def model(member: Member) -> torch.nn.Module:
-        if member.path not in loaded:
-            if len(loaded) >= 2:  # a pair in memory at most
-                loaded.pop(next(iter(loaded)))
-            loaded[member.path] = load_pretrained(member.path, dtype=torch.float32, device=device).eval()
-            generate(loaded[member.path], prompts[0].tolist(), 4)  # warm-up: first calls are slow
-        return loaded[member.path]
-
-    def decode(draft: Member, large: Member, temperature: float) -> tuple[_Totals, _Totals, torch.Tensor]:
+    def decode(draft: Member, large: Member, temperature: float) -> tuple[Generation, Generation, torch.Tensor]:
         """(target alone, speculative, prompts + the target's own continuations [N, L]); the two
         decodings alternate prompt by prompt, so a change in the machine's load hits both alike."""
-        alone, spec, continuations = _Totals(), _Totals(), []
+        alone, spec, continuations = Generation(), Generation(), []
         seeded = [torch.Generator(device=device).manual_seed(opts.seed) for _ in range(2)]
         common = dict(max_new_tokens=opts.max_new_tokens, temperature=temperature)
         for ids in prompts.tolist():
@@ -208,9 +175,9 @@ def family_speculative(target: Target, opts: SpeculateOptions) -> dict:
             row = {"temperature": temperature, "draft_mode": draft.mode, "draft": draft.name,
                    "target_mode": large.mode, "target": large.name, "drafted": spec.drafted,
                    "accepted": spec.accepted, "verified": spec.verified,
-                   "acceptance": _ratio(spec.accepted, spec.drafted), "alpha": _ratio(spec.accepted, spec.verified),
-                   "expected_acceptance": expected, "tokens": spec.tokens, "target_calls": spec.target_calls,
-                   "tokens_per_target_call": _ratio(spec.tokens, spec.target_calls),
+                   "acceptance": spec.acceptance, "alpha": _ratio(spec.accepted, spec.verified),
+                   "expected_acceptance": expected, "tokens": len(spec.tokens), "target_calls": spec.target_calls,
+                   "tokens_per_target_call": spec.tokens_per_target_call,
                    "tokens_per_s": spec.tokens_per_s, "target_only_tokens_per_s": alone.tokens_per_s,
                    "speedup": _ratio(spec.tokens_per_s, alone.tokens_per_s)}
             rows.append(row)
