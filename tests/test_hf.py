@@ -75,8 +75,13 @@ def test_pickled_weights_are_refused(tmp_path):
 @pytest.mark.parametrize("change,message", [
     ({"model_type": "gpt2"}, "growfam reads Llama models"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "unsupported RoPE scaling 'yarn'"),
-    ({"attention_bias": True}, "biases are not supported"),
-    ({"head_dim": 8}, "growfam needs head_dim = hidden_size / heads"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "unsupported RoPE scaling 'dynamic'"),
+    ({"mlp_bias": True}, "MLP biases are not supported"),
+    ({"model_type": "mistral", "attention_bias": True}, "attention_bias is not supported in a mistral"),
+    ({"num_local_experts": 8}, "mixture-of-experts models are not supported"),
+    ({"model_type": "mistral", "sliding_window": 16}, "sliding window attention .16 tokens < context"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16},
+     "sliding window attention"),
 ])
 def test_unsupported_configs_are_refused(change, message):
     base = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,

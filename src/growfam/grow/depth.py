@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from growfam.grow import maps
 from growfam.grow.width import Fill
 
-_OUTPUTS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
-_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
+# An o_proj bias writes the residual too; zero v biases keep a layer with zero norms silent.
+_OUTPUTS = ("self_attn.o_proj.weight", "self_attn.o_proj.bias", "mlp.down_proj.weight")
+_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.v_proj.bias",
+          "self_attn.o_proj.bias")
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ DEPTH_OPS: dict[str, DepthOp] = {op.name: op for op in (
             maps.spread_map),
     DepthOp("identity", "exact (inserted copies with zero o_proj and down_proj)", maps.spread_map,
             {s: "zero" for s in _OUTPUTS}),
-    DepthOp("redundant", "exact (inserted copies with zero RMSNorm gains)", maps.spread_map,
+    DepthOp("redundant", "exact (inserted copies with zero RMSNorm gains, v/o biases)", maps.spread_map,
             {s: "zero" for s in _NORMS}),
     DepthOp("zero", "exact (inserted layers all zero); they get no gradient", maps.spread_map,
             {"*": "zero"}),

@@ -29,6 +29,15 @@ _LAYER_SPACES = {
     "mlp.down_proj.weight": ("d", "f"),
 }
 
+#: Bias suffix -> the space it belongs to: a bias grows like its weight's rows (copied with
+#: them, filled where they are filled, never divided), so exact operators stay exact.
+_BIAS_SPACES = {"self_attn.q_proj.bias": "q", "self_attn.k_proj.bias": "kv",
+                "self_attn.v_proj.bias": "kv", "self_attn.o_proj.bias": "d"}
+
+#: Checkpoint features a grown model keeps: a target that leaves them at their defaults (a
+#: preset, a plain config) takes the source's; one that sets them otherwise is refused.
+_CARRIED = ("model_type", "qkv_bias", "o_bias", "rope_scaling", "sliding_window")
+
 #: The operators when a caller names none: the paper's (bert2BERT AKI width, stacking depth).
 DEFAULT_WIDTH, DEFAULT_DEPTH = "aki", "stack"
 
@@ -63,6 +72,19 @@ def check_growth(src: ModelConfig, tgt: ModelConfig) -> None:
                               "growth keeps it")
 
 
+def carry_over(src: ModelConfig, tgt: ModelConfig) -> ModelConfig:
+    """tgt with the source's model type, biases, RoPE scaling and window (see _CARRIED)."""
+    defaults = ModelConfig(d_model=2, n_layers=1, n_heads=1, ffn_dim=1)
+    changes = {}
+    for key in _CARRIED:
+        s, t = getattr(src, key), getattr(tgt, key)
+        if t == getattr(defaults, key):
+            changes[key] = s
+        elif t != s:
+            raise ConfigError(f"{key} differs ({s!r} -> {t!r}); growth keeps it")
+    return tgt.replace(**changes)
+
+
 @dataclass
 class GrowthPlan:
     """Everything a growth src -> target decides before touching a tensor.
@@ -84,6 +106,7 @@ class GrowthPlan:
              depth: str = DEFAULT_DEPTH, seed: int = 0) -> "GrowthPlan":
         width_op = lookup(WIDTH_OPS, "width", width)
         depth_op = lookup(DEPTH_OPS, "depth", depth)
+        target = carry_over(source, target)
         check_growth(source, target)
         check_width(width_op, source, target)
         target = target.replace(norm_eps=source.norm_eps * norm_rescale(width_op, source, target))
@@ -117,6 +140,8 @@ class GrowthPlan:
             return vocab, d.head()
         if name.endswith("norm.weight"):
             return (d.gain(op.gain_fill, factor, final=name == "norm.weight"),)
+        if name.endswith(".bias"):
+            return (self.spaces[_BIAS_SPACES[name.split(".", 2)[2]]].write(),)
         rows, cols = _LAYER_SPACES[name.split(".", 2)[2]]
         return self.spaces[rows].write(), self.spaces[cols].read()
 

@@ -213,7 +213,7 @@ def fill_new(t: torch.Tensor, fill: Fill, std: float | None,
         return
     if fill == "random" and std is None:
         t.fill_(1.0)  # a fresh RMSNorm gain
-    elif fill == "random":
+    elif fill == "random" and std:  # a bias (std 0) starts at zero
         t.normal_(0.0, std, generator=generator)
     else:
         t.zero_()

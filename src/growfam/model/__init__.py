@@ -33,6 +33,7 @@ from growfam.model.llama import (
     RMSNorm,
     apply_rope,
     rope_cos_sin,
+    rope_inv_freq,
     weight_std,
 )
 from growfam.model.presets import PRESETS, get_preset, known_presets
@@ -62,6 +63,7 @@ __all__ = [
     "read_hf_config",
     "resolve_config",
     "rope_cos_sin",
+    "rope_inv_freq",
     "save_pretrained",
     "weight_std",
 ]

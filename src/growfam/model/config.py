@@ -26,6 +26,13 @@ class ModelConfig:
     `n_kv_heads` None means multi-head attention (= n_heads). `nominal_params` is the size a
     member is advertised as (the paper's "1B"); it only matters to the planner's `nominal`
     counting and never to the network.
+
+    Released checkpoints (model.hf reads them): `head_dim` None means d_model // n_heads;
+    `model_type` is the Hugging Face architecture written back ("llama", "mistral", "qwen2");
+    `qkv_bias` / `o_bias` add biases to the q/k/v and o projections (Qwen2: q/k/v only);
+    `rope_scaling` is transformers' RoPE parameters without rope_theta ({"rope_type": "llama3"
+    or "linear", "factor": ...}); `sliding_window` (None: none) must cover max_seq_len, where
+    it changes nothing.
     """
 
     d_model: int
@@ -41,6 +48,12 @@ class ModelConfig:
     init_std: float = 0.02
     name: str = "custom"
     nominal_params: float | None = None
+    head_dim: int | None = None
+    model_type: str = "llama"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    rope_scaling: dict | None = None
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
@@ -57,22 +70,41 @@ class ModelConfig:
             value = getattr(self, key)
             if value is not None or key != "nominal_params":
                 setattr(self, key, as_number(value, f"{self.name}: {key}", above=0))
-        if not isinstance(self.tie_embeddings, bool):
-            raise ConfigError(f"{self.name}: tie_embeddings must be true or false, got {self.tie_embeddings!r}")
-        if self.d_model % self.n_heads:
-            raise ConfigError(
-                f"{self.name}: n_heads={self.n_heads} does not divide d_model={self.d_model}"
-            )
+        for key in ("tie_embeddings", "qkv_bias", "o_bias"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{self.name}: {key} must be true or false, got {getattr(self, key)!r}")
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ConfigError(
+                    f"{self.name}: n_heads={self.n_heads} does not divide d_model={self.d_model}"
+                )
+            self.head_dim = self.d_model // self.n_heads
+        self.head_dim = as_int(self.head_dim, f"{self.name}: head_dim", at_least=1)
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"{self.name}: n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}"
             )
         if self.head_dim % 2:
             raise ConfigError(f"{self.name}: head_dim={self.head_dim} must be even for RoPE")
+        self._check_architecture()
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def _check_architecture(self) -> None:
+        """ConfigError for a model type, bias pattern, RoPE scaling or window growfam cannot run."""
+        if self.model_type not in _BIASES:
+            raise ConfigError(f"{self.name}: model_type {self.model_type!r} is not supported "
+                              f"(known: {', '.join(_BIASES)})")
+        allowed = _BIASES[self.model_type]
+        if (self.qkv_bias, self.o_bias) not in allowed:
+            raise ConfigError(f"{self.name}: a {self.model_type} model has q/k/v bias, o bias in "
+                              f"{allowed}, got {(self.qkv_bias, self.o_bias)}")
+        if self.rope_scaling is not None:
+            self.rope_scaling = _check_rope_scaling(self.rope_scaling, self.name)
+        if self.sliding_window is not None:
+            self.sliding_window = as_int(self.sliding_window, f"{self.name}: sliding_window", at_least=1)
+            if self.sliding_window < self.max_seq_len:
+                raise ConfigError(
+                    f"{self.name}: sliding window attention ({self.sliding_window} tokens < context "
+                    f"{self.max_seq_len}) is not supported; growfam attends to the whole context")
 
     @property
     def n_rep(self) -> int:
@@ -81,7 +113,11 @@ class ModelConfig:
 
     # ---- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields; the checkpoint-only ones (head_dim, model_type, ...) only when they differ
+        from their defaults, so a plain Llama's dict is what it always was."""
+        out = dataclasses.asdict(self)
+        defaults = {**_CHECKPOINT_DEFAULTS, "head_dim": self.d_model // self.n_heads}
+        return {k: v for k, v in out.items() if k not in defaults or v != defaults[k]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
@@ -108,7 +144,43 @@ class ModelConfig:
             raise ConfigError(f"{path}: {err}") from None
 
     def replace(self, **changes) -> "ModelConfig":
+        """A copy with `changes`; a head_dim equal to d_model // n_heads follows the new shape."""
+        if "head_dim" not in changes and self.head_dim == self.d_model // self.n_heads:
+            changes["head_dim"] = None
         return dataclasses.replace(self, **changes)
+
+
+#: Allowed (qkv_bias, o_bias) per model type: Llama's attention_bias sets both, Qwen2 always
+#: has q/k/v biases and no o bias, Mistral none.
+_BIASES = {"llama": ((False, False), (True, True)), "mistral": ((False, False),),
+           "qwen2": ((True, False),)}
+_CHECKPOINT_DEFAULTS = {"model_type": "llama", "qkv_bias": False, "o_bias": False,
+                        "rope_scaling": None, "sliding_window": None}
+#: RoPE scaling types and their parameters (transformers' modeling_rope_utils names).
+ROPE_SCALINGS = {"linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                            "original_max_position_embeddings")}
+
+
+def _check_rope_scaling(scaling, name: str) -> dict:
+    """{"rope_type": ..., parameters as numbers}; ConfigError for another type or a bad value."""
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"{name}: rope_scaling must be a mapping, got {type(scaling).__name__}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_SCALINGS:
+        raise ConfigError(f"{name}: unsupported RoPE scaling {kind!r} (growfam runs "
+                          f"{', '.join(ROPE_SCALINGS)} or none)")
+    out = {"rope_type": kind}
+    for key in ROPE_SCALINGS[kind]:
+        if key not in scaling:
+            raise ConfigError(f"{name}: RoPE scaling {kind} needs {key!r}")
+        out[key] = as_number(scaling[key], f"{name}: rope {key}", above=0)
+    if kind == "llama3":
+        out["original_max_position_embeddings"] = as_int(
+            out["original_max_position_embeddings"], f"{name}: rope original_max_position_embeddings", at_least=1)
+        if out["high_freq_factor"] <= out["low_freq_factor"]:
+            raise ConfigError(f"{name}: RoPE llama3 needs high_freq_factor > low_freq_factor")
+    return out
 
 
 _INT_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len")
@@ -130,6 +202,7 @@ def num_params(cfg: ModelConfig, kind: str = "total") -> int:
     """
     d, hd = cfg.d_model, cfg.head_dim
     attn = d * cfg.n_heads * hd + 2 * d * cfg.n_kv_heads * hd + cfg.n_heads * hd * d
+    attn += (cfg.n_heads + 2 * cfg.n_kv_heads) * hd * cfg.qkv_bias + d * cfg.o_bias
     ffn = 3 * d * cfg.ffn_dim
     per_layer = attn + ffn + 2 * d  # two RMSNorm gains
     nonembedding = cfg.n_layers * per_layer + d  # final norm
@@ -142,7 +215,8 @@ def num_params(cfg: ModelConfig, kind: str = "total") -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
-    """Training FLOPs per token including attention: 6·N_matmul + 12·L·d·T.
+    """Training FLOPs per token including attention: 6·N_matmul + 12·L·H·hd·T (H·hd = d
+    unless head_dim is set apart).
 
     N_matmul is the non-embedding count plus the output head (V·d), because the head is a
     real matmul while the embedding is a lookup (the torchtitan / PaLM convention; DESIGN.md
@@ -150,5 +224,5 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
     """
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
     n_matmul = num_params(cfg, "nonembedding") + cfg.vocab_size * cfg.d_model
-    return 6 * n_matmul + 12 * cfg.n_layers * cfg.d_model * seq_len
+    return 6 * n_matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 

@@ -1,7 +1,7 @@
 """Hugging Face I/O: every family member is a directory `transformers` loads as is.
 
-A member directory holds `config.json` (LlamaConfig fields), `model.safetensors` (tensor names
-of `LlamaForCausalLM`) and, when known, the tokenizer files. Reading accepts directories that
+A member directory holds `config.json` (LlamaConfig fields, or Mistral / Qwen2 ones for a member
+grown from such a checkpoint), `model.safetensors` (tensor names of `LlamaForCausalLM`) and, when known, the tokenizer files. Reading accepts directories that
 transformers itself wrote, sharded or not, but only safetensors: loading never unpickles.
 Writing goes to a temporary directory renamed into place, so a crash never leaves a
 half-written member where a complete one was.
@@ -40,14 +40,22 @@ TOKENIZER_FILES = (
 # --------------------------------------------------------------------------------------------
 
 
-def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """The `config.json` dict of a LlamaForCausalLM with the shape of `cfg`.
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM"}
 
-    RoPE theta is written both as `rope_theta` (transformers 4.x) and `rope_parameters` (5.x).
+#: config.json keys of mixture-of-experts models (refused: growfam runs dense MLPs).
+_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """The `config.json` dict of a `cfg.model_type` model (LlamaForCausalLM, ...) of cfg's shape.
+
+    RoPE theta is written both as `rope_theta` (transformers 4.x) and in `rope_parameters`
+    (5.x), with the RoPE scaling there as transformers 5 writes it.
     """
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    hf = {
+        "architectures": [_ARCHITECTURES[cfg.model_type]],
+        "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.ffn_dim,
@@ -59,18 +67,24 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta},
         "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "initializer_range": cfg.init_std,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-        "growfam": {"name": cfg.name, "nominal_params": cfg.nominal_params},
     }
+    if cfg.model_type == "llama":
+        hf.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
+    else:  # Mistral and Qwen2 always attend to the whole context here (see ModelConfig)
+        hf["sliding_window"] = cfg.sliding_window
+    if cfg.model_type == "qwen2":
+        hf["use_sliding_window"] = False
+    return {**hf, "initializer_range": cfg.init_std,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+            "growfam": {"name": cfg.name, "nominal_params": cfg.nominal_params}}
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """A ModelConfig from a Llama `config.json` dict; ConfigError for what growfam cannot run.
+    """A ModelConfig from a Llama, Mistral or Qwen2 `config.json` dict; ConfigError for what
+    growfam cannot run (another type, MoE, MLP biases, RoPE scaling other than llama3 / linear,
+    a sliding window shorter than the context).
 
     Every value is checked (type and range) and an error names the config.json key.
     """
@@ -79,16 +93,23 @@ def config_from_hf(hf: dict) -> ModelConfig:
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
         if key not in hf:
             raise ConfigError(f"config.json lacks {key!r}")
-    model_type = hf.get("model_type")
-    if model_type not in ("llama", None):
-        raise ConfigError(f"config.json describes a {model_type!r} model; growfam reads Llama models")
+    model_type = hf.get("model_type") or "llama"
+    if model_type not in _ARCHITECTURES:
+        raise ConfigError(f"config.json describes a {model_type!r} model; growfam reads Llama "
+                          f"models ({', '.join(_ARCHITECTURES)})")
+    if any(hf.get(key) for key in _MOE_KEYS):
+        raise ConfigError("mixture-of-experts models are not supported (growfam grows dense MLPs)")
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"unsupported hidden_act {hf['hidden_act']!r} (Llama uses silu)")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ConfigError("attention/MLP biases are not supported (Llama has none)")
+    if hf.get("mlp_bias"):
+        raise ConfigError("MLP biases are not supported (Llama, Mistral and Qwen2 have none)")
+    if model_type != "llama" and hf.get("attention_bias"):
+        raise ConfigError(f"attention_bias is not supported in a {model_type} config")
+    bias = model_type == "qwen2" or bool(hf.get("attention_bias"))
     rope = _json_object(hf, "rope_parameters") or _json_object(hf, "rope_scaling")
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ConfigError(f"unsupported RoPE scaling {rope.get('rope_type', rope.get('type'))!r}")
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None
     extra = _json_object(hf, "growfam")
 
     def whole(key: str, default=None) -> int:
@@ -99,9 +120,6 @@ def config_from_hf(hf: dict) -> ModelConfig:
         return as_number(value, f"config.json {key}", above=0)
 
     d_model, n_heads = whole("hidden_size"), whole("num_attention_heads")
-    if hf.get("head_dim") is not None and whole("head_dim") * n_heads != d_model:
-        raise ConfigError(f"head_dim {hf['head_dim']} x {n_heads} heads != hidden_size {d_model}; "
-                          "growfam needs head_dim = hidden_size / heads")
     tie = hf.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
         raise ConfigError(f"config.json tie_word_embeddings must be true or false, got {tie!r}")
@@ -120,7 +138,24 @@ def config_from_hf(hf: dict) -> ModelConfig:
         init_std=positive(hf.get("initializer_range", 0.02), "initializer_range"),
         name=extra.get("name", "custom"),
         nominal_params=None if nominal is None else positive(nominal, "growfam.nominal_params"),
+        head_dim=None if hf.get("head_dim") is None else whole("head_dim"),
+        model_type=model_type,
+        qkv_bias=bias,
+        o_bias=bias and model_type == "llama",
+        rope_scaling=scaling,
+        sliding_window=_sliding_window(hf, model_type),
     )
+
+
+def _sliding_window(hf: dict, model_type: str) -> int | None:
+    """The window a Mistral or Qwen2 config.json applies (None: none); ModelConfig refuses one
+    shorter than the context."""
+    if model_type == "llama":
+        return None
+    layer_types = hf.get("layer_types") or []
+    if model_type == "qwen2" and not hf.get("use_sliding_window") and "sliding_attention" not in layer_types:
+        return None
+    return hf.get("sliding_window")
 
 
 def read_hf_config(path: str | Path) -> ModelConfig:

@@ -1,7 +1,8 @@
 """The Llama decoder growfam trains and its KV cache.
 
-The maths follows Hugging Face `LlamaForCausalLM` (pre-RMSNorm, rotate-half RoPE, SwiGLU, no
-biases, GQA) so that export is a rename of tensors and the logits match.
+The maths follows Hugging Face `LlamaForCausalLM` (pre-RMSNorm, rotate-half RoPE, SwiGLU, GQA;
+optional attention biases as Llama / Qwen2 have them, RoPE scaling llama3 / linear) so that
+export is a rename of tensors and the logits match.
 """
 
 from __future__ import annotations
@@ -72,14 +73,33 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def rope_inv_freq(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """[head_dim / 2] inverse frequencies, with cfg.rope_scaling applied as transformers'
+    modeling_rope_utils does (in float32 the same operations, so the same bits)."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).to(dtype) / hd))
+    scaling = cfg.rope_scaling or {"rope_type": "default"}
+    if scaling["rope_type"] == "linear":
+        inv_freq /= scaling["factor"]
+    elif scaling["rope_type"] == "llama3":  # long wavelengths / factor, short kept, smooth between
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_context / high) * ~(wavelen > old_context / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
 def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype):
     """cos, sin of shape [T, head_dim] for integer `positions` [T] (Hugging Face layout).
 
     Computed in float32 exactly as transformers does, or float64 for a float64 model.
     """
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=positions.device).to(work) / hd))
+    inv_freq = rope_inv_freq(cfg, work, positions.device)
     freqs = positions.to(work)[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -100,10 +120,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         hd = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=cfg.o_bias)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
         cfg = self.cfg
@@ -164,6 +184,8 @@ def weight_std(cfg: ModelConfig, name: str) -> float | None:
     """
     if name.endswith("norm.weight"):
         return None
+    if name.endswith(".bias"):
+        return 0.0
     scale = 1 / math.sqrt(2 * cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
     return cfg.init_std * scale
 
@@ -190,9 +212,11 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """N(0, init_std) weights; residual-writing projections scaled by 1/sqrt(2·L)."""
+        """N(0, init_std) weights; residual-writing projections scaled by 1/sqrt(2·L); biases 0."""
         for name, p in self.named_parameters():
-            if p.ndim == 1:
+            if name.endswith(".bias"):
+                p.zero_()
+            elif p.ndim == 1:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, weight_std(self.cfg, name), generator=generator)
