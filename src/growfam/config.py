@@ -26,7 +26,7 @@ from growfam.errors import ConfigError
 from growfam.grow import OPTIMIZER_MODES
 from growfam.grow.growth import DEFAULT_DEPTH, DEFAULT_WIDTH
 from growfam.io import read_yaml
-from growfam.model import PRESETS, ModelConfig, num_params, resolve_config
+from growfam.model import PRESETS, ModelConfig, num_params, read_hf_config, resolve_config
 from growfam.report.numbers import si
 from growfam.train.config import DEFAULT_MAX_LR, DEFAULT_MIN_LR_RATIO, ParallelConfig, TrainConfig, check_seq_len
 
@@ -230,6 +230,10 @@ class FamilyConfig:
         means each member's max_seq_len. (`batch_sizes` / `seq_lens` give the per-stage lists;
         the fields keep what was written, so a scalar still applies after `replace(members=...)`.)
     lr, growth, data, eval: the sections (a mapping is parsed). train: TrainConfig overrides.
+    start_from: a Hugging Face model directory (config.json, safetensors weights, tokenizer) that
+        is the first member, given rather than trained; members[0] must have its shape (or be
+        the directory itself). start_from_tokens: tokens to continue training it on (default 0:
+        published as it is). See family.plan for how its FLOPs are accounted.
     """
 
     members: list[ModelConfig]
@@ -245,11 +249,20 @@ class FamilyConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: dict[str, Any] = field(default_factory=dict)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    start_from: str | None = None
+    start_from_tokens: float = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.members, (list, tuple)) or not self.members:
             raise ConfigError("members must be a non-empty list of presets, config paths or configs")
+        raw_first = self.members[0]
         self.members = [_resolve_member(m, i) for i, m in enumerate(self.members)]
+        if self.start_from is not None:
+            self.start_from = str(self.start_from)
+            self.members[0] = _check_start_from(Path(self.start_from), self.members[0], raw_first)
+        self.start_from_tokens = as_number(self.start_from_tokens or 0, "start_from_tokens", at_least=0)
+        if self.start_from_tokens and self.start_from is None:
+            raise ConfigError("start_from_tokens continues a start_from checkpoint; give start_from: DIR too")
         n = len(self.members)
         if (self.chinchilla is None) == (self.tokens is None):
             raise ConfigError("give exactly one token rule: tokens: {chinchilla: R} or {explicit: [...]}")
@@ -326,7 +339,8 @@ class FamilyConfig:
 
     # ---- (de)serialisation ----------------------------------------------------------------
     KEYS: ClassVar[tuple[str, ...]] = ("name", "members", "tokens", "count", "nominal", "batch_size",
-                                       "seq_len", "lr", "growth", "data", "train", "eval")
+                                       "seq_len", "lr", "growth", "data", "train", "eval", "start_from",
+                                       "start_from_tokens")
 
     @classmethod
     def from_dict(cls, data: dict, base_dir: str | Path | None = None) -> "FamilyConfig":
@@ -337,9 +351,13 @@ class FamilyConfig:
             raise ConfigError("a family spec needs `members` and `batch_size`")
         tokens = as_mapping(data.get("tokens", {"chinchilla": 1}), "tokens")
         check_keys(tokens, ["chinchilla", "explicit"], "tokens")
-        members = data["members"]
+        members, start_from = data["members"], data.get("start_from")
+        if start_from is not None and not isinstance(start_from, (str, Path)):
+            raise ConfigError(f"start_from must be the path of a model directory, got {start_from!r}")
         if base_dir is not None and isinstance(members, list):
             members = [_relative_to(m, Path(base_dir)) for m in members]
+        if base_dir is not None and start_from is not None and not Path(start_from).is_absolute():
+            start_from = str(Path(base_dir) / start_from)
         return cls(
             members=members,
             batch_size=data["batch_size"],
@@ -347,6 +365,8 @@ class FamilyConfig:
             chinchilla=tokens.get("chinchilla"),
             tokens=tokens.get("explicit"),
             count=data.get("count", "nonembedding"),
+            start_from=start_from,
+            start_from_tokens=data.get("start_from_tokens", 0),
             **{key: data.get(key) for key in ("nominal", "seq_len")},
             **{key: data.get(key) for key in ("lr", "growth", "data", "train", "eval")},
         )
@@ -377,6 +397,8 @@ class FamilyConfig:
         }
         if self.nominal is not None:
             out["nominal"] = self.nominal
+        if self.start_from is not None:
+            out.update(start_from=self.start_from, start_from_tokens=self.start_from_tokens)
         return {**out, "growth": self.growth.to_dict(), "data": self.data.to_dict(), "train": dict(self.train),
                 "eval": self.eval.to_dict()}
 
@@ -389,6 +411,36 @@ def _resolve_member(member: Any, index: int) -> ModelConfig:
         return resolve_config(member)
     except ConfigError as err:
         raise ConfigError(f"members[{index}]: {err}") from None
+
+
+#: ModelConfig fields that do not describe a checkpoint's function (compared by _check_start_from).
+_LABELS = ("name", "nominal_params", "init_std")
+
+
+def _check_start_from(path: Path, first: ModelConfig, raw_first: Any) -> ModelConfig:
+    """The first member, checked against the model directory `path` it is given as: the
+    directory holds config.json, safetensors weights and tokenizer files, and its config is
+    `first`'s shape. A first member written as the directory itself and named nowhere (no growfam
+    name in config.json) takes the directory's name."""
+    where = f"start_from {path}"
+    if not path.is_dir():
+        raise ConfigError(f"{where}: no such directory")
+    given = read_hf_config(path)
+    if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        raise ConfigError(f"{where}: no model.safetensors (nor its index); not a model directory with weights")
+    if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        raise ConfigError(f"{where}: no tokenizer files (tokenizer.json); the family trains with the "
+                          "checkpoint's tokenizer, so it must be there")
+    ours, theirs = first.to_dict(), given.to_dict()
+    differ = [k for k in theirs if k not in _LABELS and ours.get(k) != theirs[k]]
+    if differ:
+        shown = ", ".join(f"{k} {theirs[k]} there, {ours.get(k)} here" for k in differ)
+        raise ConfigError(f"{where} is not members[0] ({first.name}): {shown} (give the directory itself "
+                          "as members[0] to take its shape)")
+    same_dir = isinstance(raw_first, (str, Path)) and Path(raw_first).resolve() == path.resolve()
+    if same_dir and first.name == ModelConfig.name:
+        return first.replace(name=path.name)
+    return first
 
 
 def _relative_to(member: Any, base: Path) -> Any:

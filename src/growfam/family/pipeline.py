@@ -9,6 +9,14 @@ hyper-parameters. Layout under out_dir:
     <mode>/<member>/              each member, a Hugging Face directory
     runs/<mode>/<member>/         its training run: metrics.jsonl, checkpoints/
 
+A family with `start_from: DIR` is given its first member: both modes publish DIR as it is
+(0 tokens; or continue it on `start_from_tokens`, from its weights with fresh AdamW moments),
+and Progressive grows stage 2 from it (with fresh moments when DIR was not trained: a release
+holds none). Independent still trains every later member from scratch: it is the baseline the
+grown members are measured against, and its small member is the same given checkpoint, since
+retraining it from scratch would spend D(N_1) on a model nobody asked for. The dataset must be
+tokenized with DIR's tokenizer.
+
 Everything is resumable: repeating the same command skips finished members, continues a
 stage from its last checkpoint, and redoes an expansion (it is seeded) that had not yet
 reached its first checkpoint.
@@ -31,7 +39,7 @@ import numpy as np
 import torch
 
 from growfam.config import PLANNED, FamilyConfig, GrowthConfig
-from growfam.data import TokenDataset, token_rows
+from growfam.data import DEFAULT_TOKENIZER, TokenDataset, load_tokenizer, token_rows
 from growfam.errors import ConfigError, GrowfamError
 from growfam.family.ledger import MODES, _check_same_run, read_ledger, write_ledger
 from growfam.family.plan import FamilyPlan, make_plan
@@ -117,30 +125,42 @@ class ConvergenceStop:
 # --------------------------------------------------------------------------------------------
 
 
+def _weight_files(src: Path) -> list[str]:
+    """The names of a Hugging Face directory's weight files: model.safetensors, or the index of
+    a sharded one and its shards."""
+    index = src / "model.safetensors.index.json"
+    if (src / "model.safetensors").is_file() or not index.is_file():
+        return ["model.safetensors"]
+    return [index.name, *sorted(set(read_json(index)["weight_map"].values()))]
+
+
 def _publish(result: TrainResult, member_dir: Path) -> None:
-    """Copy the final checkpoint's Hugging Face files into the member directory (atomically)."""
+    """Copy the final checkpoint's (or a given member's) Hugging Face files into the member
+    directory (atomically)."""
     src = Path(result.hf_dir)
+    extra = ["generation_config.json"] if (src / "generation_config.json").is_file() else []
 
     def write(tmp: Path) -> None:
-        for name in ("config.json", "model.safetensors"):
+        for name in ("config.json", *extra, *_weight_files(src)):
             shutil.copy2(src / name, tmp / name)
         copy_tokenizer_files(src, tmp)
 
     atomic_directory(member_dir, write)
 
 
-def _grow_from(prev_run: Path, tcfg: TrainConfig, target, growth: GrowthConfig, probe):
-    """Load the previous member's final checkpoint (weights + AdamW state) and expand it.
+def _grow_from(prev_run: Path, tcfg: TrainConfig, target, growth: GrowthConfig, probe, given=None):
+    """Load the previous member's final checkpoint (weights + AdamW state) and expand it; or,
+    when that member was `given` untrained (a start_from model), expand it with fresh moments.
 
     A masked ramp must end inside the stage: a Hugging Face member cannot hold the masks."""
     from growfam.grow import expand
 
     ckpt = latest_checkpoint(prev_run)
-    if ckpt is None:
+    if ckpt is None and given is None:
         raise GrowfamError(f"{prev_run} holds no checkpoint to grow from")
-    source = load_pretrained(ckpt)
+    source = load_pretrained(ckpt) if ckpt is not None else given
     optimizer = None
-    if growth.optimizer == "transfer":
+    if growth.optimizer == "transfer" and ckpt is not None:
         optimizer = make_optimizer(source, tcfg.replace(model=source.cfg), torch.device("cpu"))
         load_checkpoint(ckpt, source, optimizer)  # whole, or every shard of a sharded one, read here
     steps = tcfg.total_steps
@@ -157,7 +177,7 @@ def _progressive_tokens(plan: FamilyPlan, index: int, done: list[dict]) -> float
     stage = plan.stages[index]
     if not any(m.get("stopped_early") for m in done):
         return stage.tokens_progressive
-    spent = sum(plan.stages[j].params * m["tokens"] for j, m in enumerate(done))
+    spent = sum(plan.stages[j].params * (m["tokens"] + plan.stages[j].given_tokens) for j, m in enumerate(done))
     tokens = stage.tokens_independent - spent / stage.params
     if tokens <= 0:
         raise GrowfamError(f"stage {stage.name}: earlier stages already used its whole budget")
@@ -241,6 +261,7 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
     checked = check_family(family, out_dir, modes, fixed_data)
     modes, plan, growth = checked.modes, checked.plan, checked.growth
     dataset = TokenDataset.open(data)
+    given = _check_start_from(family, dataset)
     if dataset.vocab_size > family.members[0].vocab_size:
         raise ConfigError(f"the dataset's tokenizer has {dataset.vocab_size} tokens but the family's "
                           f"vocab_size is {family.members[0].vocab_size}")
@@ -277,13 +298,16 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
             run_dir = Path(tcfg.out_dir)
             resume_from = latest_checkpoint(run_dir)
             model = optimizer = report = None
+            if i == 0 and given is not None and resume_from is None:
+                model = given  # continued from its weights, with fresh AdamW moments
             if mode == "progressive" and i > 0 and resume_from is None:
                 log(f"[{mode}] expanding {plan.stages[i - 1].name} -> {stage.name} "
                     f"(width {growth.width}, depth {growth.depth}, optimizer {growth.optimizer})")
                 prev_run = out_dir / "runs" / mode / plan.stages[i - 1].name
                 if main:  # the others receive the grown model from rank 0 in train()
                     model, optimizer, report = _grow_from(prev_run, tcfg, family.members[i], growth,
-                                                          _probe_batch(dataset, stage.seq_len, growth.probe_tokens))
+                                                          _probe_batch(dataset, stage.seq_len, growth.probe_tokens),
+                                                          given if i == 1 else None)
                     log(str(report))
                     run_dir.mkdir(parents=True, exist_ok=True)
                     atomic_write_text(run_dir / GROWTH_REPORT, json.dumps(report.to_dict(), indent=1) + "\n")
@@ -293,15 +317,20 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
                 tcfg = tcfg.replace(model=resolve_config(resume_from))
             stop = ConvergenceStop(growth.slope, growth.window) \
                 if growth.schedule == "converged" and mode == "progressive" and i < len(plan.stages) - 1 else None
-            log(f"[{mode}] training {stage.name}: {tcfg.max_tokens:,} tokens, max LR {tcfg.max_lr:.3g}")
             start = time.perf_counter()
-            result = train(tcfg, model, optimizer, dataset=dataset, on_eval=stop)
+            if i == 0 and given is not None and tokens == 0:
+                log(f"[{mode}] {stage.name}: given, start_from {family.start_from}")
+                result = TrainResult(None, None, 0, 0, 0, 0, 0.0, Path(family.start_from))
+            else:
+                log(f"[{mode}] training {stage.name}: {tcfg.max_tokens:,} tokens, max LR {tcfg.max_lr:.3g}")
+                result = train(tcfg, model, optimizer, dataset=dataset, on_eval=stop)
             member_dir = out_dir / mode / stage.name
             if main:
                 _publish(result, member_dir)
-            flops_before = members[-1]["cum_flops"] if (members and mode == "progressive") else 0
+            flops_before = members[-1]["cum_flops"] if (members and mode == "progressive") else stage.given_flops
             entry = {
-                "name": stage.name, "dir": str(member_dir), "config": resolve_config(result.hf_dir).to_dict(),
+                "name": stage.name, "dir": str(member_dir),
+                "config": resolve_config(result.hf_dir).replace(name=stage.name).to_dict(),
                 "params": stage.params, "nonembedding_params": stage.nonembedding_params,
                 "total_params": stage.total_params, "tokens": result.tokens, "planned_tokens": tokens,
                 "steps": result.steps, "flops": result.flops, "flops_attn": result.flops_attn,
@@ -312,6 +341,8 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
                 "growth": read_json(run_dir / GROWTH_REPORT) if (run_dir / GROWTH_REPORT).exists() else None,
                 "done": True,
             }
+            if stage.given_tokens:
+                entry["given"] = {"dir": family.start_from, "tokens": stage.given_tokens, "flops": stage.given_flops}
             if stop is not None:
                 entry["growth_point"] = {"step": result.steps, "val_loss_slope": stop.last_slope}
             members.append(entry)
@@ -324,6 +355,18 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
     return ledger
 
 
+def _check_start_from(family: FamilyConfig, dataset: TokenDataset):
+    """The start_from model (float32, for training and growth), after checking that `dataset`
+    was tokenized with its tokenizer; None for a family that starts from scratch."""
+    if family.start_from is None:
+        return None
+    path = Path(family.start_from)
+    if load_tokenizer(path).fingerprint() != dataset.tokenizer_fingerprint:
+        raise ConfigError(f"the dataset {dataset.path} was not tokenized with start_from {path}'s tokenizer; "
+                          f"prepare it with `growfam data prepare SOURCE --tokenizer {path}`")
+    return load_pretrained(path, dtype=torch.float32)
+
+
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
@@ -331,7 +374,8 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
 
 def ensure_dataset(family: FamilyConfig, data: str | None, default_dir: Path, log=print) -> str:
     """The dataset directory to train on: `data` if given, else the YAML's `data:` section,
-    prepared first when its directory does not exist."""
+    prepared first when its directory does not exist (with the start_from model's tokenizer
+    when the section names none)."""
     if data is not None:
         return str(data)
     section = family.data
@@ -343,7 +387,9 @@ def ensure_dataset(family: FamilyConfig, data: str | None, default_dir: Path, lo
                           "YAML a data: section with a source")
     from growfam.data import prepare
 
-    log(f"preparing {section.source} with tokenizer {section.tokenizer} into {path}")
-    prepare(section.source, section.tokenizer, path, max_tokens=section.max_tokens,
+    # a family given its first member is tokenized with that member's tokenizer
+    tokenizer = family.start_from if family.start_from and section.tokenizer == DEFAULT_TOKENIZER else section.tokenizer
+    log(f"preparing {section.source} with tokenizer {tokenizer} into {path}")
+    prepare(section.source, tokenizer, path, max_tokens=section.max_tokens,
             val_fraction=section.val_fraction)
     return str(path)

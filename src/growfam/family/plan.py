@@ -9,6 +9,15 @@ family (DESIGN.md section 2):
   D'_1 = D(N_1),  D'_i = D(N_i) − (Σ_{j<i} N_j·D'_j) / N_i,
   so the cumulative FLOPs after stage i equal the cost of training N_i from scratch.
 
+A family that starts from a checkpoint (`start_from`) is given its first member: both modes
+publish it as it is (or continue it on `start_from_tokens`, D_c), so stage 1 spends 6·N_1·D_c.
+Its from-scratch cost 6·N_1·D(N_1) is accounted as *given*: not spent by the family, but counted
+by Eq. 4 as the paper counts stage 1 (Σ_{j<2} N_j·D'_j = N_1·(D(N_1) + D_c)), so every later
+budget is what it would be had the family trained member 1 itself, and the cumulative FLOPs after
+stage i >= 2 (given included) still equal training N_i from scratch. D(N_1) is the family's rule
+for N_1, not what the release really cost (SmolLM2-360M saw 4T tokens: counted, that would
+leave the larger members nothing).
+
 Units: parameters and tokens are plain counts, FLOPs are floating-point operations, learning
 rates are per step, batch sizes are sequences. FLOPs are 6·N·D with the counted N (the paper's
 cost model); the attention-inclusive count (`model.flops_per_token` × tokens) is reported too
@@ -56,6 +65,8 @@ class StagePlan:
     attn_flops_progressive: float
     max_lr: float
     min_lr: float
+    given_tokens: float = 0.0  # D(N_1) of a start_from member: accounted, not trained
+    given_flops: float = 0.0  # 6 · N_1 · given_tokens; in the cumulative columns, not the spent ones
 
     @property
     def tokens_per_step(self) -> int:
@@ -95,13 +106,18 @@ class FamilyPlan:
     stages: list[StagePlan]
 
     @property
+    def given(self) -> StagePlan | None:
+        """The first stage when it is a given checkpoint (start_from), else None."""
+        return self.stages[0] if self.family.start_from is not None else None
+
+    @property
     def flops_independent(self) -> float:
-        """Family total, 6ND: every member from scratch."""
+        """Family total, 6ND spent: every member from scratch (a given one is not)."""
         return sum(s.flops_independent for s in self.stages)
 
     @property
     def flops_progressive(self) -> float:
-        """Family total, 6ND: equals the largest member's from-scratch cost."""
+        """Family total, 6ND spent: the largest member's from-scratch cost, less the given FLOPs."""
         return sum(s.flops_progressive for s in self.stages)
 
     @property
@@ -134,6 +150,7 @@ class FamilyPlan:
             "tokens": {"chinchilla": self.family.chinchilla} if self.family.chinchilla is not None
             else {"explicit": self.family.tokens},
             "lr": self.family.lr.to_dict(),
+            "start_from": self.family.start_from,
             "stages": [s.to_dict() for s in self.stages],
             "totals": {
                 "tokens_independent": sum(s.tokens_independent for s in self.stages),
@@ -144,6 +161,7 @@ class FamilyPlan:
                 "flops_progressive": self.flops_progressive,
                 "attn_flops_independent": sum(s.attn_flops_independent for s in self.stages),
                 "attn_flops_progressive": sum(s.attn_flops_progressive for s in self.stages),
+                "flops_given": sum(s.given_flops for s in self.stages),
                 "saving_pct": 100 * self.saving,
                 "attn_saving_pct": 100 * self.attn_saving,
             },
@@ -161,11 +179,18 @@ def independent_tokens(family: FamilyConfig, params: Sequence[float]) -> list[fl
 
 
 def progressive_tokens(params: Sequence[float], independent: Sequence[float],
-                       names: Sequence[str]) -> list[float]:
-    """D'_i by Eq. 4; ConfigError naming the stage whose budget comes out <= 0."""
-    spent = 0.0  # Σ_{j<i} N_j·D'_j, parameter-tokens already trained
+                       names: Sequence[str], start_tokens: float | None = None) -> list[float]:
+    """D'_i by Eq. 4; ConfigError naming the stage whose budget comes out <= 0.
+
+    start_tokens: member 1 is given (start_from) and continued on these tokens: D'_1 is them,
+    and Eq. 4 counts member 1 as N_1·(D(N_1) + start_tokens) (module docstring)."""
+    spent = 0.0  # Σ_{j<i} N_j·D'_j, parameter-tokens already trained (or given)
     out = []
     for i, (n, d, name) in enumerate(zip(params, independent, names), start=1):
+        if i == 1 and start_tokens is not None:
+            out.append(start_tokens)
+            spent += n * (d + start_tokens)
+            continue
         d_prog = d - spent / n
         if d_prog <= 0:
             raise ConfigError(
@@ -183,18 +208,22 @@ def make_plan(family: FamilyConfig) -> FamilyPlan:
     params = family.counted_params()
     names = [m.name for m in family.members]
     d_ind = independent_tokens(family, params)
+    start = family.start_from_tokens if family.start_from is not None else None
     try:
-        d_prog = progressive_tokens(params, d_ind, names)
+        d_prog = progressive_tokens(params, d_ind, names, start)
     except ConfigError as err:
         raise ConfigError(f"family {family.name}: {err}") from None
+    given = [0.0] * len(params)
+    if start is not None:  # both modes train the given member on its continuation only
+        given[0], d_ind = d_ind[0], [start, *d_ind[1:]]
     max_lrs = family.lr.max_lrs(params)
     batch_sizes, seq_lens = family.batch_sizes, family.seq_lens
     stages, cum_ind, cum_prog = [], 0.0, 0.0
     for i, cfg in enumerate(family.members):
         n, batch, seq = params[i], batch_sizes[i], seq_lens[i]
-        f_ind, f_prog = 6 * n * d_ind[i], 6 * n * d_prog[i]
-        cum_ind += f_ind
-        cum_prog += f_prog
+        f_ind, f_prog, f_given = 6 * n * d_ind[i], 6 * n * d_prog[i], 6 * n * given[i]
+        cum_ind += f_ind + f_given
+        cum_prog += f_prog + f_given
         per_token = flops_per_token(cfg, seq)
         stages.append(StagePlan(
             index=i + 1, name=cfg.name, params=n,
@@ -206,5 +235,6 @@ def make_plan(family: FamilyConfig) -> FamilyPlan:
             cum_flops_independent=cum_ind, cum_flops_progressive=cum_prog,
             attn_flops_independent=per_token * d_ind[i], attn_flops_progressive=per_token * d_prog[i],
             max_lr=max_lrs[i], min_lr=max_lrs[i] * family.lr.min_ratio,
+            given_tokens=given[i], given_flops=f_given,
         ))
     return FamilyPlan(family, stages)

@@ -76,6 +76,11 @@ def format_plan(plan: FamilyPlan, peak_tflops: float, mfu: float) -> str:
         f"{hours(gpu.total_independent)} independent, {hours(gpu.total_progressive)} progressive, "
         f"{hours(gpu.total_independent - gpu.total_progressive)} saved",
     ]
+    if plan.given is not None:
+        g = plan.given
+        lines.append(f"given: {g.name} is start_from {family.start_from}; its {si(g.given_tokens)} tokens "
+                     f"({sci(g.given_flops)} FLOPs) from scratch are not spent by the family (columns "
+                     "tokens, steps, FLOPs), but counted in the cumulative ones (Eq. 4)")
     return "\n".join(lines)
 
 

@@ -1,0 +1,112 @@
+"""A family given its first member (`start_from: DIR`): stage 1 is the checkpoint, later stages
+grow from it on Eq. 4 budgets that count it as given; bad inputs are one line before any work."""
+
+import pytest
+import torch
+import yaml
+from conftest import random_model
+
+from growfam.cli import main
+from growfam.config import FamilyConfig
+from growfam.data import prepare
+from growfam.errors import ConfigError
+from growfam.family import make_plan, run_family
+from growfam.model import ModelConfig, load_pretrained, save_pretrained
+
+TEXT = [f"Document {i}: the {'quick brown fox' if i % 2 else 'lazy dog'} number {i * 7} "
+        f"jumps over {i % 5} fences and lands in field {i % 11}. " * 3 for i in range(300)]
+SMALL = dict(name="small", d_model=32, n_heads=2, n_kv_heads=1, n_layers=1, ffn_dim=64, vocab_size=300, max_seq_len=32)
+LARGE = dict(name="large", d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, ffn_dim=96, vocab_size=300, max_seq_len=32)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A prepared dataset, and a checkpoint saved by growfam with that dataset's tokenizer."""
+    root = tmp_path_factory.mktemp("start")
+    prepare(TEXT, "train:300", root / "ds", val_fraction=0.05, progress=False)
+    save_pretrained(random_model(ModelConfig(**SMALL), seed=3), root / "released", tokenizer=root / "ds" / "tokenizer")
+    return root
+
+
+def spec(made, **changes) -> dict:
+    data = dict(name="pair", start_from=str(made / "released"), members=[str(made / "released"), LARGE],
+                tokens={"explicit": [4000, 8000]}, batch_size=4, seq_len=32,
+                growth={"width": "lossless", "depth": "identity"},
+                train={"eval_every": 4, "eval_batches": 2, "ckpt_every": 4, "log_every": 4})
+    data.update(changes)
+    return data
+
+
+def test_plan_counts_the_given_member_in_eq4_only(made):
+    family = FamilyConfig.from_dict(spec(made))
+    assert family.members[0].name == "small"  # the name growfam wrote into config.json
+    scratch = make_plan(FamilyConfig.from_dict({**spec(made), "members": [SMALL, LARGE]} | {"start_from": None}))
+    plan = make_plan(family)
+    first, second = plan.stages
+    assert (first.tokens_progressive, first.tokens_independent, first.flops_progressive) == (0, 0, 0)
+    assert first.given_tokens == 4000 and first.given_flops == 6 * first.params * 4000
+    # later budgets are what they would be had the family trained member 1 itself
+    assert second.tokens_progressive == scratch.stages[1].tokens_progressive
+    assert second.cum_flops_progressive == pytest.approx(second.flops_independent)
+    assert plan.flops_progressive == pytest.approx(second.flops_independent - first.given_flops)
+    continued = make_plan(FamilyConfig.from_dict(spec(made, start_from_tokens=1000)))
+    assert continued.stages[0].tokens_progressive == continued.stages[0].tokens_independent == 1000
+    assert continued.stages[1].tokens_progressive == pytest.approx(8000 - 5000 * first.params / second.params)
+
+
+def test_a_family_grows_from_a_given_checkpoint(made, tmp_path):
+    family = FamilyConfig.from_dict(spec(made))
+    ledger = run_family(family, tmp_path, data=str(made / "ds"), log=lambda s: None)
+    given = load_pretrained(made / "released")
+    idx = torch.randint(0, 300, (1, 16))
+    for mode in ("progressive", "independent"):
+        first, second = ledger["modes"][mode]
+        assert (first["name"], first["tokens"], first["flops"], first["steps"]) == ("small", 0, 0, 0)
+        assert first["given"]["tokens"] == 4000 and first["cum_flops"] == first["given"]["flops"]
+        published = load_pretrained(tmp_path / mode / "small")
+        assert all(torch.equal(a, b) for a, b in zip(published.state_dict().values(), given.state_dict().values()))
+        assert (tmp_path / mode / "small" / "tokenizer.json").is_file()
+        assert second["tokens"] > 0 and second["val_loss"] is not None
+    # the grown member starts as the given one's function (lossless + identity)
+    assert ledger["modes"]["progressive"][1]["growth"]["probe"]["max_abs_dlogits"] < 1e-4
+    assert ledger["modes"]["independent"][1]["growth"] is None
+    prog = ledger["modes"]["progressive"]
+    assert prog[1]["cum_flops"] == pytest.approx(make_plan(family).stages[1].flops_independent, rel=0.05)
+    with torch.no_grad():
+        assert torch.isfinite(load_pretrained(tmp_path / "progressive" / "large")(idx)).all()
+
+
+def test_a_given_checkpoint_can_be_continued(made, tmp_path):
+    family = FamilyConfig.from_dict(spec(made, start_from_tokens=256))
+    ledger = run_family(family, tmp_path, data=str(made / "ds"), modes=("progressive",), log=lambda s: None)
+    first = ledger["modes"]["progressive"][0]
+    assert first["tokens"] == 256 and first["steps"] == 2 and first["val_loss"] is not None
+    assert first["cum_flops"] == first["given"]["flops"] + first["flops"]
+    trained = load_pretrained(tmp_path / "progressive" / "small")
+    assert not torch.equal(trained.embed_tokens.weight, load_pretrained(made / "released").embed_tokens.weight)
+
+
+def _cli(tmp_path, made, capsys, **changes) -> tuple[int, str]:
+    path = tmp_path / "family.yaml"
+    path.write_text(yaml.safe_dump(spec(made, **changes)))
+    code = main(["family", "run", str(path), "--out", str(tmp_path / "out"), "--data", str(made / "ds")])
+    return code, capsys.readouterr().err.strip()
+
+
+def test_bad_start_from_is_one_line_before_any_work(made, tmp_path, capsys):
+    code, err = _cli(tmp_path, made, capsys, start_from=str(tmp_path / "missing"))
+    assert code == 2 and "no such directory" in err and len(err.splitlines()) == 1
+    code, err = _cli(tmp_path, made, capsys, members=[dict(SMALL, d_model=48, n_heads=3), LARGE])
+    assert code == 2 and "d_model 32 there, 48 here" in err and len(err.splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text((made / "released" / "config.json").read_text())
+    code, err = _cli(tmp_path, made, capsys, start_from=str(tmp_path / "empty"))
+    assert code == 2 and "no model.safetensors" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dataset_of_another_tokenizer_is_refused(made, tmp_path, capsys):
+    prepare(TEXT, "train:280", tmp_path / "other", val_fraction=0.05, progress=False)
+    with pytest.raises(ConfigError, match="not tokenized with start_from"):
+        run_family(FamilyConfig.from_dict(spec(made)), tmp_path / "out", data=str(tmp_path / "other"))
+    assert not (tmp_path / "out").exists()
