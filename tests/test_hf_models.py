@@ -110,3 +110,28 @@ def test_grown_checkpoints_load_in_transformers_as_their_type(kind, tmp_path):
     assert back.config.rope_parameters == theirs.config.rope_parameters
     with torch.no_grad():
         assert _rel(back(idx).logits.double(), theirs.float()(idx).logits.double()) <= 1e-6
+
+
+@pytest.mark.parametrize("scaling, expected", [
+    ({"type": "linear", "factor": 2.0}, "linear"),  # transformers 4's key
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 32}, "llama3"),
+    ({"rope_type": "yarn", "factor": 4.0}, "refused"),
+])
+def test_a_legacy_rope_scaling_beside_rope_parameters_is_read_as_transformers_reads_it(scaling, expected):
+    """transformers 5 lets `rope_scaling` override a default `rope_parameters`; growfam must not
+    read the default instead (and so run other positions than transformers)."""
+    from transformers import AutoConfig
+
+    from growfam.errors import ConfigError
+
+    hf = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 97, "max_position_embeddings": 64,
+          "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "rope_scaling": scaling}
+    theirs = AutoConfig.for_model(**hf).rope_parameters["rope_type"]
+    if expected == "refused":
+        assert theirs == "yarn"
+        with pytest.raises(ConfigError, match="unsupported RoPE scaling 'yarn'"):
+            config_from_hf(hf)
+    else:
+        assert config_from_hf(hf).rope_scaling["rope_type"] == theirs == expected

@@ -106,9 +106,14 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if model_type != "llama" and hf.get("attention_bias"):
         raise ConfigError(f"attention_bias is not supported in a {model_type} config")
     bias = model_type == "qwen2" or bool(hf.get("attention_bias"))
-    rope = _json_object(hf, "rope_parameters") or _json_object(hf, "rope_scaling")
+    # transformers 5 reads `rope_parameters`, but a legacy `rope_scaling` beside it wins there
+    # (its standardisation copies it over): read them the same way
+    legacy = dict(_json_object(hf, "rope_scaling"))
+    if "type" in legacy:  # transformers 4's name of rope_type
+        legacy.setdefault("rope_type", legacy.pop("type"))
+    rope = {**_json_object(hf, "rope_parameters"), **legacy}
     scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-    if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+    if scaling.get("rope_type", "default") == "default":
         scaling = None
     extra = _json_object(hf, "growfam")
 
