@@ -110,3 +110,33 @@ def test_a_dataset_of_another_tokenizer_is_refused(made, tmp_path, capsys):
     with pytest.raises(ConfigError, match="not tokenized with start_from"):
         run_family(FamilyConfig.from_dict(spec(made)), tmp_path / "out", data=str(tmp_path / "other"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_qwen2_checkpoint_from_transformers_starts_a_qwen2_family(made, tmp_path):
+    """A released-model stand-in made by transformers itself (Qwen2: q/k/v biases, tied
+    embeddings): both modes' larger members are Qwen2 too, the progressive one grown exactly,
+    and transformers loads it as a Qwen2ForCausalLM with growfam's logits."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    hf = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=1, vocab_size=300, max_position_embeddings=32, tie_word_embeddings=True,
+                     use_sliding_window=False)
+    released = tmp_path / "qwen"
+    Qwen2ForCausalLM(hf).save_pretrained(released)
+    for f in (made / "ds" / "tokenizer").iterdir():
+        shutil.copy(f, released / f.name)
+    family = FamilyConfig.from_dict(spec(made, start_from=str(released), members=[str(released),
+                                                                                   {**LARGE, "tie_embeddings": True}]))
+    assert family.members[1].model_type == "qwen2" and family.members[1].qkv_bias
+    ledger = run_family(family, tmp_path / "fam", data=str(made / "ds"), log=lambda s: None)
+    assert ledger["modes"]["progressive"][1]["growth"]["probe"]["max_abs_dlogits"] < 1e-4
+    idx = torch.randint(0, 300, (1, 16))
+    for mode in ("progressive", "independent"):
+        member = tmp_path / "fam" / mode / "large"
+        theirs = AutoModelForCausalLM.from_pretrained(member).eval()
+        assert type(theirs).__name__ == "Qwen2ForCausalLM"
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(idx).logits, load_pretrained(member)(idx), rtol=1e-4, atol=1e-4)

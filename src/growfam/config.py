@@ -24,7 +24,7 @@ from growfam.checks import as_choice, as_int, as_mapping, as_number, check_keys,
 from growfam.data import DEFAULT_TOKENIZER, DEFAULT_VAL_FRACTION
 from growfam.errors import ConfigError
 from growfam.grow import OPTIMIZER_MODES
-from growfam.grow.growth import DEFAULT_DEPTH, DEFAULT_WIDTH
+from growfam.grow.growth import DEFAULT_DEPTH, DEFAULT_WIDTH, carry_over
 from growfam.io import read_yaml
 from growfam.model import PRESETS, ModelConfig, num_params, read_hf_config, resolve_config
 from growfam.report.numbers import si
@@ -260,6 +260,13 @@ class FamilyConfig:
         if self.start_from is not None:
             self.start_from = str(self.start_from)
             self.members[0] = _check_start_from(Path(self.start_from), self.members[0], raw_first)
+        # a larger member takes the first's model type, biases, RoPE scaling and window, as its
+        # growth does, so both modes' members share one architecture (a Qwen2 start grows Qwen2s)
+        for i in range(1, len(self.members)):
+            try:
+                self.members[i] = carry_over(self.members[i - 1], self.members[i])
+            except ConfigError as err:
+                raise ConfigError(f"members[{i}] ({self.members[i].name}): {err}") from None
         self.start_from_tokens = as_number(self.start_from_tokens or 0, "start_from_tokens", at_least=0)
         if self.start_from_tokens and self.start_from is None:
             raise ConfigError("start_from_tokens continues a start_from checkpoint; give start_from: DIR too")
