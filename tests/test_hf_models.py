@@ -135,3 +135,23 @@ def test_a_legacy_rope_scaling_beside_rope_parameters_is_read_as_transformers_re
             config_from_hf(hf)
     else:
         assert config_from_hf(hf).rope_scaling["rope_type"] == theirs == expected
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported RoPE scaling 'yarn'"),
+    ({"num_local_experts": 8}, "mixture-of-experts models are not supported"),
+    ({"mlp_bias": True}, "MLP biases are not supported"),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 16}, "sliding"),
+])
+def test_unsupported_checkpoints_are_one_line_and_exit_2(tmp_path, capsys, change, message):
+    from conftest import random_model, tiny_config
+
+    from growfam.cli import main
+
+    save_pretrained(random_model(tiny_config()), tmp_path / "src")
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**config, **change}))
+    assert main(["expand", str(tmp_path / "src"), "--to", "tiny-2", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
