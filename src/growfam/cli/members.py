@@ -83,15 +83,23 @@ def _add_consistency(sub) -> None:
 def _run_consistency(args) -> int:
     import json
 
-    from growfam.eval import family_consistency, resolve_target
+    from growfam.eval import family_consistency
     from growfam.eval.tables import format_consistency
 
     given = _given(args, windows=1, batch_size=1)  # family_consistency owns the defaults
-    if not os.path.isfile(os.path.join(args.family_dir, "family.json")):
-        raise GrowfamError(f"{args.family_dir}: not a family directory (no family.json)")
-    section = family_consistency(resolve_target(args.family_dir), args.pairs, **given)
+    section = family_consistency(_family(args.family_dir), args.pairs, **given)
     print(json.dumps(section, indent=2) if args.json else format_consistency(section))
     return 0
+
+
+def _family(path: str):
+    """The family directory `path` as an eval Target; GrowfamError for a member directory or
+    anything else without family.json."""
+    from growfam.eval import resolve_target
+
+    if not os.path.isfile(os.path.join(path, "family.json")):
+        raise GrowfamError(f"{path}: not a family directory (no family.json)")
+    return resolve_target(path)
 
 
 def _given(args, **at_least: int) -> dict:
@@ -179,16 +187,13 @@ def _add_speculate(sub) -> None:
 def _run_speculate(args) -> int:
     import json
 
-    from growfam.eval import resolve_target
     from growfam.infer.speculate import SpeculateOptions, family_speculative, format_speculative
 
     given = {k: getattr(args, k) for k in ("prompts", "prompt_tokens", "max_new_tokens", "k", "seed", "device")
              if getattr(args, k) is not None}  # SpeculateOptions owns the defaults
     if args.temperature is not None:
         given["temperatures"] = args.temperature
-    opts = SpeculateOptions(pairs=args.pairs, **given).check()
-    if not os.path.isfile(os.path.join(args.family_dir, "family.json")):
-        raise GrowfamError(f"{args.family_dir}: not a family directory (no family.json)")
-    section = family_speculative(resolve_target(args.family_dir), opts)
+    opts = SpeculateOptions(pairs=args.pairs, **given)
+    section = family_speculative(_family(args.family_dir), opts)
     print(json.dumps(section, indent=2) if args.json else format_speculative(section))
     return 0

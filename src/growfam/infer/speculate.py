@@ -117,8 +117,9 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-def check_speculate(target: Target, opts: SpeculateOptions) -> list[tuple[Member, Member]]:
-    """Every check that needs no model loaded; the (draft, target) pairs to decode."""
+def check_speculate(target: Target, opts: SpeculateOptions) -> tuple[list[tuple[Member, Member]], torch.Tensor]:
+    """Every check that needs no model loaded; the (draft, target) pairs to decode and the
+    prompts [N, prompt_tokens] cut from the validation split."""
     opts.check()
     if target.family_dir is None:
         raise GrowfamError(f"{target.members[0].path}: speculate needs a family directory (family.json); "
@@ -139,7 +140,7 @@ def check_speculate(target: Target, opts: SpeculateOptions) -> list[tuple[Member
         if opts.prompt_tokens + opts.max_new_tokens > context:
             raise ConfigError(f"--prompt-tokens {opts.prompt_tokens} + --max-new-tokens {opts.max_new_tokens} "
                               f"exceed the context of {draft.name} -> {large.name} ({context} tokens)")
-    return pairs
+    return pairs, cut_prompts(dataset.tokens("val"), opts.prompts, opts.prompt_tokens)
 
 
 def family_speculative(target: Target, opts: SpeculateOptions) -> dict:
@@ -147,9 +148,8 @@ def family_speculative(target: Target, opts: SpeculateOptions) -> dict:
     section, also written to family.json and returned."""
     from growfam.train.parallel import resolve_device
 
-    pairs = check_speculate(target, opts)
+    pairs, prompts = check_speculate(target, opts)
     device = resolve_device(opts.device, 1)
-    prompts = cut_prompts(target.dataset().tokens("val"), opts.prompts, opts.prompt_tokens)
     # warm-up on load: a model's first calls are slow
     model = LoadedMembers(device, on_load=lambda m: generate(m, prompts[0].tolist(), 4))
 
