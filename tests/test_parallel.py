@@ -179,7 +179,8 @@ def test_a_data_cursor_that_cannot_move_to_another_world_size_is_refused():
 
 def test_a_family_built_under_torchrun_matches_one_process(tmp_path):
     """`torchrun --nproc_per_node 2 -m growfam family run`: two FSDP2 ranks train each stage, rank
-    0 grows the first member into the second; the same losses and members as one process."""
+    0 grows the first member into the second and evaluates each (--eval) while rank 1 waits; the
+    same losses and members as one process."""
     import json
     import subprocess
     import sys
@@ -195,11 +196,13 @@ def test_a_family_built_under_torchrun_matches_one_process(tmp_path):
     family = spec(tokens={"explicit": [1000, 2000]}, lr={"policy": "fixed", "max": 1e-3},
                   growth={"width": "masked", "depth": "stack", "mask_steps": 4},  # masks too go to every rank
                   train={"eval_every": 4, "eval_batches": 2, "ckpt_every": 4, "log_every": 1, "tensorboard": False,
-                         "device": "cpu"})
+                         "device": "cpu"},
+                  eval={"tasks": "none", "ppl": "val", "ppl_tokens": 256, "windows": 2})
     (tmp_path / "pair.yaml").write_text(yaml.safe_dump(family.to_dict()))
+    # --eval: rank 0 evaluates each member while rank 1 waits (parallel.barrier)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "growfam", "family", "run", str(tmp_path / "pair.yaml"), "--out", str(tmp_path / "two"),
-                           "--data", str(tmp_path / "ds")],
+                           "--data", str(tmp_path / "ds"), "--eval"],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("[progressive] large: val loss") == 1  # rank 0 alone reports
@@ -215,6 +218,7 @@ def test_a_family_built_under_torchrun_matches_one_process(tmp_path):
         assert_same_weights(load_file(str(tmp_path / "two" / "progressive" / a["name"] / "model.safetensors")),
                             load_file(str(tmp_path / "one" / "progressive" / a["name"] / "model.safetensors")))
     assert (two[1]["growth"]["width"], two[1]["growth"]["target"]["d_model"]) == ("masked", 64)
+    assert all(member["eval"]["perplexity"]["val"]["perplexity"] > 1 for member in two)  # rank 0 evaluated each
 
 
 def test_bad_parallel_settings_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
@@ -264,3 +268,36 @@ def test_cli_plan_memory_prints_each_member(capsys):
     assert all(name in out for name in ("paper-1b", "paper-2b", "paper-4b", "paper-8b"))
     assert main(["plan", "--memory", "--gpus", "0"]) == 2
     assert "--gpus must be an integer >= 1" in capsys.readouterr().err
+
+
+def _rank_0_late(rank: int, port: int, host_group: bool, out: str) -> None:
+    """Rank 0 works alone for 3 s (as it prepares data, grows or evaluates) while rank 1 waits
+    in share(); the default group's timeout is 1 s. Each rank writes what it got."""
+    import datetime
+    import time
+    from pathlib import Path
+
+    from growfam.train.parallel import barrier, open_host_group, share
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                         timeout=datetime.timedelta(seconds=1))
+    if host_group:
+        open_host_group(datetime.timedelta(minutes=2))
+    try:
+        if rank == 0:
+            time.sleep(3)
+        got = share("rank 0's value" if rank == 0 else None)
+        barrier()
+    except Exception as err:  # noqa: BLE001 -- the gloo timeout's type varies by version
+        got = f"failed: {type(err).__name__}"
+    Path(out, str(rank)).write_text(got)
+
+
+@pytest.mark.parametrize("host_group", [True, False])
+def test_the_other_ranks_wait_for_rank_0_past_the_default_timeout(tmp_path, host_group):
+    torch.multiprocessing.spawn(_rank_0_late, args=(_free_port(), host_group, str(tmp_path)), nprocs=2)
+    got = [(tmp_path / str(rank)).read_text() for rank in (0, 1)]
+    if host_group:  # share() and barrier() wait in the host group, whose timeout is minutes
+        assert got == ["rank 0's value"] * 2
+    else:  # the control: in the default group, rank 1 gives up after 1 s
+        assert got[1].startswith("failed")

@@ -48,7 +48,7 @@ from growfam.model import copy_tokenizer_files, load_pretrained, resolve_config
 from growfam.report.numbers import loss
 from growfam.train import Schedule, TrainConfig, TrainResult, make_optimizer, train
 from growfam.train.checkpoint import latest_checkpoint, load_checkpoint
-from growfam.train.parallel import rank_and_world, share
+from growfam.train.parallel import barrier, rank_and_world, share
 
 GROWTH_REPORT = "growth_report.json"
 
@@ -278,10 +278,12 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
         write_ledger(out_dir, ledger)
 
     def published(mode: str, entry: dict, trained: bool) -> dict:
-        if on_member is None or not main:
-            return ledger
-        on_member(mode, entry, trained)
-        return read_ledger(out_dir)  # with what on_member recorded
+        now = ledger
+        if on_member is not None and main:  # only rank 0 has one
+            on_member(mode, entry, trained)
+            now = read_ledger(out_dir)  # with what on_member recorded
+        barrier()  # every rank: the others wait (up to parallel.MAIN_WAIT) while rank 0 evaluates
+        return now
 
     for mode in modes:
         members = ledger["modes"].setdefault(mode, [])

@@ -23,6 +23,7 @@ rank 0 ever holds the whole model or optimizer state in memory.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import os
 import warnings
@@ -40,11 +41,35 @@ from torch.utils.checkpoint import checkpoint
 from growfam.train.config import ParallelConfig
 
 
+#: How long the other ranks wait for what rank 0 does alone (data preparation, growth, a
+#: member's evaluation, writing checkpoints): hours, where the collectives' own timeout is
+#: minutes (NCCL's 10); bounded, so a rank 0 that died or hangs ends the job with an error.
+MAIN_WAIT = datetime.timedelta(hours=24)
+
+_host_groups: dict = {}  # the default group -> the gloo group share() and barrier() use with it
+
+
 def init_distributed() -> None:
     """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment): NCCL on
-    CUDA, gloo on the CPU. A no-op for a single process or when already initialised."""
+    CUDA, gloo on the CPU; then open_host_group. A no-op for a single process or when already
+    initialised."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        open_host_group()
+
+
+def open_host_group(timeout: datetime.timedelta = MAIN_WAIT) -> None:
+    """Give share() and barrier() a gloo group of all ranks whose timeout is `timeout`: they
+    are where the other ranks wait for rank 0's work alone, which can outlast the default
+    group's timeout. Collective: every rank calls it, right after joining the process group."""
+    _host_groups.clear()  # a destroyed default group's
+    _host_groups[dist.group.WORLD] = dist.new_group(backend="gloo", timeout=timeout)
+
+
+def _host_group():
+    """The host group opened with the current default group; None (the default group itself)
+    when none was."""
+    return _host_groups.get(dist.group.WORLD)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -55,18 +80,19 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def share(obj: Any) -> Any:
-    """Rank 0's `obj` (any picklable value) on every rank; `obj` itself in one process."""
+    """Rank 0's `obj` (any picklable value) on every rank; `obj` itself in one process. The
+    other ranks wait for rank 0 up to the host group's timeout (see open_host_group)."""
     if rank_and_world()[1] == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_host_group())
     return box[0]
 
 
 def barrier() -> None:
-    """Wait for every rank (nothing to wait for in one process)."""
+    """Wait for every rank (nothing to wait for in one process), up to the host group's timeout."""
     if rank_and_world()[1] > 1:
-        dist.barrier()
+        dist.barrier(group=_host_group())
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -223,7 +249,7 @@ class AllReduce(Parallelism):
             t.div_(self.world)
 
     def barrier(self) -> None:
-        dist.barrier()
+        barrier()
 
 
 class _Loss(nn.Module):
