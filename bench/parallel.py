@@ -334,25 +334,33 @@ def gpu(args) -> None:
     print(f"total {time.perf_counter() - start:.0f} s")
 
 
+def positive(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", action="store_true", help="the one-GPU figures (see above)")
     parser.add_argument("--model", help="preset or config (default: bench-5m on CPU, paper-1b with --gpu)")
     parser.add_argument("--largest", nargs="+", default=["paper-8b", "paper-4b", "paper-2b"], metavar="PRESET",
                         help="--gpu: presets to try with FSDP2 + activation checkpointing, largest first")
-    parser.add_argument("--seq-len", type=int, help="default: 128 on CPU, 1024 with --gpu")
-    parser.add_argument("--batch", type=int, default=8, help="--gpu: sequences per micro-batch")
-    parser.add_argument("--micro", type=int, default=4, help="CPU: sequences per micro-batch per rank")
-    parser.add_argument("--accum", type=int, nargs="+", help="micro-batches per step (per rank): one number on "
+    parser.add_argument("--seq-len", type=positive, help="default: 128 on CPU, 1024 with --gpu")
+    parser.add_argument("--batch", type=positive, default=8, help="--gpu: sequences per micro-batch")
+    parser.add_argument("--micro", type=positive, default=4, help="CPU: sequences per micro-batch per rank")
+    parser.add_argument("--accum", type=positive, nargs="+", help="micro-batches per step (per rank): one number on "
                         "CPU (default 2); with --gpu each configuration is timed at each (default 1 8)")
     parser.add_argument("--configs", nargs="+", default=list(GPU_CONFIGS), choices=list(GPU_CONFIGS),
                         help="--gpu: the paper-1b configurations to time (default: all)")
     parser.add_argument("--profile", action="store_true",
                         help="--gpu: profile one step of each configuration: where its time goes")
-    parser.add_argument("--top", type=int, default=12, help="--profile: kernels to list")
-    parser.add_argument("--threads", type=int, default=1, help="CPU: threads per rank")
+    parser.add_argument("--top", type=positive, default=12, help="--profile: kernels to list")
+    parser.add_argument("--threads", type=positive, default=1, help="CPU: threads per rank")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    parser.add_argument("--steps", type=positive, default=10, help="timed steps per configuration")
     parser.add_argument("--budget", type=float, default=420, help="--gpu: seconds after which no configuration starts")
     parser.add_argument("--verbose", action="store_true", help="--gpu: tracebacks of failed configurations")
     parser.add_argument("--device", default="cuda", help="--gpu: the device (cpu: a smoke test of this mode)")
