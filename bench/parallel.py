@@ -324,13 +324,13 @@ def gpu(args) -> None:
         if time.perf_counter() - start > args.budget:
             print(f"{label:>44}: skipped (the {args.budget:.0f} s budget is spent)", flush=True)
             continue
-        if options.activation_checkpointing and largest_done:
+        if options.checkpoint_every and largest_done:
             continue  # a smaller preset than one that trained
         # The largest preset is timed at one micro-batch per step: its memory is the question.
-        accums = args.accum[:1] if options.activation_checkpointing else args.accum
+        accums = args.accum[:1] if options.checkpoint_every else args.accum
         ok = gpu_config(label, model_cfg, options, args, batch=batch, accums=accums, compile_loss=compile_loss,
                         attention=attention)
-        largest_done = largest_done or (ok and options.activation_checkpointing)
+        largest_done = largest_done or (ok and bool(options.checkpoint_every))
     print(f"total {time.perf_counter() - start:.0f} s")
 
 

@@ -128,17 +128,33 @@ def test_checkpoints_resume_on_another_world_size(runs):
     assert_same_weights(weights(runs / "one_to_two" / "run"), weights(runs / "one" / "run"))
 
 
-def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
+@pytest.mark.parametrize("every", [True, 2])
+def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, every):
     train(config(tmp_path / "plain", max_steps=3), dataset=Data())
-    train(config(tmp_path / "ac", max_steps=3, parallel={"activation_checkpointing": True}), dataset=Data())
+    train(config(tmp_path / "ac", max_steps=3, parallel={"activation_checkpointing": every}), dataset=Data())
     assert step_losses(tmp_path / "ac" / "run") == step_losses(tmp_path / "plain" / "run")  # recomputed exactly
     assert_same_weights(weights(tmp_path / "ac" / "run"), weights(tmp_path / "plain" / "run"))
+
+
+@pytest.mark.parametrize("every, wrapped", [(0, []), (1, [0, 1, 2, 3, 4]), (2, [0, 2, 4]), (3, [0, 3]), (9, [0])])
+def test_every_nth_block_is_checkpointed(every, wrapped):
+    import functools
+
+    from growfam.model import Llama, ModelConfig
+    from growfam.train.parallel import checkpoint_blocks
+
+    model = Llama(ModelConfig(d_model=16, n_layers=5, n_heads=2, ffn_dim=32, vocab_size=64, max_seq_len=8))
+    checkpoint_blocks(model, every)
+    assert [i for i, block in enumerate(model.layers) if isinstance(block.forward, functools.partial)] == wrapped
 
 
 @pytest.mark.parametrize("section, message", [
     ({"strategy": "zero3"}, "parallel.strategy must be auto or none or ddp or fsdp, got 'zero3'"),
     ({"mixed_precision": "fp8"}, "parallel.mixed_precision must be auto or bf16 or none"),
     ({"compile": "yes"}, "parallel.compile must be true or false"),
+    ({"activation_checkpointing": "yes"}, "parallel.activation_checkpointing must be true, false or N >= 0"),
+    ({"activation_checkpointing": -1}, "parallel.activation_checkpointing must be true, false or N >= 0"),
+    ({"activation_checkpointing": 1.5}, "parallel.activation_checkpointing must be true, false or N >= 0"),
     ({"shard": True}, "unknown key 'shard' in parallel"),
     ("fsdp", "parallel must be a mapping"),
 ])
@@ -254,8 +270,15 @@ def test_the_memory_estimate_counts_the_models_tensors_and_shards_them():
     assert (one.parameters, one.gradients, one.moments) == (4 * params, 4 * params, 8 * params)
     assert (four.parameters, four.moments) == (params, 2 * params)  # sharded over 4
     assert four.activations == one.activations and four.gathered == one.gathered  # whole on each GPU
-    checkpointed = fsdp_memory(cfg, 1, 2, 16, activation_checkpointing=True)
-    assert checkpointed.activations < one.activations
+    assert fsdp_memory(cfg, 1, 2, 16, checkpoint_every=1).activations < one.activations
+    # The peak is at the backward pass's last block (block 0): a full set plus what the blocks
+    # below the top keep. Of 5 blocks, every 2nd checkpointed (0, 2, 4): blocks 1 and 3 of the
+    # 4 below the top keep everything, half-way between none checkpointed and all.
+    five = cfg.replace(n_layers=5)
+    none, every, half = (fsdp_memory(five, 1, 2, 16, n).activations for n in (0, 1, 2))
+    assert every < half < none and half - every == none - half
+    # with 2 blocks only block 0 is below the top: every 2nd block is as good as every block
+    assert fsdp_memory(cfg, 1, 2, 16, 2).activations == fsdp_memory(cfg, 1, 2, 16, 1).activations
     assert fsdp_memory(cfg, 1, 4, 16).activations == 2 * one.activations  # linear in the micro-batch
 
 
@@ -268,6 +291,10 @@ def test_cli_plan_memory_prints_each_member(capsys):
     assert all(name in out for name in ("paper-1b", "paper-2b", "paper-4b", "paper-8b"))
     assert main(["plan", "--memory", "--gpus", "0"]) == 2
     assert "--gpus must be an integer >= 1" in capsys.readouterr().err
+    assert main(["plan", "paper-r2", "--memory", "--activation-checkpointing", "2"]) == 0
+    assert "one block's activations in 2 checkpointed" in capsys.readouterr().out
+    assert main(["plan", "--memory", "--activation-checkpointing", "two"]) == 2
+    assert "--activation-checkpointing must be" in capsys.readouterr().err
 
 
 def _rank_0_late(rank: int, port: int, host_group: bool, out: str) -> None:

@@ -54,8 +54,9 @@ def _add_plan(sub) -> None:
     p.add_argument("--micro-batch", metavar="B",
                    help="--memory: sequences per forward pass per GPU (default: the family's "
                         "train.micro_batch_size, else 1)")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="--memory: with activation checkpointing (parallel.activation_checkpointing)")
+    p.add_argument("--activation-checkpointing", nargs="?", const="1", default="0", metavar="N",
+                   help="--memory: with every block's activations checkpointed, or every Nth block's "
+                        "(parallel.activation_checkpointing)")
     p.set_defaults(func=_run_plan)
 
 
@@ -76,7 +77,8 @@ def _run_plan(args) -> int:
         from growfam.report.tables import format_memory
 
         micro = as_int(args.micro_batch or family.train.get("micro_batch_size") or 1, "--micro-batch", 1)
-        print(format_memory(family, as_int(args.gpus, "--gpus", 1), micro, args.activation_checkpointing))
+        every = as_int(args.activation_checkpointing, "--activation-checkpointing", 0)
+        print(format_memory(family, as_int(args.gpus, "--gpus", 1), micro, every))
     elif args.json:
         print(json.dumps(plan.to_dict(args.peak_tflops, args.mfu), indent=2))
     else:

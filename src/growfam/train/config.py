@@ -38,8 +38,9 @@ class ParallelConfig:
         with the backward pass, none during gradient accumulation), "fsdp" (FSDP2: parameters,
         gradients and AdamW moments sharded over the ranks, each transformer block gathered in
         turn), or "auto" (none for one process, fsdp for several).
-    activation_checkpointing: recompute each block's activations during the backward pass
-        instead of keeping them (any strategy).
+    activation_checkpointing: recompute blocks' activations during the backward pass instead
+        of keeping them (any strategy): true (every block), false, or N (every Nth block, the
+        first included: memory and recomputation in between; 1 is true, 0 false).
     mixed_precision: FSDP's compute dtype: "bf16" gathers the parameters in bfloat16 and
         reduces gradients in float32, "none" keeps float32, "auto" is bf16 when the run computes
         in bfloat16 (TrainConfig.dtype). Master weights and moments stay float32.
@@ -49,7 +50,7 @@ class ParallelConfig:
     """
 
     strategy: str = "auto"
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | int = False
     mixed_precision: str = "auto"
     reshard_after_forward: bool = True
     compile: bool = False
@@ -57,9 +58,19 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         as_choice(self.strategy, STRATEGIES, "parallel.strategy")
         as_choice(self.mixed_precision, ("auto", "bf16", "none"), "parallel.mixed_precision")
-        for name in ("activation_checkpointing", "reshard_after_forward", "compile"):
+        for name in ("reshard_after_forward", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"parallel.{name} must be true or false, got {getattr(self, name)!r}")
+        every = self.activation_checkpointing
+        if not isinstance(every, bool) and not (isinstance(every, int) and every >= 0):
+            raise ConfigError("parallel.activation_checkpointing must be true, false or N >= 0 (every Nth block; "
+                              f"0: none), got {every!r}")
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Every how many blocks one is checkpointed (0: none, 1: all); see checkpoint_blocks."""
+        every = self.activation_checkpointing
+        return (1 if every else 0) if isinstance(every, bool) else every
 
     @classmethod
     def from_dict(cls, data: Any) -> "ParallelConfig":

@@ -13,9 +13,10 @@ each block and the root, float32 master weights, bf16 mixed precision), in bytes
 - activations: what the backward pass needs of a micro-batch of B sequences of T tokens.
   Per block and token, in bf16: the two RMSNorms' input, float32 upcast and output (8·d
   each), attention's q, k, v after RoPE and its output (4·d + 4·kv, flash attention keeps no
-  T×T scores), the FFN's gate, up, silu(gate) and their product (8·f). With activation
-  checkpointing only each block's input (2·d) is kept, and one block's full set is rebuilt
-  at a time. The head adds 12·V bytes per token (the float32 log-softmax, its gradient and
+  T×T scores), the FFN's gate, up, silu(gate) and their product (8·f). A checkpointed
+  block keeps only its input (2·d) and rebuilds its full set when the backward pass reaches
+  it. The backward pass frees each block's set once it is through it, so the peak is at its
+  first block: one full set plus what every block below it keeps. The head adds 12·V bytes per token (the float32 log-softmax, its gradient and
   the logits' gradient). d: d_model, kv: n_kv_heads·head_dim, f: ffn_dim, V: vocab_size.
 
 An estimate: the CUDA context (~0.5 GiB), the allocator's fragmentation and temporary
@@ -45,15 +46,17 @@ class MemoryEstimate:
 
 
 def fsdp_memory(cfg: ModelConfig, gpus: int, micro_batch: int, seq_len: int,
-                activation_checkpointing: bool = False) -> MemoryEstimate:
+                checkpoint_every: int = 0) -> MemoryEstimate:
     """Bytes per GPU of training `cfg` with FSDP2 over `gpus` GPUs on micro-batches of
-    `micro_batch` sequences of `seq_len` tokens (see the module docstring)."""
+    `micro_batch` sequences of `seq_len` tokens, every `checkpoint_every`-th block checkpointed
+    (0: none, 1: all; see the module docstring)."""
     total, block = num_params(cfg, "total"), _block_params(cfg)
     root = total - cfg.n_layers * block
     d, kv, f, vocab = cfg.d_model, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim, cfg.vocab_size
     tokens = micro_batch * seq_len
     per_block = 2 * 8 * d + (4 * d + 4 * kv) + 8 * f  # bytes per token: norms, attention, FFN
-    kept = cfg.n_layers * 2 * d + per_block if activation_checkpointing else cfg.n_layers * per_block
+    below = [2 * d if checkpoint_every and i % checkpoint_every == 0 else per_block for i in range(cfg.n_layers - 1)]
+    kept = per_block + sum(below)
     return MemoryEstimate(parameters=4 * total / gpus, gradients=4 * total / gpus, moments=8 * total / gpus,
                           gathered=2 * (root + 2 * block) + 4 * (root + block),
                           activations=tokens * (kept + 12 * vocab))

@@ -107,11 +107,13 @@ def amp_dtype(spec: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def checkpoint_blocks(model: nn.Module) -> None:
-    """Recompute each transformer block's activations in the backward pass instead of keeping
-    them. The block's forward is replaced in place, so parameter names do not change."""
-    for block in model.layers:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+def checkpoint_blocks(model: nn.Module, every: int = 1) -> None:
+    """Recompute the activations of every `every`-th transformer block (0, every-th, ...; 0:
+    none) in the backward pass instead of keeping them. The block's forward is replaced in
+    place, so parameter names do not change."""
+    for i, block in enumerate(model.layers):
+        if every and i % every == 0:
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def _on_device(model: nn.Module, device: torch.device) -> nn.Module:
@@ -148,8 +150,7 @@ class Parallelism:
     def wrap(self, model: nn.Module) -> nn.Module:
         """The model to train, on this rank's device (allocated there when it is on meta), with
         activation checkpointing and per-block compilation as configured. The same object."""
-        if self.options.activation_checkpointing:
-            checkpoint_blocks(model)
+        checkpoint_blocks(model, self.options.checkpoint_every)
         if self.options.compile:
             for block in model.layers:
                 block.compile()
@@ -303,8 +304,7 @@ class FSDP(AllReduce):
         bf16 = mixed == "bf16" or (mixed == "auto" and self.compute_dtype == torch.bfloat16)
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
             else MixedPrecisionPolicy()
-        if self.options.activation_checkpointing:
-            checkpoint_blocks(model)
+        checkpoint_blocks(model, self.options.checkpoint_every)
         for block in model.layers:
             if self.options.compile:
                 block.compile()
