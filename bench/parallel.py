@@ -13,19 +13,19 @@ DDP / per-tensor >= 1.0.
     python bench/parallel.py --model tiny-4 --steps 20
 
 GPU (--gpu, one GPU, one process, bf16): paper-1b tokens/s and MFU with the plain model (bf16
-autocast, the whole loss compiled; also with micro-batches twice as large, and with cuDNN's
-attention tried before FlashAttention) and with FSDP2 (a group of one: bf16 parameters, fp32
-gradient reduction, each block compiled; also with the blocks kept gathered between forward and
-backward), each at 1 and at 8 micro-batches per optimizer step: the paper's batch of 960
-sequences is 120 micro-batches of 8 on one GPU, so the update's share of a real step is far
-below its share of a one-micro-batch step. Each line also gives the two halves of the step
-(forward+backward per micro-batch; the update: clipping, AdamW, zero_grad). `--profile` adds,
-per configuration, where one step's device time goes (matmuls, attention, cross-entropy,
-optimizer, compiled fusions, copies) and how much of the wall time the GPU sat idle. Then the
-largest paper preset that trains with FSDP2 + activation checkpointing, with its peak memory.
-Each configuration is tried alone: one that fails (out of memory, a compile error) is reported
-and the next one runs; `--budget` seconds bound the whole run (configurations not started in
-time are reported as skipped).
+autocast, the whole loss compiled; also with micro-batches twice as large, with cuDNN's
+attention tried before FlashAttention, and with the head and loss fused in chunks of 1024
+tokens) and with FSDP2 (a group of one: bf16 parameters, fp32 gradient reduction, each block
+compiled; also with the blocks kept gathered between forward and backward), each at 1 and at 8
+micro-batches per optimizer step: the paper's batch of 960 sequences is 120 micro-batches of 8
+on one GPU, so the update's share of a real step is far below its share of a one-micro-batch
+step. Each line also gives the two halves of the step (forward+backward per micro-batch; the
+update: clipping, AdamW, zero_grad). `--profile` adds, per configuration, where one step's
+device time goes (matmuls, attention, cross-entropy, optimizer, compiled fusions, copies) and
+how much of the wall time the GPU sat idle. Then the largest paper preset that trains with
+FSDP2 + activation checkpointing, with its peak memory. Each configuration is tried alone: one
+that fails (out of memory, a compile error) is reported and the next one runs; `--budget`
+seconds bound the whole run (configurations not started in time are reported as skipped).
 
     python bench/parallel.py --gpu --profile       # paper-1b, seq 1024, micro-batch 8; then 8b, 4b, 2b
     python bench/parallel.py --gpu --device cpu --model tiny-1 --largest tiny-4 --seq-len 64 --steps 2
@@ -298,6 +298,8 @@ GPU_CONFIGS = {
     "plain": ("plain, loss compiled", ParallelConfig(strategy="none"), True, 1, None),
     "fsdp": ("FSDP2, blocks compiled", ParallelConfig(strategy="fsdp", compile=True), False, 1, None),
     "plain-cudnn": ("plain, compiled, cuDNN attn", ParallelConfig(strategy="none"), True, 1, "cudnn"),
+    "plain-chunked": ("plain, compiled, loss in 1024s", ParallelConfig(strategy="none", loss_chunk=1024), True, 1,
+                      None),
     "fsdp-keep": ("FSDP2 kept gathered, compiled",
                   ParallelConfig(strategy="fsdp", compile=True, reshard_after_forward=False), False, 1, None),
     "plain-2x": ("plain, loss compiled", ParallelConfig(strategy="none"), True, 2, None),

@@ -62,9 +62,9 @@ def nan_at(model: Llama, calls: set[int]) -> None:
     """Make model.loss return NaN (with a graph, so backward runs) on the given 1-based calls."""
     original, count = model.loss, [0]
 
-    def loss(x, y):
+    def loss(x, y, loss_chunk=0):
         count[0] += 1
-        value = original(x, y)
+        value = original(x, y, loss_chunk)
         return value * float("nan") if count[0] in calls else value
 
     model.loss = loss

@@ -57,6 +57,8 @@ def _add_plan(sub) -> None:
     p.add_argument("--activation-checkpointing", nargs="?", const="1", default="0", metavar="N",
                    help="--memory: with every block's activations checkpointed, or every Nth block's "
                         "(parallel.activation_checkpointing)")
+    p.add_argument("--loss-chunk", default="0", metavar="TOKENS",
+                   help="--memory: the fused head and loss in chunks of TOKENS tokens (parallel.loss_chunk)")
     p.set_defaults(func=_run_plan)
 
 
@@ -78,7 +80,8 @@ def _run_plan(args) -> int:
 
         micro = as_int(args.micro_batch or family.train.get("micro_batch_size") or 1, "--micro-batch", 1)
         every = as_int(args.activation_checkpointing, "--activation-checkpointing", 0)
-        print(format_memory(family, as_int(args.gpus, "--gpus", 1), micro, every))
+        print(format_memory(family, as_int(args.gpus, "--gpus", 1), micro, every,
+                            as_int(args.loss_chunk, "--loss-chunk", 0)))
     elif args.json:
         print(json.dumps(plan.to_dict(args.peak_tflops, args.mfu), indent=2))
     else:

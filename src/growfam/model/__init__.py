@@ -3,11 +3,12 @@
 - `config`: ModelConfig (validated, to/from dict, YAML, JSON), num_params, flops_per_token.
 - `presets`: the named shapes (PRESETS, get_preset).
 - `llama`: the nn.Modules (RMSNorm, RoPE, Attention, FeedForward, Block), Llama, KVCache.
+- `loss`: head_cross_entropy, the output head and cross-entropy fused, chunk by chunk.
 - `hf`: config.json <-> ModelConfig, tensor names, save_pretrained / load_pretrained, the
   tokenizer files that travel with a member.
 - `resolve`: resolve_config (a preset name, a config file, a dict or a model directory).
 
-Imports point one way: presets and llama import config; hf imports config and llama; resolve
+Imports point one way: presets and llama import config (llama also loss); hf imports config and llama; resolve
 imports config, presets and hf. model/ may import errors, checks and io; nothing of data/,
 grow/, train/, growfam.config or family/.
 """
@@ -36,6 +37,7 @@ from growfam.model.llama import (
     rope_inv_freq,
     weight_std,
 )
+from growfam.model.loss import head_cross_entropy
 from growfam.model.presets import PRESETS, get_preset, known_presets
 from growfam.model.resolve import resolve_config
 
@@ -56,6 +58,7 @@ __all__ = [
     "copy_tokenizer_files",
     "flops_per_token",
     "get_preset",
+    "head_cross_entropy",
     "hf_state_dict",
     "known_presets",
     "load_pretrained",

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from growfam.model.config import ModelConfig, num_params
+from growfam.model.loss import head_cross_entropy
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,6 +197,7 @@ class Llama(nn.Module):
     forward(idx [B, T] int64, cache=None, last=None) -> logits [B, T, vocab], or [B, last, vocab]
     for the last `last` positions only (decoding needs one; filling a cache needs none). With a
     KVCache, idx holds the next T tokens after the cache's `length` and the cache advances by T.
+    With targets [B, T]: the mean cross-entropy instead (see `loss`).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -221,7 +223,8 @@ class Llama(nn.Module):
             else:
                 p.normal_(0.0, weight_std(self.cfg, name), generator=generator)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last: int | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last: int | None = None, *,
+                targets: torch.Tensor | None = None, loss_chunk: int = 0) -> torch.Tensor:
         T = idx.shape[1]
         start = 0 if cache is None else cache.length
         if cache is not None and start + T > cache.capacity:
@@ -235,12 +238,20 @@ class Llama(nn.Module):
             cache.length = start + T
         if last is not None:  # the output head costs T·d·V: skip the positions nobody reads
             x = x[:, T - last:]
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x)
+        if loss_chunk:  # the head's logits never whole (model/loss.py)
+            return head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), loss_chunk)
+        logits = self.lm_head(x)  # bf16 under autocast: the softmax in float32 (float64 stays)
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1),
+                               targets.flatten())
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy; idx, targets: [B, T]."""
-        logits = self(idx)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, loss_chunk: int = 0) -> torch.Tensor:
+        """Mean next-token cross-entropy; idx, targets: [B, T]. loss_chunk: tokens per chunk of
+        the fused head and cross-entropy (0: the whole logits at once; see model/loss.py).
+        Computed inside forward, so wrappers' forward hooks (FSDP2, DDP) cover the head."""
+        return self(idx, targets=targets, loss_chunk=loss_chunk)
 
     def num_params(self, kind: str = "total") -> int:
         return num_params(self.cfg, kind)

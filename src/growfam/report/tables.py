@@ -84,20 +84,23 @@ def format_plan(plan: FamilyPlan, peak_tflops: float, mfu: float) -> str:
     return "\n".join(lines)
 
 
-def format_memory(family: FamilyConfig, gpus: int, micro_batch: int, checkpoint_every: int) -> str:
+def format_memory(family: FamilyConfig, gpus: int, micro_batch: int, checkpoint_every: int,
+                  loss_chunk: int = 0) -> str:
     """Each member's estimated memory per GPU under FSDP2 (train/memory.py), in GiB; every
-    `checkpoint_every`-th block checkpointed (0: none)."""
+    `checkpoint_every`-th block checkpointed (0: none), the loss in chunks of `loss_chunk`
+    tokens (0: whole)."""
     header = ["member", "params", "params", "grads", "AdamW", "gathered", "activations", "total"]
     body = []
     for cfg, seq_len in zip(family.members, family.seq_lens):
-        m = fsdp_memory(cfg, gpus, micro_batch, seq_len, checkpoint_every)
+        m = fsdp_memory(cfg, gpus, micro_batch, seq_len, checkpoint_every, loss_chunk)
         body.append([cfg.name, si(num_params(cfg))] +
                     [f"{b / 2**30:.1f}" for b in (m.parameters, m.gradients, m.moments, m.gathered, m.activations,
                                                  m.total)])
     checkpointing = {0: "without activation checkpointing", 1: "every block's activations checkpointed"}.get(
         checkpoint_every, f"one block's activations in {checkpoint_every} checkpointed")
     lines = [f"memory per GPU (GiB), FSDP2 over {gpus} GPU(s), bf16 mixed precision, micro-batch {micro_batch} "
-             f"sequences, {checkpointing}", ""]
+             f"sequences, {checkpointing}" + (f", the loss in chunks of {loss_chunk} tokens" if loss_chunk else ""),
+             ""]
     lines += text_table([header] + body, [(2, 7, "per GPU")])
     lines += ["", "an estimate: add ~0.5 GiB of CUDA context and the allocator's slack; bench/parallel.py --gpu "
                   "measures the real peak"]

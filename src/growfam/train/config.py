@@ -47,6 +47,9 @@ class ParallelConfig:
     reshard_after_forward: FSDP frees each block's gathered parameters after its forward pass
         and gathers them again for the backward pass (less memory, more communication).
     compile: torch.compile each transformer block (the form that composes with FSDP2).
+    loss_chunk: tokens per chunk of the fused output head and cross-entropy, whose [tokens,
+        vocab] logits then never exist whole (model/loss.py; 0: the plain head and loss). The
+        same loss and gradients; 12 bytes per vocabulary entry and token less memory.
     """
 
     strategy: str = "auto"
@@ -54,8 +57,10 @@ class ParallelConfig:
     mixed_precision: str = "auto"
     reshard_after_forward: bool = True
     compile: bool = False
+    loss_chunk: int = 0
 
     def __post_init__(self) -> None:
+        self.loss_chunk = as_int(self.loss_chunk, "parallel.loss_chunk", 0)
         as_choice(self.strategy, STRATEGIES, "parallel.strategy")
         as_choice(self.mixed_precision, ("auto", "bf16", "none"), "parallel.mixed_precision")
         for name in ("reshard_after_forward", "compile"):

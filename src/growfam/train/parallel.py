@@ -158,7 +158,7 @@ class Parallelism:
 
     def loss_fn(self, model: nn.Module):
         """(idx, targets) [B, T] -> mean loss, through whatever wrapper reduces gradients."""
-        return model.loss
+        return functools.partial(model.loss, loss_chunk=self.options.loss_chunk)
 
     def micro_batch(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
         """The context of one micro-batch's forward and backward; `last`: the step's final one,
@@ -256,12 +256,13 @@ class AllReduce(Parallelism):
 class _Loss(nn.Module):
     """model.loss as a module's forward: DDP must be called to reduce the gradients."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, loss_chunk: int) -> None:
         super().__init__()
         self.model = model
+        self.loss_chunk = loss_chunk
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(idx, targets)
+        return self.model.loss(idx, targets, self.loss_chunk)
 
 
 class DDP(AllReduce):
@@ -272,7 +273,7 @@ class DDP(AllReduce):
 
         model = super().wrap(model)
         # gradient_as_bucket_view: the gradients live in DDP's buckets (no copy in and out)
-        self.ddp = DistributedDataParallel(_Loss(model), device_ids=[self.device] if self.device.type == "cuda"
+        self.ddp = DistributedDataParallel(_Loss(model, self.options.loss_chunk), device_ids=[self.device] if self.device.type == "cuda"
                                            else None, gradient_as_bucket_view=True)
         return model
 
