@@ -55,12 +55,12 @@ def _free_port() -> int:
 
 
 def _ranks(rank: int, port: int, jobs: list[tuple]) -> None:
-    """Each job: (out_dir, strategy, kill_at or None), trained in order by both ranks."""
+    """Each job: (out_dir, strategy or parallel section, kill_at or None), trained in order by both ranks."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         for out_dir, strategy, kill_at in jobs:
-            cfg = config(out_dir, **RUN, parallel={"strategy": strategy})
+            cfg = config(out_dir, **RUN, parallel=strategy if isinstance(strategy, dict) else {"strategy": strategy})
             train(cfg, dataset=Data(), callbacks=[Kill(kill_at)] if kill_at else [])
     finally:
         torch.distributed.destroy_process_group()
@@ -82,14 +82,16 @@ def assert_same_weights(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One process: an uninterrupted run, and one interrupted after its step-4 checkpoint.
-    Two ranks (one launch): per-tensor averaging, DDP, FSDP2 (uninterrupted), the interrupted
+    Two ranks (one launch): per-tensor averaging, DDP (its loss in chunks: the fused head under
+    DDP's hooks), FSDP2 (uninterrupted), the interrupted
     one-process run resumed under FSDP2 (1 -> 2), and an FSDP2 run killed with SIGKILL at step 6."""
     root = tmp_path_factory.mktemp("parallel")
     train(config(root / "one", **RUN), dataset=Data())
     with pytest.raises(KeyboardInterrupt):
         train(config(root / "one_to_two", **RUN), dataset=Data(), callbacks=[Interrupt()])
     with pytest.raises(torch.multiprocessing.ProcessExitedException, match="SIGKILL"):
-        two_ranks((root / "none", "none", None), (root / "ddp", "ddp", None), (root / "fsdp", "fsdp", None),
+        two_ranks((root / "none", "none", None), (root / "ddp", {"strategy": "ddp", "loss_chunk": 3}, None),
+                  (root / "fsdp", "fsdp", None),
                   (root / "one_to_two", "fsdp", None), (root / "killed", "fsdp", 6))
     shutil.copytree(root / "killed", root / "two_to_one")
     two_ranks((root / "killed", "fsdp", None))
