@@ -265,7 +265,10 @@ def gpu_config(label: str, cfg: ModelConfig, options: ParallelConfig, args, *, b
             halves = [timed_split(micro, update, data, device) for _ in range(args.steps)]
             report(f"{label}, {batch} x {accum}", cfg, accum * batch * args.seq_len, halves, accum, args)
         if args.profile:
-            profile_step(step, batches(cfg, batch, 1, args.seq_len, device), device, args.top)
+            try:
+                profile_step(step, batches(cfg, batch, 1, args.seq_len, device), device, args.top)
+            except Exception as err:  # noqa: BLE001 -- the timings above stand; say why the profile did not
+                print(f"  profile failed: {type(err).__name__}: {err}", flush=True)
     except Exception as err:  # noqa: BLE001 -- out of memory, compile failures: report and go on
         what = "out of memory" if isinstance(err, torch.OutOfMemoryError) else \
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
