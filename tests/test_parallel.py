@@ -83,7 +83,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 def runs(tmp_path_factory):
     """One process: an uninterrupted run, and one interrupted after its step-4 checkpoint.
     Two ranks (one launch): per-tensor averaging, DDP (its loss in chunks: the fused head under
-    DDP's hooks), FSDP2 (uninterrupted), the interrupted
+    DDP's hooks), FSDP2 (uninterrupted), HSDP (2 replicas of 1 shard), the interrupted
     one-process run resumed under FSDP2 (1 -> 2), and an FSDP2 run killed with SIGKILL at step 6."""
     root = tmp_path_factory.mktemp("parallel")
     train(config(root / "one", **RUN), dataset=Data())
@@ -91,7 +91,7 @@ def runs(tmp_path_factory):
         train(config(root / "one_to_two", **RUN), dataset=Data(), callbacks=[Interrupt()])
     with pytest.raises(torch.multiprocessing.ProcessExitedException, match="SIGKILL"):
         two_ranks((root / "none", "none", None), (root / "ddp", {"strategy": "ddp", "loss_chunk": 3}, None),
-                  (root / "fsdp", "fsdp", None),
+                  (root / "fsdp", "fsdp", None), (root / "hsdp", {"strategy": "fsdp", "replicate": 2}, None),
                   (root / "one_to_two", "fsdp", None), (root / "killed", "fsdp", 6))
     shutil.copytree(root / "killed", root / "two_to_one")
     two_ranks((root / "killed", "fsdp", None))
@@ -101,9 +101,17 @@ def runs(tmp_path_factory):
 def test_ddp_and_fsdp_match_one_process(runs):
     one = step_losses(runs / "one" / "run")
     assert sorted(one) == list(range(1, 9))
-    for strategy in ("none", "ddp", "fsdp"):
+    for strategy in ("none", "ddp", "fsdp", "hsdp"):
         assert step_losses(runs / strategy / "run") == pytest.approx(one, abs=1e-5)
         assert_same_weights(weights(runs / strategy / "run"), weights(runs / "one" / "run"))
+    # HSDP's sharded checkpoint, read by one process alone, is the run's model
+    from growfam.model import Llama, hf_state_dict
+    from growfam.train.checkpoint import load_checkpoint
+
+    alone = Llama(config(runs / "x", **RUN).model)
+    assert (latest_checkpoint(runs / "hsdp" / "run") / SHARDED_DIR).is_dir()
+    load_checkpoint(latest_checkpoint(runs / "hsdp" / "run"), alone)
+    assert_same_weights(hf_state_dict(alone), weights(runs / "one" / "run"))
     state = read_trainer_state(latest_checkpoint(runs / "fsdp" / "run"))
     assert (state["step"], state["world_size"], state["finished"]) == (8, 2, True)
     assert (latest_checkpoint(runs / "fsdp" / "run") / SHARDED_DIR).is_dir()
@@ -250,12 +258,18 @@ def test_bad_parallel_settings_are_one_line_and_exit_2(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "parallel.strategy must be auto or none or ddp or fsdp" in err
     assert not (tmp_path / "run").exists()
+    assert main(["train", str(path), "--set", "parallel={strategy: fsdp, replicate: 2}"]) == 2
+    assert "parallel.replicate 2 must divide the number of processes (1)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="train section: unknown key 'shards' in parallel"):
         spec(train={"parallel": {"shards": 2}})
     # a world of 3 ranks cannot split a stage's batch of 4 sequences
     monkeypatch.setattr(pipeline, "rank_and_world", lambda: (0, 3))
     with pytest.raises(ConfigError, match=r"stage small: batch_size 4 must split into 3 rank\(s\)"):
         pipeline.check_family(spec(), tmp_path / "family")
+    # ... nor form 2 FSDP replicas (HSDP) of a batch of 6
+    with pytest.raises(ConfigError, match=r"stage small: parallel.replicate 2 must divide the number of processes \(3\)"):
+        pipeline.check_family(spec(batch_size=6, train={"parallel": {"replicate": 2}}), tmp_path / "family")
     assert not (tmp_path / "family").exists()
 
 

@@ -94,6 +94,7 @@ def _train_record(family: FamilyConfig, plan: FamilyPlan, out_dir: Path, modes: 
                                   f"{stage.name}'s batch_size {cfg.batch_size}")
             try:
                 Schedule.of(cfg, world)
+                cfg.parallel.resolved(world)
             except ConfigError as err:
                 raise ConfigError(f"stage {stage.name}: {err}") from None
             configs.append(cfg)

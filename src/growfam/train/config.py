@@ -47,6 +47,9 @@ class ParallelConfig:
     reshard_after_forward: FSDP frees each block's gathered parameters after its forward pass
         and gathers them again for the backward pass (less memory, more communication).
     compile: torch.compile each transformer block (the form that composes with FSDP2).
+    replicate: FSDP over R groups (HSDP): the ranks form an R × (world / R) mesh, each group
+        of world / R ranks (one node, say) shards the model and the R groups replicate it,
+        averaging gradients across groups; 1 shards over every rank. Must divide the world size.
     loss_chunk: tokens per chunk of the fused output head and cross-entropy, whose [tokens,
         vocab] logits then never exist whole (model/loss.py; 0: the plain head and loss). The
         same loss and gradients; 12 bytes per vocabulary entry and token less memory.
@@ -57,11 +60,16 @@ class ParallelConfig:
     mixed_precision: str = "auto"
     reshard_after_forward: bool = True
     compile: bool = False
+    replicate: int = 1
     loss_chunk: int = 0
 
     def __post_init__(self) -> None:
         self.loss_chunk = as_int(self.loss_chunk, "parallel.loss_chunk", 0)
+        self.replicate = as_int(self.replicate, "parallel.replicate", 1)
         as_choice(self.strategy, STRATEGIES, "parallel.strategy")
+        if self.replicate > 1 and self.strategy in ("none", "ddp"):
+            raise ConfigError(f"parallel.replicate is FSDP's (HSDP); strategy {self.strategy} replicates the whole "
+                              "model on every rank already")
         as_choice(self.mixed_precision, ("auto", "bf16", "none"), "parallel.mixed_precision")
         for name in ("reshard_after_forward", "compile"):
             if not isinstance(getattr(self, name), bool):
@@ -84,10 +92,12 @@ class ParallelConfig:
         return cls(**data)
 
     def resolved(self, world: int) -> str:
-        """The strategy for `world` processes ("auto" decided)."""
-        if self.strategy == "auto":
-            return "fsdp" if world > 1 else "none"
-        return self.strategy
+        """The strategy for `world` processes ("auto" decided); ConfigError when FSDP's
+        `replicate` groups do not divide them."""
+        strategy = ("fsdp" if world > 1 else "none") if self.strategy == "auto" else self.strategy
+        if strategy == "fsdp" and world % self.replicate:
+            raise ConfigError(f"parallel.replicate {self.replicate} must divide the number of processes ({world})")
+        return strategy
 
 
 @dataclass

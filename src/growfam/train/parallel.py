@@ -288,7 +288,8 @@ class DDP(AllReduce):
 
 
 class FSDP(AllReduce):
-    """FSDP2: fully_shard on each transformer block, then on the root, over all ranks."""
+    """FSDP2: fully_shard on each transformer block, then on the root, over all ranks (a 1-D
+    mesh), or HSDP with parallel.replicate: sharded within groups, replicated across them."""
 
     sharded = True
 
@@ -300,7 +301,10 @@ class FSDP(AllReduce):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh(self.device.type, (self.world,))
+        replicas = self.options.replicate
+        mesh = init_device_mesh(self.device.type, (replicas, self.world // replicas),
+                                mesh_dim_names=("replicate", "shard")) if replicas > 1 else \
+            init_device_mesh(self.device.type, (self.world,))
         mixed = self.options.mixed_precision
         bf16 = mixed == "bf16" or (mixed == "auto" and self.compute_dtype == torch.bfloat16)
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
