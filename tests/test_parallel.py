@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,6 +117,22 @@ def test_ddp_and_fsdp_match_one_process(runs):
     assert (state["step"], state["world_size"], state["finished"]) == (8, 2, True)
     assert (latest_checkpoint(runs / "fsdp" / "run") / SHARDED_DIR).is_dir()
     assert not (latest_checkpoint(runs / "ddp" / "run") / SHARDED_DIR).exists()  # DDP: whole, from rank 0
+
+
+def _four_ranks(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=4)
+    try:
+        train(config(Path(out_dir), **RUN, parallel={"strategy": "fsdp", "replicate": 2}), dataset=Data())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_hsdp_two_replicas_of_two_shards_match_one_process(runs, tmp_path):
+    """4 ranks as a 2 × 2 mesh: each pair shards the model, the pairs replicate it."""
+    torch.multiprocessing.spawn(_four_ranks, args=(_free_port(), str(tmp_path)), nprocs=4)
+    assert step_losses(tmp_path / "run") == pytest.approx(step_losses(runs / "one" / "run"), abs=1e-5)
+    assert_same_weights(weights(tmp_path / "run"), weights(runs / "one" / "run"))
 
 
 def test_a_killed_fsdp_run_resumes_on_the_uninterrupted_trajectory(runs):
