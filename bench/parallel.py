@@ -69,7 +69,7 @@ def build(cfg: ModelConfig, options: ParallelConfig, device: str, compile_loss: 
     model = parallel.wrap(skeleton)
     torch.manual_seed(0)
     model.reset_parameters()
-    optimizer = make_optimizer(model, TrainConfig(max_steps=1), parallel.device, fused=parallel.fused_adamw)
+    optimizer = make_optimizer(model, TrainConfig(max_steps=1), parallel.device)
     loss_fn = torch.compile(parallel.loss_fn(model)) if compile_loss else parallel.loss_fn(model)
     amp = torch.bfloat16 if parallel.device.type == "cuda" else None
     micro_batch = functools.partial(parallel.micro_batch, model)

@@ -47,13 +47,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
-                   fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; fused kernels where torch has them (default: CUDA and CPU;
-    `fused` decides otherwise, e.g. False for sharded parameters on the CPU)."""
-    fused = device.type in ("cuda", "cpu") if fused is None else fused
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; fused kernels where torch has them (CUDA and CPU, FSDP2's
+    sharded parameters included)."""
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.max_lr, betas=cfg.betas,
-                             eps=cfg.eps, fused=fused)
+                             eps=cfg.eps, fused=device.type in ("cuda", "cpu"))
 
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:

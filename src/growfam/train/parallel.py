@@ -142,11 +142,6 @@ class Parallelism:
         """Rank 0: the process that logs and writes checkpoints."""
         return self.rank == 0
 
-    @property
-    def fused_adamw(self) -> bool:
-        """Whether AdamW may use its fused kernels on these parameters."""
-        return self.device.type in ("cuda", "cpu")
-
     def wrap(self, model: nn.Module) -> nn.Module:
         """The model to train, on this rank's device (allocated there when it is on meta), with
         activation checkpointing and per-block compilation as configured. The same object."""
@@ -292,10 +287,6 @@ class FSDP(AllReduce):
     mesh), or HSDP with parallel.replicate: sharded within groups, replicated across them."""
 
     sharded = True
-
-    @property
-    def fused_adamw(self) -> bool:
-        return self.device.type == "cuda"  # torch's fused CPU AdamW does not take DTensors
 
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh

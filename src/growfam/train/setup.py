@@ -116,7 +116,7 @@ def _from_main(cfg: TrainConfig, parallel: Parallelism, source: Llama | None,
     with torch.device("meta"):
         skeleton = Llama(cfg.model)
     model = parallel.wrap(skeleton)
-    optimizer = make_optimizer(model, cfg, parallel.device, fused=parallel.fused_adamw)
+    optimizer = make_optimizer(model, cfg, parallel.device)
     if not send:
         return model, optimizer
     moments = None
