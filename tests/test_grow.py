@@ -16,13 +16,15 @@ from growfam.model import Llama, ModelConfig, get_preset
 
 VOCAB = 61
 
-VARIANTS = {"mha-untied": (4, False), "gqa-untied": (2, False), "mha-tied": (4, True),
-            "gqa-tied": (2, True)}
+#: (KV heads, tied, q/k/v and o biases: a Llama with attention_bias, the superset of Qwen2's)
+VARIANTS = {"mha-untied": (4, False, False), "gqa-untied": (2, False, False), "mha-tied": (4, True, False),
+            "gqa-tied": (2, True, False), "gqa-biased": (2, False, True)}
 
 
-def source_config(n_kv: int, tied: bool) -> ModelConfig:
+def source_config(n_kv: int, tied: bool, biased: bool = False) -> ModelConfig:
     return ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=n_kv, ffn_dim=64,
-                       vocab_size=VOCAB, max_seq_len=32, tie_embeddings=tied, name="src")
+                       vocab_size=VOCAB, max_seq_len=32, tie_embeddings=tied, qkv_bias=biased,
+                       o_bias=biased, name="src")
 
 
 def integer_target(src: ModelConfig) -> ModelConfig:
@@ -233,8 +235,8 @@ def test_counts_per_tensor():
 # --------------------------------------------------------------------------------------------
 
 
-def trained_source(probe, tied=False):
-    src = random_model(source_config(2, tied), dtype=torch.float64).train()
+def trained_source(probe, tied=False, biased=False):
+    src = random_model(source_config(2, tied, biased), dtype=torch.float64).train()
     opt = torch.optim.AdamW([
         {"params": [p for p in src.parameters() if p.ndim == 2], "weight_decay": 0.1},
         {"params": [p for p in src.parameters() if p.ndim == 1], "weight_decay": 0.0},
@@ -243,9 +245,10 @@ def trained_source(probe, tied=False):
     return src, opt
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_optimizer_transfer_copies_moments(probe, tied):
-    src, opt = trained_source(probe, tied)
+@pytest.mark.parametrize("tied,biased", [(False, False), (True, False), (False, True)],
+                         ids=["untied", "tied", "biased"])
+def test_optimizer_transfer_copies_moments(probe, tied, biased):
+    src, opt = trained_source(probe, tied, biased)
     grown, new_opt, report = expand(src, ragged_target(src.cfg), "lossless", "stack",
                                     optimizer=opt)
     assert report.optimizer == "transfer"
@@ -267,11 +270,13 @@ def test_optimizer_transfer_copies_moments(probe, tied):
 
 
 def test_optimizer_transfer_scales_replicated_units(probe):
-    """fpi x2: every unit is read with 1/2, so its copies see half the gradient: m/2, v/4."""
-    src, opt = trained_source(probe)
+    """fpi x2: every unit is read with 1/2, so its copies see half the gradient: m/2, v/4
+    (a bias with its weight's rows)."""
+    src, opt = trained_source(probe, biased=True)
     grown, new_opt, _ = expand(src, integer_target(src.cfg), "fpi", "interleave", optimizer=opt)
     for name in ("layers.0.self_attn.q_proj.weight", "layers.0.mlp.down_proj.weight",
-                 "embed_tokens.weight", "layers.0.input_layernorm.weight"):
+                 "embed_tokens.weight", "layers.0.input_layernorm.weight",
+                 "layers.0.self_attn.k_proj.bias", "layers.0.self_attn.o_proj.bias"):
         old = opt.state[src.get_parameter(name)]
         new = new_opt.state[grown.get_parameter(name)]
         block = tuple(slice(0, n) for n in old["exp_avg"].shape)
@@ -356,19 +361,22 @@ def test_masked_model_cannot_grow_again(source):
 
 
 def test_expand_from_interleaves_layers(probe):
-    a = random_model(source_config(2, False), seed=1, dtype=torch.float64)
-    b = random_model(source_config(2, False), seed=2, dtype=torch.float64)
+    a = random_model(source_config(2, False, biased=True), seed=1, dtype=torch.float64)
+    b = random_model(source_config(2, False, biased=True), seed=2, dtype=torch.float64)
     grown, report = expand_from([a, b], a.cfg.replace(n_layers=4), "fpi", "stack", probe=probe)
     order = [(a, 0), (b, 0), (a, 1), (b, 1)]
     for j, (m, l) in enumerate(order):
         assert torch.equal(grown.layers[j].mlp.up_proj.weight, m.layers[l].mlp.up_proj.weight)
+        for proj in ("q_proj", "o_proj"):  # a layer's biases travel with it
+            assert torch.equal(grown.layers[j].self_attn.get_parameter(f"{proj}.bias"),
+                               m.layers[l].self_attn.get_parameter(f"{proj}.bias"))
     assert torch.equal(grown.embed_tokens.weight, a.embed_tokens.weight)  # primary source
     assert report.probe is not None and "combined from 2 sources" in str(report)
 
 
 def test_expand_from_concatenates_units():
-    a = random_model(source_config(2, True), seed=1, dtype=torch.float64)
-    b = random_model(source_config(2, True), seed=2, dtype=torch.float64)
+    a = random_model(source_config(2, True, biased=True), seed=1, dtype=torch.float64)
+    b = random_model(source_config(2, True, biased=True), seed=2, dtype=torch.float64)
     tgt = a.cfg.replace(d_model=80, n_heads=10, n_kv_heads=5, ffn_dim=150, n_layers=3)
     grown, _ = expand_from([a, b], tgt, "fpi", "identity", combine="width")
     assert_shapes(grown, tgt)
@@ -379,6 +387,10 @@ def test_expand_from_concatenates_units():
     assert torch.equal(q[:32, :32], a.layers[0].self_attn.q_proj.weight)
     assert torch.equal(q[32:64, 32:64], b.layers[0].self_attn.q_proj.weight)
     assert torch.all(q[:32, 32:64] == 0) and torch.all(q[32:64, :32] == 0)
+    for proj in ("k_proj", "o_proj"):  # biases are concatenated like their weights' rows
+        bias = grown.layers[0].self_attn.get_parameter(f"{proj}.bias")
+        parts = [m.layers[0].self_attn.get_parameter(f"{proj}.bias") for m in (a, b)]
+        assert torch.equal(bias, torch.cat(parts))
 
 
 def test_expand_from_refuses_mismatched_sources():

@@ -112,31 +112,45 @@ def test_a_dataset_of_another_tokenizer_is_refused(made, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_qwen2_checkpoint_from_transformers_starts_a_qwen2_family(made, tmp_path):
-    """A released-model stand-in made by transformers itself (Qwen2: q/k/v biases, tied
-    embeddings): both modes' larger members are Qwen2 too, the progressive one grown exactly,
-    and transformers loads it as a Qwen2ForCausalLM with growfam's logits."""
+#: transformers-made stand-ins: Qwen2 (q/k/v biases, tied embeddings) and Mistral (untied, a
+#: sliding window that covers the context, Llama 3 RoPE scaling).
+RELEASED = {
+    "qwen2": ("Qwen2", dict(tie_word_embeddings=True, use_sliding_window=False), {"tie_embeddings": True}),
+    "mistral": ("Mistral", dict(sliding_window=32, rope_parameters=dict(
+        rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16)), {}),
+}
+
+
+@pytest.mark.parametrize("kind", RELEASED)
+def test_a_released_checkpoint_from_transformers_starts_a_family_of_its_type(made, tmp_path, kind):
+    """A released-model stand-in made by transformers itself: both modes' larger members are of
+    its type too (biases, RoPE scaling and window carried over), the progressive one grown
+    exactly, and transformers loads them as their class with growfam's logits."""
     import shutil
 
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
+    prefix, hf_options, large = RELEASED[kind]
     torch.manual_seed(0)
-    hf = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                     num_key_value_heads=1, vocab_size=300, max_position_embeddings=32, tie_word_embeddings=True,
-                     use_sliding_window=False)
-    released = tmp_path / "qwen"
-    Qwen2ForCausalLM(hf).save_pretrained(released)
+    hf = getattr(transformers, f"{prefix}Config")(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=300, max_position_embeddings=32, **hf_options)
+    released = tmp_path / kind
+    getattr(transformers, f"{prefix}ForCausalLM")(hf).save_pretrained(released)
     for f in (made / "ds" / "tokenizer").iterdir():
         shutil.copy(f, released / f.name)
-    family = FamilyConfig.from_dict(spec(made, start_from=str(released), members=[str(released),
-                                                                                   {**LARGE, "tie_embeddings": True}]))
-    assert family.members[1].model_type == "qwen2" and family.members[1].qkv_bias
+    family = FamilyConfig.from_dict(spec(made, start_from=str(released), members=[str(released), {**LARGE, **large}]))
+    first, second = family.members
+    assert second.model_type == kind and second.qkv_bias == (kind == "qwen2")
+    assert (second.rope_scaling, second.sliding_window) == (first.rope_scaling, first.sliding_window)
+    assert kind != "mistral" or (second.rope_scaling["rope_type"], second.sliding_window) == ("llama3", 32)
     ledger = run_family(family, tmp_path / "fam", data=str(made / "ds"), log=lambda s: None)
     assert ledger["modes"]["progressive"][1]["growth"]["probe"]["max_abs_dlogits"] < 1e-4
     idx = torch.randint(0, 300, (1, 16))
     for mode in ("progressive", "independent"):
         member = tmp_path / "fam" / mode / "large"
-        theirs = AutoModelForCausalLM.from_pretrained(member).eval()
-        assert type(theirs).__name__ == "Qwen2ForCausalLM"
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(member).eval()
+        assert type(theirs).__name__ == f"{prefix}ForCausalLM"
         with torch.no_grad():
             torch.testing.assert_close(theirs(idx).logits, load_pretrained(member)(idx), rtol=1e-4, atol=1e-4)
