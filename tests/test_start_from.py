@@ -1,6 +1,8 @@
 """A family given its first member (`start_from: DIR`): stage 1 is the checkpoint, later stages
 grow from it on Eq. 4 budgets that count it as given; bad inputs are one line before any work."""
 
+import math
+
 import pytest
 import torch
 import yaml
@@ -67,6 +69,9 @@ def test_a_family_grows_from_a_given_checkpoint(made, tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(published.state_dict().values(), given.state_dict().values()))
         assert (tmp_path / mode / "small" / "tokenizer.json").is_file()
         assert second["tokens"] > 0 and second["val_loss"] is not None
+    # the given member is measured once, on the family's validation windows, for both modes
+    losses = [ledger["modes"][mode][0]["val_loss"] for mode in ("progressive", "independent")]
+    assert losses[0] == losses[1] and abs(losses[0] - math.log(300)) < 1  # a random model: about ln V
     # the grown member starts as the given one's function (lossless + identity)
     assert ledger["modes"]["progressive"][1]["growth"]["probe"]["max_abs_dlogits"] < 1e-4
     assert ledger["modes"]["independent"][1]["growth"] is None

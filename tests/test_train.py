@@ -17,7 +17,7 @@ from growfam.grow.masks import MaskState, attach_masks, mask_state
 from growfam.train.metrics import read_metrics
 from growfam.model import Llama, ModelConfig, flops_per_token, load_pretrained, num_params
 from growfam.train import (Callback, Parallelism, TrainConfig, forward_backward, lr_at, lr_bounds, make_optimizer,
-                           make_parallelism, param_groups, train)
+                           make_parallelism, param_groups, train, validation_loss)
 
 TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, ffn_dim=64, vocab_size=128, max_seq_len=32)
 
@@ -167,6 +167,14 @@ def test_run_writes_metrics_checkpoints_and_hf_dir(tmp_path):
     # Running again finds the finished run and reports it without training.
     again = train(config(tmp_path, keep_last=1), dataset=ArrayDataset())
     assert again.steps == 8 and again.val_loss == result.val_loss
+    # validation_loss measures a model as the run measured its final one (what a family
+    # publishes for a start_from member it does not train)
+    final = load_pretrained(result.hf_dir).train()
+    assert validation_loss(config(tmp_path), final, ArrayDataset()) == pytest.approx(result.val_loss, abs=1e-6)
+    assert final.training  # left as it was
+    short = ArrayDataset()
+    short.splits["val"] = short.splits["val"][:16]  # no window of seq_len + 1 tokens
+    assert validation_loss(config(tmp_path), final, short) is None
 
 
 def test_killed_and_resumed_run_reproduces_the_losses(tmp_path):

@@ -10,8 +10,8 @@ hyper-parameters. Layout under out_dir:
     runs/<mode>/<member>/         its training run: metrics.jsonl, checkpoints/
 
 A family with `start_from: DIR` is given its first member: both modes publish DIR as it is
-(0 tokens; or continue it on `start_from_tokens`, from its weights with fresh AdamW moments),
-and Progressive grows stage 2 from it (with fresh moments when DIR was not trained: a release
+(0 tokens, with the validation loss training would report for it; or continue it on
+`start_from_tokens`, from its weights with fresh AdamW moments), and Progressive grows stage 2 from it (with fresh moments when DIR was not trained: a release
 holds none). Independent still trains every later member from scratch: it is the baseline the
 grown members are measured against, and its small member is the same given checkpoint, since
 retraining it from scratch would spend D(N_1) on a model nobody asked for. The dataset must be
@@ -46,7 +46,7 @@ from growfam.family.plan import FamilyPlan, make_plan
 from growfam.io import atomic_directory, atomic_write_text, check_folder, read_json, remove_stale_temporaries
 from growfam.model import copy_tokenizer_files, load_pretrained, resolve_config
 from growfam.report.numbers import loss
-from growfam.train import Schedule, TrainConfig, TrainResult, make_optimizer, train
+from growfam.train import Schedule, TrainConfig, TrainResult, make_optimizer, train, validation_loss
 from growfam.train.checkpoint import latest_checkpoint, load_checkpoint
 from growfam.train.parallel import barrier, rank_and_world, share
 
@@ -286,6 +286,7 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
         barrier()  # every rank: the others wait (up to parallel.MAIN_WAIT) while rank 0 evaluates
         return now
 
+    given_loss = None
     for mode in modes:
         members = ledger["modes"].setdefault(mode, [])
         for i, stage in enumerate(plan.stages):
@@ -323,7 +324,9 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
             start = time.perf_counter()
             if i == 0 and given is not None and tokens == 0:
                 log(f"[{mode}] {stage.name}: given, start_from {family.start_from}")
-                result = TrainResult(None, None, 0, 0, 0, 0, 0.0, Path(family.start_from))
+                if given_loss is None:  # measured once, as training would measure it: both modes publish it
+                    given_loss = validation_loss(tcfg, given, dataset)
+                result = TrainResult(None, given_loss, 0, 0, 0, 0, 0.0, Path(family.start_from))
             else:
                 log(f"[{mode}] training {stage.name}: {tcfg.max_tokens:,} tokens, max LR {tcfg.max_lr:.3g}")
                 result = train(tcfg, model, optimizer, dataset=dataset, on_eval=stop)

@@ -20,8 +20,9 @@
 - `callbacks`: Callback (the hooks) and the built-in ones: MaskRamp (masked-growth ramp),
   Progress (train log line, progress bar), Validation (evaluate, on_eval), Checkpoints.
 - `setup`: before the loop: check_inputs, build_run (the model laid out by the Parallelism,
-  rank 0's state sent to the other ranks), resume_run.
-- `loop`: train() and TrainResult, forward_backward; the step, the spike guard's rollbacks.
+  rank 0's state sent to the other ranks), resume_run, validation_tokens.
+- `loop`: train() and TrainResult, forward_backward; the step, the spike guard's rollbacks;
+  validation_loss (train()'s validation of a model as it is).
 
 Imports point one way: optim and parallel import config; checkpoint imports parallel; state
 imports config, guard, metrics and parallel; callbacks imports state, checkpoint, config,
@@ -51,7 +52,7 @@ from growfam.train.config import (
     steps_for,
 )
 from growfam.train.guard import SPIKE_EMA_BETA, SpikeGuard
-from growfam.train.loop import TrainResult, forward_backward, train
+from growfam.train.loop import TrainResult, forward_backward, train, validation_loss
 from growfam.train.metrics import MetricsLogger, peak_flops, read_metrics
 from growfam.train.optim import (
     apply_hyperparameters,
@@ -109,4 +110,5 @@ __all__ = [
     "save_checkpoint",
     "steps_for",
     "train",
+    "validation_loss",
 ]

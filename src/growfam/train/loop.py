@@ -55,14 +55,14 @@ from tqdm.auto import tqdm
 from growfam.errors import TrainingDiverged
 from growfam.io import remove_stale_temporaries
 from growfam.model import Llama
-from growfam.train.callbacks import Callback, Checkpoints, MaskRamp, Progress, Validation, load_states
+from growfam.train.callbacks import Callback, Checkpoints, MaskRamp, Progress, Validation, evaluate, load_states
 from growfam.train.checkpoint import checkpoint_root, latest_checkpoint, nonfinite_tensors
 from growfam.train.config import TrainConfig
 from growfam.train.metrics import MetricsLogger
 from growfam.train.optim import lr_at, lr_bounds
 from growfam.train.parallel import make_parallelism
-from growfam.train.setup import build_run, check_inputs, resume_run
-from growfam.train.state import Run
+from growfam.train.setup import build_run, check_inputs, resume_run, validation_tokens
+from growfam.train.state import Run, Schedule
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -206,6 +206,23 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
     final = checkpoints.save(run, finished=True)
     run.log.close()
     return _result(run, final)
+
+
+def validation_loss(cfg: TrainConfig, model: Llama, dataset) -> float | None:
+    """The validation loss (nats per token) train(cfg) would report for `model` as it is: the
+    same windows, micro-batches, device, autocast dtype and ranks. None when the validation split
+    holds no window. Every rank calls it under torchrun; the model is put back where it was."""
+    parallel = make_parallelism(cfg.device, cfg.parallel, cfg.dtype)
+    schedule = Schedule.of(cfg, parallel.world)
+    tokens = validation_tokens(dataset, cfg.seq_len)
+    if tokens is None:
+        return None
+    where, training = next(model.parameters()).device, model.training
+    model.to(parallel.device).eval()
+    try:
+        return evaluate(model.loss, tokens, cfg, schedule.micro_batch, parallel, parallel.compute_dtype)
+    finally:
+        model.to(where).train(training)
 
 
 def _step_end(run: Run) -> bool:

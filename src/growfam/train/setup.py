@@ -80,12 +80,10 @@ def build_run(cfg: TrainConfig, schedule: Schedule, parallel: Parallelism, model
         tokenizer = dataset.tokenizer()
     windows = PackedWindows(dataset.tokens("train"), cfg.seq_len, schedule.micro_batch, cfg.seed,
                             rank=parallel.rank, world_size=parallel.world, max_unique_tokens=cfg.max_unique_tokens)
-    val_tokens = dataset.tokens("val")
-    if len(val_tokens) <= cfg.seq_len:
-        if parallel.is_main:
-            print(f"growfam train: the validation split holds no window of {cfg.seq_len + 1} tokens; "
-                  "training without validation")
-        val_tokens = None
+    val_tokens = validation_tokens(dataset, cfg.seq_len)
+    if val_tokens is None and parallel.is_main:
+        print(f"growfam train: the validation split holds no window of {cfg.seq_len + 1} tokens; "
+              "training without validation")
     if parallel.from_main:
         model, optimizer = _from_main(cfg, parallel, model, optimizer, send=not resuming)
     else:
@@ -105,6 +103,12 @@ def build_run(cfg: TrainConfig, schedule: Schedule, parallel: Parallelism, model
                val_tokens=val_tokens, guard=guard, tokenizer=tokenizer, run_config=run_config(cfg),
                nonembedding_params=num_params(model.cfg, "nonembedding"),
                attn_flops_per_token=flops_per_token(model.cfg, cfg.seq_len))
+
+
+def validation_tokens(dataset, seq_len: int):
+    """The dataset's validation tokens (1-D), or None when they hold no window of seq_len + 1."""
+    tokens = dataset.tokens("val")
+    return tokens if len(tokens) > seq_len else None
 
 
 def _from_main(cfg: TrainConfig, parallel: Parallelism, source: Llama | None,
