@@ -115,6 +115,29 @@ def test_inexact_operators_report_the_change(source, probe, width, target):
         assert lo == pytest.approx(1, abs=1e-12) and hi == pytest.approx(1, abs=1e-12)
 
 
+def test_aki_takes_new_heads_biases_from_the_next_layer():
+    """A new head's q/k/v bias comes from layer l+1 with its weight rows; the o bias writes the
+    residual, whose new dimensions come from layer l itself (as o_proj's new rows do)."""
+    src = random_model(source_config(2, False, biased=True), dtype=torch.float64)
+    tgt = integer_target(src.cfg)
+    grown, _, _ = expand(src, tgt, "aki", "stack")
+    plan = GrowthPlan.make(src.cfg, tgt, "aki", "stack")
+    checked = 0
+    for j in range(tgt.n_layers):
+        if plan.layers.new[j]:
+            continue
+        l = plan.layers.src[j]
+        for proj, space in (("q_proj", "q"), ("k_proj", "kv"), ("v_proj", "kv"), ("o_proj", "d")):
+            def bias(layer):
+                return layer.self_attn.get_parameter(f"{proj}.bias")
+            n = bias(src.layers[l]).numel()
+            donor = src.layers[l if space == "d" else min(l + 1, src.cfg.n_layers - 1)]
+            assert torch.equal(bias(grown.layers[j])[:n], bias(src.layers[l]))
+            assert torch.equal(bias(grown.layers[j])[n:], bias(donor)[plan.spaces[space].src[n:]]), (j, proj)
+            checked += 1
+    assert checked >= 8 and not torch.equal(src.layers[0].self_attn.q_proj.bias, src.layers[1].self_attn.q_proj.bias)
+
+
 def test_fpi_is_exact_where_the_rms_factor_is_one(probe):
     """Ragged d with an integer-ratio RMS: only d grows 32->64, heads/ffn/layers ragged."""
     src = random_model(source_config(2, False), dtype=torch.float64)

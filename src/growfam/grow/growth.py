@@ -147,13 +147,19 @@ class GrowthPlan:
 
     def _next_layer(self, name: str) -> tuple[int, str] | None:
         """aki: (dim of the new heads / units, source tensor of layer l+1); the top layer uses
-        itself."""
+        itself. A q/k/v bias is its new heads' too; the o bias (residual rows) is not."""
         layer = _layer_of(name)
-        if not self.width.next_layer or layer is None or layer[1] not in _LAYER_SPACES:
+        if not self.width.next_layer or layer is None:
             return None
         j, suffix = layer
+        if suffix in _LAYER_SPACES:
+            dim = 1 if _LAYER_SPACES[suffix][0] == "d" else 0
+        elif _BIAS_SPACES.get(suffix, "d") != "d":
+            dim = 0
+        else:
+            return None
         nxt = min(self.layers.src[j] + 1, self.source.n_layers - 1)
-        return (1 if _LAYER_SPACES[suffix][0] == "d" else 0), f"layers.{nxt}.{suffix}"
+        return dim, f"layers.{nxt}.{suffix}"
 
     # ---- application --------------------------------------------------------------------------
     def apply(self, get: Callable[[str], torch.Tensor], mode: str = "value", *,

@@ -226,14 +226,14 @@ def grow_tensor(w: torch.Tensor, axes: tuple[Axis, ...], mode: str = "value", *,
 
     mode: "value" (weights: `value` scales, fills), "m" / "v" (Adam moments: `grad` scales,
     squared for v; every non-copied position zero). std: the N(0, std) of random fills, None
-    for RMSNorm gains (filled with 1). tail: (dim, w_next), 2-D only — positions >= n_source
-    along dim copy from w_next instead of w (aki). Built directly into the target tensor
+    for RMSNorm gains (filled with 1). tail: (dim, w_next) — positions >= n_source along dim
+    copy from w_next instead of w (aki; dim 0 for a 1-D tensor). Built directly into the target tensor
     (slice copies of the source block, index_select for the copies, scales in place): no
     float32 upcast, no source-sized temporaries.
     """
     if w.ndim == 1:
-        out, counts = grow_tensor(w[None], (Axis.fixed(1), axes[0]), mode, std=std,
-                                  generator=generator)
+        out, counts = grow_tensor(w[None], (Axis.fixed(1), axes[0]), mode, std=std, generator=generator,
+                                  tail=None if tail is None else (1, tail[1][None]))
         return out[0], counts
     rows, cols = axes
     moments = mode != "value"
