@@ -28,8 +28,10 @@ def test_the_chunked_loss_and_gradients_equal_the_plain_ones_in_float64(chunk):
         assert (a - b).abs().max().item() < 1e-14
     with torch.no_grad():  # evaluation: the loss alone
         assert head_cross_entropy(h, weight, targets, chunk).item() == pytest.approx(plain.item(), abs=1e-13)
-    # finite differences along random directions (fast mode: the full Jacobian took 40 s at chunk 7)
-    assert torch.autograd.gradcheck(lambda h, w: head_cross_entropy(h, w, targets, chunk), (h, weight), fast_mode=True)
+    # finite differences, on a corner of the problem (the whole one took 40 s at chunk 7; fast
+    # mode's random directions missed a 1% error in the weight's gradient)
+    small = (h[:12, :6].detach().clone().requires_grad_(), weight[:13, :6].detach().clone().requires_grad_())
+    assert torch.autograd.gradcheck(lambda h, w: head_cross_entropy(h, w, targets[:12] % 13, chunk), small)
 
 
 @pytest.mark.parametrize("tied", [False, True])
