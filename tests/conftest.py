@@ -3,6 +3,11 @@ import torch
 
 from growfam.model import Llama, ModelConfig
 
+# The suite's models are tiny: a second intra-op thread per pytest worker only adds barrier
+# waits, and while another worker runs a group of gloo processes, oversubscribed cores made a
+# 2 s family test take 20 s.
+torch.set_num_threads(1)
+
 
 def tiny_config(**changes) -> ModelConfig:
     """A model small enough for exact checks in milliseconds."""

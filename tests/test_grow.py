@@ -39,15 +39,6 @@ def ragged_target(src: ModelConfig) -> ModelConfig:
                        n_layers=3, name="x1.5")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds barrier waits (slow on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(params=list(VARIANTS), scope="module")
 def source(request) -> Llama:
     return random_model(source_config(*VARIANTS[request.param]), dtype=torch.float64)

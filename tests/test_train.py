@@ -36,15 +36,6 @@ class ArrayDataset:
         return self.splits[split]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and a busy shared machine cannot stall it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def config(tmp_path, **changes) -> TrainConfig:
     base = dict(model=TINY, out_dir=str(tmp_path / "run"), max_steps=8, batch_size=4, micro_batch_size=2,
                 seq_len=16, max_lr=1e-2, warmup_frac=0.25, eval_every=4, eval_batches=2, ckpt_every=4,
