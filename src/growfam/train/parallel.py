@@ -310,6 +310,14 @@ class FSDP(AllReduce):
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
         return _on_device(model, self.device)
 
+    def micro_batch(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+        if self.options.replicate > 1:
+            # HSDP: each micro-batch's gradients are reduce-scattered within the shard group and
+            # summed into the shards; the all-reduce across replicas (between nodes) waits for
+            # the last micro-batch and carries the sum once per step.
+            model.set_requires_all_reduce(last)
+        return contextlib.nullcontext()
+
     def reduce_gradients(self, model: nn.Module) -> None:
         pass  # reduce-scattered by FSDP during each backward pass
 
