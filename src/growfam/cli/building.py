@@ -50,7 +50,8 @@ def _add_plan(sub) -> None:
     p.add_argument("--memory", action="store_true",
                    help="print each member's memory per GPU under FSDP2 instead (parameters, gradients, AdamW "
                         "moments, gathered copies, activations)")
-    p.add_argument("--gpus", default="8", metavar="N", help="--memory: GPUs the model is sharded over (default: 8)")
+    p.add_argument("--gpus", default="8", metavar="N", help="--memory: GPUs the model is sharded over (default: 8; under HSDP, "
+                                                                 "parallel.replicate R, the world size / R)")
     p.add_argument("--micro-batch", metavar="B",
                    help="--memory: sequences per forward pass per GPU (default: the family's "
                         "train.micro_batch_size, else 1)")
