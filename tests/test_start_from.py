@@ -91,6 +91,38 @@ def test_a_given_checkpoint_can_be_continued(made, tmp_path):
     assert not torch.equal(trained.embed_tokens.weight, load_pretrained(made / "released").embed_tokens.weight)
 
 
+def test_a_given_checkpoint_starts_a_family_under_torchrun(made, tmp_path):
+    """`torchrun --nproc_per_node 2 -m growfam family run` with start_from, FSDP2: every rank reads
+    the given checkpoint and they measure it together, rank 0 grows it and the ranks train the
+    grown member; both modes give the losses and members of one plain process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    from test_parallel import assert_same_weights
+
+    plain = spec(made)
+    plain["train"].update(device="cpu", tensorboard=False)
+    sharded = {**plain, "train": {**plain["train"], "parallel": {"strategy": "fsdp"}}}
+    (tmp_path / "pair.yaml").write_text(yaml.safe_dump(sharded))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "growfam", "family", "run", str(tmp_path / "pair.yaml"), "--out", str(tmp_path / "two"),
+                           "--data", str(made / "ds"), "--mode", "both"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_family(FamilyConfig.from_dict(plain), tmp_path / "one", data=str(made / "ds"), log=lambda s: None)
+    one, two = (json.loads((tmp_path / d / "family.json").read_text())["modes"] for d in ("one", "two"))
+    for mode in ("progressive", "independent"):
+        for a, b in zip(one[mode], two[mode], strict=True):
+            assert (a["name"], a["steps"], a["tokens"]) == (b["name"], b["steps"], b["tokens"])
+            assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-5)
+            assert_same_weights(load_file(str(tmp_path / "two" / mode / a["name"] / "model.safetensors")),
+                                load_file(str(tmp_path / "one" / mode / a["name"] / "model.safetensors")))
+    assert two["progressive"][0]["steps"] == 0 and two["progressive"][1]["growth"]["width"] == "lossless"
+
+
 def _cli(tmp_path, made, capsys, **changes) -> tuple[int, str]:
     path = tmp_path / "family.yaml"
     path.write_text(yaml.safe_dump(spec(made, **changes)))
