@@ -166,6 +166,10 @@ def test_run_writes_metrics_checkpoints_and_hf_dir(tmp_path):
     short = ArrayDataset()
     short.splits["val"] = short.splits["val"][:16]  # no window of seq_len + 1 tokens
     assert validation_loss(config(tmp_path), final, short) is None
+    wider = ArrayDataset()
+    wider.vocab_size = TINY.vocab_size + 1
+    with pytest.raises(ConfigError, match="larger than the model's"):
+        validation_loss(config(tmp_path), final, wider)
 
 
 def test_killed_and_resumed_run_reproduces_the_losses(tmp_path):

@@ -20,7 +20,8 @@
 - `callbacks`: Callback (the hooks) and the built-in ones: MaskRamp (masked-growth ramp),
   Progress (train log line, progress bar), Validation (evaluate, on_eval), Checkpoints.
 - `setup`: before the loop: check_inputs, build_run (the model laid out by the Parallelism,
-  rank 0's state sent to the other ranks), resume_run, validation_tokens.
+  rank 0's state sent to the other ranks), resume_run, check_vocabulary,
+  validation_tokens.
 - `loop`: train() and TrainResult, forward_backward; the step, the spike guard's rollbacks;
   validation_loss (train()'s validation of a model as it is).
 

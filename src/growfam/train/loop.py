@@ -61,7 +61,7 @@ from growfam.train.config import TrainConfig
 from growfam.train.metrics import MetricsLogger
 from growfam.train.optim import lr_at, lr_bounds
 from growfam.train.parallel import make_parallelism
-from growfam.train.setup import build_run, check_inputs, resume_run, validation_tokens
+from growfam.train.setup import build_run, check_inputs, check_vocabulary, resume_run, validation_tokens
 from growfam.train.state import Run, Schedule
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -211,7 +211,9 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
 def validation_loss(cfg: TrainConfig, model: Llama, dataset) -> float | None:
     """The validation loss (nats per token) train(cfg) would report for `model` as it is: the
     same windows, micro-batches, device, autocast dtype and ranks. None when the validation split
-    holds no window. Every rank calls it under torchrun; the model is put back where it was."""
+    holds no window. Every rank calls it under torchrun; the model is put back where it was.
+    A ConfigError, before any work, for a dataset whose vocabulary the model does not cover."""
+    check_vocabulary(dataset, model.cfg)
     parallel = make_parallelism(cfg.device, cfg.parallel, cfg.dtype)
     schedule = Schedule.of(cfg, parallel.world)
     tokens = validation_tokens(dataset, cfg.seq_len)

@@ -48,9 +48,7 @@ def check_inputs(cfg: TrainConfig, model: Llama | None, dataset, resume: bool | 
         if cfg.data is None:
             raise ConfigError("no data: set `data` in the train config to a prepared dataset directory")
         dataset = TokenDataset.open(cfg.data)
-    if dataset.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"the dataset's vocabulary ({dataset.vocab_size}) is larger than the model's "
-                          f"({cfg.model.vocab_size})")
+    check_vocabulary(dataset, cfg.model)
     ckpt = latest_checkpoint(out_dir)
     if resume is True and ckpt is None:
         raise GrowfamError(f"nothing to resume: {out_dir} holds no checkpoint")
@@ -103,6 +101,13 @@ def build_run(cfg: TrainConfig, schedule: Schedule, parallel: Parallelism, model
                val_tokens=val_tokens, guard=guard, tokenizer=tokenizer, run_config=run_config(cfg),
                nonembedding_params=num_params(model.cfg, "nonembedding"),
                attn_flops_per_token=flops_per_token(model.cfg, cfg.seq_len))
+
+
+def check_vocabulary(dataset, model: ModelConfig) -> None:
+    """ConfigError when the dataset holds token ids the model has no embedding for."""
+    if dataset.vocab_size > model.vocab_size:
+        raise ConfigError(f"the dataset's vocabulary ({dataset.vocab_size}) is larger than the model's "
+                          f"({model.vocab_size})")
 
 
 def validation_tokens(dataset, seq_len: int):
