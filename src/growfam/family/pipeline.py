@@ -12,10 +12,11 @@ hyper-parameters. Layout under out_dir:
 A family with `start_from: DIR` is given its first member: both modes publish DIR as it is
 (0 tokens, with the validation loss training would report for it; or continue it on
 `start_from_tokens`, from its weights with fresh AdamW moments), and Progressive grows stage 2
-from it (with fresh moments when DIR was not trained: a release holds none). Independent still trains every later member from scratch: it is the baseline the
-grown members are measured against, and its small member is the same given checkpoint, since
-retraining it from scratch would spend D(N_1) on a model nobody asked for. The dataset must be
-tokenized with DIR's tokenizer.
+from it (with fresh moments when DIR was not trained: a release holds none). Independent still
+trains every later member from scratch: it is the baseline the grown members are measured
+against, and its small member is the same given checkpoint, since retraining it from scratch
+would spend D(N_1) on a model nobody asked for. The dataset must be tokenized with DIR's
+tokenizer.
 
 Everything is resumable: repeating the same command skips finished members, continues a
 stage from its last checkpoint, and redoes an expansion (it is seeded) that had not yet
