@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from pathlib import Path
 
 import yaml
@@ -78,6 +80,44 @@ def _describe(err: OSError) -> str:
     return err.strerror or str(err)
 
 
+# How the Rust writers (safetensors, tokenizers) name the OS error behind a failed write.
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def os_error_of(err: BaseException) -> OSError | None:
+    """The OSError behind a failed write, or None when there is none (a bug keeps its traceback).
+
+    Writers report a full disk in their own ways: Python raises the OSError; torch.save into a
+    Python file object raises a RuntimeError whose context is the OSError; safetensors and
+    tokenizers raise their own exception naming "(os error 28)"; torch.distributed.checkpoint
+    gathers each rank's exception in `failures`."""
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        err = todo.pop(0)
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, OSError):
+            return err
+        match = _RUST_OS_ERROR.search(str(err))
+        if match:
+            code = int(match.group(1))
+            return OSError(code, os.strerror(code))
+        failures = getattr(err, "failures", None)
+        if isinstance(failures, dict):  # DCP's CheckpointException: {rank: (exception, traceback)}
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        todo += [err.__cause__, err.__context__]
+    return None
+
+
+def write_error(path: str | Path, err: BaseException) -> GrowfamError | None:
+    """The one-line GrowfamError for a write of `path` that failed with `err`: "cannot write
+    PATH: REASON"; None when no OSError lies behind `err` (see os_error_of)."""
+    problem = os_error_of(err)
+    return None if problem is None else GrowfamError(f"cannot write {path}: {_describe(problem)}")
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write `text` to `path` through a temporary sibling and os.replace; GrowfamError on an
     OSError (the old file, if any, is left as it was)."""
@@ -88,7 +128,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # cleaning up must not hide the first error (a read-only folder)
+            tmp.unlink(missing_ok=True)
         raise GrowfamError(f"cannot write {path}: {_describe(err)}") from None
     return path
 
@@ -96,12 +137,15 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_directory(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_dir)`, then move tmp_dir to `out_dir`, replacing any old one last.
 
-    The old directory (or file) survives until the new one is complete; an OSError (unwritable
-    path, full disk) becomes a GrowfamError and leaves the old one untouched.
+    The old directory (or file) survives until the new one is complete; a failed write (an
+    unwritable path, a full disk: an OSError, or a writer's exception with one behind it, see
+    os_error_of) becomes a GrowfamError and leaves the old one untouched. The temporaries a
+    killed write of the same `out_dir` left are removed first.
     """
     out_dir = Path(out_dir)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out_dir.parent, name=out_dir.name)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{_TMP}{os.getpid()}-", dir=out_dir.parent))
     except OSError as err:
         raise GrowfamError(f"cannot write to {out_dir.parent}: {_describe(err)}") from None
@@ -119,12 +163,15 @@ def atomic_directory(out_dir: str | Path, write: Callable[[Path], None]) -> Path
             remove_path(old)
         else:
             os.replace(tmp, out_dir)
-    except OSError as err:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise GrowfamError(f"cannot write {out_dir}: {_describe(err)}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if isinstance(err, GrowfamError) and str(tmp) in str(err):  # a nested writer's: users never see temporaries
+            raise type(err)(str(err).replace(str(tmp), str(out_dir))) from None
+        # not an interruption (torch.distributed.checkpoint's CheckpointException is a BaseException)
+        failed = None if isinstance(err, (KeyboardInterrupt, SystemExit)) else write_error(out_dir, err)
+        if failed is None:
+            raise
+        raise failed from None
     return out_dir
 
 
@@ -148,9 +195,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+def remove_stale_temporaries(folder: str | Path, name: str | None = None) -> list[Path]:
     """Delete the `.NAME.tmp-PID…` / `.NAME.old-PID` entries of `folder` whose process is gone
-    (a killed write); returns what was removed. Entries of live processes are left alone."""
+    (a killed write), only those of `name` when it is given; returns what was removed. Entries
+    of live processes are left alone."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -161,7 +209,8 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
         for marker in (_TMP, _OLD):
             head, sep, tail = entry.name.rpartition(marker)
             pid = tail.split("-", 1)[0]
-            if sep and head and pid.isdigit() and not _alive(int(pid)):
+            ours = head != "" if name is None else head == f".{name}"
+            if sep and ours and pid.isdigit() and not _alive(int(pid)):
                 remove_path(entry)
                 removed.append(entry)
                 break
@@ -212,3 +261,16 @@ def check_folder(path: str | Path, what: str) -> None:
             if not entry.is_dir():
                 raise GrowfamError(f"cannot write to {what} {path}: {entry} is not a directory")
             return
+
+
+def check_writable(folder: str | Path, purpose: str = "") -> None:
+    """GrowfamError unless a file can be created and removed in the existing folder `folder`,
+    tried for real: `os.access` passes root in a folder without write permission. `purpose`
+    ends the message (e.g. "; eval records its results there")."""
+    probe = Path(folder) / f".growfam-probe{_TMP}{os.getpid()}"
+    try:
+        with open(probe, "w"):
+            pass
+        probe.unlink()
+    except OSError as err:
+        raise GrowfamError(f"cannot write in {folder}: {_describe(err)}{purpose}") from None

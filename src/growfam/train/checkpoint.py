@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from growfam.errors import GrowfamError, TrainingDiverged
-from growfam.io import atomic_directory, atomic_write_text
+from growfam.io import atomic_directory, atomic_write_text, os_error_of
 from growfam.model import Llama, load_pretrained, save_pretrained
 from growfam.train.parallel import (Parallelism, load_sharded, local, named_optimizer_state, save_sharded,
                                     share)
@@ -136,7 +137,10 @@ def save_checkpoint(out_dir: str | Path, step: int, model: Llama, optimizer: tor
 
     def write(tmp: Path) -> None:
         save_pretrained(model, tmp, tokenizer=tokenizer)
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        # through a Python file object, so a full disk's OSError is behind torch's RuntimeError
+        # ("unexpected pos"), where io.os_error_of finds it
+        with open(tmp / OPTIMIZER_FILE, "wb") as file:
+            torch.save(optimizer.state_dict(), file)
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1) + "\n")
 
     try:
@@ -174,14 +178,14 @@ def _save_sharded(parallel: Parallelism, out_dir: str | Path, step: int, model: 
     if parallel.is_main:
         try:
             _publish(root, target, write)
-        except Exception as err:  # noqa: BLE001 -- DCP raises its own types; every rank must hear of it
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 -- every rank must hear of it
             error = str(_not_written(step, root, err))
             if not told:
                 share(None)
     else:
         tmp = share(None)
         if tmp is not None:
-            with suppress(Exception):  # DCP raises on every rank alike; rank 0 reports it
+            with suppress(Exception, CheckpointException):  # DCP raises on every rank alike; rank 0 reports it
                 save_sharded(model, optimizer, Path(tmp) / SHARDED_DIR)
     error = share(error)
     if error is not None:
@@ -204,10 +208,13 @@ def _publish(root: Path, target: Path, write) -> None:
 
 
 def _not_written(step: int, root: Path, err: BaseException) -> GrowfamError:
-    if isinstance(err, OSError) and err.strerror:
-        detail = err.strerror
+    """One line: which checkpoint was not written and why (a write's OSError, however the writer
+    wrapped it: DCP gathers every rank's), and that the earlier ones are intact."""
+    problem = err if isinstance(err, GrowfamError) else os_error_of(err)
+    if isinstance(problem, OSError) and problem.strerror:
+        detail = problem.strerror
     else:
-        detail = err if isinstance(err, (GrowfamError, OSError)) else _describe(err)
+        detail = " ".join(str(problem or _describe(err)).split())[:300]
     return GrowfamError(f"checkpoint for step {step} was not written ({detail}); "
                         f"the earlier checkpoints in {root} are intact")
 
@@ -289,7 +296,7 @@ def load_checkpoint(path: str | Path, model: Llama, optimizer: torch.optim.Optim
     if (path / SHARDED_DIR).is_dir():
         try:
             load_sharded(model, optimizer, path / SHARDED_DIR, alone=parallel is None)
-        except Exception as err:  # noqa: BLE001 -- DCP and torch raise many types for a damaged file
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 -- DCP and torch raise many types
             raise broken_checkpoint(path, f"sharded state: {_describe(err)}") from None
     elif parallel is not None and parallel.sharded:
         _load_whole_into_shards(path, model, optimizer, parallel)
