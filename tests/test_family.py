@@ -402,7 +402,7 @@ def test_a_family_run_removes_the_temporaries_of_a_killed_one(tmp_path, dataset,
     monkeypatch.setattr(family, "train", _killed_train)
     with pytest.raises(Killed):
         run_family(spec(), tmp_path, data=dataset, modes=("independent",), log=lambda s: None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["family.json", "independent"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".growfam.lock", "family.json", "independent"]
     assert list((tmp_path / "independent").iterdir()) == []
 
 

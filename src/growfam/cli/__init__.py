@@ -11,6 +11,7 @@ cli/ may import every package; nothing imports it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from growfam import __version__
@@ -18,6 +19,18 @@ from growfam.cli.building import (_add_data, _add_demo, _add_expand, _add_family
                                   _add_report, _add_train)
 from growfam.cli.members import _add_consistency, _add_eval, _add_generate, _add_speculate
 from growfam.errors import GrowfamError
+
+
+#: The commands that run under torchrun, every rank taking part; every other command runs in one
+#: process and refuses a world of several (it would do its work, and write its results, once per rank).
+DISTRIBUTED = ("train", "family")
+
+
+def _check_world(command: str) -> None:
+    world = os.environ.get("WORLD_SIZE", "1")
+    if command not in DISTRIBUTED and world.strip() not in ("", "0", "1"):
+        raise GrowfamError(f"{command} runs in one process; start it without torchrun (WORLD_SIZE={world}): "
+                           f"only {' and '.join(DISTRIBUTED)} run on several")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_world(args.command)
         return args.func(args) or 0
     except GrowfamError as err:
         print(f"growfam {args.command}: error: {err}", file=sys.stderr)

@@ -214,12 +214,14 @@ def _build_family(family: str, out: str | None, data: str | None, modes: tuple[s
     evaluate: None, "eval" (`--eval`: the eval section, refused without lm_eval when it names
     tasks) or "demo" (the same, the zero-shot tasks dropped without lm_eval); then the tables.
     Under torchrun every rank trains; rank 0 alone prepares data, evaluates and prints."""
+    from contextlib import ExitStack
     from pathlib import Path
 
     from growfam.config import load_family_config
-    from growfam.family import check_family, ensure_dataset, run_family
+    from growfam.family import check_family, dataset_dir, ensure_dataset, run_family
+    from growfam.lock import folder_lock
     from growfam.report.tables import format_comparison
-    from growfam.train.parallel import init_distributed, rank_and_world, share
+    from growfam.train.parallel import init_distributed, on_main, rank_and_world
 
     init_distributed()
     main = rank_and_world()[0] == 0
@@ -228,12 +230,16 @@ def _build_family(family: str, out: str | None, data: str | None, modes: tuple[s
     out_dir = Path(out or f"family/{config.name}")
     check_family(config, out_dir, modes, fixed_data)  # before data preparation, which may take long
     evaluator = None
-    if evaluate and main:
+    if evaluate:
         from growfam.eval.run import FamilyEval
 
-        evaluator = FamilyEval(config.eval, out_dir, optional_harness=evaluate == "demo")
-    data = share(ensure_dataset(config, data, out_dir / "data") if main else None)
-    ledger = run_family(config, out_dir, data=data, modes=modes, fixed_data=fixed_data, on_member=evaluator)
+        evaluator = on_main(lambda: FamilyEval(config.eval, out_dir, optional_harness=evaluate == "demo"))
+    path, prepare = dataset_dir(config, data, out_dir / "data")
+    with ExitStack() as held:
+        if prepare:  # it writes into the family directory: hold its lock from here (else run_family takes it)
+            on_main(lambda: held.enter_context(folder_lock(out_dir, "; the family's members and ledger go there")))
+            on_main(lambda: ensure_dataset(config, data, out_dir / "data"))
+        ledger = run_family(config, out_dir, data=path, modes=modes, fixed_data=fixed_data, on_member=evaluator)
     if not main:
         return 0
     print()

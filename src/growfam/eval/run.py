@@ -160,12 +160,13 @@ def evaluate_target(target: Target, opts: EvalOptions) -> list[dict]:
     dataset = check_eval(target, opts)
     val_stream = split_stream(dataset, max_tokens=opts.ppl_tokens) if dataset is not None else None
     out = []
-    for member in target.members:
-        _log(f"[{member.mode or 'member'}] {member.name}: evaluating {member.path}")
-        record = evaluate_member(member, target, opts, val_stream)
-        out.append({"name": member.name, "mode": member.mode, "dir": str(member.path), "eval": record})
-        if target.family_dir is not None:
-            _record_member(target.family_dir, member, record)
+    with target.recording("eval"):
+        for member in target.members:
+            _log(f"[{member.mode or 'member'}] {member.name}: evaluating {member.path}")
+            record = evaluate_member(member, target, opts, val_stream)
+            out.append({"name": member.name, "mode": member.mode, "dir": str(member.path), "eval": record})
+            if target.family_dir is not None:
+                _record_member(target.family_dir, member, record)
     return out
 
 
@@ -219,17 +220,18 @@ def family_consistency(target: Target, pairs: str = "adjacent", windows: int = 6
     model = LoadedMembers(torch_device)
 
     section = {"growfam": __version__, "pairs": pairs, "windows": windows, "window": window, "modes": {}}
-    for mode, mode_pairs in plan.items():
-        rows = []
-        for small, large in mode_pairs:
-            result = divergence(model(small), model(large), tokens, window, windows, batch_size, torch_device)
-            rows.append({"small": small.name, "large": large.name, **result.to_dict()})
-            _log(f"[{mode}] {small.name} -> {large.name}: KL {result.kl_small_large:.4f} / "
-                 f"{result.kl_large_small:.4f}, acceptance {result.acceptance:.3f}")
-        section["modes"][mode] = rows
-    ledger = read_ledger(target.family_dir)
-    ledger["consistency"] = section
-    write_ledger(target.family_dir, ledger)
+    with target.recording("consistency"):
+        for mode, mode_pairs in plan.items():
+            rows = []
+            for small, large in mode_pairs:
+                result = divergence(model(small), model(large), tokens, window, windows, batch_size, torch_device)
+                rows.append({"small": small.name, "large": large.name, **result.to_dict()})
+                _log(f"[{mode}] {small.name} -> {large.name}: KL {result.kl_small_large:.4f} / "
+                     f"{result.kl_large_small:.4f}, acceptance {result.acceptance:.3f}")
+            section["modes"][mode] = rows
+        ledger = read_ledger(target.family_dir)
+        ledger["consistency"] = section
+        write_ledger(target.family_dir, ledger)
     return section
 
 

@@ -8,6 +8,7 @@ directory, and a family's dataset is the one its ledger names (by fingerprint).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 from growfam.errors import GrowfamError
 from growfam.family.ledger import LEDGER, MODES, read_ledger
+from growfam.lock import folder_lock
 from growfam.model import load_pretrained, read_hf_config
 from growfam.model.config import ModelConfig
 
@@ -52,6 +54,14 @@ class Target:
                     return dataset
         raise GrowfamError(f"{self.family_dir}: its dataset ({recorded}) is missing or is not the one the "
                            "family was trained on (family.json data / data_fingerprint)")
+
+    def recording(self, command: str) -> contextlib.AbstractContextManager:
+        """The family directory's lock (growfam.lock) while `command` records its results in the
+        ledger: a read-only directory or another writer is one GrowfamError, before any work.
+        Nothing to hold for a member outside a family."""
+        if self.family_dir is None:
+            return contextlib.nullcontext()
+        return folder_lock(self.family_dir, f"; {command} records its results in {LEDGER} there")
 
     def window(self) -> int:
         """Context of the perplexity and consistency windows: the family's training seq_len (the

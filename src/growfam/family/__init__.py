@@ -6,7 +6,8 @@ package turns a FamilyConfig into budgets and members.
 - `plan`: make_plan -> FamilyPlan / StagePlan: token budgets (Eq. 3-4), steps, FLOPs, peak LRs,
   GpuHours.
 - `ledger`: family.json (LEDGER, MODES): read_ledger, write_ledger, check_ledger.
-- `pipeline`: stage_train_config, ConvergenceStop, check_family, run_family, ensure_dataset.
+- `pipeline`: stage_train_config, ConvergenceStop, check_family, run_family, dataset_dir,
+  ensure_dataset.
 
 Imports point one way: pipeline imports plan and ledger. family/ may import errors, checks,
 io, config, model, data, grow, train and report.numbers (its tables live in report/tables.py,
@@ -19,6 +20,7 @@ from growfam.family.pipeline import (
     CheckedFamily,
     ConvergenceStop,
     check_family,
+    dataset_dir,
     ensure_dataset,
     run_family,
     stage_train_config,
@@ -43,6 +45,7 @@ __all__ = [
     "StagePlan",
     "check_family",
     "check_ledger",
+    "dataset_dir",
     "ensure_dataset",
     "independent_tokens",
     "make_plan",

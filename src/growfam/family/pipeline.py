@@ -30,9 +30,11 @@ AdamW moments); train() sends the grown state from rank 0 to the others' sharded
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +51,8 @@ from growfam.model import copy_tokenizer_files, load_pretrained, resolve_config
 from growfam.report.numbers import loss
 from growfam.train import Schedule, TrainConfig, TrainResult, make_optimizer, train, validation_loss
 from growfam.train.checkpoint import latest_checkpoint, load_checkpoint
-from growfam.train.parallel import barrier, rank_and_world, share
+from growfam.lock import folder_lock
+from growfam.train.parallel import on_main, rank_and_world, share
 
 GROWTH_REPORT = "growth_report.json"
 
@@ -253,15 +256,14 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
     entry is written (trained: in this run, not skipped as done); what it adds to family.json
     (`growfam eval`'s records) is kept. A rerun keeps what `growfam eval` / `consistency`
     recorded, except for a member trained again: its entry starts anew and its pairs' rows go.
-    Everything is checked (`check_family`, the dataset) before anything is written.
-    Under torchrun every rank calls it (see the module docstring); only rank 0 logs and calls
-    on_member.
+    Everything is checked (`check_family`, the dataset) before anything is written; then the
+    directory's lock is taken (growfam.lock: a second writer is refused, naming this one).
+    Under torchrun every rank calls it (see the module docstring); only rank 0 logs, writes,
+    takes the lock and calls on_member, and a failure there is raised on every rank.
     """
     main = rank_and_world()[0] == 0
-    log = log if main else (lambda line: None)
     out_dir = Path(out_dir)
     checked = check_family(family, out_dir, modes, fixed_data)
-    modes, plan, growth = checked.modes, checked.plan, checked.growth
     dataset = TokenDataset.open(data)
     given = _check_start_from(family, dataset)
     if dataset.vocab_size > family.members[0].vocab_size:
@@ -270,96 +272,129 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
     fresh = {**checked.header, "data_fingerprint": dataset.fingerprint()}
     _check_same_run(checked.ledger, fresh, out_dir)
     ledger = {**checked.ledger, **fresh, "data": str(data), "modes": checked.ledger.get("modes", {})}
-    if main:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise GrowfamError(f"cannot create {out_dir}: {err.strerror or err}") from None
-        for folder in (out_dir, *(out_dir / mode for mode in MODES)):  # what a killed run left
-            remove_stale_temporaries(folder)
-        write_ledger(out_dir, ledger)
+    job = _FamilyRun(family, checked.plan, checked.growth, out_dir, str(data), dataset, fixed_data, given,
+                     log if main else (lambda line: None), main)
 
     def published(mode: str, entry: dict, trained: bool) -> dict:
-        now = ledger
-        if on_member is not None and main:  # only rank 0 has one
-            on_member(mode, entry, trained)
-            now = read_ledger(out_dir)  # with what on_member recorded
-        barrier()  # every rank: the others wait (up to parallel.MAIN_WAIT) while rank 0 evaluates
-        return now
+        """The ledger once rank 0 has run on_member on the member (the others wait for it)."""
+        def evaluate():
+            if on_member is not None:
+                on_member(mode, entry, trained)
+                return read_ledger(out_dir)  # with what on_member recorded
+            return None
+        now = on_main(evaluate)
+        return now if now is not None else ledger
 
-    given_loss = None
-    for mode in modes:
-        members = ledger["modes"].setdefault(mode, [])
-        for i, stage in enumerate(plan.stages):
-            if i < len(members) and members[i].get("done"):
-                log(f"[{mode}] {stage.name}: done (val loss {loss(members[i]['val_loss'])})")
-                ledger = published(mode, members[i], False)
+    with contextlib.ExitStack() as held:
+        on_main(lambda: held.enter_context(folder_lock(out_dir, "; the family's members and ledger go there")))
+        on_main(lambda: _start_ledger(out_dir, ledger))
+        for mode in checked.modes:
+            members = ledger["modes"].setdefault(mode, [])
+            for i, stage in enumerate(checked.plan.stages):
+                if i < len(members) and members[i].get("done"):
+                    job.log(f"[{mode}] {stage.name}: done (val loss {loss(members[i]['val_loss'])})")
+                    ledger = published(mode, members[i], False)
+                    members = ledger["modes"][mode]
+                    continue
+                _forget(ledger, mode, [m.get("name") for m in members[i:]])
+                del members[i:]
+                members.append(_build_stage(job, mode, i, members))
+                on_main(lambda: write_ledger(out_dir, ledger))
+                ledger = published(mode, members[-1], True)
                 members = ledger["modes"][mode]
-                continue
-            _forget(ledger, mode, [m.get("name") for m in members[i:]])
-            del members[i:]
-            tokens = stage.tokens_independent if mode == "independent" else _progressive_tokens(plan, i, members)
-            tcfg = stage_train_config(family, plan, i, mode, data, out_dir, tokens, fixed_data)
-            run_dir = Path(tcfg.out_dir)
-            resume_from = latest_checkpoint(run_dir)
-            model = optimizer = report = None
-            if i == 0 and given is not None and resume_from is None:
-                model = given  # continued from its weights, with fresh AdamW moments
-            if mode == "progressive" and i > 0 and resume_from is None:
-                log(f"[{mode}] expanding {plan.stages[i - 1].name} -> {stage.name} "
-                    f"(width {growth.width}, depth {growth.depth}, optimizer {growth.optimizer})")
-                prev_run = out_dir / "runs" / mode / plan.stages[i - 1].name
-                if main:  # the others receive the grown model from rank 0 in train()
-                    model, optimizer, report = _grow_from(prev_run, tcfg, family.members[i], growth,
-                                                          _probe_batch(dataset, stage.seq_len, growth.probe_tokens),
-                                                          given if i == 1 else None)
-                    log(str(report))
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                    atomic_write_text(run_dir / GROWTH_REPORT, json.dumps(report.to_dict(), indent=1) + "\n")
-                tcfg = tcfg.replace(model=share(model.cfg if main else None))
-            elif resume_from is not None:
-                # resuming: the checkpoint holds the grown shape (lossless growth changes norm_eps)
-                tcfg = tcfg.replace(model=resolve_config(resume_from))
-            stop = ConvergenceStop(growth.slope, growth.window) \
-                if growth.schedule == "converged" and mode == "progressive" and i < len(plan.stages) - 1 else None
-            start = time.perf_counter()
-            if i == 0 and given is not None and tokens == 0:
-                log(f"[{mode}] {stage.name}: given, start_from {family.start_from}")
-                if given_loss is None:  # measured once, as training would measure it: both modes publish it
-                    given_loss = validation_loss(tcfg, given, dataset)
-                result = TrainResult(None, given_loss, 0, 0, 0, 0, 0.0, Path(family.start_from))
-            else:
-                log(f"[{mode}] training {stage.name}: {tcfg.max_tokens:,} tokens, max LR {tcfg.max_lr:.3g}")
-                result = train(tcfg, model, optimizer, dataset=dataset, on_eval=stop)
-            member_dir = out_dir / mode / stage.name
-            if main:
-                _publish(result, member_dir)
-            flops_before = members[-1]["cum_flops"] if (members and mode == "progressive") else stage.given_flops
-            entry = {
-                "name": stage.name, "dir": str(member_dir),
-                "config": resolve_config(result.hf_dir).replace(name=stage.name).to_dict(),
-                "params": stage.params, "nonembedding_params": stage.nonembedding_params,
-                "total_params": stage.total_params, "tokens": result.tokens, "planned_tokens": tokens,
-                "steps": result.steps, "flops": result.flops, "flops_attn": result.flops_attn,
-                "cum_flops": flops_before + result.flops, "val_loss": result.val_loss,
-                "train_loss": result.train_loss, "max_lr": tcfg.max_lr, "wall_s": result.wall_s,
-                "session_wall_s": time.perf_counter() - start, "spikes": result.spikes,
-                "rollbacks": result.rollbacks, "stopped_early": result.stopped_early,
-                "growth": read_json(run_dir / GROWTH_REPORT) if (run_dir / GROWTH_REPORT).exists() else None,
-                "done": True,
-            }
-            if stage.given_tokens:
-                entry["given"] = {"dir": family.start_from, "tokens": stage.given_tokens, "flops": stage.given_flops}
-            if stop is not None:
-                entry["growth_point"] = {"step": result.steps, "val_loss_slope": stop.last_slope}
-            members.append(entry)
-            if main:
-                write_ledger(out_dir, ledger)
-            log(f"[{mode}] {stage.name}: val loss {loss(result.val_loss)}, {result.tokens:,} tokens, "
-                f"{result.flops:.3g} FLOPs, {result.wall_s:.0f} s")
-            ledger = published(mode, entry, True)
-            members = ledger["modes"][mode]
     return ledger
+
+
+@dataclass
+class _FamilyRun:
+    """What every stage of one run_family call shares. given: the start_from model (None
+    without one); given_loss: its validation loss, measured once for both modes."""
+
+    family: FamilyConfig
+    plan: FamilyPlan
+    growth: GrowthConfig
+    out_dir: Path
+    data: str
+    dataset: TokenDataset
+    fixed_data: bool
+    given: torch.nn.Module | None
+    log: Callable[[str], object]
+    main: bool
+    given_loss: float | None = None
+
+
+def _start_ledger(out_dir: Path, ledger: dict) -> None:
+    """Rank 0, once the lock is held: remove what a killed run left, write the ledger."""
+    for folder in (out_dir, *(out_dir / mode for mode in MODES)):
+        remove_stale_temporaries(folder)
+    write_ledger(out_dir, ledger)
+
+
+def _build_stage(job: _FamilyRun, mode: str, i: int, members: list[dict]) -> dict:
+    """Train (growing it first in progressive mode) or resume stage `i` of `mode`, publish the
+    member (rank 0) and return its ledger entry. members: the mode's finished members before it."""
+    plan, growth, out_dir, log = job.plan, job.growth, job.out_dir, job.log
+    stage = plan.stages[i]
+    tokens = stage.tokens_independent if mode == "independent" else _progressive_tokens(plan, i, members)
+    tcfg = stage_train_config(job.family, plan, i, mode, job.data, out_dir, tokens, job.fixed_data)
+    run_dir = Path(tcfg.out_dir)
+    resume_from = latest_checkpoint(run_dir)
+    model = optimizer = None
+    if i == 0 and job.given is not None and resume_from is None:
+        model = job.given  # continued from its weights, with fresh AdamW moments
+    if mode == "progressive" and i > 0 and resume_from is None:
+        log(f"[{mode}] expanding {plan.stages[i - 1].name} -> {stage.name} "
+            f"(width {growth.width}, depth {growth.depth}, optimizer {growth.optimizer})")
+
+        def grow():  # rank 0; the others receive the grown model from it in train()
+            grown, moments, report = _grow_from(out_dir / "runs" / mode / plan.stages[i - 1].name, tcfg,
+                                                job.family.members[i], growth,
+                                                _probe_batch(job.dataset, stage.seq_len, growth.probe_tokens),
+                                                job.given if i == 1 else None)
+            log(str(report))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / GROWTH_REPORT, json.dumps(report.to_dict(), indent=1) + "\n")
+            return grown, moments
+
+        model, optimizer = on_main(grow) or (None, None)
+        tcfg = tcfg.replace(model=share(model.cfg if job.main else None))
+    elif resume_from is not None:
+        # resuming: the checkpoint holds the grown shape (lossless growth changes norm_eps)
+        tcfg = tcfg.replace(model=resolve_config(resume_from))
+    stop = ConvergenceStop(growth.slope, growth.window) \
+        if growth.schedule == "converged" and mode == "progressive" and i < len(plan.stages) - 1 else None
+    start = time.perf_counter()
+    if i == 0 and job.given is not None and tokens == 0:
+        log(f"[{mode}] {stage.name}: given, start_from {job.family.start_from}")
+        if job.given_loss is None:  # measured once, as training would measure it: both modes publish it
+            job.given_loss = validation_loss(tcfg, job.given, job.dataset)
+        result = TrainResult(None, job.given_loss, 0, 0, 0, 0, 0.0, Path(job.family.start_from))
+    else:
+        log(f"[{mode}] training {stage.name}: {tcfg.max_tokens:,} tokens, max LR {tcfg.max_lr:.3g}")
+        result = train(tcfg, model, optimizer, dataset=job.dataset, on_eval=stop)
+    member_dir = out_dir / mode / stage.name
+    on_main(lambda: _publish(result, member_dir))
+    flops_before = members[-1]["cum_flops"] if (members and mode == "progressive") else stage.given_flops
+    entry = {
+        "name": stage.name, "dir": str(member_dir),
+        "config": resolve_config(result.hf_dir).replace(name=stage.name).to_dict(),
+        "params": stage.params, "nonembedding_params": stage.nonembedding_params,
+        "total_params": stage.total_params, "tokens": result.tokens, "planned_tokens": tokens,
+        "steps": result.steps, "flops": result.flops, "flops_attn": result.flops_attn,
+        "cum_flops": flops_before + result.flops, "val_loss": result.val_loss,
+        "train_loss": result.train_loss, "max_lr": tcfg.max_lr, "wall_s": result.wall_s,
+        "session_wall_s": time.perf_counter() - start, "spikes": result.spikes,
+        "rollbacks": result.rollbacks, "stopped_early": result.stopped_early,
+        "growth": read_json(run_dir / GROWTH_REPORT) if (run_dir / GROWTH_REPORT).exists() else None,
+        "done": True,
+    }
+    if stage.given_tokens:
+        entry["given"] = {"dir": job.family.start_from, "tokens": stage.given_tokens, "flops": stage.given_flops}
+    if stop is not None:
+        entry["growth_point"] = {"step": result.steps, "val_loss_slope": stop.last_slope}
+    log(f"[{mode}] {stage.name}: val loss {loss(result.val_loss)}, {result.tokens:,} tokens, "
+        f"{result.flops:.3g} FLOPs, {result.wall_s:.0f} s")
+    return entry
 
 
 def _check_start_from(family: FamilyConfig, dataset: TokenDataset):
@@ -379,24 +414,34 @@ def _check_start_from(family: FamilyConfig, dataset: TokenDataset):
 # --------------------------------------------------------------------------------------------
 
 
-def ensure_dataset(family: FamilyConfig, data: str | None, default_dir: Path, log=print) -> str:
-    """The dataset directory to train on: `data` if given, else the YAML's `data:` section,
-    prepared first when its directory does not exist (with the start_from model's tokenizer
-    when the section names none)."""
+def dataset_dir(family: FamilyConfig, data: str | None, default_dir: Path) -> tuple[str, bool]:
+    """The dataset directory to train on, and whether it must be prepared first: `data` if
+    given, else the YAML's `data:` section's folder (default_dir unless it names one), to be
+    prepared when it holds no dataset yet. Nothing is written."""
     if data is not None:
-        return str(data)
+        return str(data), False
     section = family.data
     path = Path(section.dir) if section.dir else default_dir
     if (path / "index.json").exists():
-        return str(path)
+        return str(path), False
     if section.source is None:
         raise ConfigError("no data: pass --data DIR (see `growfam data prepare`) or give the family "
                           "YAML a data: section with a source")
+    return str(path), True
+
+
+def ensure_dataset(family: FamilyConfig, data: str | None, default_dir: Path, log=print) -> str:
+    """The dataset directory of `dataset_dir`, prepared first when it must be (with the
+    start_from model's tokenizer when the section names none)."""
+    path, todo = dataset_dir(family, data, default_dir)
+    if not todo:
+        return path
     from growfam.data import prepare
 
+    section = family.data
     # a family given its first member is tokenized with that member's tokenizer
     tokenizer = family.start_from if family.start_from and section.tokenizer == DEFAULT_TOKENIZER else section.tokenizer
     log(f"preparing {section.source} with tokenizer {tokenizer} into {path}")
     prepare(section.source, tokenizer, path, max_tokens=section.max_tokens,
             val_fraction=section.val_fraction)
-    return str(path)
+    return path

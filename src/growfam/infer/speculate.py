@@ -166,6 +166,19 @@ def family_speculative(target: Target, opts: SpeculateOptions) -> dict:
             spec.add(speculative_generate(model(large), model(draft), ids, opts.k, generator=seeded[1], **common))
         return alone, spec, torch.cat([prompts, torch.tensor(continuations)], 1)
 
+    with target.recording("speculate"):
+        rows = _speculate_rows(pairs, opts, decode, model, device)
+        section = {"growfam": __version__, **{k: v for k, v in asdict(opts).items() if k != "device"},
+                   "device": str(device), "dtype": "float32", "threads": torch.get_num_threads(), "rows": rows}
+        ledger = read_ledger(target.family_dir)
+        ledger["speculative"] = section
+        write_ledger(target.family_dir, ledger)
+    return section
+
+
+def _speculate_rows(pairs, opts: SpeculateOptions, decode, model: LoadedMembers, device) -> list[dict]:
+    """A row per (draft, target) pair and temperature: decode(draft, target, temperature) and
+    the expected acceptance measured on the target's own continuations."""
     rows = []
     for draft, large in pairs:
         for temperature in opts.temperatures:
@@ -184,12 +197,7 @@ def family_speculative(target: Target, opts: SpeculateOptions) -> dict:
             _log(f"T={temperature:g} {_short(draft.mode)} {draft.name} -> {_short(large.mode)} {large.name}: "
                  f"accepted {spec.accepted}/{spec.drafted}, alpha {row['alpha']:.3f} (expected "
                  f"{expected:.3f}), {row['tokens_per_target_call']:.2f} tokens/call, speed-up {row['speedup']:.2f}x")
-    section = {"growfam": __version__, **{k: v for k, v in asdict(opts).items() if k != "device"},
-               "device": str(device), "dtype": "float32", "threads": torch.get_num_threads(), "rows": rows}
-    ledger = read_ledger(target.family_dir)
-    ledger["speculative"] = section
-    write_ledger(target.family_dir, ledger)
-    return section
+    return rows
 
 
 def _short(mode: str) -> str:

@@ -133,7 +133,12 @@ class Progress(Callback):
         self.bar.update(run.state.step)
 
     def on_train_end(self, run: Run) -> None:
-        self.bar.close()
+        self.close()
+
+    def close(self) -> None:
+        """Close the bar (again, or before it was opened: nothing happens)."""
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
 
 
 @torch.no_grad()

@@ -54,13 +54,14 @@ from tqdm.auto import tqdm
 
 from growfam.errors import TrainingDiverged
 from growfam.io import remove_stale_temporaries
+from growfam.lock import folder_lock
 from growfam.model import Llama
 from growfam.train.callbacks import Callback, Checkpoints, MaskRamp, Progress, Validation, evaluate, load_states
 from growfam.train.checkpoint import checkpoint_root, latest_checkpoint, nonfinite_tensors
 from growfam.train.config import TrainConfig
 from growfam.train.metrics import MetricsLogger
 from growfam.train.optim import lr_at, lr_bounds
-from growfam.train.parallel import make_parallelism
+from growfam.train.parallel import make_parallelism, on_main
 from growfam.train.setup import build_run, check_inputs, check_vocabulary, resume_run, validation_tokens
 from growfam.train.state import Run, Schedule
 
@@ -139,19 +140,35 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
     """
     parallel = make_parallelism(cfg.device, cfg.parallel, cfg.dtype)
     cfg, schedule, dataset, ckpt = check_inputs(cfg, model, dataset, resume, parallel.world)
-    run = build_run(cfg, schedule, parallel, model, optimizer, dataset, tokenizer, resuming=ckpt is not None)
-    checkpoints = Checkpoints()
-    run.callbacks = [MaskRamp(run.model), Progress(), Validation(on_eval), checkpoints, *callbacks]
-    if parallel.is_main:
-        remove_stale_temporaries(checkpoint_root(cfg.out_dir))  # of checkpoint writes that were killed
-    if ckpt is not None and resume_run(run, ckpt)["finished"]:
-        return _result(run, ckpt)  # a completed run: nothing to do but report it
-    run.log = MetricsLogger(cfg.out_dir, enabled=parallel.is_main, resume=ckpt is not None,
-                            tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project, run_config=run.run_config)
-    if ckpt is not None:
-        run.log.log("resume", run.state.step, checkpoint=str(ckpt))
+    with contextlib.ExitStack() as held:
+        # one writer per out_dir: a second run there is refused, naming this one's pid
+        on_main(lambda: held.enter_context(folder_lock(cfg.out_dir)))
+        run = build_run(cfg, schedule, parallel, model, optimizer, dataset, tokenizer, resuming=ckpt is not None)
+        checkpoints, progress = Checkpoints(), Progress()
+        run.callbacks = [MaskRamp(run.model), progress, Validation(on_eval), checkpoints, *callbacks]
+        if parallel.is_main:
+            remove_stale_temporaries(checkpoint_root(cfg.out_dir))  # of checkpoint writes that were killed
+        if ckpt is not None and resume_run(run, ckpt)["finished"]:
+            return _result(run, ckpt)  # a completed run: nothing to do but report it
+        run.log = MetricsLogger(cfg.out_dir, enabled=parallel.is_main, resume=ckpt is not None,
+                                tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
+                                run_config=run.run_config)
+        if ckpt is not None:
+            run.log.log("resume", run.state.step, checkpoint=str(ckpt))
+        try:
+            _loop(run, checkpoints)
+        finally:
+            progress.close()  # first: an error's line must not land on the bar's
+        final = checkpoints.save(run, finished=True)
+        run.log.close()
+        return _result(run, final)
 
-    state, guard, model, optimizer = run.state, run.guard, run.model, run.optimizer
+
+def _loop(run: Run, checkpoints: Checkpoints) -> None:
+    """The steps of train(), from the run's current step to its last (or an early stop); the
+    callbacks' on_train_end at the end."""
+    state, guard, model, optimizer, cfg, parallel = run.state, run.guard, run.model, run.optimizer, run.cfg, run.parallel
+    schedule = run.schedule
     total_steps = schedule.total_steps
     for callback in run.callbacks:
         callback.on_train_start(run)
@@ -203,9 +220,6 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
 
     for callback in run.callbacks:
         callback.on_train_end(run)
-    final = checkpoints.save(run, finished=True)
-    run.log.close()
-    return _result(run, final)
 
 
 def validation_loss(cfg: TrainConfig, model: Llama, dataset) -> float | None:

@@ -27,7 +27,7 @@ import datetime
 import functools
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -38,6 +38,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
+from growfam.errors import ConfigError, GrowfamError, TrainingDiverged
+from growfam.io import os_error_of
 from growfam.train.config import ParallelConfig
 
 
@@ -93,6 +95,31 @@ def barrier() -> None:
     """Wait for every rank (nothing to wait for in one process), up to the host group's timeout."""
     if rank_and_world()[1] > 1:
         dist.barrier(group=_host_group())
+
+
+def on_main(work: Callable[[], Any]) -> Any:
+    """work() on rank 0 alone, the others waiting for it (up to the host group's timeout); its
+    result on rank 0, None on the others. When it fails, every rank raises: rank 0 its own
+    exception, the others a GrowfamError of the same class and message (one line each, where
+    they would otherwise wait for a rank 0 that stopped, or die in a collective)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return work()
+    result = failure = error = None
+    if rank == 0:
+        try:
+            result = work()
+        except BaseException as err:  # noqa: BLE001 -- re-raised below, after the others hear of it
+            error = err
+            failure = (type(err).__name__, str(err)) if isinstance(err, GrowfamError) else \
+                ("GrowfamError", f"rank 0 stopped: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    failure = share(failure)
+    if error is not None:
+        raise error
+    if failure is not None:
+        kind = {cls.__name__: cls for cls in (GrowfamError, ConfigError, TrainingDiverged)}.get(failure[0], GrowfamError)
+        raise kind(failure[1])
+    return result
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -205,7 +232,31 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder) -> 
     import torch.distributed.checkpoint as dcp
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, storage_writer=_dcp_writer(folder))
+
+
+def _dcp_writer(folder):
+    """DCP's file writer, whose failed writes raise the OSError behind them: torch.save raises a
+    RuntimeError ("unexpected pos") with a full disk's OSError as its context, and DCP sends
+    exceptions between ranks pickled, which drops the context; an OSError keeps its errno."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class Files(FileSystem):
+        @contextlib.contextmanager
+        def create_stream(self, path, mode):
+            try:
+                with super(Files, self).create_stream(path, mode) as stream:
+                    yield stream
+            except Exception as err:
+                problem = os_error_of(err)
+                if problem is None or problem is err:
+                    raise
+                raise problem from err
+
+    writer = FileSystemWriter(str(folder))
+    writer.fs = Files()
+    return writer
 
 
 def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, folder, alone: bool = False) -> None:
