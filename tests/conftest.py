@@ -32,3 +32,14 @@ def random_model(cfg: ModelConfig, seed: int = 0, dtype=torch.float32) -> Llama:
             if p.ndim == 1:
                 p.uniform_(0.5, 1.5)
     return model.eval()
+
+
+def checksums(folder) -> dict[str, str]:
+    """sha256 of every file under `folder`, by path relative to it: what a refused command must
+    leave exactly as it was."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(folder)
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}

@@ -419,10 +419,10 @@ def test_output_that_is_a_file_or_overlaps_the_source_is_refused(tmp_path, gpt2,
     target.write_text("precious")
     assert main(["data", "prepare", str(write_jsonl(tmp_path / "d.jsonl", DOCS)), "--out", str(target)]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "already exists as a file" in err and target.read_text() == "precious"
-    assert main(["data", "prepare", str(tmp_path / "d.jsonl"), "--out", str(target), "--force"]) == 0
-    replaced = TokenDataset.open(target)
-    assert replaced.num_documents("train") + replaced.num_documents("val") == len(DOCS)
+    assert len(err.strip().splitlines()) == 1 and "is a file; growfam replaces only a prepared dataset" in err
+    # --force replaces only a dataset (test_force_keeps_the_old_dataset_...): never a user's file
+    assert main(["data", "prepare", str(tmp_path / "d.jsonl"), "--out", str(target), "--force"]) == 2
+    assert "even with --force" in capsys.readouterr().err and target.read_text() == "precious"
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -3,10 +3,12 @@ FLOPs-to-equal-loss numbers against hand computations, the "how to produce it" l
 missing sections, Table 5 from a speculative section, and bad input."""
 
 import json
+import shutil
 
 import pytest
 from matplotlib.image import imread
 
+from conftest import checksums
 from growfam.cli import main
 from growfam.family import run_family
 from growfam.report.curves import run_points
@@ -230,11 +232,26 @@ def test_bad_input_is_one_line_and_writes_nothing(family, tmp_path, capsys):
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")
-    _one_line_error(capsys, ["report", str(hand), "--out", str(taken)], "pass --force to replace it")
-    assert (taken / "notes.txt").read_text() == "mine"
-    assert main(["report", str(hand), "--out", str(taken), "--force"]) == 0
-    assert (taken / "REPORT.md").exists() and not (taken / "notes.txt").exists()
+    for force in ([], ["--force"]):  # --force replaces only a growfam report
+        _one_line_error(capsys, ["report", str(hand), "--out", str(taken), *force],
+                        "is a folder growfam did not make; growfam replaces only a growfam report there, even with --force")
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"]
     assert not (hand / "report").exists() and not (tmp_path / "o").exists()
+
+
+def test_report_force_never_replaces_another_familys_members_runs_or_data(family, tmp_path, capsys):
+    """The damage of issue 20: `report FAMILY --out OTHER/progressive --force` deleted the other
+    family's members. --force replaces a report only; every other file is as it was."""
+    other = tmp_path / "other"
+    shutil.copytree(family, other)
+    before = checksums(other)
+    for out in (other, other / "progressive", other / "progressive" / "large", other / "runs"):
+        _one_line_error(capsys, ["report", str(family), "--out", str(out), "--force"],
+                        "growfam replaces only a growfam report there, even with --force")
+    assert checksums(other) == before
+    assert main(["report", str(family), "--out", str(other / "report")]) == 0  # a new folder is fine
+    assert main(["report", str(family), "--out", str(other / "report"), "--force"]) == 0  # a report is replaced
+    assert {k: v for k, v in checksums(other).items() if not k.startswith("report/")} == before
 
 
 def test_malformed_inputs_are_one_line_naming_the_file(tmp_path, capsys):
@@ -256,5 +273,5 @@ def test_the_default_out_is_the_family_report_folder(tmp_path, capsys):
 def test_the_demo_refuses_a_report_folder_it_did_not_write_before_any_work(tmp_path, capsys):
     (tmp_path / "demo" / "report").mkdir(parents=True)
     (tmp_path / "demo" / "report" / "notes.txt").write_text("mine")
-    _one_line_error(capsys, ["demo", "--out", str(tmp_path / "demo")], "exists and is not a growfam report")
+    _one_line_error(capsys, ["demo", "--out", str(tmp_path / "demo")], "growfam replaces only a growfam report there")
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["report"]  # nothing trained

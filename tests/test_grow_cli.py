@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -76,18 +77,15 @@ def _one_error_line(capsys, message):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_expand_refuses_a_non_empty_out_directory(src_dir, target, tmp_path, capsys):
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+def test_expand_never_replaces_a_users_folder_or_file(src_dir, target, tmp_path, capsys, force):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "notes.txt").write_text("mine")
-    assert _expand(src_dir, target, tmp_path / "data") == 2
-    _one_error_line(capsys, "is not empty; pass --force to replace it")
-    assert [p.name for p in (tmp_path / "data").iterdir()] == ["notes.txt"]
-
-
-def test_expand_refuses_an_existing_out_file(src_dir, target, tmp_path, capsys):
     (tmp_path / "file.txt").write_text("mine")
-    assert _expand(src_dir, target, tmp_path / "file.txt") == 2
-    _one_error_line(capsys, "already exists as a file; pass --force to replace it")
+    for out, kind in ((tmp_path / "data", "a folder growfam did not make"), (tmp_path / "file.txt", "a file")):
+        assert _expand(src_dir, target, out, *(["--force"] if force else [])) == 2
+        _one_error_line(capsys, f"is {kind}; growfam replaces only a model directory there, even with --force")
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["notes.txt"]
     assert (tmp_path / "file.txt").read_text() == "mine"
 
 
@@ -108,22 +106,19 @@ def test_expand_writes_into_an_existing_empty_directory(src_dir, target, tmp_pat
     assert load_pretrained(tmp_path / "empty").cfg.d_model == 64
 
 
-@pytest.mark.parametrize("kind", ["directory", "file"])
-def test_expand_force_replaces_an_existing_out(src_dir, target, tmp_path, kind):
+def test_expand_force_replaces_a_model_directory_only(src_dir, target, tmp_path, capsys):
     out = tmp_path / "out"
-    if kind == "directory":
-        out.mkdir()
-        (out / "old.txt").write_text("old")
-    else:
-        out.write_text("old")
+    shutil.copytree(src_dir, out)
+    assert _expand(src_dir, target, out) == 2
+    _one_error_line(capsys, "already exists as a model directory; pass --force to replace it")
     assert _expand(src_dir, target, out, "--force") == 0
-    assert load_pretrained(out).cfg.d_model == 64 and not (out / "old.txt").exists()
+    assert load_pretrained(out).cfg.d_model == 64
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src", "target.yaml"]
 
 
 def test_expand_disk_full_keeps_the_old_out(src_dir, target, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    out.mkdir()
+    shutil.copytree(src_dir, out)
     (out / "old.txt").write_text("old")
     import growfam.model.hf
 
@@ -133,7 +128,7 @@ def test_expand_disk_full_keeps_the_old_out(src_dir, target, tmp_path, capsys, m
     monkeypatch.setattr(growfam.model.hf, "save_file", full)
     assert _expand(src_dir, target, out, "--force") == 2
     _one_error_line(capsys, "No space left on device")
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in src_dir.iterdir()), "old.txt"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src", "target.yaml"]
 
 

@@ -201,7 +201,7 @@ def _store_norm_as(saved, dtype) -> None:
 
 def test_integer_weights_are_refused(saved):
     _store_norm_as(saved, torch.int64)
-    with pytest.raises(ConfigError, match="model.norm.weight is int64; growfam reads floating-point"):
+    with pytest.raises(ConfigError, match="model.norm.weight is I64; growfam reads floating-point"):
         load_pretrained(saved)
 
 

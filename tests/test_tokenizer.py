@@ -96,8 +96,12 @@ def test_train_bpe_round_trips_and_reloads(tmp_path):
 def test_bad_specs_are_clear_errors(tmp_path):
     with pytest.raises(GrowfamError, match="not a tokenizer directory"):
         load_tokenizer(tmp_path / "missing")
-    with pytest.raises(GrowfamError, match="cannot load"):
+    with pytest.raises(GrowfamError, match=r"not a tokenizer directory \(no tokenizer.json"):
         load_tokenizer(Path(tmp_path))
+    (tmp_path / "tokenizer_config.json").write_text("{}")  # transformers' message is five lines: one here
+    with pytest.raises(GrowfamError, match="cannot load a Hugging Face tokenizer: Couldn't instantiate") as err:
+        load_tokenizer(Path(tmp_path))
+    assert "\n" not in str(err.value)
     with pytest.raises(GrowfamError, match="vocab size"):
         train_bpe(["x"], 100, tmp_path / "small")
 

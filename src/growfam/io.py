@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from growfam.errors import ConfigError, GrowfamError
+from growfam.outputs import FILE, LINK, kind_of
 
 _TMP = ".tmp-"
 _OLD = ".old-"
@@ -90,12 +91,13 @@ def os_error_of(err: BaseException) -> OSError | None:
     Writers report a full disk in their own ways: Python raises the OSError; torch.save into a
     Python file object raises a RuntimeError whose context is the OSError; safetensors and
     tokenizers raise their own exception naming "(os error 28)"; torch.distributed.checkpoint
-    gathers each rank's exception in `failures`."""
+    gathers each rank's exception in `failures`. A GrowfamError is already a user's message: no
+    OSError is looked for behind it, nor behind a context suppressed with `raise ... from None`."""
     seen: set[int] = set()
     todo = [err]
     while todo:
         err = todo.pop(0)
-        if err is None or id(err) in seen:
+        if err is None or id(err) in seen or isinstance(err, GrowfamError):
             continue
         seen.add(id(err))
         if isinstance(err, OSError):
@@ -107,7 +109,7 @@ def os_error_of(err: BaseException) -> OSError | None:
         failures = getattr(err, "failures", None)
         if isinstance(failures, dict):  # DCP's CheckpointException: {rank: (exception, traceback)}
             todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
-        todo += [err.__cause__, err.__context__]
+        todo += [err.__cause__, None if err.__suppress_context__ else err.__context__]
     return None
 
 
@@ -165,8 +167,10 @@ def atomic_directory(out_dir: str | Path, write: Callable[[Path], None]) -> Path
             os.replace(tmp, out_dir)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, GrowfamError) and str(tmp) in str(err):  # a nested writer's: users never see temporaries
-            raise type(err)(str(err).replace(str(tmp), str(out_dir))) from None
+        if isinstance(err, GrowfamError):  # a nested writer's, or bad input met on the way: as it is
+            if str(tmp) not in str(err):
+                raise
+            raise type(err)(str(err).replace(str(tmp), str(out_dir))) from None  # users never see temporaries
         # not an interruption (torch.distributed.checkpoint's CheckpointException is a BaseException)
         failed = None if isinstance(err, (KeyboardInterrupt, SystemExit)) else write_error(out_dir, err)
         if failed is None:
@@ -217,14 +221,17 @@ def remove_stale_temporaries(folder: str | Path, name: str | None = None) -> lis
     return removed
 
 
-def check_output(path: str | Path, *, force: bool, sources: Iterable[str | Path] = (),
+def check_output(path: str | Path, *, force: bool, makes: str, sources: Iterable[str | Path] = (),
                  what: str = "output") -> None:
     """GrowfamError unless `path` may be written as a new file or directory, before any work.
 
-    Never one of `sources`, a path inside one or a folder holding one (links followed), even
-    with `force`. The nearest existing folder above `path` must be writable. An existing file,
-    link or non-empty folder is replaced only with `force`; an empty folder is fine. `what`
-    names the path in messages (e.g. "--out").
+    makes: what the command writes there, a kind of growfam.outputs (MODEL, DATASET, REPORT or
+    FILE). An existing path of that kind (or a link) is replaced only with `force`; anything else
+    there (a family or part of one, a run, a checkpoint, a user's own folder or file) is refused
+    even with `force`: --force replaces only what the same command makes. An empty folder is
+    fine for a folder. Never one of `sources`, a path inside one or a folder holding one (links
+    followed). The nearest existing folder above `path` must be writable. `what` names the path
+    in messages (e.g. "--out").
     """
     path = Path(path)
     real = Path(os.path.realpath(path))
@@ -236,20 +243,24 @@ def check_output(path: str | Path, *, force: bool, sources: Iterable[str | Path]
                                "growfam never writes there (choose another path)")
     try:
         folder = next(p for p in path.absolute().parents if p.exists())
-        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-            raise GrowfamError(f"{what} {path}: cannot write in {folder}")
-        if path.is_symlink() or path.is_file():
-            kind = "already exists as a file" if path.is_file() else "already exists as a link"
-        elif path.is_dir():
-            kind = "already exists and is not empty" if any(path.iterdir()) else None
-        elif path.exists():  # a device, a pipe: nothing to replace
-            raise GrowfamError(f"{what} {path} is not a file or folder growfam can replace")
-        else:
-            kind = None
+        if not folder.is_dir():
+            raise GrowfamError(f"{what} {path}: cannot write in {folder} (not a folder)")
+        check_writable(folder)
+        if path.exists() and not (path.is_symlink() or path.is_file() or path.is_dir()):
+            raise GrowfamError(f"{what} {path} is not a file or folder growfam can replace")  # a device, a pipe
+        empty = path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+        kind = None if empty else kind_of(path)
     except OSError as err:  # a name too long, a folder we may not list
         raise GrowfamError(f"cannot use {what} {path}: {_describe(err)}") from None
-    if kind is not None and not force:
-        raise GrowfamError(f"{what} {path} {kind}; pass --force to replace it")
+    if empty and makes == FILE:
+        raise GrowfamError(f"{what} {path} is a folder; give a file name")
+    if empty or not (path.exists() or path.is_symlink()):
+        return
+    if kind not in (makes, LINK):
+        raise GrowfamError(f"{what} {path} is {kind or 'a folder growfam did not make'}; growfam replaces only "
+                           f"{makes} there, even with --force (move it away or choose another path)")
+    if not force:
+        raise GrowfamError(f"{what} {path} already exists as {kind}; pass --force to replace it")
 
 
 def check_folder(path: str | Path, what: str) -> None:

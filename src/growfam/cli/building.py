@@ -41,24 +41,22 @@ def _add_plan(sub) -> None:
     p.add_argument("--chinchilla", type=float, metavar="R", help="tokens D(N) = R·20·N")
     p.add_argument("--count", choices=("nonembedding", "total", "nominal"),
                    help="which parameter count N is")
-    # An H100 SXM's dense bf16 peak; 40% MFU is a typical well-tuned LLM pre-training run.
-    p.add_argument("--peak-tflops", type=float, default=989.0, metavar="F",
-                   help="peak TFLOP/s of one GPU (default: 989, H100 bf16 dense)")
-    p.add_argument("--mfu", type=float, default=0.4, metavar="M",
-                   help="model FLOPs utilisation as a fraction (default: 0.4)")
+    p.add_argument("--peak-tflops", metavar="F", help="peak TFLOP/s of one GPU (default: 989, H100 bf16 dense)")
+    p.add_argument("--mfu", metavar="M", help="model FLOPs utilisation as a fraction (default: 0.4)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--memory", action="store_true",
                    help="print each member's memory per GPU under FSDP2 instead (parameters, gradients, AdamW "
                         "moments, gathered copies, activations)")
-    p.add_argument("--gpus", default="8", metavar="N", help="--memory: GPUs the model is sharded over (default: 8; under HSDP, "
-                                                                 "parallel.replicate R, the world size / R)")
+    p.add_argument("--gpus", metavar="N", help="--memory: GPUs the model is sharded over (default: 8; under HSDP, "
+                                                    "parallel.replicate R, the world size / R); every stage's batch "
+                                                    "must split into N x whole micro-batches, as in training")
     p.add_argument("--micro-batch", metavar="B",
                    help="--memory: sequences per forward pass per GPU (default: the family's "
                         "train.micro_batch_size, else 1)")
-    p.add_argument("--activation-checkpointing", nargs="?", const="1", default="0", metavar="N",
+    p.add_argument("--activation-checkpointing", nargs="?", const="1", metavar="N",
                    help="--memory: with every block's activations checkpointed, or every Nth block's "
                         "(parallel.activation_checkpointing)")
-    p.add_argument("--loss-chunk", default="0", metavar="TOKENS",
+    p.add_argument("--loss-chunk", metavar="TOKENS",
                    help="--memory: the fused head and loss in chunks of TOKENS tokens (parallel.loss_chunk)")
     p.set_defaults(func=_run_plan)
 
@@ -73,20 +71,35 @@ def _run_plan(args) -> int:
     changes = {"members": args.members, "chinchilla": args.chinchilla, "count": args.count,
                "batch_size": args.batch_size[0] if args.batch_size and len(args.batch_size) == 1
                else args.batch_size}
+    from growfam.checks import as_int, as_number
+    from growfam.errors import ConfigError
+
+    # each flag goes with one view: a flag the chosen view would ignore is refused, not dropped
+    memory_only = {"--gpus": args.gpus, "--micro-batch": args.micro_batch, "--loss-chunk": args.loss_chunk,
+                   "--activation-checkpointing": args.activation_checkpointing}
+    plan_only = {"--json": args.json or None, "--peak-tflops": args.peak_tflops, "--mfu": args.mfu}
+    for flag, value in (plan_only if args.memory else memory_only).items():
+        if value is not None:
+            raise ConfigError(f"{flag} does not go with {'--memory' if args.memory else 'the plan'}: "
+                              + ("--memory prints the memory table only" if args.memory else "add --memory"))
     family = load_family_config(args.family).replace(**{k: v for k, v in changes.items() if v is not None})
     plan = make_plan(family)
     if args.memory:
-        from growfam.checks import as_int
         from growfam.report.tables import format_memory
 
+        gpus = as_int(args.gpus or 8, "--gpus", 1)
         micro = as_int(args.micro_batch or family.train.get("micro_batch_size") or 1, "--micro-batch", 1)
-        every = as_int(args.activation_checkpointing, "--activation-checkpointing", 0)
-        print(format_memory(family, as_int(args.gpus, "--gpus", 1), micro, every,
-                            as_int(args.loss_chunk, "--loss-chunk", 0)))
-    elif args.json:
-        print(json.dumps(plan.to_dict(args.peak_tflops, args.mfu), indent=2))
-    else:
-        print(format_plan(plan, args.peak_tflops, args.mfu))
+        for stage in plan.stages:  # the split training needs (train.Schedule): no 1e12 GPUs for 960 sequences
+            if stage.batch_size % (gpus * micro):
+                raise ConfigError(f"stage {stage.name}'s batch of {stage.batch_size} sequences does not split into "
+                                  f"--gpus {gpus} x whole micro-batches of {micro}")
+        every = as_int(args.activation_checkpointing or 0, "--activation-checkpointing", 0)
+        print(format_memory(family, gpus, micro, every, as_int(args.loss_chunk or 0, "--loss-chunk", 0)))
+        return 0
+    # An H100 SXM's dense bf16 peak; 40% MFU is a typical well-tuned LLM pre-training run.
+    peak = as_number(args.peak_tflops or 989.0, "--peak-tflops", above=0)
+    mfu = as_number(args.mfu or 0.4, "--mfu", above=0, at_most=1)
+    print(json.dumps(plan.to_dict(peak, mfu), indent=2) if args.json else format_plan(plan, peak, mfu))
     return 0
 
 
@@ -286,17 +299,13 @@ def _add_demo(sub) -> None:
 def _run_demo(args) -> int:
     from pathlib import Path
 
-    from growfam.errors import GrowfamError
     from growfam.io import check_folder, check_output
-    from growfam.report.run import DEFAULT_FOLDER, is_report, write_report
+    from growfam.outputs import REPORT
+    from growfam.report.run import DEFAULT_FOLDER, write_report
 
     folder = Path(args.out) / DEFAULT_FOLDER  # an earlier demo's report is replaced; nothing else is
     check_folder(args.out, "--out")
-    check_output(folder, force=True, what="the demo's report folder")
-    if (folder.exists() or folder.is_symlink()) and not is_report(folder) and \
-            not (folder.is_dir() and not any(folder.iterdir())):
-        raise GrowfamError(f"{folder} exists and is not a growfam report; move it away (the demo writes its "
-                           "report there)")
+    check_output(folder, force=True, makes=REPORT, what="the demo's report folder")
     _build_family("tiny", args.out, None, ("progressive", "independent"), evaluate="demo")
     _print_report(write_report([args.out], folder, force=True))
     return 0

@@ -44,6 +44,7 @@ def _run_eval(args) -> int:
     from growfam.eval.harness import task_names
     from growfam.eval.tables import format_eval
     from growfam.io import atomic_write_text, check_output
+    from growfam.outputs import FILE
 
     given = _given(args, limit=1, batch_size=1, ppl_tokens=2)  # EvalOptions owns the defaults
     opts = EvalOptions(tasks=task_names(args.tasks), **given)
@@ -51,7 +52,7 @@ def _run_eval(args) -> int:
         json_path = os.path.abspath(args.json)
         if os.path.isdir(json_path) or not os.path.isdir(os.path.dirname(json_path)):
             raise GrowfamError(f"--json {args.json}: give a file name in an existing folder")
-        check_output(args.json, force=args.force, what="--json")
+        check_output(args.json, force=args.force, makes=FILE, what="--json")
     target = resolve_target(args.target)
     opts.ppl = default_ppl(target) if args.ppl is None else [s for s in dict.fromkeys(args.ppl) if s != "none"]
     if not opts.ppl and not opts.tasks:

@@ -14,7 +14,7 @@ Modules, each importing only those listed before it (no cycles):
                    (imports tokenizer)
     preparation.py prepare, in_val_split, DEFAULT_TOKENIZER, DEFAULT_VAL_FRACTION, chunking,
                    writing the token files and the index (imports tokenizer, sources, dataset)
-    loader.py      token_rows, PackedWindows, eval_windows (imports nothing of data/: it reads
+    loader.py      token_rows, num_windows, PackedWindows, eval_windows (imports nothing of data/: it reads
                    a SplitTokens' vocab_size and origin by duck typing)
 
 data/ may import errors, checks and io; nothing of model/, grow/, train/, config or family/.
@@ -24,7 +24,7 @@ shadowed by it in this package's namespace.)
 """
 
 from growfam.data.dataset import FORMAT, SPLITS, SplitTokens, TokenDataset, token_dtype
-from growfam.data.loader import PackedWindows, eval_windows, token_rows
+from growfam.data.loader import PackedWindows, eval_windows, num_windows, token_rows
 from growfam.data.preparation import (BPE_TRAIN_MAX_CHARS, CHUNK_CHARS, DEFAULT_TOKENIZER, DEFAULT_VAL_FRACTION,
                                       in_val_split, prepare)
 from growfam.data.sources import (
@@ -72,6 +72,7 @@ __all__ = [
     "bounded_pieces",
     "embedded_source",
     "eval_windows",
+    "num_windows",
     "hf_source",
     "in_val_split",
     "load_tokenizer",

@@ -22,7 +22,7 @@ import torch
 from growfam.errors import GrowfamError
 
 
-def _num_windows(num_tokens: int, seq_len: int) -> int:
+def num_windows(num_tokens: int, seq_len: int) -> int:
     """Windows of seq_len+1 tokens at stride seq_len that fit in `num_tokens` tokens."""
     return max(0, (num_tokens - 1) // seq_len)
 
@@ -91,7 +91,7 @@ class PackedWindows:
         self.rank = rank
         self.world_size = world_size
         self.max_unique_tokens = max_unique_tokens
-        self.num_windows = _num_windows(len(tokens), seq_len)
+        self.num_windows = num_windows(len(tokens), seq_len)
         self.windows_per_rank = self.num_windows // world_size
         if self.windows_per_rank == 0:
             raise GrowfamError(
@@ -187,7 +187,7 @@ def eval_windows(
     capped evaluation still samples the entire validation split; the same arguments always give
     the same batches. The last batch may be smaller.
     """
-    total = _num_windows(len(tokens), seq_len)
+    total = num_windows(len(tokens), seq_len)
     if total == 0:
         raise GrowfamError(f"{len(tokens)} validation tokens hold no window of {seq_len + 1} tokens")
     count = total if max_windows is None else min(total, max_windows)

@@ -24,7 +24,8 @@ from growfam.data.sources import Source, SourceSpec, open_source
 from growfam.data.tokenizer import MIN_TRAINED_VOCAB, Tokenizer, load_tokenizer, train_bpe
 from growfam.checks import as_int, as_number
 from growfam.errors import ConfigError, GrowfamError
-from growfam.io import atomic_directory, check_output, remove_stale_temporaries
+from growfam.io import atomic_directory, check_output
+from growfam.outputs import DATASET
 
 CHUNK_CHARS = 4_000_000  # text tokenised per batch: big enough to keep every thread busy
 BPE_TRAIN_MAX_CHARS = 100_000_000  # text a train:VOCAB tokenizer learns from, at most
@@ -109,7 +110,7 @@ def prepare(
     max_tokens = None if max_tokens is None else as_int(max_tokens, "max_tokens", at_least=1)
     source = open_source(source)
     out = Path(out_dir)
-    check_output(out, force=overwrite, sources=[source.path] if source.path else [],
+    check_output(out, force=overwrite, makes=DATASET, sources=[source.path] if source.path else [],
                  what="dataset directory")
     train_vocab = _vocab_to_train(tokenizer)
     if train_vocab is None and not isinstance(tokenizer, Tokenizer):
@@ -147,7 +148,6 @@ def prepare(
             raise GrowfamError(f"preparing {out} failed: {err}") from None
         TokenDataset.open(tmp)  # what would be published must read back whole
 
-    remove_stale_temporaries(out.parent)  # what an interrupted prepare left behind
     atomic_directory(out, write)
     if splits["val"]["tokens"] == 0:
         print(f"growfam: warning: {out} has an empty validation split; raise val_fraction", file=sys.stderr)

@@ -8,6 +8,7 @@ of documents in memory.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import sysconfig
 from collections.abc import Callable, Iterator
@@ -61,8 +62,24 @@ def embedded_source() -> Source:
     return Source(f"embedded: Python {version} standard library sources and pydoc topics", documents)
 
 
+#: At most this share of a text file's characters may be invalid UTF-8 (each read as U+FFFD):
+#: a stray byte in a real corpus passes, a binary or wrongly encoded file does not.
+MAX_INVALID_UTF8 = 0.001
+
+
 def _read_txt(path: Path, text_field: str) -> Iterator[str]:
-    yield path.read_bytes().decode("utf-8", errors="replace")  # one file, one document
+    yield decode_text(path, path.read_bytes())  # one file, one document
+
+
+def decode_text(path: Path, data: bytes) -> str:
+    """`data` (the bytes of the file `path`) as UTF-8 text; GrowfamError for a file that is not
+    text: NUL bytes, or more than MAX_INVALID_UTF8 of it invalid UTF-8 (fewer become U+FFFD)."""
+    text = data.decode("utf-8", errors="replace")
+    invalid = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+    if "\x00" in text or invalid > MAX_INVALID_UTF8 * max(len(text), 1):
+        what = "NUL bytes" if "\x00" in text else f"{invalid:,} of {len(text):,} characters are not valid UTF-8"
+        raise GrowfamError(f"{path}: not UTF-8 text ({what}); convert it to UTF-8 or leave it out")
+    return text
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
@@ -119,8 +136,43 @@ def local_source(path: str | Path, text_field: str = "text") -> Source:
     return Source(description, documents, path.resolve())
 
 
+#: Seconds to wait for the Hub's address to answer before working offline.
+HUB_PROBE_TIMEOUT = 3.0
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """Whether the Hugging Face Hub ($HF_ENDPOINT) accepts a TCP connection within `timeout`
+    seconds; False at once under HF_HUB_OFFLINE / HF_DATASETS_OFFLINE."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+           for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except (OSError, ValueError):  # no route, no name resolution, a refused or timed-out connection
+        return False
+    return True
+
+
+def _work_offline(datasets) -> None:
+    """datasets and huggingface_hub offline from now on, also when they were imported before
+    (they read the environment at import): a cached dataset still loads, the rest fails at once
+    instead of after the hub client's retries (28 s)."""
+    import huggingface_hub.constants
+
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
 def hf_source(name: str, config: str | None = None, split: str = "train", text_field: str = "text") -> Source:
-    """A Hugging Face dataset streamed with `datasets` (installed with growfam's [hub] extra)."""
+    """A Hugging Face dataset streamed with `datasets` (installed with growfam's [hub] extra).
+
+    When the Hub cannot be reached (checked first, in HUB_PROBE_TIMEOUT seconds) only the local
+    Hugging Face cache is read, and a dataset missing from it is one GrowfamError at once."""
     try:
         import datasets
     except ImportError:
@@ -129,6 +181,9 @@ def hf_source(name: str, config: str | None = None, split: str = "train", text_f
         ) from None
 
     def documents() -> Iterator[str]:
+        online = hub_reachable()
+        if not online:
+            _work_offline(datasets)
         try:
             stream = datasets.load_dataset(name, config, split=split, streaming=True)
             for record in stream:
@@ -136,7 +191,11 @@ def hf_source(name: str, config: str | None = None, split: str = "train", text_f
         except KeyError:
             raise GrowfamError(f"hf:{name}: records have no field {text_field!r}") from None
         except (OSError, ValueError, ConnectionError) as err:
-            raise GrowfamError(f"hf:{name}: cannot stream the dataset: {err}") from None
+            if not online:
+                raise GrowfamError(f"hf:{name}: the Hugging Face Hub cannot be reached from here and the dataset "
+                                   "is not in the local Hugging Face cache; prepare it where there is a network, "
+                                   "or give a local .txt/.jsonl/.parquet source") from None
+            raise GrowfamError(f"hf:{name}: cannot stream the dataset: {' '.join(str(err).split())[:300]}") from None
 
     return Source(f"hf: {name} config={config} split={split} field={text_field!r}", documents)
 

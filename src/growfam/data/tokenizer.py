@@ -87,6 +87,12 @@ def _saving(out: Path) -> Iterator[None]:
         raise GrowfamError(f"cannot save the tokenizer to {out}: {err}") from None
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to its first non-empty line (transformers' run to five)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[0].rstrip(":") + (" …" if len(lines) > 1 else "")) if lines else type(err).__name__
+
+
 def _fingerprint(vocab: dict[str, int], merges: Sequence[Sequence[str]]) -> str:
     """sha256 over the vocabulary (token -> id, sorted by id) and the ordered merge pairs."""
     payload = {"vocab": sorted(vocab.items(), key=lambda kv: kv[1]), "merges": [list(m) for m in merges]}
@@ -214,12 +220,14 @@ class HFTokenizer(Tokenizer):
         path = Path(path)
         if not path.is_dir():
             raise GrowfamError(f"{path}: not a tokenizer directory (expected 'gpt2' or a Hugging Face tokenizer folder)")
+        if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+            raise GrowfamError(f"{path}: not a tokenizer directory (no tokenizer.json or tokenizer_config.json)")
         from transformers import AutoTokenizer
 
         try:
             self._hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise GrowfamError(f"{path}: cannot load a Hugging Face tokenizer: {err}") from None
+            raise GrowfamError(f"{path}: cannot load a Hugging Face tokenizer: {first_line(err)}") from None
         self._backend = getattr(self._hf, "backend_tokenizer", None)
         if self._backend is None:
             raise GrowfamError(f"{path}: only fast (tokenizers-backed) Hugging Face tokenizers are supported")

@@ -66,12 +66,14 @@ def load_hf_tokenizer(path: str | Path):
     """The Hugging Face tokenizer in `path`; GrowfamError when there is none."""
     from transformers import AutoTokenizer
 
+    from growfam.data.tokenizer import first_line
+
     if not (Path(path) / "tokenizer.json").is_file() and not (Path(path) / "tokenizer_config.json").is_file():
         raise GrowfamError(f"{path}: no tokenizer files (the zero-shot tasks need the member's tokenizer)")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise GrowfamError(f"{path}: cannot load its tokenizer: {err}") from None
+        raise GrowfamError(f"{path}: cannot load its tokenizer: {first_line(err)}") from None
 
 
 def make_lm(model, tokenizer, batch_size: int = 8, device: str | torch.device = "cpu", rolling: bool = False):

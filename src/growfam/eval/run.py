@@ -66,16 +66,21 @@ def _tokenizer_dir(member: Member, target: Target) -> Path:
 
 
 def check_options(opts: EvalOptions) -> None:
-    """The checks that need no member: the device, the files, lm_eval and the task data."""
+    """The checks that need no member: the device, the files (each with some text), lm_eval,
+    and the task data, extracted into the cache now (a missing data file or an unwritable cache
+    is refused before any model is loaded)."""
     from growfam.data import local_source
+    from growfam.eval.tasks import prepare_tasks
     from growfam.train import check_device
 
     check_device(opts.device)
     for source in opts.ppl:
-        if source not in (VAL, WIKI):
-            local_source(source)  # an existing .txt/.jsonl/.parquet file or folder of them
-    if opts.tasks or WIKI in opts.ppl:
+        if source not in (VAL, WIKI) and not any(doc.strip() for doc in local_source(source)):
+            raise GrowfamError(f"--ppl {source}: holds no text to score")
+    harness = opts.tasks + ([WIKI] if WIKI in opts.ppl else [])
+    if harness:
         check_harness()
+        prepare_tasks(harness)
 
 
 def check_harness() -> None:
@@ -198,6 +203,7 @@ def family_consistency(target: Target, pairs: str = "adjacent", windows: int = 6
                 device: str = "auto") -> dict:
     """KL both ways, TV and expected acceptance for each pair of each mode on the same
     validation windows; recorded as the ledger's `consistency` section and returned."""
+    from growfam.data import num_windows
     from growfam.eval.consistency import divergence
     from growfam.train import check_device
     from growfam.train.parallel import resolve_device
@@ -217,14 +223,22 @@ def family_consistency(target: Target, pairs: str = "adjacent", windows: int = 6
                                f"{large.config.vocab_size}: KL needs one vocabulary")
     tokens = target.dataset().tokens("val")
     window, torch_device = target.window(), resolve_device(device, 1)
+    used = min(windows, num_windows(len(tokens), window))
+    if used == 0:
+        raise GrowfamError(f"{target.family_dir}: the validation split ({len(tokens):,} tokens) holds no window "
+                           f"of {window + 1} tokens")
+    if used < windows:
+        _log(f"the validation split holds {used:,} windows of {window} tokens: consistency uses all of them "
+             f"(--windows {windows:,} asked for more)")
     model = LoadedMembers(torch_device)
 
-    section = {"growfam": __version__, "pairs": pairs, "windows": windows, "window": window, "modes": {}}
+    section = {"growfam": __version__, "pairs": pairs, "windows": used, "windows_requested": windows,
+               "window": window, "modes": {}}
     with target.recording("consistency"):
         for mode, mode_pairs in plan.items():
             rows = []
             for small, large in mode_pairs:
-                result = divergence(model(small), model(large), tokens, window, windows, batch_size, torch_device)
+                result = divergence(model(small), model(large), tokens, window, used, batch_size, torch_device)
                 rows.append({"small": small.name, "large": large.name, **result.to_dict()})
                 _log(f"[{mode}] {small.name} -> {large.name}: KL {result.kl_small_large:.4f} / "
                      f"{result.kl_large_small:.4f}, acceptance {result.acceptance:.3f}")
@@ -288,7 +302,8 @@ class FamilyEval:
         if all(sum(m.mode == mode for m in target.members) < 2 for mode in MODES):
             return members, None
         old = target.ledger.get("consistency")
-        if self.trained or not isinstance(old, dict) or any(
-                old.get(k) != self.consistency[k] for k in ("pairs", "windows") if k in self.consistency):
+        asked = {"pairs": old.get("pairs"), "windows": old.get("windows_requested", old.get("windows"))} \
+            if isinstance(old, dict) else {}
+        if self.trained or not asked or any(asked[k] != self.consistency[k] for k in asked if k in self.consistency):
             return members, family_consistency(target, **self.consistency)
         return members, old

@@ -2,8 +2,10 @@
 member of every mode) or one member directory (any Hugging Face Llama directory; one inside a
 family directory, FAMILY/<mode>/<member>, is evaluated as that family's member).
 
-Everything is checked here, before any model is loaded: every member is a readable model
-directory, and a family's dataset is the one its ledger names (by fingerprint).
+Everything is checked here, before any model is loaded: every member is a model directory
+whose weight files' headers hold the tensors its config needs (a cut or corrupt file is
+refused before any member is evaluated), and a family's dataset is the one its ledger names
+(by fingerprint).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from growfam.errors import GrowfamError
 from growfam.family.ledger import LEDGER, MODES, read_ledger
 from growfam.lock import folder_lock
-from growfam.model import load_pretrained, read_hf_config
+from growfam.model import check_pretrained, load_pretrained
 from growfam.model.config import ModelConfig
 
 
@@ -92,7 +94,9 @@ class LoadedMembers:
 
 
 def _member(name: str, mode: str | None, path: Path) -> Member:
-    return Member(name, mode, path, read_hf_config(path))
+    """The member at `path`, its weights checked from their headers (model.check_pretrained):
+    a corrupt member is refused before any other is evaluated."""
+    return Member(name, mode, path, check_pretrained(path))
 
 
 def resolve_target(path: str | Path) -> Target:

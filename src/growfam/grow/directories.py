@@ -20,6 +20,7 @@ from growfam.grow.growth import DEFAULT_DEPTH, DEFAULT_WIDTH, GrowthPlan
 from growfam.grow.multi import DEFAULT_COMBINE, combined_config, expand_from
 from growfam.grow.report import GrowthReport
 from growfam.io import atomic_write_text, check_output
+from growfam.outputs import FILE, MODEL
 from growfam.model import (ModelConfig, check_same_tokenizer, load_pretrained, read_hf_config, resolve_config,
                            save_pretrained)
 
@@ -95,7 +96,7 @@ def _check_sources(sources: list[str]) -> list[ModelConfig]:
 def _check_outputs(sources: list[str], out: str, report: str | None, force: bool) -> None:
     """Refuse, before any work, an output that would lose what a user has: `out` as
     `io.check_output` says; `report` needs an existing folder, outside `out` and the sources."""
-    check_output(out, force=force, sources=sources, what="--out")
+    check_output(out, force=force, makes=MODEL, sources=sources, what="--out")
     if report is None:
         return
     report_path = Path(report)
@@ -107,4 +108,4 @@ def _check_outputs(sources: list[str], out: str, report: str | None, force: bool
                            "write it elsewhere")
     if not report_path.absolute().parent.is_dir():
         raise GrowfamError(f"--report {report_path}: {report_path.absolute().parent} is not an existing folder")
-    check_output(report_path, force=force, sources=sources, what="--report")
+    check_output(report_path, force=force, makes=FILE, sources=sources, what="--report")

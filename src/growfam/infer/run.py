@@ -17,7 +17,7 @@ from growfam.errors import ConfigError
 from growfam.infer.generate import Generation, generate, speculative_generate
 from growfam.infer.sampling import check_sampling
 from growfam.infer.stream import TextStream
-from growfam.model import ModelConfig, check_same_tokenizer, load_pretrained, read_hf_config
+from growfam.model import ModelConfig, check_pretrained, check_same_tokenizer, load_pretrained, num_params
 
 
 #: The dtypes a member can decode in.
@@ -71,14 +71,19 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def check_members(target_dir: str | Path, draft_dir: str | Path | None, tokenizer_vocab: int) -> int:
-    """The context both models share; ConfigError unless the directories are models whose
-    vocabularies hold the tokenizer's and agree, with byte-identical tokenizer files."""
-    configs: list[tuple[Path, ModelConfig]] = [(Path(d), read_hf_config(d)) for d in (target_dir, draft_dir) if d]
+    """The context both models share; ConfigError unless the directories are models (their
+    weights checked from the headers) whose vocabularies hold the tokenizer's and agree, with
+    byte-identical tokenizer files, and the draft is not larger than the target."""
+    configs: list[tuple[Path, ModelConfig]] = [(Path(d), check_pretrained(d)) for d in (target_dir, draft_dir) if d]
     for path, cfg in configs:
         if cfg.vocab_size < tokenizer_vocab:
             raise ConfigError(f"{path}: vocab_size {cfg.vocab_size} is below its tokenizer's {tokenizer_vocab} tokens")
     if draft_dir is not None:
         (_, target), (_, draft) = configs
+        if num_params(draft, "total") > num_params(target, "total"):
+            raise ConfigError(f"the draft {draft_dir} ({num_params(draft, 'total'):,} parameters) is larger than "
+                              f"the target {target_dir} ({num_params(target, 'total'):,}); a draft must be the "
+                              "smaller model (swap them)")
         if draft.vocab_size != target.vocab_size:
             raise ConfigError(f"the draft's vocabulary ({draft.vocab_size} tokens) is not the target's "
                               f"({target.vocab_size})")

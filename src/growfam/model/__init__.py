@@ -4,8 +4,8 @@
 - `presets`: the named shapes (PRESETS, get_preset).
 - `llama`: the nn.Modules (RMSNorm, RoPE, Attention, FeedForward, Block), Llama, KVCache.
 - `loss`: head_cross_entropy, the output head and cross-entropy fused, chunk by chunk.
-- `hf`: config.json <-> ModelConfig, tensor names, save_pretrained / load_pretrained, the
-  tokenizer files that travel with a member.
+- `hf`: config.json <-> ModelConfig, tensor names, save_pretrained / load_pretrained (and
+  check_pretrained: its checks from the headers alone), the tokenizer files that travel with a member.
 - `resolve`: resolve_config (a preset name, a config file, a dict or a model directory).
 
 Imports point one way: presets and llama import config (llama also loss); hf imports config and llama; resolve
@@ -16,6 +16,7 @@ grow/, train/, growfam.config or family/.
 from growfam.model.config import ModelConfig, flops_per_token, num_params
 from growfam.model.hf import (
     TOKENIZER_FILES,
+    check_pretrained,
     check_same_tokenizer,
     config_from_hf,
     config_to_hf,
@@ -52,6 +53,7 @@ __all__ = [
     "ModelConfig",
     "RMSNorm",
     "apply_rope",
+    "check_pretrained",
     "check_same_tokenizer",
     "config_from_hf",
     "config_to_hf",

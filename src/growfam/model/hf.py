@@ -306,53 +306,81 @@ def _shard_path(path: Path, shard: str) -> Path:
     return path / name
 
 
-def _read_tensors(file: Path, expected: set[str], device) -> dict[str, torch.Tensor]:
-    """The tensors of one safetensors file that a Llama has; ConfigError for an unreadable file,
-    a foreign tensor or a non-floating-point one."""
-    tensors = {}
+#: safetensors' dtype names -> torch's, for messages; floating-point ones start with F or BF.
+_FLOAT_PREFIXES = ("F", "BF")
+
+
+def _headers(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, safetensors dtype name) of one file's tensors, from its header alone;
+    ConfigError for an unreadable, cut or garbage file (safetensors checks that the header
+    covers the whole file)."""
     try:
-        with safe_open(str(file), framework="pt", device=str(device or "cpu")) as f:
-            for name in f.keys():
-                if name in expected:
-                    tensors[name] = f.get_tensor(name)
-                elif not name.endswith("rotary_emb.inv_freq"):
-                    raise ConfigError(f"{file.name}: unexpected tensor {name!r} for a Llama model")
+        with safe_open(str(file), framework="pt") as f:
+            return {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
     except (SafetensorError, OSError) as err:
         raise ConfigError(f"{file}: not a readable safetensors file ({err})") from None
-    for name, t in tensors.items():
-        if not t.dtype.is_floating_point:
-            raise ConfigError(f"{file.name}: {name} is {str(t.dtype).removeprefix('torch.')}; "
-                              "growfam reads floating-point weights")
-    return tensors
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Hugging Face tensor name -> shape of a model of `cfg` (a tied head has none of its own)."""
+    with torch.device("meta"):
+        model = Llama(cfg)
+    shapes = {_to_hf_name(name): tuple(t.shape) for name, t in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+def check_pretrained(path: str | Path) -> ModelConfig:
+    """The config of the Hugging Face Llama directory `path`, once everything load_pretrained
+    would refuse is ruled out from config.json and the safetensors headers alone (no weight is
+    read, so a whole family is checked in moments before any work): an unreadable, cut or
+    pickled weight file, a missing, foreign, mis-shaped or non-floating-point tensor. A
+    ConfigError naming the directory or file otherwise."""
+    path = Path(path)
+    cfg = read_hf_config(path)
+    expected, found = _expected_shapes(cfg), {}
+    for file in _safetensors_files(path):
+        for name, (shape, dtype) in _headers(file).items():
+            if name not in expected:
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                raise ConfigError(f"{file.name}: unexpected tensor {name!r} for a Llama model")
+            if not dtype.startswith(_FLOAT_PREFIXES):
+                raise ConfigError(f"{file.name}: {name} is {dtype}; growfam reads floating-point weights")
+            found[name] = shape
+    missing = sorted(expected.keys() - found.keys())
+    if missing:
+        raise ConfigError(f"{path}: missing tensors {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}")
+    for name, shape in found.items():
+        if shape != expected[name]:
+            raise ConfigError(f"{path}: {_from_hf_name(name)} has shape {shape}, config says {expected[name]}")
+    return cfg
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device=None) -> Llama:
-    """Read a Hugging Face Llama directory (ours or transformers') into a growfam Llama.
+    """Read a Hugging Face Llama directory (ours or transformers') into a growfam Llama, after
+    check_pretrained's checks.
 
     dtype: cast to it (default: keep the stored dtype); device: where the tensors land.
     """
     path = Path(path)
-    cfg = read_hf_config(path)
-    with torch.device("meta"):
-        model = Llama(cfg)
-    expected = {_to_hf_name(n) for n in model.state_dict()}
-    if cfg.tie_embeddings:
-        expected.discard("lm_head.weight")
+    cfg = check_pretrained(path)
+    expected = _expected_shapes(cfg)
     state = {}
     for file in _safetensors_files(path):
-        state.update(_read_tensors(file, expected, device))
+        try:
+            with safe_open(str(file), framework="pt", device=str(device or "cpu")) as f:
+                state.update({name: f.get_tensor(name) for name in f.keys() if name in expected})
+        except (SafetensorError, OSError) as err:
+            raise ConfigError(f"{file}: not a readable safetensors file ({err})") from None
     if dtype is None and state:  # one dtype for all (a model runs in one); the embedding's
         dtype = state.get("model.embed_tokens.weight", next(iter(state.values()))).dtype
     state = {_from_hf_name(name): t.to(dtype) for name, t in state.items()}
-    missing = sorted(expected - {_to_hf_name(n) for n in state})
-    if missing:
-        raise ConfigError(f"{path}: missing tensors {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}")
-    for name, t in state.items():
-        want = tuple(model.get_parameter(name).shape)
-        if tuple(t.shape) != want:
-            raise ConfigError(f"{path}: {name} has shape {tuple(t.shape)}, config says {want}")
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
+    with torch.device("meta"):
+        model = Llama(cfg)
     model.load_state_dict(state, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -7,10 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from growfam import outputs
 from growfam.errors import ConfigError
 from growfam.io import atomic_directory, check_output
 from growfam.report.figures import equal_flops_chart, figure2, training_curves
-from growfam.report.markdown import FIGURES, TITLE, figure_names, headline, render
+from growfam.report.markdown import FIGURES, figure_names, headline, render
 from growfam.report.source import FamilySource, load_families
 
 REPORT = "REPORT.md"
@@ -31,15 +32,6 @@ class Report:
         return self.folder / REPORT
 
 
-def is_report(path: str | Path) -> bool:
-    """True when `path` is a folder holding a REPORT.md that growfam wrote."""
-    report = Path(path) / REPORT
-    try:
-        return report.is_file() and report.read_text().startswith(TITLE)
-    except (OSError, UnicodeDecodeError):
-        return False
-
-
 def check_report(paths: list[str | Path], out: str | Path | None, force: bool) -> tuple[list[FamilySource], Path]:
     """The families and the output folder, checked before anything is drawn or written. out:
     default FAMILY_DIR/report for one family; several need one. The folder may not hold or lie
@@ -49,7 +41,8 @@ def check_report(paths: list[str | Path], out: str | Path | None, force: bool) -
         if len(sources) > 1:
             raise ConfigError("a report of several families needs --out DIR")
         out = sources[0].path / DEFAULT_FOLDER
-    check_output(out, force=force, sources=[p for s in sources for p in s.protected()], what="--out")
+    check_output(out, force=force, makes=outputs.REPORT, sources=[p for s in sources for p in s.protected()],
+                 what="--out")
     return sources, Path(out)
 
 

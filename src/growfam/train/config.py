@@ -129,7 +129,8 @@ class TrainConfig:
     compile: torch.compile the loss function.
     eval_every: validate every N steps (0: only at the end); eval_batches: micro-batches of
         validation windows per evaluation (as one process splits them: the same windows at
-        any number of ranks).
+        any number of ranks); 0: no validation at all (a dataset whose validation split holds
+        no window is refused otherwise).
     ckpt_every: checkpoint every N steps (0: only at the end); keep_last: checkpoints kept (0: all).
     log_every: log the mean training loss every N steps.
     spike_factor: a loss above spike_factor × the guard's baseline skips the update (None: only
@@ -189,14 +190,15 @@ class TrainConfig:
             self.parallel = ParallelConfig.from_dict(self.parallel)
         if self.model is not None:
             self.model = resolve_config(self.model)
-        for name, low in (("batch_size", 1), ("seq_len", 1), ("eval_batches", 1), ("log_every", 1),
+        for name, low in (("batch_size", 1), ("seq_len", 1), ("eval_batches", 0), ("log_every", 1),
                           ("spike_window", 1), ("seed", 0), ("eval_every", 0), ("ckpt_every", 0),
                           ("keep_last", 0), ("spike_patience", 0), ("max_rollbacks", 0)):
             setattr(self, name, as_int(getattr(self, name), name, low))
         for name in ("max_steps", "max_tokens", "micro_batch_size", "max_unique_tokens"):
             if getattr(self, name) is not None:
                 setattr(self, name, as_int(getattr(self, name), name, 1))
-        for name, low, high in (("max_lr", 0, None), ("warmup_frac", 0, 1), ("eps", 0, None),
+        self.max_lr = as_number(self.max_lr, "max_lr", above=0)  # 0 would train nothing, silently
+        for name, low, high in (("warmup_frac", 0, 1), ("eps", 0, None),
                                 ("weight_decay", 0, None), ("grad_clip", 0, None),
                                 ("spike_lr_factor", 0, 1)):
             setattr(self, name, _float(getattr(self, name), name, low, high))

@@ -225,13 +225,14 @@ def _loop(run: Run, checkpoints: Checkpoints) -> None:
 def validation_loss(cfg: TrainConfig, model: Llama, dataset) -> float | None:
     """The validation loss (nats per token) train(cfg) would report for `model` as it is: the
     same windows, micro-batches, device, autocast dtype and ranks. None when the validation split
-    holds no window. Every rank calls it under torchrun; the model is put back where it was.
-    A ConfigError, before any work, for a dataset whose vocabulary the model does not cover."""
+    holds no window or cfg.eval_batches is 0. Every rank calls it under torchrun; the model is
+    put back where it was. A ConfigError, before any work, for a dataset whose vocabulary the
+    model does not cover."""
     check_vocabulary(dataset, model.cfg)
     parallel = make_parallelism(cfg.device, cfg.parallel, cfg.dtype)
     schedule = Schedule.of(cfg, parallel.world)
     tokens = validation_tokens(dataset, cfg.seq_len)
-    if tokens is None:
+    if tokens is None or not cfg.eval_batches:
         return None
     where, training = next(model.parameters()).device, model.training
     model.to(parallel.device).eval()

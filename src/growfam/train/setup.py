@@ -49,6 +49,10 @@ def check_inputs(cfg: TrainConfig, model: Llama | None, dataset, resume: bool | 
             raise ConfigError("no data: set `data` in the train config to a prepared dataset directory")
         dataset = TokenDataset.open(cfg.data)
     check_vocabulary(dataset, cfg.model)
+    if cfg.eval_batches and validation_tokens(dataset, cfg.seq_len) is None:
+        raise ConfigError(f"the validation split holds {len(dataset.tokens('val')):,} tokens, not one window of "
+                          f"{cfg.seq_len + 1}: prepare the data with a larger val_fraction, or set eval_batches: 0 "
+                          "to train without validation")
     ckpt = latest_checkpoint(out_dir)
     if resume is True and ckpt is None:
         raise GrowfamError(f"nothing to resume: {out_dir} holds no checkpoint")
@@ -78,10 +82,7 @@ def build_run(cfg: TrainConfig, schedule: Schedule, parallel: Parallelism, model
         tokenizer = dataset.tokenizer()
     windows = PackedWindows(dataset.tokens("train"), cfg.seq_len, schedule.micro_batch, cfg.seed,
                             rank=parallel.rank, world_size=parallel.world, max_unique_tokens=cfg.max_unique_tokens)
-    val_tokens = validation_tokens(dataset, cfg.seq_len)
-    if val_tokens is None and parallel.is_main:
-        print(f"growfam train: the validation split holds no window of {cfg.seq_len + 1} tokens; "
-              "training without validation")
+    val_tokens = validation_tokens(dataset, cfg.seq_len) if cfg.eval_batches else None
     if parallel.from_main:
         model, optimizer = _from_main(cfg, parallel, model, optimizer, send=not resuming)
     else:
