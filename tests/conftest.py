@@ -1,3 +1,7 @@
+import contextlib
+import resource
+import signal
+
 import pytest
 import torch
 
@@ -43,3 +47,47 @@ def checksums(folder) -> dict[str, str]:
     root = Path(folder)
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """Every file this process writes stops at `limit` bytes (RLIMIT_FSIZE; SIGXFSZ ignored, so
+    the write fails with EFBIG "File too large"): a full disk for every writer, Python's, Rust's
+    (safetensors, tokenizers) and C++'s (torch.save) alike, without privileges."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+@contextlib.contextmanager
+def read_only(folder):
+    """`folder` read-only for this process while the block runs: a read-only bind mount when
+    running as root (root ignores permission bits), else its write permission removed; a skip
+    where neither is possible."""
+    import os
+    import stat
+    import subprocess
+
+    folder = str(folder)
+    if os.geteuid() != 0:
+        mode = stat.S_IMODE(os.stat(folder).st_mode)
+        os.chmod(folder, mode & ~0o222)
+        try:
+            yield
+        finally:
+            os.chmod(folder, mode)
+        return
+    mounted = subprocess.run(["mount", "--bind", folder, folder], capture_output=True).returncode == 0
+    if not mounted or subprocess.run(["mount", "-o", "remount,bind,ro", folder], capture_output=True).returncode:
+        if mounted:
+            subprocess.run(["umount", folder], check=True)
+        pytest.skip("cannot make a read-only folder here (root without mount)")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", folder], check=True)

@@ -79,8 +79,11 @@ class SpeculateOptions:
 def speculative_pairs(target: Target, pairs: str = "adjacent") -> list[tuple[Member, Member]]:
     """(draft, target) members: for each target size, each smaller draft size (the next
     smaller one only with pairs="adjacent"), in the COMBINATIONS of modes whose two members
-    are both finished. Sizes are ordered as the family's plan lists them."""
-    stages = [s["name"] for s in target.ledger.get("plan", {}).get("stages", []) if isinstance(s, dict)]
+    are both finished. Sizes are ordered as the family's plan lists them (as the ledger lists the
+    members when the plan names none)."""
+    plan = target.ledger.get("plan", {}).get("stages", [])
+    stages = [s["name"] for s in plan if isinstance(s, dict) and isinstance(s.get("name"), str)] \
+        or list(dict.fromkeys(m.name for m in target.members))
     found = {(m.mode, m.name): m for m in target.members}
     out = []
     for j, large in enumerate(stages):

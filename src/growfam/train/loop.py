@@ -156,10 +156,15 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
         if ckpt is not None:
             run.log.log("resume", run.state.step, checkpoint=str(ckpt))
         try:
-            _loop(run, checkpoints)
-        finally:
-            progress.close()  # first: an error's line must not land on the bar's
-        final = checkpoints.save(run, finished=True)
+            try:
+                _loop(run, checkpoints)
+            finally:
+                progress.close()  # first: an error's line must not land on the bar's
+            final = checkpoints.save(run, finished=True)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                run.log.close()  # no file of the run stays open (a caller may go on, or unmount)
+            raise
         run.log.close()
         return _result(run, final)
 

@@ -123,14 +123,16 @@ class MetricsLogger:
             raise GrowfamError(f"cannot write {path}: {err.strerror or err}") from None
 
     def close(self) -> None:
-        if self._file is not None:
+        """Close every sink (again: nothing happens)."""
+        file, tb, run, self._file, self._tb, self._wandb = self._file, self._tb, self._wandb, None, None, None
+        if file is not None:
             with self._writing(self.path):
-                self._file.close()
-        if self._tb is not None:
+                file.close()
+        if tb is not None:
             with self._writing(self._tb_dir):
-                self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+                tb.close()
+        if run is not None:
+            run.finish()
 
 
 def _drop_partial_line(path: Path) -> None:
