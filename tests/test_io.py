@@ -68,3 +68,35 @@ def test_a_failed_final_rename_puts_the_old_directory_back(tmp_path, monkeypatch
     monkeypatch.undo()
     assert (tmp_path / "out" / "a").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_the_output_markers_are_the_names_their_owners_write():
+    from growfam import outputs
+    from growfam.family.ledger import LEDGER
+    from growfam.report.markdown import TITLE
+    from growfam.report.run import REPORT
+    from growfam.train.checkpoint import STATE_FILE, checkpoint_root
+
+    assert outputs.LEDGER_FILE == LEDGER and (outputs.REPORT_FILE, outputs.REPORT_TITLE) == (REPORT, TITLE)
+    assert outputs.TRAINER_STATE_FILE == STATE_FILE and checkpoint_root("x").name == outputs.CHECKPOINTS_DIR
+
+
+def test_kind_of_tells_what_growfam_made_from_what_it_did_not(tmp_path):
+    from growfam.outputs import CHECKPOINT, DATASET, FAMILY, FILE, LINK, MODEL, REPORT, RUN, kind_of
+
+    layout = {"fam/family.json": "{}", "fam/progressive/m1/config.json": "{}",
+              "fam/progressive/m1/model.safetensors": "", "model/config.json": "{}",
+              "model/model.safetensors": "", "run/metrics.jsonl": "", "run/checkpoints/step_1/trainer_state.json": "{}",
+              "ds/index.json": "{}", "report/REPORT.md": "# growfam report: x", "notes/a.txt": "mine",
+              "fake-report/REPORT.md": "# my report", "file.txt": "mine"}
+    for name, text in layout.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    (tmp_path / "link").symlink_to(tmp_path / "model")
+    assert {name: kind_of(tmp_path / name) for name in (
+        "fam", "model", "run", "run/checkpoints/step_1", "ds", "report", "notes", "fake-report", "file.txt", "link",
+        "nothing")} == {"fam": FAMILY, "model": MODEL, "run": RUN, "run/checkpoints/step_1": CHECKPOINT,
+                        "ds": DATASET, "report": REPORT, "notes": None, "fake-report": None, "file.txt": FILE,
+                        "link": LINK, "nothing": None}
+    for inside in ("fam/progressive", "fam/progressive/m1"):
+        assert kind_of(tmp_path / inside) == f"part of the family directory {(tmp_path / 'fam').resolve()}"
