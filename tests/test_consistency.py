@@ -1,4 +1,4 @@
-"""KL, total variation and expected acceptance between members (DESIGN.md §5), in float64."""
+"""KL, total variation and expected acceptance between members (docs/concepts.md), in float64."""
 
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ from growfam.grow import expand
 
 def brute_force(logits_p, logits_q):
     """KL(P‖Q), KL(Q‖P), TV per position from whole float64 probability arrays (no chunks, no
-    log-softmax): the definitions of DESIGN.md §5 written out."""
+    log-softmax): the definitions of docs/concepts.md written out."""
     def probs(logits):
         e = np.exp(logits.double().numpy() - logits.double().numpy().max(-1, keepdims=True))
         return e / e.sum(-1, keepdims=True)

@@ -240,7 +240,7 @@ def test_bad_input_is_one_line_and_writes_nothing(family, tmp_path, capsys):
 
 
 def test_report_force_never_replaces_another_familys_members_runs_or_data(family, tmp_path, capsys):
-    """The damage of issue 20: `report FAMILY --out OTHER/progressive --force` deleted the other
+    """Once, `report FAMILY --out OTHER/progressive --force` deleted the other
     family's members. --force replaces a report only; every other file is as it was."""
     other = tmp_path / "other"
     shutil.copytree(family, other)

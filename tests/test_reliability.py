@@ -1,4 +1,4 @@
-"""Hardening, round 2 (issue 20), as a hostile user tries it: `--force` that may not destroy,
+"""Hardening, as a hostile user tries it: `--force` that may not destroy,
 two writers on one folder, a full disk at every writer, a read-only family, inputs checked
 before any model is loaded, inputs that used to be silently accepted, and what a killed run
 leaves. Every refusal is one line on stderr, exit status 2, no traceback, and the files a user

@@ -1,4 +1,4 @@
-"""`growfam speculate`: Table 5 over a family's pairs and modes (DESIGN.md §5)."""
+"""`growfam speculate`: Table 5 over a family's pairs and modes (docs/concepts.md)."""
 
 import math
 import shutil
@@ -108,7 +108,7 @@ def test_sampled_acceptance_agrees_with_sum_of_min():
     e = expected_acceptance(draft, target, torch.tensor(sequences), 3, 1.5)
     se = math.sqrt(a * (1 - a) / verified + e * (1 - e) / (len(prompts) * 30))
     assert 0.2 < e < 0.8 and abs(a - e) < 4 * se, (a, e, se)
-    # what DESIGN.md §5 calls the acceptance rate, accepted / drafted, is lower: it also counts
+    # what docs/concepts.md calls the acceptance rate, accepted / drafted, is lower: it also counts
     # the tokens after a round's rejection that were never checked
 
 

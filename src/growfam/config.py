@@ -119,7 +119,7 @@ class GrowthConfig(_Section):
     width / depth: growth operator names (growfam.grow registry). optimizer: "transfer" (AdamW
     moments follow the index maps) or "reset". schedule: "budget" grows after the stage's Eq. 4
     budget; "converged" grows once |slope| of the validation loss, fitted over the last
-    `window` evaluations, falls below `slope` per step (seed 003 §3.2 uses 3e-6), and later
+    `window` evaluations, falls below `slope` per step (Wang et al., "When and How to Grow?", ACML 2024, use 3e-6), and later
     stages take up the tokens left unspent so cumulative FLOPs still equal from-scratch cost.
     probe_tokens: validation tokens on which the growth report measures what expansion changed.
     mask_steps: ramp length of the `masked` width operator, capped at the stage's steps so the

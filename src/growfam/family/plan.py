@@ -2,7 +2,7 @@
 
 A `FamilyConfig` (growfam.config, loaded from a family YAML) says which members to build and by
 which rules; `make_plan(family)` turns it into a `FamilyPlan` with, for every stage, both ways of building the
-family (DESIGN.md section 2):
+family (docs/concepts.md):
 
 - Independent: member i trains from scratch on D(N_i) tokens (Chinchilla: D = r·20·N).
 - Progressive (Eq. 3-4): member i starts from the expanded member i-1 and trains on

@@ -1,4 +1,4 @@
-"""Growth operators: expand a trained Llama in width and depth (DESIGN.md §4).
+"""Growth operators: expand a trained Llama in width and depth (docs/concepts.md lists them).
 
     grown, optimizer, report = expand(model, "paper-2b", width="aki", depth="stack",
                                       optimizer=adamw, probe=tokens)

@@ -1,4 +1,5 @@
-"""Growth masks of the `masked` width operator (MSG / PDG, seed 003 §3.3), as forward hooks.
+"""Growth masks of the `masked` width operator (MSG, arXiv 2305.02869; PDG of Wang et al., "When
+and How to Grow?", ACML 2024), as forward hooks.
 
 New residual dimensions, query heads and FFN units are gated by masks that start at 0 (the
 grown model computes exactly what the source did) and ramp to 1 over `steps` optimizer steps.

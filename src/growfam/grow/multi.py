@@ -1,4 +1,5 @@
-"""Growth from several sources (seed 004): combine them into one model, then `expand` it.
+"""Growth from several sources (model growth from several smaller models): combine them into
+one model, then `expand` it.
 
 Which source fills what:
 - combine="depth" (sources of equal width, any depths): the combined model has all their

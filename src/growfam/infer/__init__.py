@@ -1,5 +1,5 @@
 """Inference: sampling, KV-cached decoding and speculative decoding with a family member as the
-draft (paper §5, Table 5; DESIGN.md §5; Leviathan et al. 2023).
+draft (paper §5, Table 5; Leviathan et al., arXiv 2211.17192; docs/concepts.md).
 
 - `sampling`: next-token probabilities under temperature / top-p (one-hot at temperature 0,
   so greedy decoding is the same maths as sampling) and drawing from them on the device

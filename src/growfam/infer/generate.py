@@ -1,4 +1,4 @@
-"""KV-cached decoding and speculative decoding (Leviathan et al. 2023; DESIGN.md §5). Batch 1.
+"""KV-cached decoding and speculative decoding (Leviathan et al. 2023, arXiv 2211.17192). Batch 1.
 
 Both keep the sequence's context within the models' max_seq_len: the prompt must leave room
 for at least one token, and decoding stops at the end of the context.

@@ -7,7 +7,7 @@ N prompts cut from the family's validation split, against target-only decoding w
 cache code. Per row:
 
 - acceptance = accepted / drafted (every drafted token counts, also those after a rejection
-  that were never checked; DESIGN.md §5's rate) and alpha = accepted / verified (verified:
+  that were never checked: the rate docs/concepts.md defines) and alpha = accepted / verified (verified:
   the drafted tokens checked, up to and including the first rejection of a round). alpha is
   the per-token acceptance of Leviathan et al.: its expectation is Σ_v min(p, q) over the
   contexts the target decodes, so it estimates `expected_acceptance`;

@@ -219,8 +219,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
     unless head_dim is set apart).
 
     N_matmul is the non-embedding count plus the output head (V·d), because the head is a
-    real matmul while the embedding is a lookup (the torchtitan / PaLM convention; DESIGN.md
-    writes 6·N_nonemb, which undercounts the head by 6·V·d). T defaults to max_seq_len.
+    real matmul while the embedding is a lookup (the torchtitan / PaLM convention; 6·N_nonemb
+    alone would undercount the head by 6·V·d). T defaults to max_seq_len.
     """
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
     n_matmul = num_params(cfg, "nonembedding") + cfg.vocab_size * cfg.d_model
