@@ -23,8 +23,8 @@ from typing import Any, ClassVar, Literal, Sequence
 from growfam.checks import as_choice, as_int, as_mapping, as_number, check_keys, per_stage
 from growfam.data import DEFAULT_TOKENIZER, DEFAULT_VAL_FRACTION
 from growfam.errors import ConfigError
-from growfam.grow import OPTIMIZER_MODES
-from growfam.grow.growth import DEFAULT_DEPTH, DEFAULT_WIDTH, carry_over
+from growfam.grow import DEPTH_OPS, OPTIMIZER_MODES, WIDTH_OPS
+from growfam.grow.growth import DEFAULT_DEPTH, DEFAULT_WIDTH, carry_over, lookup
 from growfam.io import read_yaml
 from growfam.model import PRESETS, ModelConfig, num_params, read_hf_config, resolve_config
 from growfam.report.numbers import si
@@ -117,8 +117,8 @@ class GrowthConfig(_Section):
     """The `growth:` section: how each member grows into the next.
 
     width / depth: growth operator names (growfam.grow registry). optimizer: "transfer" (AdamW
-    moments follow the index maps) or "reset". schedule: "budget" grows after the stage's Eq. 4
-    budget; "converged" grows once |slope| of the validation loss, fitted over the last
+    moments follow the index maps) or "reset". schedule: "budget" grows after the stage's
+    progressive budget (docs/concepts.md); "converged" grows once |slope| of the validation loss, fitted over the last
     `window` evaluations, falls below `slope` per step (Wang et al., "When and How to Grow?", ACML 2024, use 3e-6), and later
     stages take up the tokens left unspent so cumulative FLOPs still equal from-scratch cost.
     probe_tokens: validation tokens on which the growth report measures what expansion changed.
@@ -144,6 +144,11 @@ class GrowthConfig(_Section):
                 setattr(self, key, as_int(getattr(self, key), f"growth.{key}"))
         as_choice(self.optimizer, OPTIMIZER_MODES, "growth.optimizer")
         as_choice(self.schedule, ("budget", "converged"), "growth.schedule")
+        try:  # known names now: `growfam plan` refuses `width: foo` as `family run` does
+            lookup(WIDTH_OPS, "width", self.width)
+            lookup(DEPTH_OPS, "depth", self.depth)
+        except ConfigError as err:
+            raise ConfigError(f"growth: {err}") from None
         if self.window < 2:
             raise ConfigError("growth.window must be at least 2 evaluations")
 
