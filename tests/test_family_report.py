@@ -13,7 +13,7 @@ from growfam.cli import main
 from growfam.family import run_family
 from growfam.report.curves import run_points
 from growfam.report.equal_flops import first_crossing
-from growfam.report.numbers import sci
+from growfam.text import sci
 from growfam.report.run import write_report
 from growfam.report.source import load_family
 from test_family import TEXT, dataset, spec  # noqa: F401  (dataset: the module fixture)

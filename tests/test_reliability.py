@@ -59,10 +59,10 @@ def no_model_is_loaded(monkeypatch) -> None:
 
     import growfam.eval.harness
     import growfam.eval.run
-    import growfam.eval.target
+    import growfam.family.members
     import growfam.infer.run
 
-    for module, name in ((growfam.eval.run, "load_pretrained"), (growfam.eval.target, "load_pretrained"),
+    for module, name in ((growfam.eval.run, "load_pretrained"), (growfam.family.members, "load_pretrained"),
                          (growfam.eval.harness, "load_hf_model"), (growfam.infer.run, "load_pretrained")):
         monkeypatch.setattr(module, name, forbidden)
 

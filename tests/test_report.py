@@ -1,5 +1,5 @@
-from growfam.report.numbers import hours, loss, sci, short, si
-from growfam.report.tables import format_comparison, text_table
+from growfam.report.tables import format_comparison
+from growfam.text import hours, loss, sci, short, si, text_table
 
 
 def test_numbers_are_formatted_one_way():

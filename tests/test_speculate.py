@@ -10,8 +10,7 @@ import torch
 
 from conftest import random_model, tiny_config
 from growfam.cli import main
-from growfam.eval import resolve_target
-from growfam.eval.target import Member, Target
+from growfam.family.members import Member, Target, resolve_target
 from growfam.family import read_ledger, run_family
 from growfam.infer import generate, speculative_generate
 from growfam.infer.speculate import (SpeculateOptions, expected_acceptance, family_speculative, format_speculative,

@@ -8,7 +8,7 @@ seq_len, lr: LRPolicy); each later pipeline step owns one typed section: `growth
 `make_plan` (family.plan) turns a FamilyConfig into per-stage budgets. Training defaults (peak
 LR, LR floor) are written once, next to TrainConfig.
 
-config.py may import errors, checks, io, model, data, grow, train.config and report.numbers;
+config.py may import errors, checks, io, text, model, data, grow and train.config;
 family/, report/ and the CLI import it. growfam/train never does (train.config is below it).
 """
 
@@ -27,7 +27,7 @@ from growfam.grow import DEPTH_OPS, OPTIMIZER_MODES, WIDTH_OPS
 from growfam.grow.growth import DEFAULT_DEPTH, DEFAULT_WIDTH, carry_over, lookup
 from growfam.io import read_yaml
 from growfam.model import PRESETS, ModelConfig, num_params, read_hf_config, resolve_config
-from growfam.report.numbers import si
+from growfam.text import si
 from growfam.train.config import DEFAULT_MAX_LR, DEFAULT_MIN_LR_RATIO, ParallelConfig, TrainConfig, check_seq_len
 
 Count = Literal["nonembedding", "total", "nominal"]

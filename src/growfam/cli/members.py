@@ -40,7 +40,8 @@ def _add_eval(sub) -> None:
 def _run_eval(args) -> int:
     import json
 
-    from growfam.eval import EvalOptions, default_ppl, evaluate_target, resolve_target
+    from growfam.eval import EvalOptions, default_ppl, evaluate_target
+    from growfam.family.members import resolve_target
     from growfam.eval.harness import task_names
     from growfam.eval.tables import format_eval
     from growfam.io import atomic_write_text, check_output
@@ -96,7 +97,7 @@ def _run_consistency(args) -> int:
 def _family(path: str):
     """The family directory `path` as an eval Target; GrowfamError for a member directory or
     anything else without family.json."""
-    from growfam.eval import resolve_target
+    from growfam.family.members import resolve_target
 
     if not os.path.isfile(os.path.join(path, "family.json")):
         raise GrowfamError(f"{path}: not a family directory (no family.json)")

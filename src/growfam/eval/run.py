@@ -18,10 +18,10 @@ import torch
 
 from growfam import __version__
 from growfam.errors import GrowfamError
-from growfam.eval.target import LoadedMembers, Member, Target, resolve_target
+from growfam.family.members import LoadedMembers, Member, Target, resolve_target
 from growfam.family.ledger import MODES, read_ledger, write_ledger
 from growfam.model import load_pretrained
-from growfam.report.numbers import loss
+from growfam.text import loss
 
 #: Perplexity sources that are not files.
 VAL, WIKI = "val", "wiki"
@@ -71,7 +71,7 @@ def check_options(opts: EvalOptions) -> None:
     is refused before any model is loaded)."""
     from growfam.data import local_source
     from growfam.eval.tasks import prepare_tasks
-    from growfam.train import check_device
+    from growfam.device import check_device
 
     check_device(opts.device)
     for source in opts.ppl:
@@ -120,7 +120,7 @@ def evaluate_member(member: Member, target: Target, opts: EvalOptions, val_strea
     member, when `val` is one of opts.ppl."""
     from growfam.data import load_tokenizer
     from growfam.eval.perplexity import file_stream, score_stream
-    from growfam.train.parallel import resolve_device
+    from growfam.device import resolve_device
 
     device = resolve_device(opts.device, 1)
     record: dict = {"growfam": __version__, "perplexity": {}, "tasks": {}}
@@ -205,8 +205,8 @@ def family_consistency(target: Target, pairs: str = "adjacent", windows: int = 6
     validation windows; recorded as the ledger's `consistency` section and returned."""
     from growfam.data import num_windows
     from growfam.eval.consistency import divergence
-    from growfam.train import check_device
-    from growfam.train.parallel import resolve_device
+    from growfam.device import check_device
+    from growfam.device import resolve_device
 
     if target.family_dir is None:
         raise GrowfamError(f"{target.members[0].path}: consistency needs a family directory (family.json)")

@@ -4,8 +4,7 @@ KL with the Progressive / Independent ratio (Table 4)."""
 
 from __future__ import annotations
 
-from growfam.report.numbers import loss
-from growfam.report.tables import text_table
+from growfam.text import loss, text_table
 
 #: (row label, source, key, kind) of the perplexity rows; kind "ppl" shows three significant
 #: digits, "frac" (bits per byte, accuracies) four decimals. Rows no member has are left out.

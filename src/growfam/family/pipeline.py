@@ -48,7 +48,7 @@ from growfam.family.ledger import MODES, _check_same_run, read_ledger, write_led
 from growfam.family.plan import FamilyPlan, make_plan
 from growfam.io import atomic_directory, atomic_write_text, check_folder, read_json, remove_stale_temporaries
 from growfam.model import copy_tokenizer_files, load_pretrained, resolve_config
-from growfam.report.numbers import loss
+from growfam.text import loss
 from growfam.train import Schedule, TrainConfig, TrainResult, make_optimizer, train, validation_loss
 from growfam.train.checkpoint import latest_checkpoint, load_checkpoint
 from growfam.lock import folder_lock

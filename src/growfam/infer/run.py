@@ -45,7 +45,7 @@ class DecodeOptions:
     dtype: str = "float32"
 
     def check(self) -> "DecodeOptions":
-        from growfam.train import check_device
+        from growfam.device import check_device
 
         self.max_new_tokens = as_int(self.max_new_tokens, "--max-new-tokens", at_least=1)
         self.temperature, self.top_p = check_sampling(self.temperature, self.top_p, ("--temperature", "--top-p"))
@@ -102,7 +102,7 @@ def decode_prompts(target_dir: str | Path, draft_dir: str | Path | None, tokeniz
     a blank line between prompts; with a draft, each prompt's counts through report.
 
     tokenizer: the target's (anything with encode, decode, vocab_size, eos_id)."""
-    from growfam.train.parallel import resolve_device
+    from growfam.device import resolve_device
 
     opts.check()
     context = check_members(target_dir, draft_dir, tokenizer.vocab_size)

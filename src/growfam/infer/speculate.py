@@ -31,7 +31,7 @@ from growfam import __version__
 from growfam.checks import as_int, as_number
 from growfam.errors import ConfigError, GrowfamError
 from growfam.eval.consistency import chunk_divergence
-from growfam.eval.target import LoadedMembers, Member, Target
+from growfam.family.members import LoadedMembers, Member, Target
 from growfam.family.ledger import read_ledger, write_ledger
 from growfam.infer.generate import Generation, generate, speculative_generate
 
@@ -59,7 +59,7 @@ class SpeculateOptions:
     device: str = "auto"
 
     def check(self) -> "SpeculateOptions":
-        from growfam.train import check_device
+        from growfam.device import check_device
 
         if self.pairs not in ("adjacent", "all"):
             raise ConfigError(f"--pairs must be adjacent or all, got {self.pairs!r}")
@@ -149,7 +149,7 @@ def check_speculate(target: Target, opts: SpeculateOptions) -> tuple[list[tuple[
 def family_speculative(target: Target, opts: SpeculateOptions) -> dict:
     """Decode every pair of check_speculate at every temperature; the ledger's `speculative`
     section, also written to family.json and returned."""
-    from growfam.train.parallel import resolve_device
+    from growfam.device import resolve_device
 
     pairs, prompts = check_speculate(target, opts)
     device = resolve_device(opts.device, 1)
@@ -210,8 +210,7 @@ def _short(mode: str) -> str:
 def format_speculative(section: dict) -> str:
     """The `speculative` section as Table 5: per temperature, per (draft -> target) sizes, a
     line per combination of modes."""
-    from growfam.report.numbers import loss
-    from growfam.report.tables import text_table
+    from growfam.text import loss, text_table
 
     blocks = []
     for temperature in dict.fromkeys(r["temperature"] for r in section["rows"]):

@@ -1,6 +1,5 @@
 """What growfam shows people: tables, and the family report with its figures.
 
-- `numbers`: the one set of number formatters (si, sci, short, loss, hours).
 - `tables`: every text table a command prints — the plan (`format_plan`), its memory per GPU
   (`format_memory`), the built family, Progressive vs Independent (`format_comparison`) — and
   their rows (`plan_rows`, `comparison_rows`, `speculative_rows`) for the report's Markdown.
@@ -13,8 +12,7 @@
 - `markdown`: REPORT.md's sections, and the headline lines.
 - `run`: `growfam report` as a function (write_report).
 
-report/ may import errors, checks, io, model, config, family/, train.metrics (reading
-metrics.jsonl), train.memory and eval.tables (the rows of Tables 1/2 and 4); config, family/
-and eval/ import only `report.numbers` and `report.tables`. So this file imports no
+report/ is the top stage: it may import every package below it (the numbers and the text
+table come from growfam.text), and nothing but cli/ imports it. This file imports no
 submodule: `from growfam.report.run import …`.
 """

@@ -21,7 +21,7 @@ from matplotlib.ticker import FuncFormatter
 
 from growfam.report.curves import MemberCurve
 from growfam.report.equal_flops import EqualLoss
-from growfam.report.numbers import si
+from growfam.text import si
 
 DPI = 110
 _STYLE = {"progressive": dict(linestyle="-", marker="o"), "independent": dict(linestyle="--", marker="s")}

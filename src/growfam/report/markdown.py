@@ -14,7 +14,7 @@ from growfam.checks import as_mapping
 from growfam.errors import ConfigError
 from growfam.eval.tables import consistency_note, consistency_rows, eval_note, eval_rows
 from growfam.family.ledger import LEDGER
-from growfam.report.numbers import loss, sci
+from growfam.text import loss, sci
 from growfam.report.source import FamilySource
 from growfam.report.tables import comparison_rows, family_flops, plan_rows, speculative_rows
 

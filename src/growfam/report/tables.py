@@ -1,6 +1,6 @@
-"""Every text table a command prints: the plan (`format_plan`), its memory per GPU
-(`format_memory`) and the built family (`format_comparison`), aligned by one function
-(`text_table`)."""
+"""Every text table a command prints about a plan or a built family: the plan (`format_plan`),
+its memory per GPU (`format_memory`) and the built family (`format_comparison`), aligned by
+growfam.text's `text_table`."""
 
 from __future__ import annotations
 
@@ -10,32 +10,11 @@ from growfam.config import CHINCHILLA_TOKENS_PER_PARAM, FamilyConfig
 from growfam.family.plan import FamilyPlan, GpuHours
 from growfam.model import num_params
 from growfam.train.memory import fsdp_memory
-from growfam.report.numbers import hours, loss, sci, short, si
+from growfam.text import hours, loss, sci, short, si, text_table
 
 # --------------------------------------------------------------------------------------------
 # The plan's table
 # --------------------------------------------------------------------------------------------
-
-
-def text_table(rows: list[list[str]], groups: Sequence[tuple[int, int, str]] = ()) -> list[str]:
-    """Rows as text columns, right-aligned to the widest cell except the first (names).
-
-    groups: (first column, last column, label) spans labelled on a line above the rows.
-    """
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    for first, last, label in groups:  # widen a group's last column until its label fits
-        widths[last] += max(0, len(label) + 2 - (sum(widths[first:last + 1]) + 2 * (last - first)))
-    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
-                       for c, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
-    if groups:
-        starts = [sum(widths[:c]) + 2 * c for c in range(len(widths))]
-        above = [" "] * len(lines[0])
-        for first, last, label in groups:
-            span = starts[last] + widths[last] - starts[first]
-            text = f" {label} ".center(span, "-")
-            above[starts[first]:starts[first] + span] = text
-        lines.insert(0, "".join(above).rstrip())
-    return lines
 
 
 def plan_rows(stages: Sequence[dict], totals: dict, gpu: GpuHours | None = None) -> tuple[list[list[str]], list]:

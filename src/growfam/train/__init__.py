@@ -3,7 +3,7 @@
 - `config`: TrainConfig (validated, YAML/dict in and out; tokens_per_step, total_steps) and
   its `parallel:` section (ParallelConfig), the
   training defaults written once (DEFAULT_MAX_LR, DEFAULT_MIN_LR_RATIO), steps_for,
-  check_seq_len, check_device, RESUME_FREE_KEYS and check_resumable (what a resumed run may
+  check_seq_len, RESUME_FREE_KEYS and check_resumable (what a resumed run may
   change).
 - `optim`: the LR schedule (lr_at, lr_bounds), AdamW's param groups, make_optimizer,
   apply_hyperparameters, check_optimizer.
@@ -47,7 +47,6 @@ from growfam.train.config import (
     RESUME_FREE_KEYS,
     ParallelConfig,
     TrainConfig,
-    check_device,
     check_resumable,
     check_seq_len,
     steps_for,
@@ -90,7 +89,6 @@ __all__ = [
     "TrainResult",
     "Validation",
     "apply_hyperparameters",
-    "check_device",
     "check_optimizer",
     "check_resumable",
     "check_seq_len",

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from growfam.checks import as_choice, as_int, as_mapping, as_number, check_keys
+from growfam.device import check_device
 from growfam.errors import ConfigError
 from growfam.io import read_yaml
 from growfam.model import ModelConfig, resolve_config
@@ -273,24 +274,6 @@ def check_seq_len(seq_len: int, model: ModelConfig, who: str = "the model") -> N
     `who` names the model in the message."""
     if seq_len > model.max_seq_len:
         raise ConfigError(f"seq_len {seq_len} exceeds {who}'s max_seq_len {model.max_seq_len}")
-
-
-def check_device(spec: Any) -> None:
-    """ConfigError unless `spec` is "auto" or a device this machine has (cpu, cuda[:N], mps)."""
-    if spec == "auto":
-        return
-    try:
-        device = torch.device(spec) if isinstance(spec, str) else None
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {spec!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {spec!r}: CUDA is not available on this machine; use cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {spec!r}: MPS is not available on this machine; use cpu or auto")
 
 
 #: Config keys that may change between a checkpoint and its resumption: they steer logging,

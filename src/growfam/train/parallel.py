@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
+from growfam.device import resolve_device
 from growfam.errors import ConfigError, GrowfamError, TrainingDiverged
 from growfam.io import os_error_of
 from growfam.train.config import ParallelConfig
@@ -384,16 +385,6 @@ class FSDP(AllReduce):
         """The whole model's state dict on the CPU on rank 0 (None on the others); collective."""
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if self.is_main else None
-
-
-def resolve_device(spec: str, world: int = 1) -> torch.device:
-    """The device a config's spec names; "auto" is cuda (cuda:LOCAL_RANK under torchrun) when
-    there is one, else the CPU."""
-    if spec != "auto":
-        return torch.device(spec)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if world > 1 else 0)
-    return torch.device("cpu")
 
 
 def make_parallelism(device: str, options: ParallelConfig | None = None, dtype: str = "auto") -> Parallelism:

@@ -1,6 +1,7 @@
-"""What `growfam eval` and `growfam consistency` evaluate: a family directory (every finished
-member of every mode) or one member directory (any Hugging Face Llama directory; one inside a
-family directory, FAMILY/<mode>/<member>, is evaluated as that family's member).
+"""A family's members as the commands that use them see them (eval, consistency, speculate): a
+family directory (every finished member of every mode) or one member directory (any Hugging
+Face Llama directory; one inside a family directory, FAMILY/<mode>/<member>, is that family's
+member), and LoadedMembers, the models loaded a pair at a time.
 
 Everything is checked here, before any model is loaded: every member is a model directory
 whose weight files' headers hold the tensors its config needs (a cut or corrupt file is
