@@ -72,7 +72,7 @@ def test_a_failed_final_rename_puts_the_old_directory_back(tmp_path, monkeypatch
 
 def test_the_output_markers_are_the_names_their_owners_write():
     from growfam import outputs
-    from growfam.family.ledger import LEDGER
+    from growfam.family.directory import LEDGER
     from growfam.report.markdown import TITLE
     from growfam.report.run import REPORT
     from growfam.train.checkpoint import STATE_FILE, checkpoint_root

@@ -97,10 +97,11 @@ def _run_consistency(args) -> int:
 def _family(path: str):
     """The family directory `path` as an eval Target; GrowfamError for a member directory or
     anything else without family.json."""
+    from growfam.family import LEDGER, FamilyDirectory
     from growfam.family.members import resolve_target
 
-    if not os.path.isfile(os.path.join(path, "family.json")):
-        raise GrowfamError(f"{path}: not a family directory (no family.json)")
+    if not FamilyDirectory(path).ledger.is_file():
+        raise GrowfamError(f"{path}: not a family directory (no {LEDGER})")
     return resolve_target(path)
 
 

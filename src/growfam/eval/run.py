@@ -19,7 +19,8 @@ import torch
 from growfam import __version__
 from growfam.errors import GrowfamError
 from growfam.family.members import LoadedMembers, Member, Target, resolve_target
-from growfam.family.ledger import MODES, read_ledger, write_ledger
+from growfam.family.directory import MODES, FamilyDirectory
+from growfam.family.ledger import read_ledger, write_ledger
 from growfam.model import load_pretrained
 from growfam.text import loss
 
@@ -289,14 +290,15 @@ class FamilyEval:
         todo = replace(self.opts, tasks=[t for t in self.opts.tasks if t not in record.get("tasks", {})],
                        ppl=[s for s in self.opts.ppl if source_key(s) not in record.get("perplexity", {})])
         if todo.tasks or todo.ppl:
-            evaluate_target(resolve_target(self.family_dir / mode / entry["name"]), todo)
+            evaluate_target(resolve_target(FamilyDirectory(self.family_dir).member(mode, entry["name"])), todo)
 
     def finish(self) -> tuple[list[dict], dict | None]:
         """(every finished member's row as evaluate_target returns them, the consistency section,
         None for a family without a pair). Consistency is measured again when a member was
         trained in this run, or the ledger has none or one made with other pairs / windows."""
         target = resolve_target(self.family_dir)
-        members = [{"name": e["name"], "mode": mode, "dir": str(self.family_dir / mode / e["name"]), "eval": e["eval"]}
+        members = [{"name": e["name"], "mode": mode, "dir": str(FamilyDirectory(self.family_dir).member(mode, e["name"])),
+                    "eval": e["eval"]}
                    for mode in MODES for e in target.ledger["modes"].get(mode, [])
                    if e.get("done") and isinstance(e.get("eval"), dict)]
         if all(sum(m.mode == mode for m in target.members) < 2 for mode in MODES):

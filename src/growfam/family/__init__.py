@@ -3,9 +3,13 @@
 The family YAML itself is read by growfam.config (FamilyConfig, load_family_config); this
 package turns a FamilyConfig into budgets and members.
 
+- `directory`: the family directory's layout (FamilyDirectory; LEDGER, MODES, GROWTH_REPORT):
+  the only module that names its files and folders.
 - `plan`: make_plan -> FamilyPlan / StagePlan: token budgets (Eq. 3-4), steps, FLOPs, peak LRs,
   GpuHours.
-- `ledger`: family.json (LEDGER, MODES): read_ledger, write_ledger, check_ledger.
+- `ledger`: family.json: read_ledger, write_ledger, check_ledger.
+- `members`: the members as the commands that use them see them (resolve_target -> Target,
+  Member; LoadedMembers).
 - `pipeline`: stage_train_config, ConvergenceStop, check_family, run_family, dataset_dir,
   ensure_dataset.
 
@@ -14,9 +18,9 @@ io, config, model, data, grow, train and report.numbers (its tables live in repo
 which imports family/); nothing else imports family/ but the CLI and report/.
 """
 
-from growfam.family.ledger import LEDGER, MODES, check_ledger, read_ledger, write_ledger
+from growfam.family.directory import GROWTH_REPORT, LEDGER, MODES, FamilyDirectory
+from growfam.family.ledger import check_ledger, read_ledger, write_ledger
 from growfam.family.pipeline import (
-    GROWTH_REPORT,
     CheckedFamily,
     ConvergenceStop,
     check_family,
@@ -39,6 +43,7 @@ __all__ = [
     "LEDGER",
     "MODES",
     "CheckedFamily",
+    "FamilyDirectory",
     "ConvergenceStop",
     "FamilyPlan",
     "GpuHours",

@@ -13,11 +13,10 @@ from typing import Any
 
 from growfam.checks import shown
 from growfam.errors import ConfigError, GrowfamError
+from growfam.family.directory import LEDGER, MODES, FamilyDirectory
 from growfam.io import atomic_write_text, read_json
 from growfam.train import RESUME_FREE_KEYS
 
-MODES = ("progressive", "independent")
-LEDGER = "family.json"
 
 # The ledger's structure, as (description, accepted types) per field: what run_family writes
 # and what it and format_comparison read. `bool` is accepted only where named (it is an int).
@@ -70,7 +69,7 @@ def check_ledger(ledger: Any, path: Path) -> dict:
 
 def read_ledger(out_dir: Path) -> dict:
     """The checked ledger of the family directory `out_dir`; {} when it has none."""
-    path = out_dir / LEDGER
+    path = FamilyDirectory(out_dir).ledger
     if not path.exists():
         return {}
     try:
@@ -81,7 +80,7 @@ def read_ledger(out_dir: Path) -> dict:
 
 def write_ledger(out_dir: Path, ledger: dict) -> None:
     """Replace family.json atomically."""
-    atomic_write_text(out_dir / LEDGER, json.dumps(ledger, indent=2) + "\n")
+    atomic_write_text(FamilyDirectory(out_dir).ledger, json.dumps(ledger, indent=2) + "\n")
 
 
 def _check_same_run(ledger: dict, fresh: dict, out_dir: Path) -> None:
@@ -90,7 +89,7 @@ def _check_same_run(ledger: dict, fresh: dict, out_dir: Path) -> None:
     RESUME_FREE_KEYS, may change)."""
     for key in ("plan", "data_fingerprint", "growth", "fixed_data"):
         if key in ledger and key in fresh and ledger[key] != fresh[key]:
-            raise ConfigError(f"{out_dir / LEDGER} was made with a different {key.replace('_', ' ')}; "
+            raise ConfigError(f"{FamilyDirectory(out_dir).ledger} was made with a different {key.replace('_', ' ')}; "
                               "use another --out to build a different family")
     old, new = ledger.get("train"), fresh.get("train")
     if old is None or new is None:
@@ -99,5 +98,5 @@ def _check_same_run(ledger: dict, fresh: dict, out_dir: Path) -> None:
     differ = [k for k in sorted(set(old) & set(new)) if k not in RESUME_FREE_KEYS and old[k] != new[k]]
     if differ:
         changes = "; ".join(f"{k}: {old[k]!r} then, {new[k]!r} now" for k in differ)
-        raise ConfigError(f"{out_dir / LEDGER} was made with a different train section ({changes}); "
+        raise ConfigError(f"{FamilyDirectory(out_dir).ledger} was made with a different train section ({changes}); "
                           "use the original train section, or another --out to build a different family")

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from growfam.errors import GrowfamError
-from growfam.family.ledger import LEDGER, MODES, read_ledger
+from growfam.family.directory import LEDGER, MODES, FamilyDirectory
+from growfam.family.ledger import read_ledger
 from growfam.lock import folder_lock
 from growfam.model import check_pretrained, load_pretrained
 from growfam.model.config import ModelConfig
@@ -50,7 +51,7 @@ class Target:
         if self.family_dir is None:
             raise GrowfamError("the validation split needs a family directory (this member is not in one)")
         recorded = self.ledger.get("data")
-        for candidate in dict.fromkeys(p for p in (recorded and Path(recorded), self.family_dir / "data") if p):
+        for candidate in dict.fromkeys(p for p in (recorded and Path(recorded), FamilyDirectory(self.family_dir).data) if p):
             if (candidate / "index.json").is_file():
                 dataset = TokenDataset.open(candidate)
                 if dataset.fingerprint() == self.ledger.get("data_fingerprint"):
@@ -107,9 +108,9 @@ def resolve_target(path: str | Path) -> Target:
     path = Path(path)
     if not path.is_dir():
         raise GrowfamError(f"{path}: {'not a directory' if path.exists() else 'no such directory'}")
-    if (path / LEDGER).is_file():
+    if FamilyDirectory(path).ledger.is_file():
         ledger = read_ledger(path)
-        members = [_member(m["name"], mode, path / mode / m["name"])
+        members = [_member(m["name"], mode, FamilyDirectory(path).member(mode, m["name"]))
                    for mode in MODES for m in ledger["modes"].get(mode, []) if m.get("done")]
         if not members:
             raise GrowfamError(f"{path}: the family has no finished member yet")
@@ -117,10 +118,10 @@ def resolve_target(path: str | Path) -> Target:
     if not (path / "config.json").is_file():
         raise GrowfamError(f"{path}: not a model directory (no config.json) nor a family directory "
                            f"(no {LEDGER})")
-    family = path.resolve().parent.parent
-    if path.resolve().parent.name in MODES and (family / LEDGER).is_file():
-        ledger = read_ledger(family)
-        mode = path.resolve().parent.name
+    inside = FamilyDirectory.of_member(path)
+    if inside is not None:
+        family, mode = inside
+        ledger = read_ledger(family.root)
         if any(m["name"] == path.name and m.get("done") for m in ledger["modes"].get(mode, [])):
-            return Target([_member(path.name, mode, path)], family, ledger)
+            return Target([_member(path.name, mode, path)], family.root, ledger)
     return Target([_member(path.name, None, path)])

@@ -44,7 +44,8 @@ import torch
 from growfam.config import PLANNED, FamilyConfig, GrowthConfig
 from growfam.data import DEFAULT_TOKENIZER, TokenDataset, load_tokenizer, token_rows
 from growfam.errors import ConfigError, GrowfamError
-from growfam.family.ledger import MODES, _check_same_run, read_ledger, write_ledger
+from growfam.family.directory import MODES, FamilyDirectory
+from growfam.family.ledger import _check_same_run, read_ledger, write_ledger
 from growfam.family.plan import FamilyPlan, make_plan
 from growfam.io import atomic_directory, atomic_write_text, check_folder, read_json, remove_stale_temporaries
 from growfam.model import copy_tokenizer_files, load_pretrained, resolve_config
@@ -53,9 +54,6 @@ from growfam.train import Schedule, TrainConfig, TrainResult, make_optimizer, tr
 from growfam.train.checkpoint import latest_checkpoint, load_checkpoint
 from growfam.lock import folder_lock
 from growfam.train.parallel import on_main, rank_and_world, share
-
-GROWTH_REPORT = "growth_report.json"
-
 
 def stage_train_config(family: FamilyConfig, plan: FamilyPlan, index: int, mode: str, data: str | None,
                        out_dir: Path, tokens: float, fixed_data: bool) -> TrainConfig:
@@ -69,7 +67,7 @@ def stage_train_config(family: FamilyConfig, plan: FamilyPlan, index: int, mode:
             **family.train,
             "model": family.members[index].to_dict(),
             "data": data,
-            "out_dir": str(out_dir / "runs" / mode / stage.name),
+            "out_dir": str(FamilyDirectory(out_dir).run(mode, stage.name)),
             "max_tokens": max(1, int(round(tokens))),
             "batch_size": stage.batch_size,
             "seq_len": stage.seq_len,
@@ -328,7 +326,7 @@ class _FamilyRun:
 
 def _start_ledger(out_dir: Path, ledger: dict) -> None:
     """Rank 0, once the lock is held: remove what a killed run left, write the ledger."""
-    for folder in (out_dir, *(out_dir / mode for mode in MODES)):
+    for folder in (out_dir, *(FamilyDirectory(out_dir).mode(mode) for mode in MODES)):
         remove_stale_temporaries(folder)
     write_ledger(out_dir, ledger)
 
@@ -341,6 +339,7 @@ def _build_stage(job: _FamilyRun, mode: str, i: int, members: list[dict]) -> dic
     tokens = stage.tokens_independent if mode == "independent" else _progressive_tokens(plan, i, members)
     tcfg = stage_train_config(job.family, plan, i, mode, job.data, out_dir, tokens, job.fixed_data)
     run_dir = Path(tcfg.out_dir)
+    growth_report = FamilyDirectory(out_dir).growth_report(mode, stage.name)
     resume_from = latest_checkpoint(run_dir)
     model = optimizer = None
     if i == 0 and job.given is not None and resume_from is None:
@@ -350,13 +349,13 @@ def _build_stage(job: _FamilyRun, mode: str, i: int, members: list[dict]) -> dic
             f"(width {growth.width}, depth {growth.depth}, optimizer {growth.optimizer})")
 
         def grow():  # rank 0; the others receive the grown model from it in train()
-            grown, moments, report = _grow_from(out_dir / "runs" / mode / plan.stages[i - 1].name, tcfg,
+            grown, moments, report = _grow_from(FamilyDirectory(out_dir).run(mode, plan.stages[i - 1].name), tcfg,
                                                 job.family.members[i], growth,
                                                 _probe_batch(job.dataset, stage.seq_len, growth.probe_tokens),
                                                 job.given if i == 1 else None)
             log(str(report))
             run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / GROWTH_REPORT, json.dumps(report.to_dict(), indent=1) + "\n")
+            atomic_write_text(growth_report, json.dumps(report.to_dict(), indent=1) + "\n")
             return grown, moments
 
         model, optimizer = on_main(grow) or (None, None)
@@ -375,7 +374,7 @@ def _build_stage(job: _FamilyRun, mode: str, i: int, members: list[dict]) -> dic
     else:
         log(f"[{mode}] training {stage.name}: {tcfg.max_tokens:,} tokens, max LR {tcfg.max_lr:.3g}")
         result = train(tcfg, model, optimizer, dataset=job.dataset, on_eval=stop)
-    member_dir = out_dir / mode / stage.name
+    member_dir = FamilyDirectory(out_dir).member(mode, stage.name)
     on_main(lambda: _publish(result, member_dir))
     flops_before = members[-1]["cum_flops"] if (members and mode == "progressive") else stage.given_flops
     entry = {
@@ -388,7 +387,7 @@ def _build_stage(job: _FamilyRun, mode: str, i: int, members: list[dict]) -> dic
         "train_loss": result.train_loss, "max_lr": tcfg.max_lr, "wall_s": result.wall_s,
         "session_wall_s": time.perf_counter() - start, "spikes": result.spikes,
         "rollbacks": result.rollbacks, "stopped_early": result.stopped_early,
-        "growth": read_json(run_dir / GROWTH_REPORT) if (run_dir / GROWTH_REPORT).exists() else None,
+        "growth": read_json(growth_report) if growth_report.exists() else None,
         "done": True,
     }
     if stage.given_tokens:

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from growfam.errors import ConfigError
+from growfam.family.directory import FamilyDirectory
 from growfam.train.metrics import read_metrics
 
 #: Where a member's run lives in a family directory.
-RUNS = "runs"
 METRICS = "metrics.jsonl"
 
 
@@ -85,7 +85,7 @@ def member_curves(family_dir: Path, ledger: dict, mode: str) -> tuple[list[Membe
             missing.append(f"{mode}/{entry['name']} has not finished")
             break
         spent = entry["cum_flops"] if mode == "progressive" else spent + entry["flops"]
-        path = family_dir / RUNS / mode / entry["name"] / METRICS
+        path = FamilyDirectory(family_dir).run(mode, entry["name"]) / METRICS
         steps = entry.get("steps")
         if not path.is_file():
             missing.append(f"{mode}/{entry['name']}: no {path.relative_to(family_dir)}")

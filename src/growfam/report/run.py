@@ -9,14 +9,13 @@ from pathlib import Path
 
 from growfam import outputs
 from growfam.errors import ConfigError
+from growfam.family.directory import FamilyDirectory
 from growfam.io import atomic_directory, check_output
 from growfam.report.figures import equal_flops_chart, figure2, training_curves
 from growfam.report.markdown import FIGURES, figure_names, headline, render
 from growfam.report.source import FamilySource, load_families
 
 REPORT = "REPORT.md"
-#: Where a family's report goes when --out is not given.
-DEFAULT_FOLDER = "report"
 
 
 @dataclass
@@ -40,7 +39,7 @@ def check_report(paths: list[str | Path], out: str | Path | None, force: bool) -
     if out is None:
         if len(sources) > 1:
             raise ConfigError("a report of several families needs --out DIR")
-        out = sources[0].path / DEFAULT_FOLDER
+        out = FamilyDirectory(sources[0].path).report
     check_output(out, force=force, makes=outputs.REPORT, sources=[p for s in sources for p in s.protected()],
                  what="--out")
     return sources, Path(out)

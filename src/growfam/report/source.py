@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from growfam.errors import ConfigError
-from growfam.family.ledger import LEDGER, MODES, read_ledger
-from growfam.report.curves import RUNS, MemberCurve, member_curves
+from growfam.family.directory import LEDGER, MODES, FamilyDirectory
+from growfam.family.ledger import read_ledger
+from growfam.report.curves import MemberCurve, member_curves
 from growfam.report.equal_flops import EqualLoss, flops_to_equal_loss
 
 
@@ -45,8 +46,7 @@ class FamilySource:
         """What a report must never write over or into: the ledger, the members, the runs and
         the dataset."""
         data = self.ledger.get("data")
-        return [self.path / LEDGER, self.path / RUNS, *(self.path / m for m in MODES), self.path / "data",
-                *([Path(data)] if isinstance(data, str) else [])]
+        return [*FamilyDirectory(self.path).protected(), *([Path(data)] if isinstance(data, str) else [])]
 
 
 def load_family(path: str | Path, label: str | None = None) -> FamilySource:
