@@ -14,7 +14,7 @@ from conftest import random_model, tiny_config
 from growfam.cli import main
 from growfam.data import TokenDataset, load_tokenizer, prepare
 from growfam.eval import file_stream, score_stream, split_stream, strided_windows
-from growfam.family.ledger import MODES, read_ledger, write_ledger
+from growfam.family.ledger import MODES, Ledger, read_ledger, write_ledger
 from growfam.model import load_pretrained, save_pretrained
 
 TEXT = [f"Document {i}: the {'quick brown fox' if i % 2 else 'lazy dog'} number {i * 7} "
@@ -36,9 +36,10 @@ def family(tmp_path_factory):
             save_pretrained(model, root / mode / f"m{i + 1}", tokenizer=root / "data" / "tokenizer")
             modes[mode].append({"name": f"m{i + 1}", "done": True, "params": 1, "tokens": 1, "flops": 1,
                                 "cum_flops": 1, "wall_s": 0, "val_loss": None})
-    write_ledger(root, {"plan": {"stages": [{"seq_len": 32}, {"seq_len": 32}]},
-                        "data_fingerprint": TokenDataset.open(root / "data").fingerprint(), "growth": {},
-                        "fixed_data": False, "data": str(root / "data"), "modes": modes})
+    write_ledger(root, Ledger.from_json({"plan": {"stages": [{"seq_len": 32}, {"seq_len": 32}]},
+                                         "data_fingerprint": TokenDataset.open(root / "data").fingerprint(),
+                                         "growth": {}, "fixed_data": False, "data": str(root / "data"),
+                                         "modes": modes}, "test"))
     return root
 
 
@@ -112,25 +113,24 @@ def test_eval_a_family_prints_both_modes_and_records_the_ledger(family_copy, tmp
     ledger = read_ledger(family_copy)
     dataset = TokenDataset.open(family_copy / "data")
     for member in members:
-        entry = next(e for e in ledger["modes"][member["mode"]] if e["name"] == member["name"])
-        assert entry["eval"] == member["eval"]
+        assert ledger.member(member["mode"], member["name"]).eval.to_json() == member["eval"]
     # the family's windows (its seq_len, 32) at stride 16, whatever the batch size
     model = load_pretrained(family_copy / "independent" / "m2")
     again = score_stream(model, split_stream(dataset)[0], window=32, stride=16, batch_size=5)
     assert members[3]["eval"]["perplexity"]["val"]["perplexity"] == pytest.approx(again.perplexity, rel=1e-5)
     # a member evaluated alone adds to its record instead of replacing it
     assert main(["eval", str(family_copy / "progressive" / "m2"), "--tasks", "none", "--ppl", "val"]) == 0
-    record = next(e for e in read_ledger(family_copy)["modes"]["progressive"] if e["name"] == "m2")["eval"]
-    assert set(record["perplexity"]) == {"val", f"file:{(tmp_path / 'notes.txt').resolve()}"}
+    record = read_ledger(family_copy).member("progressive", "m2").eval
+    assert set(record.perplexity) == {"val", f"file:{(tmp_path / 'notes.txt').resolve()}"}
 
 
 def test_consistency_of_a_family_prints_table_4_and_records_it(family_copy, capsys):
     assert main(["consistency", str(family_copy), "--windows", "4", "--pairs", "all"]) == 0
     table = capsys.readouterr().out
     assert "m1 -> m2" in table and "ratio" in table and "KL(small‖large)" in table
-    section = read_ledger(family_copy)["consistency"]
-    assert set(section["modes"]) == set(MODES) and section["windows"] == 4
-    for rows in section["modes"].values():
+    section = read_ledger(family_copy).consistency
+    assert set(section.modes) == set(MODES) and section.windows == 4
+    for rows in section.modes.values():
         (row,) = rows
         assert row["kl_small_large"] > 0 and row["kl_large_small"] > 0
         assert row["acceptance"] == pytest.approx(1 - row["tv"])
@@ -144,7 +144,7 @@ def _swap_in_other_vocab(family_dir):
 
 def _drop_dataset(family_dir):
     ledger = read_ledger(family_dir)
-    ledger["data"] = str(family_dir / "gone")
+    ledger.data = str(family_dir / "gone")
     write_ledger(family_dir, ledger)
     shutil.rmtree(family_dir / "data")
 
@@ -252,7 +252,7 @@ def test_eval_a_member_records_task_results_with_their_origin(harness_member, fa
     assert main(["eval", str(family_copy / "independent" / "m1"), "--tasks", "piqa", "--limit", "2",
                  "--ppl", "none", "--batch-size", "4"]) == 0
     assert "piqa acc" in capsys.readouterr().out
-    record = next(e for e in read_ledger(family_copy)["modes"]["independent"] if e["name"] == "m1")["eval"]
-    piqa = record["tasks"]["piqa"]
+    record = read_ledger(family_copy).member("independent", "m1").eval
+    piqa = record.tasks["piqa"]
     assert piqa["limit"] == 2 and piqa["examples"] == 2 and "piqa/plain_text/validation" in piqa["origin"]
-    assert record["lm_eval"] and record["growfam"]
+    assert record.lm_eval and record.growfam

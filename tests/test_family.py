@@ -1,5 +1,6 @@
 """The progressive pipeline end to end on a two-member family small enough for the suite."""
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -15,6 +16,7 @@ from growfam.config import DataConfig, FamilyConfig, GrowthConfig
 from growfam.data import prepare
 from growfam.errors import ConfigError
 from growfam.family import make_plan, run_family
+from growfam.family.ledger import MemberEntry
 from growfam.report.tables import format_comparison
 from growfam.model import load_pretrained
 
@@ -48,24 +50,24 @@ def test_two_stage_family_matches_its_plan(tmp_path, dataset):
     ledger = run_family(spec(), tmp_path, data=dataset, modes=("progressive", "independent"), log=lambda s: None)
     plan = make_plan(spec())
     for mode, tokens_key in (("progressive", "tokens_progressive"), ("independent", "tokens_independent")):
-        members = ledger["modes"][mode]
-        assert [m["name"] for m in members] == ["small", "large"]
+        members = ledger.members(mode)
+        assert [m.name for m in members] == ["small", "large"]
         for stage, member in zip(plan.stages, members):
             per_step = stage.batch_size * stage.seq_len
             planned = getattr(stage, tokens_key)
-            assert planned <= member["tokens"] < planned + per_step  # whole steps
-            assert member["flops"] == 6 * stage.nonembedding_params * member["tokens"]
-            assert member["max_lr"] == stage.max_lr
-            assert member["val_loss"] is not None
-    prog = ledger["modes"]["progressive"]
+            assert planned <= member.tokens < planned + per_step  # whole steps
+            assert member.flops == 6 * stage.nonembedding_params * member.tokens
+            assert member.max_lr == stage.max_lr
+            assert member.val_loss is not None
+    prog = ledger.members("progressive")
     # cumulative progressive FLOPs after the last stage = training it from scratch (Eq. 4)
-    assert prog[-1]["cum_flops"] == pytest.approx(plan.stages[-1].cum_flops_progressive, rel=0.02)
-    assert prog[-1]["cum_flops"] == pytest.approx(plan.stages[-1].flops_independent, rel=0.02)
-    growth = prog[1]["growth"]
+    assert prog[-1].cum_flops == pytest.approx(plan.stages[-1].cum_flops_progressive, rel=0.02)
+    assert prog[-1].cum_flops == pytest.approx(plan.stages[-1].flops_independent, rel=0.02)
+    growth = prog[1].growth
     assert (growth["width"], growth["depth"], growth["target"]["d_model"]) == ("aki", "stack", 64)
     assert growth["probe"]["max_abs_dlogits"] > 0  # aki is not function-preserving by design
-    assert ledger["modes"]["independent"][1]["growth"] is None
-    assert json.loads((tmp_path / "family.json").read_text()) == ledger
+    assert ledger.member("independent", "large").growth is None
+    assert json.loads((tmp_path / "family.json").read_text()) == ledger.to_json()
 
     # every member is a Hugging Face directory transformers loads with the same logits
     idx = torch.randint(0, 300, (1, 16))
@@ -99,15 +101,15 @@ def test_a_killed_family_resumes_onto_the_uninterrupted_result(tmp_path, dataset
         run_family(spec(), tmp_path / "killed", data=dataset, modes=("progressive",), log=lambda s: None)
     monkeypatch.setattr(family, "train", real_train)
     resumed = run_family(spec(), tmp_path / "killed", data=dataset, modes=("progressive",), log=lambda s: None)
-    for a, b in zip(straight["modes"]["progressive"], resumed["modes"]["progressive"]):
-        assert a["tokens"] == b["tokens"] and a["flops"] == b["flops"]
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+    for a, b in zip(straight.members("progressive"), resumed.members("progressive")):
+        assert a.tokens == b.tokens and a.flops == b.flops
+        assert a.val_loss == pytest.approx(b.val_loss, abs=1e-6)
 
     # a finished family is not trained again
     calls = []
     monkeypatch.setattr(family, "train", lambda *a, **k: calls.append(a))
     again = run_family(spec(), tmp_path / "killed", data=dataset, modes=("progressive",), log=lambda s: None)
-    assert calls == [] and again["modes"] == resumed["modes"]
+    assert calls == [] and again.modes == resumed.modes
 
 
 def test_a_family_directory_refuses_a_different_family(tmp_path, dataset):
@@ -148,12 +150,12 @@ def test_convergence_stop_fits_the_slope_over_its_window():
 def test_a_stage_that_grew_early_leaves_its_tokens_to_the_next():
     plan = make_plan(spec())
     small, large = plan.stages
-    on_budget = [{"tokens": small.tokens_progressive, "stopped_early": False}]
+    on_budget = [MemberEntry.from_json({**MEMBER, "tokens": small.tokens_progressive}, "", "test")]
     assert family._progressive_tokens(plan, 1, on_budget) == large.tokens_progressive
-    early = [{"tokens": small.tokens_progressive / 2, "stopped_early": True}]
+    early = [dataclasses.replace(on_budget[0], tokens=small.tokens_progressive / 2, stopped_early=True)]
     tokens = family._progressive_tokens(plan, 1, early)
     # cumulative FLOPs after the large stage still equal training it from scratch (Eq. 4)
-    spent = small.params * early[0]["tokens"] + large.params * tokens
+    spent = small.params * early[0].tokens + large.params * tokens
     assert spent == pytest.approx(large.params * large.tokens_independent)
 
 
@@ -211,8 +213,8 @@ def test_a_masked_growth_ramp_ends_inside_its_stage(tmp_path, dataset):
 
     masked = spec(tokens={"explicit": [2000, 4000]}, growth={"width": "masked", "depth": "identity"})
     ledger = run_family(masked, tmp_path, data=dataset, modes=("progressive",), log=lambda s: None)
-    large = ledger["modes"]["progressive"][1]
-    assert 1 <= large["growth"]["mask_steps"] <= large["steps"]
+    large = ledger.member("progressive", "large")
+    assert 1 <= large.growth["mask_steps"] <= large.steps
     # the published member is what was trained: the masks folded away before the end
     assert read_trainer_state(latest_checkpoint(tmp_path / "runs" / "progressive" / "large"))["masks"] is None
 

@@ -12,6 +12,7 @@ from growfam.config import EvalConfig, load_family_config
 from growfam.errors import ConfigError, GrowfamError
 from growfam.eval.run import EvalOptions, FamilyEval
 from growfam.family import read_ledger, run_family, write_ledger
+from growfam.family.ledger import ConsistencySection, EvalRecord
 from test_family import TEXT, dataset, spec  # noqa: F401  (dataset: the module fixture)
 
 QUIET = {"log": lambda s: None}
@@ -59,18 +60,20 @@ def test_a_rerun_keeps_eval_records_and_consistency_but_not_a_retrained_members(
     family = spec(tokens=TOKENS)
     run_family(family, tmp_path, data=dataset, modes="progressive", **QUIET)
     ledger = read_ledger(tmp_path)
-    for entry in ledger["modes"]["progressive"]:
-        entry["eval"] = {"perplexity": {"val": {"perplexity": 9.0}}, "tasks": {}}
-    ledger["consistency"] = {"windows": 2, "modes": {"progressive": [{"small": "small", "large": "large", "kl_small_large": 0.5}]}}
+    for entry in ledger.members("progressive"):
+        entry.eval = EvalRecord(perplexity={"val": {"perplexity": 9.0}})
+    pair = {"small": "small", "large": "large", "kl_small_large": 0.5, "kl_large_small": 0.6, "tv": 0.2,
+            "acceptance": 0.8}
+    ledger.consistency = ConsistencySection(modes={"progressive": [pair]}, windows=2)
     write_ledger(tmp_path, ledger)
     assert run_family(family, tmp_path, data=dataset, modes="progressive", **QUIET) == ledger
     assert read_ledger(tmp_path) == ledger
-    ledger["modes"]["progressive"][1]["done"] = False  # as if killed: `large` is trained again
+    ledger.member("progressive", "large").done = False  # as if killed: `large` is trained again
     write_ledger(tmp_path, ledger)
     again = run_family(family, tmp_path, data=dataset, modes="progressive", **QUIET)
-    small, large = again["modes"]["progressive"]
-    assert small["eval"] == ledger["modes"]["progressive"][0]["eval"] and "eval" not in large and large["done"]
-    assert again["consistency"]["modes"]["progressive"] == [] and again["consistency"]["windows"] == 2
+    small, large = again.members("progressive")
+    assert small.eval == ledger.member("progressive", "small").eval and large.eval is None and large.done
+    assert again.consistency.modes["progressive"] == [] and again.consistency.windows == 2
     assert read_ledger(tmp_path) == again
 
 
@@ -94,10 +97,10 @@ def test_family_run_eval_records_each_member_then_consistency_and_prints_the_tab
     assert "val ppl" in printed and "KL(small‖large)" in printed
     ledger = read_ledger(out)
     for mode in ("progressive", "independent"):
-        for entry in ledger["modes"][mode]:
-            assert entry["eval"]["perplexity"]["val"]["perplexity"] > 1
-        assert [(r["small"], r["large"]) for r in ledger["consistency"]["modes"][mode]] == [("small", "large")]
-    assert ledger["consistency"]["windows"] == 2
+        for entry in ledger.members(mode):
+            assert entry.eval.perplexity["val"]["perplexity"] > 1
+        assert [(r["small"], r["large"]) for r in ledger.consistency.modes[mode]] == [("small", "large")]
+    assert ledger.consistency.windows == 2
     # a repeated run evaluates nothing again: every member has what the section asks for
     monkeypatch.setattr("growfam.eval.run.evaluate_target", lambda *a: pytest.fail("evaluated twice"))
     monkeypatch.setattr("growfam.eval.run.family_consistency", lambda *a, **k: pytest.fail("measured twice"))
@@ -122,7 +125,7 @@ def test_demo_evaluates_its_members_and_prints_the_tables(tmp_path, capsys, monk
     assert main(["demo", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert printed.count("val ppl") == 2 and "KL(small‖large)" in printed  # a block per member
-    assert set(read_ledger(out)["consistency"]["modes"]) == {"progressive", "independent"}
+    assert set(read_ledger(out).consistency.modes) == {"progressive", "independent"}
     # it ends with the report in OUT/report, its path and the headline numbers
     assert f"report: {out / 'report' / 'REPORT.md'}" in printed and "FLOPs to equal loss" in printed
     report = (out / "report" / "REPORT.md").read_text()

@@ -256,7 +256,7 @@ def test_report_force_never_replaces_another_familys_members_runs_or_data(family
 
 def test_malformed_inputs_are_one_line_naming_the_file(tmp_path, capsys):
     hand = hand_family(tmp_path / "hand", speculative={"rows": [{"temperature": 0.0}]})
-    _one_line_error(capsys, ["report", str(hand)], f"{hand / 'family.json'}: cannot report its speculative")
+    _one_line_error(capsys, ["report", str(hand)], f"{hand / 'family.json'}: speculative.rows[0].draft must be a string, got None")
     hand = hand_family(tmp_path / "hand2")
     (hand / "runs/independent/large/metrics.jsonl").write_text("{not json\n")
     _one_line_error(capsys, ["report", str(hand)], "runs/independent/large/metrics.jsonl: not a readable metrics file")

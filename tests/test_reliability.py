@@ -4,6 +4,7 @@ before any model is loaded, inputs that used to be silently accepted, and what a
 leaves. Every refusal is one line on stderr, exit status 2, no traceback, and the files a user
 had are byte for byte as they were (checksums before and after)."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -253,7 +254,7 @@ def test_a_full_disk_at_the_json_and_png_writers_keeps_the_old_files(family_copy
     ledger = read_ledger(family_copy)
     before = checksums(family_copy)
     with file_size_limit(1000), pytest.raises(GrowfamError, match=r"cannot write .*family.json: File too large"):
-        write_ledger(family_copy, {**ledger, "note": "x" * 2000})
+        write_ledger(family_copy, dataclasses.replace(ledger, extra={"note": "x" * 2000}))
     assert checksums(family_copy) == before
     hand = tmp_path / "hand"
     from test_family_report import hand_family

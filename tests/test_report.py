@@ -1,3 +1,4 @@
+from growfam.family.ledger import Ledger
 from growfam.report.tables import format_comparison
 from growfam.text import hours, loss, sci, short, si, text_table
 
@@ -17,5 +18,7 @@ def test_tables_align_names_left_and_numbers_right():
 def test_a_member_with_a_trillion_tokens_reads_in_t():
     member = {"name": "big", "params": 8e9, "tokens": 1.2e12, "flops": 5.8e22, "cum_flops": 5.8e22,
               "val_loss": 2.0, "done": True, "wall_s": 1.0}
-    table = format_comparison({"modes": {"progressive": [member]}})
+    ledger = {"plan": {}, "data_fingerprint": "abc", "growth": {}, "fixed_data": False, "data": "ds",
+              "modes": {"progressive": [member]}}
+    table = format_comparison(Ledger.from_json(ledger, "family.json"))
     assert "1.2T" in table and "8B" in table and "2.0000" in table

@@ -11,7 +11,8 @@ import torch
 from conftest import random_model, tiny_config
 from growfam.cli import main
 from growfam.family.members import Member, Target, resolve_target
-from growfam.family import read_ledger, run_family
+from growfam.family import read_ledger, run_family, write_ledger
+from growfam.family.ledger import Ledger
 from growfam.infer import generate, speculative_generate
 from growfam.infer.speculate import (SpeculateOptions, expected_acceptance, family_speculative, format_speculative,
                                      speculative_pairs)
@@ -35,7 +36,9 @@ def family_copy(family, tmp_path):
 
 def _target(names: list[str], modes: list[str]) -> Target:
     members = [Member(n, m, Path(m) / n, tiny_config()) for m in modes for n in names]
-    return Target(members, Path("."), {"plan": {"stages": [{"name": n} for n in names]}})
+    ledger = Ledger(plan={"stages": [{"name": n} for n in names]}, data_fingerprint="", growth={}, fixed_data=False,
+                    data="", modes={})
+    return Target(members, Path("."), ledger)
 
 
 def test_pairs_follow_table_5s_combinations_and_sizes():
@@ -69,7 +72,7 @@ def test_speculate_records_table_5_in_the_ledger_and_greedy_matches_its_expectat
     before = read_ledger(family_copy)
     section = family_speculative(resolve_target(family_copy), SpeculateOptions(**SMALL))
     ledger = read_ledger(family_copy)
-    assert ledger["speculative"] == section and ledger["modes"] == before["modes"]
+    assert ledger.speculative.to_json() == section and ledger.modes == before.modes
     rows = section["rows"]
     assert [(r["temperature"], r["draft_mode"], r["target_mode"]) for r in rows] == [
         (t, d, m) for d, m in (("progressive", "progressive"), ("independent", "progressive"),
@@ -134,9 +137,9 @@ def test_speculate_refuses_what_is_not_a_family_with_two_sizes(family_copy, tmp_
     assert main(["speculate", str(member)]) == 2
     assert "not a family directory" in capsys.readouterr().err
     ledger = read_ledger(family_copy)
-    for mode in ledger["modes"].values():
-        mode[1]["done"] = False
-    (family_copy / "family.json").write_text(__import__("json").dumps(ledger))
+    for members in ledger.modes.values():
+        members[1].done = False
+    write_ledger(family_copy, ledger)
     assert main(["speculate", str(family_copy)]) == 2
     assert "no two finished members" in capsys.readouterr().err
 
@@ -146,5 +149,5 @@ def test_the_cli_prints_the_table(family_copy, capsys):
                  "--temperature", "0", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("greedy (temperature 0), k = 8") and "temperature 1" not in out
-    assert read_ledger(family_copy)["speculative"]["max_new_tokens"] == 6
-    assert np.isfinite(read_ledger(family_copy)["speculative"]["rows"][0]["tokens_per_s"])
+    assert read_ledger(family_copy).speculative.option("max_new_tokens") == 6
+    assert np.isfinite(read_ledger(family_copy).speculative.rows[0]["tokens_per_s"])

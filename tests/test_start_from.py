@@ -62,21 +62,21 @@ def test_a_family_grows_from_a_given_checkpoint(made, tmp_path):
     given = load_pretrained(made / "released")
     idx = torch.randint(0, 300, (1, 16))
     for mode in ("progressive", "independent"):
-        first, second = ledger["modes"][mode]
-        assert (first["name"], first["tokens"], first["flops"], first["steps"]) == ("small", 0, 0, 0)
-        assert first["given"]["tokens"] == 4000 and first["cum_flops"] == first["given"]["flops"]
+        first, second = ledger.members(mode)
+        assert (first.name, first.tokens, first.flops, first.steps) == ("small", 0, 0, 0)
+        assert first.given["tokens"] == 4000 and first.cum_flops == first.given["flops"]
         published = load_pretrained(tmp_path / mode / "small")
         assert all(torch.equal(a, b) for a, b in zip(published.state_dict().values(), given.state_dict().values()))
         assert (tmp_path / mode / "small" / "tokenizer.json").is_file()
-        assert second["tokens"] > 0 and second["val_loss"] is not None
+        assert second.tokens > 0 and second.val_loss is not None
     # the given member is measured once, on the family's validation windows, for both modes
-    losses = [ledger["modes"][mode][0]["val_loss"] for mode in ("progressive", "independent")]
+    losses = [ledger.members(mode)[0].val_loss for mode in ("progressive", "independent")]
     assert losses[0] == losses[1] and abs(losses[0] - math.log(300)) < 1  # a random model: about ln V
     # the grown member starts as the given one's function (lossless + identity)
-    assert ledger["modes"]["progressive"][1]["growth"]["probe"]["max_abs_dlogits"] < 1e-4
-    assert ledger["modes"]["independent"][1]["growth"] is None
-    prog = ledger["modes"]["progressive"]
-    assert prog[1]["cum_flops"] == pytest.approx(make_plan(family).stages[1].flops_independent, rel=0.05)
+    assert ledger.members("progressive")[1].growth["probe"]["max_abs_dlogits"] < 1e-4
+    assert ledger.members("independent")[1].growth is None
+    prog = ledger.members("progressive")
+    assert prog[1].cum_flops == pytest.approx(make_plan(family).stages[1].flops_independent, rel=0.05)
     with torch.no_grad():
         assert torch.isfinite(load_pretrained(tmp_path / "progressive" / "large")(idx)).all()
 
@@ -84,9 +84,9 @@ def test_a_family_grows_from_a_given_checkpoint(made, tmp_path):
 def test_a_given_checkpoint_can_be_continued(made, tmp_path):
     family = FamilyConfig.from_dict(spec(made, start_from_tokens=256))
     ledger = run_family(family, tmp_path, data=str(made / "ds"), modes=("progressive",), log=lambda s: None)
-    first = ledger["modes"]["progressive"][0]
-    assert first["tokens"] == 256 and first["steps"] == 2 and first["val_loss"] is not None
-    assert first["cum_flops"] == first["given"]["flops"] + first["flops"]
+    first = ledger.members("progressive")[0]
+    assert first.tokens == 256 and first.steps == 2 and first.val_loss is not None
+    assert first.cum_flops == first.given["flops"] + first.flops
     trained = load_pretrained(tmp_path / "progressive" / "small")
     assert not torch.equal(trained.embed_tokens.weight, load_pretrained(made / "released").embed_tokens.weight)
 
@@ -183,7 +183,7 @@ def test_a_released_checkpoint_from_transformers_starts_a_family_of_its_type(mad
     assert (second.rope_scaling, second.sliding_window) == (first.rope_scaling, first.sliding_window)
     assert kind != "mistral" or (second.rope_scaling["rope_type"], second.sliding_window) == ("llama3", 32)
     ledger = run_family(family, tmp_path / "fam", data=str(made / "ds"), log=lambda s: None)
-    assert ledger["modes"]["progressive"][1]["growth"]["probe"]["max_abs_dlogits"] < 1e-4
+    assert ledger.members("progressive")[1].growth["probe"]["max_abs_dlogits"] < 1e-4
     idx = torch.randint(0, 300, (1, 16))
     for mode in ("progressive", "independent"):
         member = tmp_path / "fam" / mode / "large"

@@ -285,12 +285,12 @@ def _run_family_show(args) -> int:
     from pathlib import Path
 
     from growfam.errors import ConfigError
-    from growfam.family import read_ledger
+    from growfam.family import LEDGER, read_ledger
     from growfam.report.tables import format_comparison
 
     ledger = read_ledger(Path(args.out))
-    if not ledger:
-        raise ConfigError(f"{args.out}: no family.json (not a family directory)")
+    if ledger is None:
+        raise ConfigError(f"{args.out}: no {LEDGER} (not a family directory)")
     print(format_comparison(ledger))
     return 0
 

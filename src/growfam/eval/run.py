@@ -20,7 +20,7 @@ from growfam import __version__
 from growfam.errors import GrowfamError
 from growfam.family.members import LoadedMembers, Member, Target, resolve_target
 from growfam.family.directory import MODES, FamilyDirectory
-from growfam.family.ledger import read_ledger, write_ledger
+from growfam.family.ledger import ConsistencySection, EvalRecord, MemberEntry, read_ledger, write_ledger
 from growfam.model import load_pretrained
 from growfam.text import loss
 
@@ -179,12 +179,10 @@ def evaluate_target(target: Target, opts: EvalOptions) -> list[dict]:
 def _record_member(family_dir: Path, member: Member, record: dict) -> None:
     """Merge `record` into the member's `eval` section of the ledger as it is now on disk."""
     ledger = read_ledger(family_dir)
-    for entry in ledger["modes"].get(member.mode, []):
-        if entry["name"] == member.name:
-            old = entry.get("eval") if isinstance(entry.get("eval"), dict) else {}
-            entry["eval"] = {**old, **record,
-                             "perplexity": {**old.get("perplexity", {}), **record["perplexity"]},
-                             "tasks": {**old.get("tasks", {}), **record["tasks"]}}
+    entry = ledger.member(member.mode, member.name)
+    if entry is not None:
+        new = EvalRecord.from_json(record, "eval", "the measured record")
+        entry.eval = new if entry.eval is None else entry.eval.merged(new)
     write_ledger(family_dir, ledger)
 
 
@@ -245,7 +243,7 @@ def family_consistency(target: Target, pairs: str = "adjacent", windows: int = 6
                      f"{result.kl_large_small:.4f}, acceptance {result.acceptance:.3f}")
             section["modes"][mode] = rows
         ledger = read_ledger(target.family_dir)
-        ledger["consistency"] = section
+        ledger.consistency = ConsistencySection.from_json(section, "consistency", "the measured section")
         write_ledger(target.family_dir, ledger)
     return section
 
@@ -283,29 +281,27 @@ class FamilyEval:
         check_options(self.opts)
         self.family_dir, self.trained = Path(family_dir), False
 
-    def __call__(self, mode: str, entry: dict, trained: bool) -> None:
+    def __call__(self, mode: str, entry: MemberEntry, trained: bool) -> None:
         """Evaluate the member `entry` of `mode` (trained: in this run, not skipped as done)."""
         self.trained |= trained
-        record = entry.get("eval") if isinstance(entry.get("eval"), dict) else {}
-        todo = replace(self.opts, tasks=[t for t in self.opts.tasks if t not in record.get("tasks", {})],
-                       ppl=[s for s in self.opts.ppl if source_key(s) not in record.get("perplexity", {})])
+        record = entry.eval or EvalRecord()
+        todo = replace(self.opts, tasks=[t for t in self.opts.tasks if t not in record.tasks],
+                       ppl=[s for s in self.opts.ppl if source_key(s) not in record.perplexity])
         if todo.tasks or todo.ppl:
-            evaluate_target(resolve_target(FamilyDirectory(self.family_dir).member(mode, entry["name"])), todo)
+            evaluate_target(resolve_target(FamilyDirectory(self.family_dir).member(mode, entry.name)), todo)
 
     def finish(self) -> tuple[list[dict], dict | None]:
         """(every finished member's row as evaluate_target returns them, the consistency section,
         None for a family without a pair). Consistency is measured again when a member was
         trained in this run, or the ledger has none or one made with other pairs / windows."""
         target = resolve_target(self.family_dir)
-        members = [{"name": e["name"], "mode": mode, "dir": str(FamilyDirectory(self.family_dir).member(mode, e["name"])),
-                    "eval": e["eval"]}
-                   for mode in MODES for e in target.ledger["modes"].get(mode, [])
-                   if e.get("done") and isinstance(e.get("eval"), dict)]
+        members = [{"name": e.name, "mode": mode, "dir": str(FamilyDirectory(self.family_dir).member(mode, e.name)),
+                    "eval": e.eval.to_json()}
+                   for mode in MODES for e in target.ledger.members(mode) if e.done and e.eval is not None]
         if all(sum(m.mode == mode for m in target.members) < 2 for mode in MODES):
             return members, None
-        old = target.ledger.get("consistency")
-        asked = {"pairs": old.get("pairs"), "windows": old.get("windows_requested", old.get("windows"))} \
-            if isinstance(old, dict) else {}
-        if self.trained or not asked or any(asked[k] != self.consistency[k] for k in asked if k in self.consistency):
+        old = target.ledger.consistency
+        if self.trained or old is None or any(old.asked[k] != self.consistency[k] for k in old.asked
+                                              if k in self.consistency):
             return members, family_consistency(target, **self.consistency)
-        return members, old
+        return members, old.to_json()

@@ -7,7 +7,8 @@ package turns a FamilyConfig into budgets and members.
   the only module that names its files and folders.
 - `plan`: make_plan -> FamilyPlan / StagePlan: token budgets (Eq. 3-4), steps, FLOPs, peak LRs,
   GpuHours.
-- `ledger`: family.json: read_ledger, write_ledger, check_ledger.
+- `ledger`: family.json as typed records (Ledger, MemberEntry, EvalRecord, ConsistencySection,
+  SpeculativeSection), validated on read: read_ledger, write_ledger, check_same_run.
 - `members`: the members as the commands that use them see them (resolve_target -> Target,
   Member; LoadedMembers).
 - `pipeline`: stage_train_config, ConvergenceStop, check_family, run_family, dataset_dir,
@@ -19,7 +20,15 @@ which imports family/); nothing else imports family/ but the CLI and report/.
 """
 
 from growfam.family.directory import GROWTH_REPORT, LEDGER, MODES, FamilyDirectory
-from growfam.family.ledger import check_ledger, read_ledger, write_ledger
+from growfam.family.ledger import (
+    ConsistencySection,
+    EvalRecord,
+    Ledger,
+    MemberEntry,
+    SpeculativeSection,
+    read_ledger,
+    write_ledger,
+)
 from growfam.family.pipeline import (
     CheckedFamily,
     ConvergenceStop,
@@ -43,13 +52,17 @@ __all__ = [
     "LEDGER",
     "MODES",
     "CheckedFamily",
+    "ConsistencySection",
+    "EvalRecord",
+    "Ledger",
+    "MemberEntry",
+    "SpeculativeSection",
     "FamilyDirectory",
     "ConvergenceStop",
     "FamilyPlan",
     "GpuHours",
     "StagePlan",
     "check_family",
-    "check_ledger",
     "dataset_dir",
     "ensure_dataset",
     "independent_tokens",

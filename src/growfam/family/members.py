@@ -12,14 +12,14 @@ refused before any member is evaluated), and a family's dataset is the one its l
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from growfam.errors import GrowfamError
 from growfam.family.directory import LEDGER, MODES, FamilyDirectory
-from growfam.family.ledger import read_ledger
+from growfam.family.ledger import Ledger, read_ledger
 from growfam.lock import folder_lock
 from growfam.model import check_pretrained, load_pretrained
 from growfam.model.config import ModelConfig
@@ -41,7 +41,7 @@ class Target:
 
     members: list[Member]
     family_dir: Path | None = None
-    ledger: dict = field(default_factory=dict)
+    ledger: Ledger | None = None
 
     def dataset(self):
         """The family's prepared dataset: the ledger's `data`, or FAMILY/data, whichever has the
@@ -50,11 +50,11 @@ class Target:
 
         if self.family_dir is None:
             raise GrowfamError("the validation split needs a family directory (this member is not in one)")
-        recorded = self.ledger.get("data")
-        for candidate in dict.fromkeys(p for p in (recorded and Path(recorded), FamilyDirectory(self.family_dir).data) if p):
+        recorded = self.ledger.data
+        for candidate in dict.fromkeys((Path(recorded), FamilyDirectory(self.family_dir).data)):
             if (candidate / "index.json").is_file():
                 dataset = TokenDataset.open(candidate)
-                if dataset.fingerprint() == self.ledger.get("data_fingerprint"):
+                if dataset.fingerprint() == self.ledger.data_fingerprint:
                     return dataset
         raise GrowfamError(f"{self.family_dir}: its dataset ({recorded}) is missing or is not the one the "
                            "family was trained on (family.json data / data_fingerprint)")
@@ -70,7 +70,7 @@ class Target:
     def window(self) -> int:
         """Context of the perplexity and consistency windows: the family's training seq_len (the
         same windows for every member), else the member's max_seq_len."""
-        stages = self.ledger.get("plan", {}).get("stages") or []
+        stages = self.ledger.plan.get("stages") or [] if self.ledger is not None else []
         lengths = [s["seq_len"] for s in stages if isinstance(s, dict) and isinstance(s.get("seq_len"), int)]
         return min(lengths + [m.config.max_seq_len for m in self.members])
 
@@ -110,8 +110,8 @@ def resolve_target(path: str | Path) -> Target:
         raise GrowfamError(f"{path}: {'not a directory' if path.exists() else 'no such directory'}")
     if FamilyDirectory(path).ledger.is_file():
         ledger = read_ledger(path)
-        members = [_member(m["name"], mode, FamilyDirectory(path).member(mode, m["name"]))
-                   for mode in MODES for m in ledger["modes"].get(mode, []) if m.get("done")]
+        members = [_member(m.name, mode, FamilyDirectory(path).member(mode, m.name))
+                   for mode in MODES for m in ledger.members(mode) if m.done]
         if not members:
             raise GrowfamError(f"{path}: the family has no finished member yet")
         return Target(members, path, ledger)
@@ -122,6 +122,7 @@ def resolve_target(path: str | Path) -> Target:
     if inside is not None:
         family, mode = inside
         ledger = read_ledger(family.root)
-        if any(m["name"] == path.name and m.get("done") for m in ledger["modes"].get(mode, [])):
+        entry = ledger.member(mode, path.name)
+        if entry is not None and entry.done:
             return Target([_member(path.name, mode, path)], family.root, ledger)
     return Target([_member(path.name, None, path)])

@@ -31,6 +31,7 @@ AdamW moments); train() sends the grown state from rank 0 to the others' sharded
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import time
@@ -45,7 +46,7 @@ from growfam.config import PLANNED, FamilyConfig, GrowthConfig
 from growfam.data import DEFAULT_TOKENIZER, TokenDataset, load_tokenizer, token_rows
 from growfam.errors import ConfigError, GrowfamError
 from growfam.family.directory import MODES, FamilyDirectory
-from growfam.family.ledger import _check_same_run, read_ledger, write_ledger
+from growfam.family.ledger import Ledger, MemberEntry, check_same_run, read_ledger, write_ledger
 from growfam.family.plan import FamilyPlan, make_plan
 from growfam.io import atomic_directory, atomic_write_text, check_folder, read_json, remove_stale_temporaries
 from growfam.model import copy_tokenizer_files, load_pretrained, resolve_config
@@ -174,13 +175,13 @@ def _grow_from(prev_run: Path, tcfg: TrainConfig, target, growth: GrowthConfig, 
     return model, optimizer, report
 
 
-def _progressive_tokens(plan: FamilyPlan, index: int, done: list[dict]) -> float:
+def _progressive_tokens(plan: FamilyPlan, index: int, done: list[MemberEntry]) -> float:
     """Stage `index`'s budget: the plan's Eq. 4 value, or, when an earlier stage grew early
     (converged schedule), Eq. 4 recomputed from the tokens the earlier stages really used."""
     stage = plan.stages[index]
-    if not any(m.get("stopped_early") for m in done):
+    if not any(m.stopped_early for m in done):
         return stage.tokens_progressive
-    spent = sum(plan.stages[j].params * (m["tokens"] + plan.stages[j].given_tokens) for j, m in enumerate(done))
+    spent = sum(plan.stages[j].params * (m.tokens + plan.stages[j].given_tokens) for j, m in enumerate(done))
     tokens = stage.tokens_independent - spent / stage.params
     if tokens <= 0:
         raise GrowfamError(f"stage {stage.name}: earlier stages already used its whole budget")
@@ -199,14 +200,14 @@ def _probe_batch(dataset, seq_len: int, n_tokens: int) -> torch.Tensor | None:
 @dataclass
 class CheckedFamily:
     """What `check_family` validated. header: the ledger fields every run of this family in
-    this directory must repeat (all but the data fingerprint); ledger: the directory's ledger
-    so far ({} for a new family)."""
+    this directory must repeat (all but the data fingerprint), as JSON values; ledger: the
+    directory's ledger so far (None for a new family)."""
 
     modes: tuple[str, ...]
     plan: FamilyPlan
     growth: GrowthConfig
     header: dict
-    ledger: dict
+    ledger: Ledger | None
 
 
 def check_family(family: FamilyConfig, out_dir: str | Path, modes: str | tuple[str, ...] = MODES,
@@ -235,16 +236,15 @@ def check_family(family: FamilyConfig, out_dir: str | Path, modes: str | tuple[s
         raise ConfigError("growth.schedule converged watches the validation loss, which train.eval_batches 0 "
                           "turns off")
     ledger = read_ledger(out_dir)
-    _check_same_run(ledger, header, out_dir)
+    check_same_run(ledger, header, out_dir)
     return CheckedFamily(modes, plan, growth, header, ledger)
 
 
-def _forget(ledger: dict, mode: str, names: list[str]) -> None:
+def _forget(ledger: Ledger, mode: str, names: list[str]) -> None:
     """Drop the consistency rows of `mode` that name a member about to be trained again."""
-    by_mode = ledger.get("consistency", {}).get("modes") if isinstance(ledger.get("consistency"), dict) else None
-    if isinstance(by_mode, dict) and isinstance(by_mode.get(mode), list):
-        by_mode[mode] = [r for r in by_mode[mode]
-                         if not (isinstance(r, dict) and {r.get("small"), r.get("large")} & set(names))]
+    if ledger.consistency is not None and mode in ledger.consistency.modes:
+        ledger.consistency.modes[mode] = [r for r in ledger.consistency.modes[mode]
+                                          if not {r["small"], r["large"]} & set(names)]
 
 
 def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: str | tuple[str, ...] = MODES,
@@ -271,12 +271,12 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
         raise ConfigError(f"the dataset's tokenizer has {dataset.vocab_size} tokens but the family's "
                           f"vocab_size is {family.members[0].vocab_size}")
     fresh = {**checked.header, "data_fingerprint": dataset.fingerprint()}
-    _check_same_run(checked.ledger, fresh, out_dir)
-    ledger = {**checked.ledger, **fresh, "data": str(data), "modes": checked.ledger.get("modes", {})}
+    check_same_run(checked.ledger, fresh, out_dir)
+    ledger = _started(checked.ledger, fresh, str(data))
     job = _FamilyRun(family, checked.plan, checked.growth, out_dir, str(data), dataset, fixed_data, given,
                      log if main else (lambda line: None), main)
 
-    def published(mode: str, entry: dict, trained: bool) -> dict:
+    def published(mode: str, entry: MemberEntry, trained: bool) -> Ledger:
         """The ledger once rank 0 has run on_member on the member (the others wait for it)."""
         def evaluate():
             if on_member is not None:
@@ -290,19 +290,19 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
         on_main(lambda: held.enter_context(folder_lock(out_dir, "; the family's members and ledger go there")))
         on_main(lambda: _start_ledger(out_dir, ledger))
         for mode in checked.modes:
-            members = ledger["modes"].setdefault(mode, [])
+            members = ledger.modes.setdefault(mode, [])
             for i, stage in enumerate(checked.plan.stages):
-                if i < len(members) and members[i].get("done"):
-                    job.log(f"[{mode}] {stage.name}: done (val loss {loss(members[i]['val_loss'])})")
+                if i < len(members) and members[i].done:
+                    job.log(f"[{mode}] {stage.name}: done (val loss {loss(members[i].val_loss)})")
                     ledger = published(mode, members[i], False)
-                    members = ledger["modes"][mode]
+                    members = ledger.modes[mode]
                     continue
-                _forget(ledger, mode, [m.get("name") for m in members[i:]])
+                _forget(ledger, mode, [m.name for m in members[i:]])
                 del members[i:]
                 members.append(_build_stage(job, mode, i, members))
                 on_main(lambda: write_ledger(out_dir, ledger))
                 ledger = published(mode, members[-1], True)
-                members = ledger["modes"][mode]
+                members = ledger.modes[mode]
     return ledger
 
 
@@ -324,14 +324,22 @@ class _FamilyRun:
     given_loss: float | None = None
 
 
-def _start_ledger(out_dir: Path, ledger: dict) -> None:
+def _started(old: Ledger | None, fresh: dict, data: str) -> Ledger:
+    """The ledger a run starts from: the directory's (its members, evaluations and sections
+    kept) with this run's header, or a new one."""
+    if old is None:
+        return Ledger(**fresh, data=data, modes={})
+    return dataclasses.replace(old, data=data, **fresh)
+
+
+def _start_ledger(out_dir: Path, ledger: Ledger) -> None:
     """Rank 0, once the lock is held: remove what a killed run left, write the ledger."""
     for folder in (out_dir, *(FamilyDirectory(out_dir).mode(mode) for mode in MODES)):
         remove_stale_temporaries(folder)
     write_ledger(out_dir, ledger)
 
 
-def _build_stage(job: _FamilyRun, mode: str, i: int, members: list[dict]) -> dict:
+def _build_stage(job: _FamilyRun, mode: str, i: int, members: list[MemberEntry]) -> MemberEntry:
     """Train (growing it first in progressive mode) or resume stage `i` of `mode`, publish the
     member (rank 0) and return its ledger entry. members: the mode's finished members before it."""
     plan, growth, out_dir, log = job.plan, job.growth, job.out_dir, job.log
@@ -376,24 +384,19 @@ def _build_stage(job: _FamilyRun, mode: str, i: int, members: list[dict]) -> dic
         result = train(tcfg, model, optimizer, dataset=job.dataset, on_eval=stop)
     member_dir = FamilyDirectory(out_dir).member(mode, stage.name)
     on_main(lambda: _publish(result, member_dir))
-    flops_before = members[-1]["cum_flops"] if (members and mode == "progressive") else stage.given_flops
-    entry = {
-        "name": stage.name, "dir": str(member_dir),
-        "config": resolve_config(result.hf_dir).replace(name=stage.name).to_dict(),
-        "params": stage.params, "nonembedding_params": stage.nonembedding_params,
-        "total_params": stage.total_params, "tokens": result.tokens, "planned_tokens": tokens,
-        "steps": result.steps, "flops": result.flops, "flops_attn": result.flops_attn,
-        "cum_flops": flops_before + result.flops, "val_loss": result.val_loss,
-        "train_loss": result.train_loss, "max_lr": tcfg.max_lr, "wall_s": result.wall_s,
-        "session_wall_s": time.perf_counter() - start, "spikes": result.spikes,
-        "rollbacks": result.rollbacks, "stopped_early": result.stopped_early,
-        "growth": read_json(growth_report) if growth_report.exists() else None,
-        "done": True,
-    }
-    if stage.given_tokens:
-        entry["given"] = {"dir": job.family.start_from, "tokens": stage.given_tokens, "flops": stage.given_flops}
-    if stop is not None:
-        entry["growth_point"] = {"step": result.steps, "val_loss_slope": stop.last_slope}
+    flops_before = members[-1].cum_flops if (members and mode == "progressive") else stage.given_flops
+    entry = MemberEntry(
+        name=stage.name, dir=str(member_dir), config=resolve_config(result.hf_dir).replace(name=stage.name).to_dict(),
+        params=stage.params, nonembedding_params=stage.nonembedding_params, total_params=stage.total_params,
+        tokens=result.tokens, planned_tokens=tokens, steps=result.steps, flops=result.flops,
+        flops_attn=result.flops_attn, cum_flops=flops_before + result.flops, val_loss=result.val_loss,
+        train_loss=result.train_loss, max_lr=tcfg.max_lr, wall_s=result.wall_s,
+        session_wall_s=time.perf_counter() - start, spikes=result.spikes, rollbacks=result.rollbacks,
+        stopped_early=result.stopped_early, growth=read_json(growth_report) if growth_report.exists() else None,
+        done=True,
+        given={"dir": job.family.start_from, "tokens": stage.given_tokens, "flops": stage.given_flops}
+        if stage.given_tokens else None,
+        growth_point={"step": result.steps, "val_loss_slope": stop.last_slope} if stop is not None else None)
     log(f"[{mode}] {stage.name}: val loss {loss(result.val_loss)}, {result.tokens:,} tokens, "
         f"{result.flops:.3g} FLOPs, {result.wall_s:.0f} s")
     return entry

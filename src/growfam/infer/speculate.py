@@ -32,7 +32,7 @@ from growfam.checks import as_int, as_number
 from growfam.errors import ConfigError, GrowfamError
 from growfam.eval.consistency import chunk_divergence
 from growfam.family.members import LoadedMembers, Member, Target
-from growfam.family.ledger import read_ledger, write_ledger
+from growfam.family.ledger import SpeculativeSection, read_ledger, write_ledger
 from growfam.infer.generate import Generation, generate, speculative_generate
 
 PROG, IND = "progressive", "independent"
@@ -81,9 +81,7 @@ def speculative_pairs(target: Target, pairs: str = "adjacent") -> list[tuple[Mem
     smaller one only with pairs="adjacent"), in the COMBINATIONS of modes whose two members
     are both finished. Sizes are ordered as the family's plan lists them (as the ledger lists the
     members when the plan names none)."""
-    plan = target.ledger.get("plan", {}).get("stages", [])
-    stages = [s["name"] for s in plan if isinstance(s, dict) and isinstance(s.get("name"), str)] \
-        or list(dict.fromkeys(m.name for m in target.members))
+    stages = target.ledger.stage_names
     found = {(m.mode, m.name): m for m in target.members}
     out = []
     for j, large in enumerate(stages):
@@ -174,7 +172,7 @@ def family_speculative(target: Target, opts: SpeculateOptions) -> dict:
         section = {"growfam": __version__, **{k: v for k, v in asdict(opts).items() if k != "device"},
                    "device": str(device), "dtype": "float32", "threads": torch.get_num_threads(), "rows": rows}
         ledger = read_ledger(target.family_dir)
-        ledger["speculative"] = section
+        ledger.speculative = SpeculativeSection.from_json(section, "speculative", "the measured section")
         write_ledger(target.family_dir, ledger)
     return section
 

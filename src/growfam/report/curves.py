@@ -18,6 +18,7 @@ from pathlib import Path
 
 from growfam.errors import ConfigError
 from growfam.family.directory import FamilyDirectory
+from growfam.family.ledger import Ledger
 from growfam.train.metrics import read_metrics
 
 #: Where a member's run lives in a family directory.
@@ -75,29 +76,29 @@ def run_points(path: Path, tokens_per_step: float) -> tuple[list[tuple[float, fl
     return train, val
 
 
-def member_curves(family_dir: Path, ledger: dict, mode: str) -> tuple[list[MemberCurve], list[str]]:
+def member_curves(family_dir: Path, ledger: Ledger, mode: str) -> tuple[list[MemberCurve], list[str]]:
     """The curves of `mode`'s finished members, in order, and a note per member whose run
     cannot be drawn (no metrics.jsonl, no steps)."""
     curves, missing, previous = [], [], None
     offset = spent = 0.0  # the progressive stage's start; the mode's FLOPs through this member
-    for entry in ledger.get("modes", {}).get(mode, []):
-        if not entry.get("done"):
-            missing.append(f"{mode}/{entry['name']} has not finished")
+    for entry in ledger.members(mode):
+        if not entry.done:
+            missing.append(f"{mode}/{entry.name} has not finished")
             break
-        spent = entry["cum_flops"] if mode == "progressive" else spent + entry["flops"]
-        path = FamilyDirectory(family_dir).run(mode, entry["name"]) / METRICS
-        steps = entry.get("steps")
+        spent = entry.cum_flops if mode == "progressive" else spent + entry.flops
+        path = FamilyDirectory(family_dir).run(mode, entry.name) / METRICS
+        steps = entry.steps
         if not path.is_file():
-            missing.append(f"{mode}/{entry['name']}: no {path.relative_to(family_dir)}")
-        elif not isinstance(steps, int) or steps <= 0 or entry["tokens"] <= 0:
-            missing.append(f"{mode}/{entry['name']}: the ledger records no steps")
+            missing.append(f"{mode}/{entry.name}: no {path.relative_to(family_dir)}")
+        elif not isinstance(steps, int) or steps <= 0 or entry.tokens <= 0:
+            missing.append(f"{mode}/{entry.name}: the ledger records no steps")
         else:
-            train, val = run_points(path, entry["tokens"] / steps)
+            train, val = run_points(path, entry.tokens / steps)
             start = None
-            if mode == "progressive" and previous is not None and previous["val_loss"] is not None:
-                probe = (entry.get("growth") or {}).get("probe") or {}
-                start = (offset, previous["val_loss"] + (_number(probe.get("dloss")) or 0.0))
-            curves.append(MemberCurve(mode, entry["name"], offset, entry["flops"] / entry["tokens"], spent,
+            if mode == "progressive" and previous is not None and previous.val_loss is not None:
+                probe = (entry.growth or {}).get("probe") or {}
+                start = (offset, previous.val_loss + (_number(probe.get("dloss")) or 0.0))
+            curves.append(MemberCurve(mode, entry.name, offset, entry.flops / entry.tokens, spent,
                                       train, val, start))
         previous = entry
         offset = spent if mode == "progressive" else 0.0

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from growfam.checks import as_mapping
 from growfam.errors import ConfigError
 from growfam.eval.tables import consistency_note, consistency_rows, eval_note, eval_rows
-from growfam.family.ledger import LEDGER
+from growfam.family.directory import FamilyDirectory
+from growfam.family.ledger import MemberEntry
 from growfam.text import loss, sci
 from growfam.report.source import FamilySource
 from growfam.report.tables import comparison_rows, family_flops, plan_rows, speculative_rows
@@ -73,13 +73,13 @@ def _no_curves(source: FamilySource, modes: Sequence[str] = ("progressive", "ind
 # --------------------------------------------------------------------------------------------
 
 
-def _largest(source: FamilySource) -> tuple[dict | None, dict | None]:
+def _largest(source: FamilySource) -> tuple[MemberEntry | None, MemberEntry | None]:
     """The largest member's ledger entries (progressive, independent); None where it is missing."""
     prog, ind = source.members("progressive"), source.members("independent")
-    name = (prog or ind)[-1]["name"] if (prog or ind) else None
+    name = (prog or ind)[-1].name if (prog or ind) else None
 
     def find(members):
-        return next((m for m in members if m["name"] == name), None)
+        return next((m for m in members if m.name == name), None)
 
     return find(prog), find(ind)
 
@@ -87,7 +87,7 @@ def _largest(source: FamilySource) -> tuple[dict | None, dict | None]:
 def _largest_equal_loss(source: FamilySource):
     """The largest member's EqualLoss, or None when it cannot be computed."""
     results, (prog, _) = source.equal_loss(), _largest(source)
-    return results[-1] if results and prog is not None and results[-1].member == prog["name"] else None
+    return results[-1] if results and prog is not None and results[-1].member == prog.name else None
 
 
 def _saved(totals: tuple[float, float]) -> str:
@@ -110,9 +110,9 @@ def headline(source: FamilySource) -> list[str]:
         lines.append(f"family FLOPs (6ND): progressive {sci(totals[0])}, independent {sci(totals[1])} "
                      f"({_saved(totals)} saved)")
     prog, ind = _largest(source)
-    if prog is not None and ind is not None and prog["val_loss"] is not None and ind["val_loss"] is not None:
-        lines.append(f"{prog['name']} val loss: progressive {loss(prog['val_loss'])}, independent "
-                     f"{loss(ind['val_loss'])} (Δ {prog['val_loss'] - ind['val_loss']:+.4f})")
+    if prog is not None and ind is not None and prog.val_loss is not None and ind.val_loss is not None:
+        lines.append(f"{prog.name} val loss: progressive {loss(prog.val_loss)}, independent "
+                     f"{loss(ind.val_loss)} (Δ {prog.val_loss - ind.val_loss:+.4f})")
     if (r := _largest_equal_loss(source)) is not None:
         lines.append(f"{r.member} FLOPs to equal loss (the independent {r.member}'s final val loss "
                      f"{loss(r.target_loss)}): {equal_loss_text(r)}")
@@ -133,11 +133,11 @@ _SIDE_BY_SIDE = ("family", "growth", "max LR", "family FLOPs progressive", "fami
 def _headline_cells(source: FamilySource) -> list[str]:
     """One family's column of the side-by-side table, in _SIDE_BY_SIDE's order."""
     totals, (prog, ind), r = family_flops(source.ledger), _largest(source), _largest_equal_loss(source)
-    growth = source.ledger["growth"]
+    growth = source.ledger.growth
     return [source.name, f"{growth.get('width')} / {growth.get('depth')}",
-            _lr_text(source.ledger.get("plan", {}).get("lr", {})),
+            _lr_text(source.ledger.plan.get("lr", {})),
             *((sci(totals[0]), sci(totals[1]), _saved(totals)) if totals else ("-",) * 3),
-            (prog or ind or {}).get("name", "-"), loss((prog or {}).get("val_loss")), loss((ind or {}).get("val_loss")),
+            (prog or ind).name if (prog or ind) else "-", loss(prog and prog.val_loss), loss(ind and ind.val_loss),
             "-" if r is None else f"{100 * r.saving:.1f}% fewer" if r.saving is not None
             else f"not reached ({r.gap:+.4f} nats)"]
 
@@ -205,16 +205,16 @@ def _tables_1_2(source: FamilySource, h: str) -> list[str]:
     if (totals := family_flops(source.ledger)) is not None:
         out += [f"Family FLOPs (6ND): progressive {sci(totals[0])}, independent {sci(totals[1])}, "
                 f"{_saved(totals)} saved. Δ = progressive − independent.", ""]
-    records = [{"name": m["name"], "mode": mode, "eval": m["eval"]}
-               for mode in ("progressive", "independent") for m in source.members(mode) if isinstance(m.get("eval"), dict)]
+    records = [{"name": m.name, "mode": mode, "eval": m.eval.to_json()}
+               for mode in ("progressive", "independent") for m in source.members(mode) if m.eval is not None]
     if not records:
         return out + ["No evaluation recorded (perplexity, zero-shot tasks): "
                       + _run("eval DIR", source) + " (`--limit 50` for a quick look).", ""]
     out += markdown_table(eval_rows(records)) + [""]
     if (note := eval_note(records)) is not None:
         out += [note + ".", ""]
-    lacking = [f"{mode}/{m['name']}" for mode in ("progressive", "independent") for m in source.members(mode)
-               if m.get("done") and not isinstance(m.get("eval"), dict)]
+    lacking = [f"{mode}/{m.name}" for mode in ("progressive", "independent") for m in source.members(mode)
+               if m.done and m.eval is None]
     if lacking:
         out += [f"Not evaluated: {', '.join(lacking)}; " + _run("eval DIR", source) + ".", ""]
     return out
@@ -232,26 +232,22 @@ def _training(source: FamilySource, figures: dict, h: str) -> list[str]:
 
 def _table_4(source: FamilySource, h: str) -> list[str]:
     out = [f"{h} Table 4: consistency between adjacent members", ""]
-    section = source.ledger.get("consistency")
-    if not isinstance(section, dict) or not any(section.get("modes", {}).values()):
+    section = source.ledger.consistency
+    if section is None or not any(section.modes.values()):
         return out + ["No consistency measured: " + _run("consistency DIR", source) + ".", ""]
-    return out + markdown_table(*consistency_rows(section)) + ["", consistency_note(section) + ".", ""]
+    return out + markdown_table(*consistency_rows(section.to_json())) + ["", consistency_note(section.to_json()) + ".", ""]
 
 
 def _table_5(source: FamilySource, h: str) -> list[str]:
     out = [f"{h} Table 5: speculative decoding", ""]
-    section = source.ledger.get("speculative")
+    section = source.ledger.speculative
     if section is None:
         return out + ["No speculative decoding measured: " + _run("speculate DIR", source) + ".", ""]
-    section = as_mapping(section, "speculative")
-    rows = section.get("rows")
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise ConfigError("speculative.rows must be a list of mappings")
-    for temperature in dict.fromkeys(r["temperature"] for r in rows):
-        out += [f"Temperature {temperature:g}:", ""] + markdown_table(*speculative_rows(rows, temperature)) + [""]
-    out += [f"k = {section.get('k')} drafted tokens per target call; {section.get('prompts')} prompts of "
-            f"{section.get('prompt_tokens')} tokens, {section.get('max_new_tokens')} new tokens each; "
-            f"{section.get('device')}, {section.get('dtype')}. Acceptance = accepted / drafted tokens; "
+    for temperature in dict.fromkeys(r["temperature"] for r in section.rows):
+        out += [f"Temperature {temperature:g}:", ""] + markdown_table(*speculative_rows(section.rows, temperature)) + [""]
+    out += [f"k = {section.option('k')} drafted tokens per target call; {section.option('prompts')} prompts of "
+            f"{section.option('prompt_tokens')} tokens, {section.option('max_new_tokens')} new tokens each; "
+            f"{section.option('device')}, {section.option('dtype')}. Acceptance = accepted / drafted tokens; "
             "speed-up = tokens/s with the draft over tokens/s of the target alone; "
             "columns: draft mode → target mode.", ""]
     return out
@@ -259,7 +255,7 @@ def _table_5(source: FamilySource, h: str) -> list[str]:
 
 def _plan(source: FamilySource, h: str) -> list[str]:
     out = [f"{h} The plan", ""]
-    plan = source.ledger.get("plan", {})
+    plan = source.ledger.plan
     if not plan.get("stages"):
         return out + ["The ledger records no plan.", ""]
     totals = plan["totals"]
@@ -275,14 +271,14 @@ def _plan(source: FamilySource, h: str) -> list[str]:
 
 def _growth(source: FamilySource, h: str) -> list[str]:
     out = [f"{h} Growth steps", ""]
-    steps = [m for m in source.members("progressive") if isinstance(m.get("growth"), dict)]
+    steps = [m for m in source.members("progressive") if m.growth is not None]
     if not steps:
         return out + ["No growth recorded (no progressive stage after the first): "
                       + _build_command(source, "progressive") + ".", ""]
     rows = [["step", "width / depth", "optimizer", "probe loss before", "after", "Δ loss", "max |Δlogits|",
              "copied", "split", "new"]]
     for m in steps:
-        g = m["growth"]
+        g = m.growth
         probe, totals = g.get("probe") or {}, g.get("totals") or {}
         rows.append([f"{g['source']['name']} -> {g['target']['name']}", f"{g.get('width')} / {g.get('depth')}",
                      str(g.get("optimizer")), loss(probe.get("loss_source")), loss(probe.get("loss_grown")),
@@ -313,7 +309,7 @@ def family_sections(source: FamilySource, figures: dict, level: int) -> list[str
             out += section()
         except (ConfigError, KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
             detail = str(err) if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}"
-            raise ConfigError(f"{source.path / LEDGER}: cannot report its {name} ({detail})") from None
+            raise ConfigError(f"{FamilyDirectory(source.path).ledger}: cannot report its {name} ({detail})") from None
     return out
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from growfam.errors import ConfigError
 from growfam.family.directory import LEDGER, MODES, FamilyDirectory
-from growfam.family.ledger import read_ledger
+from growfam.family.ledger import Ledger, MemberEntry, read_ledger
 from growfam.report.curves import MemberCurve, member_curves
 from growfam.report.equal_flops import EqualLoss, flops_to_equal_loss
 
@@ -21,14 +21,14 @@ class FamilySource:
 
     path: Path
     label: str
-    ledger: dict
+    ledger: Ledger
     curves: dict[str, list[MemberCurve]] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         """The family's name as its plan records it ("family" when it does not)."""
-        name = self.ledger.get("plan", {}).get("name")
+        name = self.ledger.plan.get("name")
         return name if isinstance(name, str) else "family"
 
     @property
@@ -36,8 +36,8 @@ class FamilySource:
         """The label as a file-name prefix."""
         return re.sub(r"[^A-Za-z0-9._-]+", "-", self.label).strip("-.") or "family"
 
-    def members(self, mode: str) -> list[dict]:
-        return self.ledger.get("modes", {}).get(mode, [])
+    def members(self, mode: str) -> list[MemberEntry]:
+        return self.ledger.members(mode)
 
     def equal_loss(self) -> list[EqualLoss]:
         return flops_to_equal_loss(self.curves.get("progressive", []), self.curves.get("independent", []))
@@ -45,8 +45,7 @@ class FamilySource:
     def protected(self) -> list[Path]:
         """What a report must never write over or into: the ledger, the members, the runs and
         the dataset."""
-        data = self.ledger.get("data")
-        return [*FamilyDirectory(self.path).protected(), *([Path(data)] if isinstance(data, str) else [])]
+        return [*FamilyDirectory(self.path).protected(), Path(self.ledger.data)]
 
 
 def load_family(path: str | Path, label: str | None = None) -> FamilySource:
@@ -55,7 +54,7 @@ def load_family(path: str | Path, label: str | None = None) -> FamilySource:
     if not path.is_dir():
         raise ConfigError(f"{path}: not a family directory ({'a file' if path.exists() else 'no such directory'})")
     ledger = read_ledger(path)
-    if not ledger:
+    if ledger is None:
         raise ConfigError(f"{path}: not a family directory (no {LEDGER}; `growfam family run` writes one)")
     source = FamilySource(path, label or path.resolve().name, ledger)
     for mode in MODES:

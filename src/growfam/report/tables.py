@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from growfam.config import CHINCHILLA_TOKENS_PER_PARAM, FamilyConfig
+from growfam.family.ledger import Ledger
 from growfam.family.plan import FamilyPlan, GpuHours
 from growfam.model import num_params
 from growfam.train.memory import fsdp_memory
@@ -91,17 +92,16 @@ def format_memory(family: FamilyConfig, gpus: int, micro_batch: int, checkpoint_
 # --------------------------------------------------------------------------------------------
 
 
-def comparison_rows(ledger: dict) -> list[list[str]]:
+def comparison_rows(ledger: Ledger) -> list[list[str]]:
     """Per member (a header, then a row each): parameters, tokens, validation loss and FLOPs,
     Progressive vs Independent, and Δ val = progressive − independent."""
-    modes = ledger.get("modes", {})
-    prog, ind = modes.get("progressive", []), modes.get("independent", [])
-    names = [m["name"] for m in (prog if len(prog) >= len(ind) else ind)]
+    prog, ind = ledger.members("progressive"), ledger.members("independent")
+    names = [m.name for m in (prog if len(prog) >= len(ind) else ind)]
     rows = [["member", "params", "tokens prog", "tokens ind", "val prog", "val ind", "Δ val",
              "FLOPs prog (cum)", "FLOPs ind"]]
 
     def get(members, i, key):
-        return members[i][key] if i < len(members) and members[i].get(key) is not None else None
+        return getattr(members[i], key) if i < len(members) else None
 
     for i, name in enumerate(names):
         vp, vi = get(prog, i, "val_loss"), get(ind, i, "val_loss")
@@ -114,27 +114,26 @@ def comparison_rows(ledger: dict) -> list[list[str]]:
     return rows
 
 
-def family_flops(ledger: dict) -> tuple[float, float] | None:
+def family_flops(ledger: Ledger) -> tuple[float, float] | None:
     """(progressive, independent) FLOPs of the whole family (6ND), when both modes have every
     member and the independent total is positive; else None."""
-    modes = ledger.get("modes", {})
-    prog, ind = modes.get("progressive", []), modes.get("independent", [])
-    total_i = sum(m["flops"] for m in ind)
+    prog, ind = ledger.members("progressive"), ledger.members("independent")
+    total_i = sum(m.flops for m in ind)
     if prog and ind and len(prog) == len(ind) and total_i > 0:
-        return prog[-1]["cum_flops"], total_i
+        return prog[-1].cum_flops, total_i
     return None
 
 
-def format_comparison(ledger: dict) -> str:
+def format_comparison(ledger: Ledger) -> str:
     """Per member: validation loss and FLOPs, Progressive vs Independent, and the family saving."""
     lines = text_table(comparison_rows(ledger))
     totals = family_flops(ledger)
     if totals is not None:
-        (total_p, total_i), modes = totals, ledger["modes"]
+        total_p, total_i = totals
+        wall = [sum(m.wall_s for m in ledger.members(mode)) for mode in ("progressive", "independent")]
         lines.append("")
         lines.append(f"family FLOPs (6ND): progressive {total_p:.3g}, independent {total_i:.3g} — "
-                     f"{1 - total_p / total_i:.1%} saved; wall time {sum(m['wall_s'] for m in modes['progressive']):.0f} s "
-                     f"vs {sum(m['wall_s'] for m in modes['independent']):.0f} s")
+                     f"{1 - total_p / total_i:.1%} saved; wall time {wall[0]:.0f} s vs {wall[1]:.0f} s")
     return "\n".join(lines)
 
 # --------------------------------------------------------------------------------------------
