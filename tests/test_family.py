@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import growfam.family.pipeline as family
+import growfam.family.stage as family
 from growfam.cli import main
 from growfam.config import DataConfig, FamilyConfig, GrowthConfig
 from growfam.data import prepare
@@ -254,7 +254,7 @@ def no_prepare(monkeypatch):
     """Data preparation fails the test: these inputs must be refused before it."""
     def prepare(*args, **kwargs):
         raise AssertionError("the data was prepared before the input was checked")
-    monkeypatch.setattr("growfam.data.prepare", prepare)
+    monkeypatch.setattr("growfam.data.config.prepare", prepare)
 
 
 def test_a_family_directory_refuses_a_changed_train_section(tmp_path, dataset, monkeypatch):

@@ -295,7 +295,7 @@ def test_bad_parallel_settings_are_one_line_and_exit_2(tmp_path, monkeypatch, ca
 
 def test_the_memory_estimate_counts_the_models_tensors_and_shards_them():
     from growfam.model import Llama, ModelConfig
-    from growfam.train.memory import fsdp_memory
+    from growfam.family.memory import fsdp_memory
 
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=128, max_seq_len=32)
     params = sum(p.numel() for p in Llama(cfg).parameters())

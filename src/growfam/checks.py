@@ -6,10 +6,11 @@ importing each other. Imports only growfam.errors.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from growfam.errors import ConfigError
 
@@ -86,3 +87,18 @@ def per_stage(value: Any, n: int, what: str, convert) -> list:
             raise ConfigError(f"{what} has {len(value)} entries for {n} members")
         return [convert(v, f"{what}[{i}]") for i, v in enumerate(value)]
     return [convert(value, what)] * n
+
+
+class Section:
+    """A YAML section as a dataclass named `key`: unknown keys are errors, None means defaults."""
+
+    key: ClassVar[str]
+
+    @classmethod
+    def from_dict(cls, data: Any):
+        data = {} if data is None else as_mapping(data, cls.key)
+        check_keys(data, [f.name for f in dataclasses.fields(cls)], cls.key)
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,9 +1,10 @@
 """The one config tree: a family YAML as a `FamilyConfig`, every section validated on load.
 
 The plan fields sit at the YAML's top level (name, members, tokens, count, nominal, batch_size,
-seq_len, lr: LRPolicy); each later pipeline step owns one typed section: `growth`
-(GrowthConfig), `data` (DataConfig), `train` (TrainConfig overrides the plan leaves free) and
-`eval` (EvalConfig).
+seq_len, lr: LRPolicy); each later pipeline step owns one typed section, defined in the package
+of its stage and gathered here: `lr` (LRPolicy, train/config.py), `growth` (GrowthConfig,
+grow/config.py), `data` (DataConfig, data/config.py), `train` (TrainConfig overrides the plan
+leaves free) and `eval` (EvalConfig).
 `load_family_config` finds a shipped family (growfam/configs) or reads a YAML path;
 `make_plan` (family.plan) turns a FamilyConfig into per-stage budgets. Training defaults (peak
 LR, LR floor) are written once, next to TrainConfig.
@@ -18,17 +19,20 @@ import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal
 
-from growfam.checks import as_choice, as_int, as_mapping, as_number, check_keys, per_stage
-from growfam.data import DEFAULT_TOKENIZER, DEFAULT_VAL_FRACTION
+from growfam.checks import Section, as_choice, as_int, as_mapping, as_number, check_keys, per_stage
+from growfam.data.config import DataConfig
 from growfam.errors import ConfigError
-from growfam.grow import DEPTH_OPS, OPTIMIZER_MODES, WIDTH_OPS
-from growfam.grow.growth import DEFAULT_DEPTH, DEFAULT_WIDTH, carry_over, lookup
+from growfam.grow.config import GrowthConfig
+from growfam.grow.growth import carry_over
 from growfam.io import read_yaml
 from growfam.model import PRESETS, ModelConfig, num_params, read_hf_config, resolve_config
 from growfam.text import si
-from growfam.train.config import DEFAULT_MAX_LR, DEFAULT_MIN_LR_RATIO, ParallelConfig, TrainConfig, check_seq_len
+from growfam.train.config import LRPolicy, ParallelConfig, TrainConfig, check_seq_len
+
+__all__ = ["DataConfig", "EvalConfig", "FamilyConfig", "GrowthConfig", "LRPolicy", "load_family_config",
+           "shipped_families"]
 
 Count = Literal["nonembedding", "total", "nominal"]
 COUNTS: tuple[str, ...] = ("nonembedding", "total", "nominal")
@@ -45,116 +49,8 @@ PLANNED = ("model", "data", "out_dir", "max_steps", "max_tokens", "batch_size", 
            "min_lr", "min_lr_ratio", "max_unique_tokens")
 
 
-class _Section:
-    """A YAML section as a dataclass named `key`: unknown keys are errors, None means defaults."""
-
-    key: ClassVar[str]
-
-    @classmethod
-    def from_dict(cls, data: Any):
-        data = {} if data is None else as_mapping(data, cls.key)
-        check_keys(data, [f.name for f in dataclasses.fields(cls)], cls.key)
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
 @dataclass
-class LRPolicy(_Section):
-    """Peak (max) learning rate of each stage's cosine schedule.
-
-    policy "fixed": every stage peaks at `max` (None: DEFAULT_MAX_LR). policy "linear": the
-    peak goes linearly from `start` (first stage) to `end` (last stage), interpolated by stage
-    index (`by: index`) or by the counted parameter size (`by: params`). `min_ratio` is the
-    cosine floor as a fraction of the peak.
-    """
-
-    key: ClassVar[str] = "lr"
-    policy: Literal["fixed", "linear"] = "fixed"
-    max: float | None = None
-    start: float | None = None
-    end: float | None = None
-    by: Literal["index", "params"] = "index"
-    min_ratio: float = DEFAULT_MIN_LR_RATIO
-
-    def __post_init__(self) -> None:
-        if self.policy == "fixed":
-            self.max = as_number(DEFAULT_MAX_LR if self.max is None else self.max, "lr.max", above=0)
-            if self.start is not None or self.end is not None:
-                raise ConfigError("lr: policy fixed takes `max`, not start/end")
-        elif self.policy == "linear":
-            self.start = as_number(self.start, "lr.start", above=0)
-            self.end = as_number(self.end, "lr.end", above=0)
-            if self.max is not None:
-                raise ConfigError("lr: policy linear takes start/end, not `max`")
-            as_choice(self.by, ("index", "params"), "lr.by")
-        else:
-            as_choice(self.policy, ("fixed", "linear"), "lr.policy")
-        self.min_ratio = as_number(self.min_ratio, "lr.min_ratio", at_least=0, at_most=1)
-
-    def to_dict(self) -> dict:
-        if self.policy == "fixed":
-            return {"policy": "fixed", "max": self.max, "min_ratio": self.min_ratio}
-        return {"policy": "linear", "start": self.start, "end": self.end, "by": self.by,
-                "min_ratio": self.min_ratio}
-
-    def max_lrs(self, params: Sequence[float]) -> list[float]:
-        """The peak LR of each stage; `params` are the counted sizes (used by `by: params`)."""
-        if self.policy == "fixed":
-            return [self.max] * len(params)
-        if len(params) == 1:
-            return [self.start]
-        if self.by == "index":
-            fractions = [i / (len(params) - 1) for i in range(len(params))]
-        else:
-            fractions = [(n - params[0]) / (params[-1] - params[0]) for n in params]
-        return [self.start + f * (self.end - self.start) for f in fractions]
-
-
-@dataclass
-class GrowthConfig(_Section):
-    """The `growth:` section: how each member grows into the next.
-
-    width / depth: growth operator names (growfam.grow registry). optimizer: "transfer" (AdamW
-    moments follow the index maps) or "reset". schedule: "budget" grows after the stage's
-    progressive budget (docs/concepts.md); "converged" grows once |slope| of the validation loss, fitted over the last
-    `window` evaluations, falls below `slope` per step (Wang et al., "When and How to Grow?", ACML 2024, use 3e-6), and later
-    stages take up the tokens left unspent so cumulative FLOPs still equal from-scratch cost.
-    probe_tokens: validation tokens on which the growth report measures what expansion changed.
-    mask_steps: ramp length of the `masked` width operator, capped at the stage's steps so the
-    masks fold away before the member is saved (None: a quarter of the stage's steps).
-    """
-
-    key: ClassVar[str] = "growth"
-    width: str = DEFAULT_WIDTH
-    depth: str = DEFAULT_DEPTH
-    optimizer: str = "transfer"
-    seed: int = 0
-    schedule: str = "budget"
-    slope: float = 3e-6
-    window: int = 5
-    probe_tokens: int = 2048
-    mask_steps: int | None = None
-
-    def __post_init__(self) -> None:
-        self.slope = as_number(self.slope, "growth.slope", above=0)
-        for key in ("seed", "window", "probe_tokens", "mask_steps"):
-            if getattr(self, key) is not None:
-                setattr(self, key, as_int(getattr(self, key), f"growth.{key}"))
-        as_choice(self.optimizer, OPTIMIZER_MODES, "growth.optimizer")
-        as_choice(self.schedule, ("budget", "converged"), "growth.schedule")
-        try:  # known names now: `growfam plan` refuses `width: foo` as `family run` does
-            lookup(WIDTH_OPS, "width", self.width)
-            lookup(DEPTH_OPS, "depth", self.depth)
-        except ConfigError as err:
-            raise ConfigError(f"growth: {err}") from None
-        if self.window < 2:
-            raise ConfigError("growth.window must be at least 2 evaluations")
-
-
-@dataclass
-class EvalConfig(_Section):
+class EvalConfig(Section):
     """The `eval:` section: what `growfam family run --eval` and `growfam demo` evaluate, as
     `growfam eval` / `growfam consistency` would (their flags). tasks: "paper", "none" or task
     names; ppl: "val", "wiki", files, or "none". A None leaves the commands' default (EvalOptions)."""
@@ -178,24 +74,6 @@ class EvalConfig(_Section):
                 raise ConfigError(f"eval.{key} must be a name or a list of names, got {value!r}")
         if self.pairs is not None:
             as_choice(self.pairs, ("adjacent", "all"), "eval.pairs")
-
-
-@dataclass
-class DataConfig(_Section):
-    """The `data:` section: a prepared dataset `dir`, made from `source` with `tokenizer` (see
-    `growfam data prepare`) when it does not exist yet."""
-
-    key: ClassVar[str] = "data"
-    dir: str | None = None
-    source: Any = None
-    tokenizer: str = DEFAULT_TOKENIZER
-    max_tokens: int | None = None
-    val_fraction: float = DEFAULT_VAL_FRACTION
-
-    def __post_init__(self) -> None:
-        self.val_fraction = as_number(self.val_fraction, "data.val_fraction", at_least=0, at_most=0.5)
-        if self.max_tokens is not None:
-            self.max_tokens = as_int(self.max_tokens, "data.max_tokens", 1)
 
 
 def _train_overrides(data: Any) -> dict:

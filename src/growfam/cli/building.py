@@ -240,7 +240,8 @@ def _build_family(family: str, out: str | None, data: str | None, modes: tuple[s
     from pathlib import Path
 
     from growfam.config import load_family_config
-    from growfam.family import FamilyDirectory, check_family, dataset_dir, ensure_dataset, run_family
+    from growfam.data.config import dataset_dir, ensure_dataset
+    from growfam.family import FamilyDirectory, check_family, run_family
     from growfam.lock import folder_lock
     from growfam.report.tables import format_comparison
     from growfam.train.parallel import init_distributed, on_main, rank_and_world
@@ -256,11 +257,11 @@ def _build_family(family: str, out: str | None, data: str | None, modes: tuple[s
         from growfam.eval.run import FamilyEval
 
         evaluator = on_main(lambda: FamilyEval(config.eval, out_dir, optional_harness=evaluate == "demo"))
-    path, prepare = dataset_dir(config, data, FamilyDirectory(out_dir).data)
+    path, prepare = dataset_dir(config.data, data, FamilyDirectory(out_dir).data)
     with ExitStack() as held:
         if prepare:  # it writes into the family directory: hold its lock from here (else run_family takes it)
             on_main(lambda: held.enter_context(folder_lock(out_dir, "; the family's members and ledger go there")))
-            on_main(lambda: ensure_dataset(config, data, FamilyDirectory(out_dir).data))
+            on_main(lambda: ensure_dataset(config.data, data, FamilyDirectory(out_dir).data, config.start_from))
         ledger = run_family(config, out_dir, data=path, modes=modes, fixed_data=fixed_data, on_member=evaluator)
     if not main:
         return 0
@@ -306,8 +307,6 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    from pathlib import Path
-
     from growfam.io import check_folder, check_output
     from growfam.outputs import REPORT
     from growfam.family import FamilyDirectory

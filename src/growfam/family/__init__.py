@@ -11,12 +11,17 @@ package turns a FamilyConfig into budgets and members.
   SpeculativeSection), validated on read: read_ledger, write_ledger, check_same_run.
 - `members`: the members as the commands that use them see them (resolve_target -> Target,
   Member; LoadedMembers).
-- `pipeline`: stage_train_config, ConvergenceStop, check_family, run_family, dataset_dir,
-  ensure_dataset.
+- `stage`: one stage: stage_train_config, ConvergenceStop, build_stage (grow or resume, train,
+  publish the member, return its MemberEntry).
+- `pipeline`: check_family, run_family (the stages in order, in each mode; the ledger; the lock).
+- `memory`: fsdp_memory, the memory per GPU of training a member under FSDP2 (a planning
+  estimate for `growfam plan --memory`).
 
-Imports point one way: pipeline imports plan and ledger. family/ may import errors, checks,
-io, config, model, data, grow, train and report.numbers (its tables live in report/tables.py,
-which imports family/); nothing else imports family/ but the CLI and report/.
+Imports point one way inside: directory, plan and memory import nothing of family/; ledger
+imports directory; members imports directory and ledger; stage imports directory, ledger and
+plan; pipeline imports all but members. family/ may import the helpers (errors, checks, io,
+text, device, lock), model, data, grow, train and config; eval, infer, report and the CLI
+import it (tests/test_layout.py holds every package to the order in docs/architecture.md).
 """
 
 from growfam.family.directory import GROWTH_REPORT, LEDGER, MODES, FamilyDirectory
@@ -29,15 +34,8 @@ from growfam.family.ledger import (
     read_ledger,
     write_ledger,
 )
-from growfam.family.pipeline import (
-    CheckedFamily,
-    ConvergenceStop,
-    check_family,
-    dataset_dir,
-    ensure_dataset,
-    run_family,
-    stage_train_config,
-)
+from growfam.family.pipeline import CheckedFamily, check_family, run_family
+from growfam.family.stage import ConvergenceStop, stage_train_config
 from growfam.family.plan import (
     FamilyPlan,
     GpuHours,
@@ -63,8 +61,6 @@ __all__ = [
     "GpuHours",
     "StagePlan",
     "check_family",
-    "dataset_dir",
-    "ensure_dataset",
     "independent_tokens",
     "make_plan",
     "progressive_tokens",

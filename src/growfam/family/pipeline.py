@@ -33,54 +33,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from growfam.config import PLANNED, FamilyConfig, GrowthConfig
-from growfam.data import DEFAULT_TOKENIZER, TokenDataset, load_tokenizer, token_rows
-from growfam.errors import ConfigError, GrowfamError
+from growfam.data import TokenDataset, load_tokenizer
+from growfam.errors import ConfigError
 from growfam.family.directory import MODES, FamilyDirectory
 from growfam.family.ledger import Ledger, MemberEntry, check_same_run, read_ledger, write_ledger
 from growfam.family.plan import FamilyPlan, make_plan
-from growfam.io import atomic_directory, atomic_write_text, check_folder, read_json, remove_stale_temporaries
-from growfam.model import copy_tokenizer_files, load_pretrained, resolve_config
-from growfam.text import loss
-from growfam.train import Schedule, TrainConfig, TrainResult, make_optimizer, train, validation_loss
-from growfam.train.checkpoint import latest_checkpoint, load_checkpoint
+from growfam.family.stage import FamilyRun, build_stage, stage_train_config
+from growfam.io import check_folder, remove_stale_temporaries
 from growfam.lock import folder_lock
-from growfam.train.parallel import on_main, rank_and_world, share
-
-def stage_train_config(family: FamilyConfig, plan: FamilyPlan, index: int, mode: str, data: str | None,
-                       out_dir: Path, tokens: float, fixed_data: bool) -> TrainConfig:
-    """The TrainConfig of stage `index` (0-based) in `mode`: plan values + the `train:` section.
-
-    An error in a key of the train section names it as `train.KEY`."""
-    stage = plan.stages[index]
-    cap = int(plan.stages[-1].tokens_independent) if fixed_data else None
-    try:
-        return TrainConfig.from_dict({
-            **family.train,
-            "model": family.members[index].to_dict(),
-            "data": data,
-            "out_dir": str(FamilyDirectory(out_dir).run(mode, stage.name)),
-            "max_tokens": max(1, int(round(tokens))),
-            "batch_size": stage.batch_size,
-            "seq_len": stage.seq_len,
-            "max_lr": stage.max_lr,
-            "min_lr": stage.min_lr,
-            "max_unique_tokens": cap,
-        })
-    except ConfigError as err:
-        # TrainConfig's messages start with the field at fault
-        if str(err).split(" ", 1)[0] in family.train:
-            raise ConfigError(f"train.{err}") from None
-        raise
+from growfam.model import load_pretrained
+from growfam.text import loss
+from growfam.train import Schedule
+from growfam.train.parallel import on_main, rank_and_world
 
 
 def _train_record(family: FamilyConfig, plan: FamilyPlan, out_dir: Path, modes: tuple[str, ...],
@@ -102,99 +72,6 @@ def _train_record(family: FamilyConfig, plan: FamilyPlan, out_dir: Path, modes: 
                 raise ConfigError(f"stage {stage.name}: {err}") from None
             configs.append(cfg)
     return {k: v for k, v in configs[0].to_dict().items() if k not in PLANNED}
-
-
-class ConvergenceStop:
-    """on_eval callback: True once |slope| of the last `window` validation losses < `slope`.
-
-    The slope is the least-squares fit of loss against step (nats per step).
-    """
-
-    def __init__(self, slope: float, window: int):
-        self.threshold, self.window = slope, window
-        self.points: list[tuple[int, float]] = []
-        self.last_slope: float | None = None
-
-    def __call__(self, step: int, val_loss: float) -> bool:
-        self.points.append((step, val_loss))
-        if len(self.points) < self.window:
-            return False
-        x, y = np.array(self.points[-self.window:], dtype=np.float64).T
-        self.last_slope = float(np.polyfit(x, y, 1)[0])
-        return abs(self.last_slope) < self.threshold
-
-
-# --------------------------------------------------------------------------------------------
-# The pipeline
-# --------------------------------------------------------------------------------------------
-
-
-def _weight_files(src: Path) -> list[str]:
-    """The names of a Hugging Face directory's weight files: model.safetensors, or the index of
-    a sharded one and its shards."""
-    index = src / "model.safetensors.index.json"
-    if (src / "model.safetensors").is_file() or not index.is_file():
-        return ["model.safetensors"]
-    return [index.name, *sorted(set(read_json(index)["weight_map"].values()))]
-
-
-def _publish(result: TrainResult, member_dir: Path) -> None:
-    """Copy the final checkpoint's (or a given member's) Hugging Face files into the member
-    directory (atomically)."""
-    src = Path(result.hf_dir)
-    extra = ["generation_config.json"] if (src / "generation_config.json").is_file() else []
-
-    def write(tmp: Path) -> None:
-        for name in ("config.json", *extra, *_weight_files(src)):
-            shutil.copy2(src / name, tmp / name)
-        copy_tokenizer_files(src, tmp)
-
-    atomic_directory(member_dir, write)
-
-
-def _grow_from(prev_run: Path, tcfg: TrainConfig, target, growth: GrowthConfig, probe, given=None):
-    """Load the previous member's final checkpoint (weights + AdamW state) and expand it; or,
-    when that member was `given` untrained (a start_from model), expand it with fresh moments.
-
-    A masked ramp must end inside the stage: a Hugging Face member cannot hold the masks."""
-    from growfam.grow import expand
-
-    ckpt = latest_checkpoint(prev_run)
-    if ckpt is None and given is None:
-        raise GrowfamError(f"{prev_run} holds no checkpoint to grow from")
-    source = load_pretrained(ckpt) if ckpt is not None else given
-    optimizer = None
-    if growth.optimizer == "transfer" and ckpt is not None:
-        optimizer = make_optimizer(source, tcfg.replace(model=source.cfg), torch.device("cpu"))
-        load_checkpoint(ckpt, source, optimizer)  # whole, or every shard of a sharded one, read here
-    steps = tcfg.total_steps
-    mask_steps = min(growth.mask_steps or max(1, steps // 4), steps)
-    model, optimizer, report = expand(source, target, width=growth.width, depth=growth.depth,
-                                      seed=growth.seed, optimizer=optimizer, probe=probe,
-                                      mask_steps=mask_steps)
-    return model, optimizer, report
-
-
-def _progressive_tokens(plan: FamilyPlan, index: int, done: list[MemberEntry]) -> float:
-    """Stage `index`'s budget: the plan's Eq. 4 value, or, when an earlier stage grew early
-    (converged schedule), Eq. 4 recomputed from the tokens the earlier stages really used."""
-    stage = plan.stages[index]
-    if not any(m.stopped_early for m in done):
-        return stage.tokens_progressive
-    spent = sum(plan.stages[j].params * (m.tokens + plan.stages[j].given_tokens) for j, m in enumerate(done))
-    tokens = stage.tokens_independent - spent / stage.params
-    if tokens <= 0:
-        raise GrowfamError(f"stage {stage.name}: earlier stages already used its whole budget")
-    return tokens
-
-
-def _probe_batch(dataset, seq_len: int, n_tokens: int) -> torch.Tensor | None:
-    """Validation tokens as [B, seq_len] for measuring what an expansion changes."""
-    val = dataset.tokens("val")
-    rows = min(max(1, n_tokens // seq_len), len(val) // seq_len)
-    if rows == 0:
-        return None
-    return torch.from_numpy(token_rows(val, np.arange(rows) * seq_len, seq_len))
 
 
 @dataclass
@@ -273,7 +150,7 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
     fresh = {**checked.header, "data_fingerprint": dataset.fingerprint()}
     check_same_run(checked.ledger, fresh, out_dir)
     ledger = _started(checked.ledger, fresh, str(data))
-    job = _FamilyRun(family, checked.plan, checked.growth, out_dir, str(data), dataset, fixed_data, given,
+    job = FamilyRun(family, checked.plan, checked.growth, out_dir, str(data), dataset, fixed_data, given,
                      log if main else (lambda line: None), main)
 
     def published(mode: str, entry: MemberEntry, trained: bool) -> Ledger:
@@ -299,29 +176,11 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
                     continue
                 _forget(ledger, mode, [m.name for m in members[i:]])
                 del members[i:]
-                members.append(_build_stage(job, mode, i, members))
+                members.append(build_stage(job, mode, i, members))
                 on_main(lambda: write_ledger(out_dir, ledger))
                 ledger = published(mode, members[-1], True)
                 members = ledger.modes[mode]
     return ledger
-
-
-@dataclass
-class _FamilyRun:
-    """What every stage of one run_family call shares. given: the start_from model (None
-    without one); given_loss: its validation loss, measured once for both modes."""
-
-    family: FamilyConfig
-    plan: FamilyPlan
-    growth: GrowthConfig
-    out_dir: Path
-    data: str
-    dataset: TokenDataset
-    fixed_data: bool
-    given: torch.nn.Module | None
-    log: Callable[[str], object]
-    main: bool
-    given_loss: float | None = None
 
 
 def _started(old: Ledger | None, fresh: dict, data: str) -> Ledger:
@@ -339,69 +198,6 @@ def _start_ledger(out_dir: Path, ledger: Ledger) -> None:
     write_ledger(out_dir, ledger)
 
 
-def _build_stage(job: _FamilyRun, mode: str, i: int, members: list[MemberEntry]) -> MemberEntry:
-    """Train (growing it first in progressive mode) or resume stage `i` of `mode`, publish the
-    member (rank 0) and return its ledger entry. members: the mode's finished members before it."""
-    plan, growth, out_dir, log = job.plan, job.growth, job.out_dir, job.log
-    stage = plan.stages[i]
-    tokens = stage.tokens_independent if mode == "independent" else _progressive_tokens(plan, i, members)
-    tcfg = stage_train_config(job.family, plan, i, mode, job.data, out_dir, tokens, job.fixed_data)
-    run_dir = Path(tcfg.out_dir)
-    growth_report = FamilyDirectory(out_dir).growth_report(mode, stage.name)
-    resume_from = latest_checkpoint(run_dir)
-    model = optimizer = None
-    if i == 0 and job.given is not None and resume_from is None:
-        model = job.given  # continued from its weights, with fresh AdamW moments
-    if mode == "progressive" and i > 0 and resume_from is None:
-        log(f"[{mode}] expanding {plan.stages[i - 1].name} -> {stage.name} "
-            f"(width {growth.width}, depth {growth.depth}, optimizer {growth.optimizer})")
-
-        def grow():  # rank 0; the others receive the grown model from it in train()
-            grown, moments, report = _grow_from(FamilyDirectory(out_dir).run(mode, plan.stages[i - 1].name), tcfg,
-                                                job.family.members[i], growth,
-                                                _probe_batch(job.dataset, stage.seq_len, growth.probe_tokens),
-                                                job.given if i == 1 else None)
-            log(str(report))
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(growth_report, json.dumps(report.to_dict(), indent=1) + "\n")
-            return grown, moments
-
-        model, optimizer = on_main(grow) or (None, None)
-        tcfg = tcfg.replace(model=share(model.cfg if job.main else None))
-    elif resume_from is not None:
-        # resuming: the checkpoint holds the grown shape (lossless growth changes norm_eps)
-        tcfg = tcfg.replace(model=resolve_config(resume_from))
-    stop = ConvergenceStop(growth.slope, growth.window) \
-        if growth.schedule == "converged" and mode == "progressive" and i < len(plan.stages) - 1 else None
-    start = time.perf_counter()
-    if i == 0 and job.given is not None and tokens == 0:
-        log(f"[{mode}] {stage.name}: given, start_from {job.family.start_from}")
-        if job.given_loss is None:  # measured once, as training would measure it: both modes publish it
-            job.given_loss = validation_loss(tcfg, job.given, job.dataset)
-        result = TrainResult(None, job.given_loss, 0, 0, 0, 0, 0.0, Path(job.family.start_from))
-    else:
-        log(f"[{mode}] training {stage.name}: {tcfg.max_tokens:,} tokens, max LR {tcfg.max_lr:.3g}")
-        result = train(tcfg, model, optimizer, dataset=job.dataset, on_eval=stop)
-    member_dir = FamilyDirectory(out_dir).member(mode, stage.name)
-    on_main(lambda: _publish(result, member_dir))
-    flops_before = members[-1].cum_flops if (members and mode == "progressive") else stage.given_flops
-    entry = MemberEntry(
-        name=stage.name, dir=str(member_dir), config=resolve_config(result.hf_dir).replace(name=stage.name).to_dict(),
-        params=stage.params, nonembedding_params=stage.nonembedding_params, total_params=stage.total_params,
-        tokens=result.tokens, planned_tokens=tokens, steps=result.steps, flops=result.flops,
-        flops_attn=result.flops_attn, cum_flops=flops_before + result.flops, val_loss=result.val_loss,
-        train_loss=result.train_loss, max_lr=tcfg.max_lr, wall_s=result.wall_s,
-        session_wall_s=time.perf_counter() - start, spikes=result.spikes, rollbacks=result.rollbacks,
-        stopped_early=result.stopped_early, growth=read_json(growth_report) if growth_report.exists() else None,
-        done=True,
-        given={"dir": job.family.start_from, "tokens": stage.given_tokens, "flops": stage.given_flops}
-        if stage.given_tokens else None,
-        growth_point={"step": result.steps, "val_loss_slope": stop.last_slope} if stop is not None else None)
-    log(f"[{mode}] {stage.name}: val loss {loss(result.val_loss)}, {result.tokens:,} tokens, "
-        f"{result.flops:.3g} FLOPs, {result.wall_s:.0f} s")
-    return entry
-
-
 def _check_start_from(family: FamilyConfig, dataset: TokenDataset):
     """The start_from model (float32, for training and growth), after checking that `dataset`
     was tokenized with its tokenizer; None for a family that starts from scratch."""
@@ -413,40 +209,3 @@ def _check_start_from(family: FamilyConfig, dataset: TokenDataset):
                           f"prepare it with `growfam data prepare SOURCE --tokenizer {path}`")
     return load_pretrained(path, dtype=torch.float32)
 
-
-# --------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------
-
-
-def dataset_dir(family: FamilyConfig, data: str | None, default_dir: Path) -> tuple[str, bool]:
-    """The dataset directory to train on, and whether it must be prepared first: `data` if
-    given, else the YAML's `data:` section's folder (default_dir unless it names one), to be
-    prepared when it holds no dataset yet. Nothing is written."""
-    if data is not None:
-        return str(data), False
-    section = family.data
-    path = Path(section.dir) if section.dir else default_dir
-    if (path / "index.json").exists():
-        return str(path), False
-    if section.source is None:
-        raise ConfigError("no data: pass --data DIR (see `growfam data prepare`) or give the family "
-                          "YAML a data: section with a source")
-    return str(path), True
-
-
-def ensure_dataset(family: FamilyConfig, data: str | None, default_dir: Path, log=print) -> str:
-    """The dataset directory of `dataset_dir`, prepared first when it must be (with the
-    start_from model's tokenizer when the section names none)."""
-    path, todo = dataset_dir(family, data, default_dir)
-    if not todo:
-        return path
-    from growfam.data import prepare
-
-    section = family.data
-    # a family given its first member is tokenized with that member's tokenizer
-    tokenizer = family.start_from if family.start_from and section.tokenizer == DEFAULT_TOKENIZER else section.tokenizer
-    log(f"preparing {section.source} with tokenizer {tokenizer} into {path}")
-    prepare(section.source, tokenizer, path, max_tokens=section.max_tokens,
-            val_fraction=section.val_fraction)
-    return path

@@ -10,7 +10,7 @@ from growfam.config import CHINCHILLA_TOKENS_PER_PARAM, FamilyConfig
 from growfam.family.ledger import Ledger
 from growfam.family.plan import FamilyPlan, GpuHours
 from growfam.model import num_params
-from growfam.train.memory import fsdp_memory
+from growfam.family.memory import fsdp_memory
 from growfam.text import hours, loss, sci, short, si, text_table
 
 # --------------------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def format_plan(plan: FamilyPlan, peak_tflops: float, mfu: float) -> str:
 
 def format_memory(family: FamilyConfig, gpus: int, micro_batch: int, checkpoint_every: int,
                   loss_chunk: int = 0) -> str:
-    """Each member's estimated memory per GPU under FSDP2 (train/memory.py), in GiB; every
+    """Each member's estimated memory per GPU under FSDP2 (family/memory.py), in GiB; every
     `checkpoint_every`-th block checkpointed (0: none), the loss in chunks of `loss_chunk`
     tokens (0: whole)."""
     header = ["member", "params", "params", "grads", "AdamW", "gathered", "activations", "total"]

@@ -32,12 +32,12 @@ from tqdm.auto import tqdm
 from growfam.data import eval_windows
 from growfam.grow.masks import MaskState, advance_masks, attach_masks, fold_masks, mask_state
 from growfam.model import Llama
-from growfam.train.checkpoint import encode_rng, latest_checkpoint, load_checkpoint, save_checkpoint
+from growfam.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from growfam.train.config import TrainConfig
 from growfam.train.metrics import peak_flops
 from growfam.train.optim import apply_hyperparameters
 from growfam.train.parallel import Parallelism
-from growfam.train.state import Run
+from growfam.train.state import Run, encode_rng
 
 
 class Callback:

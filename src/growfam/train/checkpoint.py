@@ -29,21 +29,25 @@ GrowfamError naming it and the previous complete checkpoint to fall back to.
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import json
 import shutil
+import warnings
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
 
 from growfam.errors import GrowfamError, TrainingDiverged
 from growfam.io import atomic_directory, atomic_write_text, os_error_of
 from growfam.model import Llama, load_pretrained, save_pretrained
-from growfam.train.parallel import (Parallelism, load_sharded, local, named_optimizer_state, save_sharded,
-                                    share)
+from growfam.train.guard import nonfinite_tensors
+from growfam.train.parallel import Parallelism, share
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -85,38 +89,6 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
         pass
     found = _checkpoints(root)
     return found[-1] if found else None
-
-
-def encode_rng() -> dict[str, Any]:
-    """torch's CPU (and CUDA) generator states as base64 strings, so JSON can hold them."""
-    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
-    if torch.cuda.is_available():
-        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def decode_rng(state: dict[str, Any]) -> None:
-    """Restore what encode_rng saved (the CUDA part only when CUDA is here)."""
-    def tensor(text: str) -> torch.Tensor:
-        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
-    torch.set_rng_state(tensor(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensor(s) for s in state["cuda"]])
-
-
-def nonfinite_tensors(model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
-    """Names of the model's parameters (and "optimizer KEY of NAME" entries) holding NaN/inf
-    (in this rank's shards of a sharded model: see Parallelism.union)."""
-    tensors = list(model.named_parameters()) if model is not None else []
-    names = {id(p): n for n, p in tensors}
-    if optimizer is not None:
-        tensors += [(f"optimizer {key} of {names.get(id(p), '?')}", v) for p, state in optimizer.state.items()
-                    for key, v in state.items() if torch.is_tensor(v) and v.is_floating_point()]
-    if not tensors:
-        return []
-    finite = torch.stack([torch.isfinite(local(t)).all() for _, t in tensors]).tolist()  # one device sync
-    return [n for (n, _), ok in zip(tensors, finite) if not ok]
 
 
 def save_checkpoint(out_dir: str | Path, step: int, model: Llama, optimizer: torch.optim.Optimizer,
@@ -357,3 +329,67 @@ def load_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer,
     bad = nonfinite_tensors(None, optimizer)
     if bad:
         raise broken_checkpoint(path, f"NaN/inf in the optimizer state ({len(bad)} tensors)")
+
+
+def named_optimizer_state(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """An optimizer state dict as `optimizer.state_dict()` gives it (parameters numbered in the
+    order of the groups) keyed by parameter names instead, the form set_optimizer_state_dict
+    takes. model, optimizer: any pair with these groups and parameter names, sharded or not."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {"state": {order[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder) -> None:
+    """Write the model's and optimizer's state (each rank its shards) as a DCP checkpoint;
+    collective: every rank calls it with the same folder."""
+    import torch.distributed.checkpoint as dcp
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, storage_writer=_dcp_writer(folder))
+
+
+def _dcp_writer(folder):
+    """DCP's file writer, whose failed writes raise the OSError behind them: torch.save raises a
+    RuntimeError ("unexpected pos") with a full disk's OSError as its context, and DCP sends
+    exceptions between ranks pickled, which drops the context; an OSError keeps its errno."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class Files(FileSystem):
+        @contextlib.contextmanager
+        def create_stream(self, path, mode):
+            try:
+                with super(Files, self).create_stream(path, mode) as stream:
+                    yield stream
+            except Exception as err:
+                problem = os_error_of(err)
+                if problem is None or problem is err:
+                    raise
+                raise problem from err
+
+    writer = FileSystemWriter(str(folder))
+    writer.fs = Files()
+    return writer
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, folder, alone: bool = False) -> None:
+    """Read a DCP checkpoint into the model (and optimizer), resharded to however they are laid
+    out now (any world size, sharded or whole). Collective, unless `alone` or outside a process
+    group: one process reading every shard (rank 0 consolidating a checkpoint between family
+    stages, a one-process resume)."""
+    import torch.distributed.checkpoint as dcp
+
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+    else:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+    with warnings.catch_warnings():  # DCP warns that reading alone is what it assumes
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(folder), no_dist=alone or not dist.is_initialized())
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

@@ -9,11 +9,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
 
-import torch
-
-from growfam.checks import as_choice, as_int, as_mapping, as_number, check_keys
+from growfam.checks import Section, as_choice, as_int, as_mapping, as_number, check_keys
 from growfam.device import check_device
 from growfam.errors import ConfigError
 from growfam.io import read_yaml
@@ -292,3 +291,55 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], where: Path)
         lines = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in differ)
         raise ConfigError(f"the config does not match the checkpoint {where} ({lines}); "
                           "use the original config, or a new out_dir to start over")
+
+
+@dataclass
+class LRPolicy(Section):
+    """Peak (max) learning rate of each stage's cosine schedule.
+
+    policy "fixed": every stage peaks at `max` (None: DEFAULT_MAX_LR). policy "linear": the
+    peak goes linearly from `start` (first stage) to `end` (last stage), interpolated by stage
+    index (`by: index`) or by the counted parameter size (`by: params`). `min_ratio` is the
+    cosine floor as a fraction of the peak.
+    """
+
+    key: ClassVar[str] = "lr"
+    policy: Literal["fixed", "linear"] = "fixed"
+    max: float | None = None
+    start: float | None = None
+    end: float | None = None
+    by: Literal["index", "params"] = "index"
+    min_ratio: float = DEFAULT_MIN_LR_RATIO
+
+    def __post_init__(self) -> None:
+        if self.policy == "fixed":
+            self.max = as_number(DEFAULT_MAX_LR if self.max is None else self.max, "lr.max", above=0)
+            if self.start is not None or self.end is not None:
+                raise ConfigError("lr: policy fixed takes `max`, not start/end")
+        elif self.policy == "linear":
+            self.start = as_number(self.start, "lr.start", above=0)
+            self.end = as_number(self.end, "lr.end", above=0)
+            if self.max is not None:
+                raise ConfigError("lr: policy linear takes start/end, not `max`")
+            as_choice(self.by, ("index", "params"), "lr.by")
+        else:
+            as_choice(self.policy, ("fixed", "linear"), "lr.policy")
+        self.min_ratio = as_number(self.min_ratio, "lr.min_ratio", at_least=0, at_most=1)
+
+    def to_dict(self) -> dict:
+        if self.policy == "fixed":
+            return {"policy": "fixed", "max": self.max, "min_ratio": self.min_ratio}
+        return {"policy": "linear", "start": self.start, "end": self.end, "by": self.by,
+                "min_ratio": self.min_ratio}
+
+    def max_lrs(self, params: Sequence[float]) -> list[float]:
+        """The peak LR of each stage; `params` are the counted sizes (used by `by: params`)."""
+        if self.policy == "fixed":
+            return [self.max] * len(params)
+        if len(params) == 1:
+            return [self.start]
+        if self.by == "index":
+            fractions = [i / (len(params) - 1) for i in range(len(params))]
+        else:
+            fractions = [(n - params[0]) / (params[-1] - params[0]) for n in params]
+        return [self.start + f * (self.end - self.start) for f in fractions]

@@ -10,6 +10,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from growfam.train.parallel import local
+
 
 #: The running mean is an EMA of accepted losses with this beta (about the last 10 steps).
 SPIKE_EMA_BETA = 0.9
@@ -103,3 +107,17 @@ class SpikeGuard:
             if not ok:
                 raise TypeError(f"spike guard {k} is {value!r}")
             setattr(self, k, value)
+
+
+def nonfinite_tensors(model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
+    """Names of the model's parameters (and "optimizer KEY of NAME" entries) holding NaN/inf
+    (in this rank's shards of a sharded model: see Parallelism.union)."""
+    tensors = list(model.named_parameters()) if model is not None else []
+    names = {id(p): n for n, p in tensors}
+    if optimizer is not None:
+        tensors += [(f"optimizer {key} of {names.get(id(p), '?')}", v) for p, state in optimizer.state.items()
+                    for key, v in state.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not tensors:
+        return []
+    finite = torch.stack([torch.isfinite(local(t)).all() for _, t in tensors]).tolist()  # one device sync
+    return [n for (n, _), ok in zip(tensors, finite) if not ok]

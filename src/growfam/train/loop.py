@@ -57,8 +57,9 @@ from growfam.io import remove_stale_temporaries
 from growfam.lock import folder_lock
 from growfam.model import Llama
 from growfam.train.callbacks import Callback, Checkpoints, MaskRamp, Progress, Validation, evaluate, load_states
-from growfam.train.checkpoint import checkpoint_root, latest_checkpoint, nonfinite_tensors
+from growfam.train.checkpoint import checkpoint_root, latest_checkpoint
 from growfam.train.config import TrainConfig
+from growfam.train.guard import nonfinite_tensors
 from growfam.train.metrics import MetricsLogger
 from growfam.train.optim import lr_at, lr_bounds
 from growfam.train.parallel import make_parallelism, on_main

@@ -26,21 +26,19 @@ import contextlib
 import datetime
 import functools
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from growfam.device import resolve_device
 from growfam.errors import ConfigError, GrowfamError, TrainingDiverged
-from growfam.io import os_error_of
 from growfam.train.config import ParallelConfig
 
 
@@ -215,70 +213,6 @@ class Parallelism:
         set_model_state_dict(model, model_state if self.is_main else {}, options=options)
         if with_moments:
             set_optimizer_state_dict(model, optimizer, optimizer_state if self.is_main else {}, options=options)
-
-
-def named_optimizer_state(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """An optimizer state dict as `optimizer.state_dict()` gives it (parameters numbered in the
-    order of the groups) keyed by parameter names instead, the form set_optimizer_state_dict
-    takes. model, optimizer: any pair with these groups and parameter names, sharded or not."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    return {"state": {order[i]: s for i, s in state["state"].items()},
-            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
-
-
-def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder) -> None:
-    """Write the model's and optimizer's state (each rank its shards) as a DCP checkpoint;
-    collective: every rank calls it with the same folder."""
-    import torch.distributed.checkpoint as dcp
-
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, storage_writer=_dcp_writer(folder))
-
-
-def _dcp_writer(folder):
-    """DCP's file writer, whose failed writes raise the OSError behind them: torch.save raises a
-    RuntimeError ("unexpected pos") with a full disk's OSError as its context, and DCP sends
-    exceptions between ranks pickled, which drops the context; an OSError keeps its errno."""
-    from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint.filesystem import FileSystem
-
-    class Files(FileSystem):
-        @contextlib.contextmanager
-        def create_stream(self, path, mode):
-            try:
-                with super(Files, self).create_stream(path, mode) as stream:
-                    yield stream
-            except Exception as err:
-                problem = os_error_of(err)
-                if problem is None or problem is err:
-                    raise
-                raise problem from err
-
-    writer = FileSystemWriter(str(folder))
-    writer.fs = Files()
-    return writer
-
-
-def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, folder, alone: bool = False) -> None:
-    """Read a DCP checkpoint into the model (and optimizer), resharded to however they are laid
-    out now (any world size, sharded or whole). Collective, unless `alone` or outside a process
-    group: one process reading every shard (rank 0 consolidating a checkpoint between family
-    stages, a one-process resume)."""
-    import torch.distributed.checkpoint as dcp
-
-    if optimizer is None:
-        state = {"model": get_model_state_dict(model)}
-    else:
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optimizer_state}
-    with warnings.catch_warnings():  # DCP warns that reading alone is what it assumes
-        warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(folder), no_dist=alone or not dist.is_initialized())
-    if optimizer is None:
-        set_model_state_dict(model, state["model"])
-    else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 class AllReduce(Parallelism):

@@ -21,12 +21,13 @@ from growfam.grow.masks import attach_masks, mask_state
 from growfam.io import check_folder
 from growfam.model import Llama, ModelConfig, flops_per_token, num_params
 from growfam.train.callbacks import Checkpoints, load_states
-from growfam.train.checkpoint import STATE_FILE, broken_checkpoint, decode_rng, latest_checkpoint, read_trainer_state
+from growfam.train.checkpoint import (STATE_FILE, broken_checkpoint, latest_checkpoint, named_optimizer_state,
+                                      read_trainer_state)
 from growfam.train.config import TrainConfig, check_resumable
 from growfam.train.guard import SpikeGuard
 from growfam.train.optim import apply_hyperparameters, check_optimizer, make_optimizer
-from growfam.train.parallel import Parallelism, amp_dtype, named_optimizer_state, share
-from growfam.train.state import Run, Schedule
+from growfam.train.parallel import Parallelism, amp_dtype, share
+from growfam.train.state import Run, Schedule, decode_rng
 
 
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,3 +111,21 @@ class Run:
     @property
     def out_dir(self) -> Path:
         return Path(self.cfg.out_dir)
+
+
+def encode_rng() -> dict[str, Any]:
+    """torch's CPU (and CUDA) generator states as base64 strings, so JSON can hold them."""
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def decode_rng(state: dict[str, Any]) -> None:
+    """Restore what encode_rng saved (the CUDA part only when CUDA is here)."""
+    def tensor(text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensor(s) for s in state["cuda"]])

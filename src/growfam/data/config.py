@@ -1,0 +1,59 @@
+"""The family YAML's `data:` section (DataConfig), and the dataset a family trains on: given,
+found, or prepared from the section's source."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from growfam.checks import Section, as_int, as_number
+from growfam.data.preparation import DEFAULT_TOKENIZER, DEFAULT_VAL_FRACTION, prepare
+from growfam.errors import ConfigError
+
+
+@dataclass
+class DataConfig(Section):
+    """The `data:` section: a prepared dataset `dir`, made from `source` with `tokenizer` (see
+    `growfam data prepare`) when it does not exist yet."""
+
+    key: ClassVar[str] = "data"
+    dir: str | None = None
+    source: Any = None
+    tokenizer: str = DEFAULT_TOKENIZER
+    max_tokens: int | None = None
+    val_fraction: float = DEFAULT_VAL_FRACTION
+
+    def __post_init__(self) -> None:
+        self.val_fraction = as_number(self.val_fraction, "data.val_fraction", at_least=0, at_most=0.5)
+        if self.max_tokens is not None:
+            self.max_tokens = as_int(self.max_tokens, "data.max_tokens", 1)
+
+
+def dataset_dir(section: DataConfig, data: str | None, default_dir: Path) -> tuple[str, bool]:
+    """The dataset directory to train on, and whether it must be prepared first: `data` if
+    given, else the `data:` section's folder (default_dir unless it names one), to be prepared
+    when it holds no dataset yet. Nothing is written."""
+    if data is not None:
+        return str(data), False
+    path = Path(section.dir) if section.dir else default_dir
+    if (path / "index.json").exists():
+        return str(path), False
+    if section.source is None:
+        raise ConfigError("no data: pass --data DIR (see `growfam data prepare`) or give the family "
+                          "YAML a data: section with a source")
+    return str(path), True
+
+
+def ensure_dataset(section: DataConfig, data: str | None, default_dir: Path, start_from: str | None = None,
+                   log=print) -> str:
+    """The dataset directory of `dataset_dir`, prepared first when it must be: with the section's
+    tokenizer, or the `start_from` model's when the section names none (a family given its
+    first member is tokenized as that member was)."""
+    path, todo = dataset_dir(section, data, default_dir)
+    if not todo:
+        return path
+    tokenizer = start_from if start_from and section.tokenizer == DEFAULT_TOKENIZER else section.tokenizer
+    log(f"preparing {section.source} with tokenizer {tokenizer} into {path}")
+    prepare(section.source, tokenizer, path, max_tokens=section.max_tokens, val_fraction=section.val_fraction)
+    return path

@@ -1,0 +1,56 @@
+"""The family YAML's `growth:` section (GrowthConfig): which operators grow each member into the
+next, what happens to AdamW's moments, and when growth happens. Imports checks, errors and the
+operator registries of grow/."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from growfam.checks import Section, as_choice, as_int, as_number
+from growfam.errors import ConfigError
+from growfam.grow.depth import DEPTH_OPS
+from growfam.grow.growth import DEFAULT_DEPTH, DEFAULT_WIDTH, lookup
+from growfam.grow.optim import OPTIMIZER_MODES
+from growfam.grow.width import WIDTH_OPS
+
+
+@dataclass
+class GrowthConfig(Section):
+    """The `growth:` section: how each member grows into the next.
+
+    width / depth: growth operator names (growfam.grow registry). optimizer: "transfer" (AdamW
+    moments follow the index maps) or "reset". schedule: "budget" grows after the stage's
+    progressive budget (docs/concepts.md); "converged" grows once |slope| of the validation loss, fitted over the last
+    `window` evaluations, falls below `slope` per step (Wang et al., "When and How to Grow?", ACML 2024, use 3e-6), and later
+    stages take up the tokens left unspent so cumulative FLOPs still equal from-scratch cost.
+    probe_tokens: validation tokens on which the growth report measures what expansion changed.
+    mask_steps: ramp length of the `masked` width operator, capped at the stage's steps so the
+    masks fold away before the member is saved (None: a quarter of the stage's steps).
+    """
+
+    key: ClassVar[str] = "growth"
+    width: str = DEFAULT_WIDTH
+    depth: str = DEFAULT_DEPTH
+    optimizer: str = "transfer"
+    seed: int = 0
+    schedule: str = "budget"
+    slope: float = 3e-6
+    window: int = 5
+    probe_tokens: int = 2048
+    mask_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        self.slope = as_number(self.slope, "growth.slope", above=0)
+        for key in ("seed", "window", "probe_tokens", "mask_steps"):
+            if getattr(self, key) is not None:
+                setattr(self, key, as_int(getattr(self, key), f"growth.{key}"))
+        as_choice(self.optimizer, OPTIMIZER_MODES, "growth.optimizer")
+        as_choice(self.schedule, ("budget", "converged"), "growth.schedule")
+        try:  # known names now: `growfam plan` refuses `width: foo` as `family run` does
+            lookup(WIDTH_OPS, "width", self.width)
+            lookup(DEPTH_OPS, "depth", self.depth)
+        except ConfigError as err:
+            raise ConfigError(f"growth: {err}") from None
+        if self.window < 2:
+            raise ConfigError("growth.window must be at least 2 evaluations")
