@@ -20,9 +20,9 @@ from growfam.cli import main
 from growfam.errors import GrowfamError
 from growfam.lock import LOCK_FILE, folder_lock
 from growfam.train import Callback
-from test_eval import TEXT, _harness_or_skip, family, family_copy  # noqa: F401  (module fixtures)
-from test_family import dataset  # noqa: F401  (the module fixture: a prepared "train:300" dataset)
-from test_train import TINY, ArrayDataset, config
+from eval.test_eval import TEXT, _harness_or_skip, family, family_copy  # noqa: F401  (module fixtures)
+from family.test_family import dataset  # noqa: F401  (the module fixture: a prepared "train:300" dataset)
+from train.support import TINY, ArrayDataset, config
 
 GROWFAM = [sys.executable, "-m", "growfam"]
 
@@ -82,6 +82,7 @@ def holder(folder) -> subprocess.Popen:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # several processes
 def test_a_second_train_on_one_out_dir_is_refused_naming_the_first_and_resumes_after_kill_9(
         tmp_path, dataset, capsys):  # noqa: F811
     cfg = train_yaml(tmp_path, dataset, max_steps=400, ckpt_every=10, eval_every=0, log_every=50)
@@ -130,6 +131,7 @@ def test_every_writer_of_a_family_directory_is_refused_while_another_holds_it(
     assert checksums(folder) == before
 
 
+@pytest.mark.slow  # several processes
 def test_under_torchrun_every_rank_hears_rank_0s_refusal(tmp_path):
     """Rank 0 alone takes the lock; when it cannot, every rank raises the same one line (rank 1
     used to die in a gloo collective)."""
@@ -160,7 +162,7 @@ def _train_on_two_ranks(rank: int, port: int, root: Path) -> None:
 def torch_spawn_two_ranks(root: Path) -> None:
     import torch
 
-    from test_parallel import _free_port
+    from train.test_parallel import _free_port
 
     torch.multiprocessing.spawn(_train_on_two_ranks, args=(_free_port(), root), nprocs=2)
 
@@ -177,6 +179,7 @@ def test_single_process_commands_refuse_a_torchrun_world(capsys, monkeypatch, tm
     assert not (tmp_path / "demo").exists()
 
 
+@pytest.mark.slow  # several processes
 def test_the_lock_names_its_holder_is_reentrant_and_dies_with_its_process(tmp_path):
     with folder_lock(tmp_path / "f"):
         with folder_lock(tmp_path / "f"):  # a family run evaluating its member takes it again
@@ -257,7 +260,7 @@ def test_a_full_disk_at_the_json_and_png_writers_keeps_the_old_files(family_copy
         write_ledger(family_copy, dataclasses.replace(ledger, extra={"note": "x" * 2000}))
     assert checksums(family_copy) == before
     hand = tmp_path / "hand"
-    from test_family_report import hand_family
+    from report.test_family_report import hand_family
 
     hand_family(hand)
     write_report([hand], tmp_path / "report")
@@ -413,7 +416,7 @@ def test_plan_refuses_flags_it_would_ignore_or_cannot_honour(capsys, argv, messa
 
 
 def test_a_killed_reports_temporaries_are_removed_by_the_next_report(tmp_path):
-    from test_family_report import hand_family
+    from report.test_family_report import hand_family
 
     hand = hand_family(tmp_path / "hand")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],

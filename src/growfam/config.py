@@ -51,29 +51,40 @@ PLANNED = ("model", "data", "out_dir", "max_steps", "max_tokens", "batch_size", 
 
 @dataclass
 class EvalConfig(Section):
-    """The `eval:` section: what `growfam family run --eval` and `growfam demo` evaluate, as
-    `growfam eval` / `growfam consistency` would (their flags). tasks: "paper", "none" or task
-    names; ppl: "val", "wiki", files, or "none". A None leaves the commands' default (EvalOptions)."""
+    """What `growfam eval` and `growfam consistency` measure and how: their options, and the
+    family YAML's `eval:` section (`growfam family run --eval`, `growfam demo`), in one class.
+
+    tasks: "paper", "none", or task names (a list, or one comma-separated string). ppl: "val"
+    (the family's validation split), "wiki", text files or folders, or "none"; None: val and
+    wiki for a family's members, wiki for a member alone. limit: examples per task (None: all).
+    ppl_tokens: cap of each val / file stream, in tokens (None: all). batch_size: sequences per
+    forward pass. stride: perplexity stride in tokens (None: half the window). windows and
+    pairs: consistency's validation windows per pair, and adjacent or all pairs."""
 
     key: ClassVar[str] = "eval"
     tasks: str | list[str] = "paper"
-    limit: int | None = None
     ppl: str | list[str] | None = None
-    ppl_tokens: int | None = None
-    batch_size: int | None = None
-    device: str | None = None
-    windows: int | None = None
-    pairs: Literal["adjacent", "all"] | None = None
+    limit: int | None = None
+    ppl_tokens: int | None = 1_000_000
+    batch_size: int = 8
+    device: str = "auto"
+    stride: int | None = None
+    windows: int = 64
+    pairs: Literal["adjacent", "all"] = "adjacent"
 
     def __post_init__(self) -> None:
-        for key, least in (("limit", 1), ("ppl_tokens", 2), ("batch_size", 1), ("windows", 1)):
+        for key in ("batch_size", "device", "windows", "pairs"):  # null (a YAML's `batch_size:`): the default
+            if getattr(self, key) is None:
+                setattr(self, key, next(f.default for f in dataclasses.fields(self) if f.name == key))
+        for key, least in (("limit", 1), ("ppl_tokens", 2), ("batch_size", 1), ("stride", 1), ("windows", 1)):
             if getattr(self, key) is not None:
                 setattr(self, key, as_int(getattr(self, key), f"eval.{key}", least))
         for key, value in (("tasks", self.tasks), ("ppl", self.ppl)):
             if not isinstance(value, (str, type(None))) and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
                 raise ConfigError(f"eval.{key} must be a name or a list of names, got {value!r}")
-        if self.pairs is not None:
-            as_choice(self.pairs, ("adjacent", "all"), "eval.pairs")
+        if not isinstance(self.device, str):
+            raise ConfigError(f"eval.device must be a device name, got {self.device!r}")
+        as_choice(self.pairs, ("adjacent", "all"), "eval.pairs")
 
 
 def _train_overrides(data: Any) -> dict:

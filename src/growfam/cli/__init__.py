@@ -17,6 +17,7 @@ import sys
 from growfam import __version__
 from growfam.cli.building import (_add_data, _add_demo, _add_expand, _add_family, _add_info, _add_plan,
                                   _add_report, _add_train)
+from growfam.cli.defaults import use_defaults_formatter
 from growfam.cli.members import _add_consistency, _add_eval, _add_generate, _add_speculate
 from growfam.errors import GrowfamError
 
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_info, _add_plan, _add_train, _add_data, _add_family, _add_demo, _add_expand,
                 _add_eval, _add_consistency, _add_generate, _add_speculate, _add_report):
         add(sub)
+    use_defaults_formatter(parser)
     return parser
 
 

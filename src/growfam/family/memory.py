@@ -48,6 +48,10 @@ class MemoryEstimate:
         return self.parameters + self.gradients + self.moments + self.gathered + self.activations
 
 
+#: GPUs a member is sharded over when `growfam plan --memory` is given no --gpus: one node.
+DEFAULT_GPUS = 8
+
+
 def fsdp_memory(cfg: ModelConfig, gpus: int, micro_batch: int, seq_len: int,
                 checkpoint_every: int = 0, loss_chunk: int = 0) -> MemoryEstimate:
     """Bytes per GPU of training `cfg` with FSDP2 over `gpus` GPUs on micro-batches of

@@ -76,6 +76,12 @@ class StagePlan:
         return {**dataclasses.asdict(self), "tokens_per_step": self.tokens_per_step}
 
 
+#: GPU-hours assume an H100 SXM's dense bf16 peak (TFLOP/s) and 40% MFU, a typical well-tuned
+#: LLM pre-training run.
+DEFAULT_PEAK_TFLOPS = 989.0
+DEFAULT_MFU = 0.4
+
+
 @dataclass(frozen=True)
 class GpuHours:
     """Wall-clock GPU-hours of the attention-inclusive FLOPs at `mfu` of `peak_tflops`."""

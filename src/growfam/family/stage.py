@@ -167,6 +167,28 @@ class FamilyRun:
     given_loss: float | None = None
 
 
+def _grown(job: FamilyRun, mode: str, i: int, tcfg: TrainConfig):
+    """Stage `i`'s model grown from the previous member's final checkpoint, its AdamW moments
+    (rank 0; None elsewhere: train() sends them), and tcfg with the grown shape (every rank)."""
+    plan, growth, stage = job.plan, job.growth, job.plan.stages[i]
+    job.log(f"[{mode}] expanding {plan.stages[i - 1].name} -> {stage.name} "
+            f"(width {growth.width}, depth {growth.depth}, optimizer {growth.optimizer})")
+
+    def grow():  # rank 0; the others receive the grown model from it in train()
+        grown, moments, report = _grow_from(FamilyDirectory(job.out_dir).run(mode, plan.stages[i - 1].name), tcfg,
+                                            job.family.members[i], growth,
+                                            _probe_batch(job.dataset, stage.seq_len, growth.probe_tokens),
+                                            job.given if i == 1 else None)
+        job.log(str(report))
+        Path(tcfg.out_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(FamilyDirectory(job.out_dir).growth_report(mode, stage.name),
+                          json.dumps(report.to_dict(), indent=1) + "\n")
+        return grown, moments
+
+    model, optimizer = on_main(grow) or (None, None)
+    return model, optimizer, tcfg.replace(model=share(model.cfg if job.main else None))
+
+
 def build_stage(job: FamilyRun, mode: str, i: int, members: list[MemberEntry]) -> MemberEntry:
     """Train (growing it first in progressive mode) or resume stage `i` of `mode`, publish the
     member (rank 0) and return its ledger entry. members: the mode's finished members before it."""
@@ -181,21 +203,7 @@ def build_stage(job: FamilyRun, mode: str, i: int, members: list[MemberEntry]) -
     if i == 0 and job.given is not None and resume_from is None:
         model = job.given  # continued from its weights, with fresh AdamW moments
     if mode == "progressive" and i > 0 and resume_from is None:
-        log(f"[{mode}] expanding {plan.stages[i - 1].name} -> {stage.name} "
-            f"(width {growth.width}, depth {growth.depth}, optimizer {growth.optimizer})")
-
-        def grow():  # rank 0; the others receive the grown model from it in train()
-            grown, moments, report = _grow_from(FamilyDirectory(out_dir).run(mode, plan.stages[i - 1].name), tcfg,
-                                                job.family.members[i], growth,
-                                                _probe_batch(job.dataset, stage.seq_len, growth.probe_tokens),
-                                                job.given if i == 1 else None)
-            log(str(report))
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(growth_report, json.dumps(report.to_dict(), indent=1) + "\n")
-            return grown, moments
-
-        model, optimizer = on_main(grow) or (None, None)
-        tcfg = tcfg.replace(model=share(model.cfg if job.main else None))
+        model, optimizer, tcfg = _grown(job, mode, i, tcfg)
     elif resume_from is not None:
         # resuming: the checkpoint holds the grown shape (lossless growth changes norm_eps)
         tcfg = tcfg.replace(model=resolve_config(resume_from))

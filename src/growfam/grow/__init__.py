@@ -12,7 +12,11 @@ after every optimizer step until they fold away and the hooks are removed.
 Modules: maps (index maps), width (width operators, growing one tensor), depth (depth
 operators), growth (a plan applied to named tensors), masks (the masked ramp, as hooks), optim
 (AdamW state), report (GrowthReport), expansion (`expand`), multi (`combined_config`,
-`expand_from`), directories (`expand_directories`: `growfam expand` on saved models).
+`expand_from`), directories (`expand_directories`: `growfam expand` on saved models), config
+(GrowthConfig, the family YAML's `growth:` section).
+
+grow/ may import the top-level helpers and model/; nothing of data/, train/, growfam.config or
+family/.
 """
 
 from growfam.grow.depth import DEPTH_OPS

@@ -33,6 +33,8 @@ def expand(model: Llama, target_config: str | Path | dict | ModelConfig, width: 
     target_config with the operator's norm_eps (lossless rescales it) and the source's dtype
     and device.
     """
+    # Over 60 lines on purpose: growth is one transaction (plan, grow weights, grow moments, build
+    # the new model, measure it) whose steps share the plan and the freed tensors; read top to bottom.
     start = time.perf_counter()
     if mask_state(model) is not None:
         raise ConfigError("the model still carries growth masks; finish their ramp "

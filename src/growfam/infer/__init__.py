@@ -15,9 +15,9 @@ draft (paper §5, Table 5; Leviathan et al., arXiv 2211.17192; docs/concepts.md)
   sizes in the four combinations of modes; acceptance, expected acceptance, speed-up), and its
   table.
 
-infer/ may import model, errors and checks, and train's device helpers (`run`, `speculate`);
-`speculate` also the family's members, dataset and ledger (eval.target, eval.consistency,
-data, family.ledger). A tokenizer is passed in, used by duck typing (`decode`).
+infer/ may import model, the top-level helpers (devices from growfam.device); `speculate`
+also the family's members and ledger (family.members, family.ledger) and eval.consistency's
+divergence. A tokenizer is passed in, used by duck typing (`decode`).
 """
 
 from growfam.infer.generate import Generation, generate, residual, speculative_generate, verify

@@ -216,6 +216,8 @@ def speculative_generate(target: Llama, draft: Llama, ids, k: int = 8, max_new_t
     further behind; it catches up at the start of its next proposal). The context is the
     smaller of the two models' max_seq_len. The host reads the device once a round.
     """
+    # Over 60 lines on purpose: the draft-verify-rollback round keeps both caches and the token
+    # buffer in step; split into helpers, that invariant would span several functions' state.
     start = time.perf_counter()
     if target.cfg.vocab_size != draft.cfg.vocab_size:
         raise ConfigError(f"the draft's vocabulary ({draft.cfg.vocab_size} tokens) is not the target's "

@@ -81,13 +81,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
             "growfam": {"name": cfg.name, "nominal_params": cfg.nominal_params}}
 
 
-def config_from_hf(hf: dict) -> ModelConfig:
-    """A ModelConfig from a Llama, Mistral or Qwen2 `config.json` dict; ConfigError for what
-    growfam cannot run (another type, MoE, MLP biases, RoPE scaling other than llama3 / linear,
-    a sliding window shorter than the context).
-
-    Every value is checked (type and range) and an error names the config.json key.
-    """
+def _supported_type(hf: dict) -> str:
+    """The config's model_type, after refusing what growfam cannot run."""
     if not isinstance(hf, dict):
         raise ConfigError(f"config.json must hold a JSON object, got {type(hf).__name__}")
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
@@ -105,16 +100,31 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise ConfigError("MLP biases are not supported (Llama, Mistral and Qwen2 have none)")
     if model_type != "llama" and hf.get("attention_bias"):
         raise ConfigError(f"attention_bias is not supported in a {model_type} config")
-    bias = model_type == "qwen2" or bool(hf.get("attention_bias"))
-    # transformers 5 reads `rope_parameters`, but a legacy `rope_scaling` beside it wins there
-    # (its standardisation copies it over): read them the same way
+    return model_type
+
+
+def _rope(hf: dict) -> tuple[dict, dict | None]:
+    """(the RoPE parameters, the scaling among them or None for plain RoPE). transformers 5 reads
+    `rope_parameters`, but a legacy `rope_scaling` beside it wins there (its standardisation
+    copies it over): read them the same way."""
     legacy = dict(_json_object(hf, "rope_scaling"))
     if "type" in legacy:  # transformers 4's name of rope_type
         legacy.setdefault("rope_type", legacy.pop("type"))
     rope = {**_json_object(hf, "rope_parameters"), **legacy}
     scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-    if scaling.get("rope_type", "default") == "default":
-        scaling = None
+    return rope, None if scaling.get("rope_type", "default") == "default" else scaling
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """A ModelConfig from a Llama, Mistral or Qwen2 `config.json` dict; ConfigError for what
+    growfam cannot run (another type, MoE, MLP biases, RoPE scaling other than llama3 / linear,
+    a sliding window shorter than the context).
+
+    Every value is checked (type and range) and an error names the config.json key.
+    """
+    model_type = _supported_type(hf)
+    bias = model_type == "qwen2" or bool(hf.get("attention_bias"))
+    rope, scaling = _rope(hf)
     extra = _json_object(hf, "growfam")
 
     def whole(key: str, default=None) -> int:

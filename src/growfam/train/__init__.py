@@ -1,22 +1,24 @@
 """Training one model: the config, the optimizer, the spike guard, checkpoints, logging, the loop.
 
 - `config`: TrainConfig (validated, YAML/dict in and out; tokens_per_step, total_steps) and
-  its `parallel:` section (ParallelConfig), the
-  training defaults written once (DEFAULT_MAX_LR, DEFAULT_MIN_LR_RATIO), steps_for,
-  check_seq_len, RESUME_FREE_KEYS and check_resumable (what a resumed run may
-  change).
+  its `parallel:` section (ParallelConfig), the training defaults written once
+  (DEFAULT_MAX_LR, DEFAULT_MIN_LR_RATIO), a family's peak-LR policy (LRPolicy, the YAML's
+  `lr:` section), steps_for, check_seq_len, RESUME_FREE_KEYS and check_resumable (what a
+  resumed run may change).
 - `optim`: the LR schedule (lr_at, lr_bounds), AdamW's param groups, make_optimizer,
   apply_hyperparameters, check_optimizer.
-- `guard`: SpikeGuard, the loss-spike guard (skip, roll back, or stop as diverged).
+- `guard`: SpikeGuard, the loss-spike guard (skip, roll back, or stop as diverged), and
+  nonfinite_tensors (the weights and moments it checks).
 - `parallel`: Parallelism, the one interface to processes, devices and gradient reduction
   (one process; under torchrun AllReduce, DDP or FSDP2), make_parallelism, init_distributed,
-  amp_dtype, share/barrier, DCP's sharded save and load; the only module that calls
-  torch.distributed.
+  amp_dtype, share/barrier/on_main.
 - `checkpoint`: complete, atomic checkpoints (Hugging Face directories plus optimizer and
-  trainer state; the sharded state of FSDP runs), latest_checkpoint, load/save.
+  trainer state; the sharded state of FSDP runs through torch.distributed.checkpoint),
+  latest_checkpoint, load/save in any layout: the run's checkpointer, as parallel is its
+  parallelism.
 - `metrics`: MetricsLogger (metrics.jsonl, TensorBoard, wandb), read_metrics, peak_flops.
 - `state`: what the loop and its callbacks share: Schedule, RunState (step, losses, ledger),
-  Run (the run's parts).
+  Run (the run's parts), encode_rng/decode_rng (the generators' state in trainer_state.json).
 - `callbacks`: Callback (the hooks) and the built-in ones: MaskRamp (masked-growth ramp),
   Progress (train log line, progress bar), Validation (evaluate, on_eval), Checkpoints.
 - `setup`: before the loop: check_inputs, build_run (the model laid out by the Parallelism,
@@ -25,11 +27,12 @@
 - `loop`: train() and TrainResult, forward_backward; the step, the spike guard's rollbacks;
   validation_loss (train()'s validation of a model as it is).
 
-Imports point one way: optim and parallel import config; checkpoint imports parallel; state
-imports config, guard, metrics and parallel; callbacks imports state, checkpoint, config,
-metrics, optim and parallel; setup imports all of these; loop imports setup and what it
-uses; config, guard and metrics import nothing of train/. train/ may import errors, checks, io, model, data and grow; nothing of
-growfam.config (which imports train.config), family/ or the CLI.
+Imports point one way: optim and parallel import config; guard imports parallel; checkpoint
+imports guard and parallel; state imports config, guard, metrics and parallel; callbacks
+imports state, checkpoint, config, metrics, optim and parallel; setup imports all of these;
+loop imports setup and what it uses; config and metrics import nothing of train/. train/ may
+import the top-level helpers, model, data and grow; nothing of growfam.config (which imports
+train.config), family/ or the CLI.
 """
 
 from growfam.train.callbacks import Callback, Checkpoints, MaskRamp, Progress, Validation, evaluate

@@ -11,7 +11,8 @@ the loop talks to; nothing else in train/ calls torch.distributed. The strategie
   none during gradient accumulation (no_sync before the last micro-batch).
 - `FSDP`: FSDP2 (`fully_shard` on each transformer block, then the root, on a 1-D device
   mesh): parameters, gradients and AdamW moments sharded over the ranks; gradients clipped
-  over the shards; checkpoints through torch.distributed.checkpoint (DCP). It runs in one
+  over the shards (its checkpoints, through torch.distributed.checkpoint, are
+  train/checkpoint.py's). It runs in one
   process too (a group of one), so one GPU can train with FSDP2's mixed precision.
 
 With several processes (or FSDP), rank 0's model — freshly seeded, handed to train(), or read

@@ -91,6 +91,7 @@ def test_a_given_checkpoint_can_be_continued(made, tmp_path):
     assert not torch.equal(trained.embed_tokens.weight, load_pretrained(made / "released").embed_tokens.weight)
 
 
+@pytest.mark.slow  # several processes
 def test_a_given_checkpoint_starts_a_family_under_torchrun(made, tmp_path):
     """`torchrun --nproc_per_node 2 -m growfam family run` with start_from, FSDP2: every rank reads
     the given checkpoint and they measure it together, rank 0 grows it and the ranks train the
@@ -101,7 +102,7 @@ def test_a_given_checkpoint_starts_a_family_under_torchrun(made, tmp_path):
     import sys
 
     from safetensors.torch import load_file
-    from test_parallel import assert_same_weights
+    from train.test_parallel import assert_same_weights
 
     plain = spec(made)
     plain["train"].update(device="cpu", tensorboard=False)

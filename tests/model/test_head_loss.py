@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from growfam.errors import ConfigError
 from growfam.model import Llama, ModelConfig, head_cross_entropy
 
-from test_parallel import Data, assert_same_weights, weights
-from test_train import config, step_losses
+from train.test_parallel import Data, assert_same_weights, weights
+from train.support import config, step_losses
 
 CFG = ModelConfig(d_model=24, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=48, vocab_size=97, max_seq_len=16)
 

@@ -16,7 +16,7 @@ from growfam.report.equal_flops import first_crossing
 from growfam.text import sci
 from growfam.report.run import write_report
 from growfam.report.source import load_family
-from test_family import TEXT, dataset, spec  # noqa: F401  (dataset: the module fixture)
+from family.test_family import TEXT, dataset, spec  # noqa: F401  (dataset: the module fixture)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The family YAML's eval: section, `growfam family run --eval` and `growfam demo`'s evaluation,
 and a rerun of run_family keeping what `growfam eval` / `consistency` recorded."""
 
+import inspect
 import json
 
 import pytest
@@ -10,10 +11,11 @@ import growfam.eval.harness
 from growfam.cli import main
 from growfam.config import EvalConfig, load_family_config
 from growfam.errors import ConfigError, GrowfamError
-from growfam.eval.run import EvalOptions, FamilyEval
+from growfam.eval import PAPER_TASKS
+from growfam.eval.run import FamilyEval, family_consistency, resolved
 from growfam.family import read_ledger, run_family, write_ledger
 from growfam.family.ledger import ConsistencySection, EvalRecord
-from test_family import TEXT, dataset, spec  # noqa: F401  (dataset: the module fixture)
+from family.test_family import TEXT, dataset, spec  # noqa: F401  (dataset: the module fixture)
 
 QUIET = {"log": lambda s: None}
 TOKENS = {"explicit": [1000, 2000]}
@@ -36,9 +38,15 @@ def test_the_eval_section_is_read_checked_and_written_back():
 def test_the_section_keeps_eval_options_defaults_and_checks_task_names(tmp_path, monkeypatch):
     monkeypatch.setattr("growfam.eval.run.check_harness", lambda: None)  # wiki's lm_eval need not be here
     opts = FamilyEval(EvalConfig(tasks="none"), tmp_path).opts
-    defaults = EvalOptions()
     assert opts.ppl == ["val", "wiki"] and opts.tasks == []
-    assert (opts.batch_size, opts.ppl_tokens, opts.limit) == (defaults.batch_size, defaults.ppl_tokens, None)
+    assert (opts.batch_size, opts.ppl_tokens, opts.limit) == (8, 1_000_000, None)
+    # one class holds the section and the commands' options: consistency's defaults are its own
+    given = inspect.signature(family_consistency).parameters
+    assert {k: given[k].default for k in ("pairs", "windows", "batch_size", "device")} == \
+        {"pairs": "adjacent", "windows": 64, "batch_size": 8, "device": "auto"}
+    # resolving expands "paper", drops "none" and repeats, and is idempotent
+    paper = resolved(EvalConfig(tasks="paper", ppl=["val", "none", "val", "notes.txt"]))
+    assert paper.tasks == list(PAPER_TASKS) and paper.ppl == ["val", "notes.txt"] and resolved(paper) == paper
     with pytest.raises(GrowfamError, match="unknown task 'piqaa'"):
         FamilyEval(EvalConfig(tasks=["piqa", "piqaa"]), tmp_path)
 

@@ -16,7 +16,7 @@ from growfam.train import Callback, TrainConfig, train
 from growfam.train.checkpoint import SHARDED_DIR, latest_checkpoint, read_trainer_state
 from growfam.train.config import ParallelConfig
 
-from test_train import ArrayDataset, config, step_losses
+from train.support import ArrayDataset, config, step_losses
 
 # max_lr 1e-3: Adam's first steps turn float-rounding differences of the gradient into weight
 # differences of the order of the learning rate times them; 1e-5 holds with room.
@@ -99,6 +99,7 @@ def runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # several processes
 def test_ddp_and_fsdp_match_one_process(runs):
     one = step_losses(runs / "one" / "run")
     assert sorted(one) == list(range(1, 9))
@@ -128,6 +129,7 @@ def _four_ranks(rank: int, port: int, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # several processes
 def test_hsdp_two_replicas_of_two_shards_match_one_process(runs, tmp_path):
     """4 ranks as a 2 × 2 mesh: each pair shards the model, the pairs replicate it."""
     torch.multiprocessing.spawn(_four_ranks, args=(_free_port(), str(tmp_path)), nprocs=4)
@@ -135,6 +137,7 @@ def test_hsdp_two_replicas_of_two_shards_match_one_process(runs, tmp_path):
     assert_same_weights(weights(tmp_path / "run"), weights(runs / "one" / "run"))
 
 
+@pytest.mark.slow  # several processes
 def test_a_killed_fsdp_run_resumes_on_the_uninterrupted_trajectory(runs):
     killed = runs / "killed" / "run"
     assert step_losses(killed) == pytest.approx(step_losses(runs / "fsdp" / "run"), abs=0)  # same world: exact
@@ -144,6 +147,7 @@ def test_a_killed_fsdp_run_resumes_on_the_uninterrupted_trajectory(runs):
     assert names == ["latest", "step_0000004", "step_0000008"]
 
 
+@pytest.mark.slow  # several processes
 def test_checkpoints_resume_on_another_world_size(runs):
     # 2 -> 1: the sharded step-4 checkpoint of the killed run, in one process
     result = train(config(runs / "two_to_one", **RUN), dataset=Data())
@@ -220,6 +224,7 @@ def test_a_data_cursor_that_cannot_move_to_another_world_size_is_refused():
 # ---- a family under torchrun ---------------------------------------------------------------------
 
 
+@pytest.mark.slow  # several processes
 def test_a_family_built_under_torchrun_matches_one_process(tmp_path):
     """`torchrun --nproc_per_node 2 -m growfam family run`: two FSDP2 ranks train each stage, rank
     0 grows the first member into the second and evaluates each (--eval) while rank 1 waits; the
@@ -233,7 +238,7 @@ def test_a_family_built_under_torchrun_matches_one_process(tmp_path):
     from growfam.config import FamilyConfig
     from growfam.data import prepare
     from growfam.family import run_family
-    from test_family import TEXT, spec
+    from family.test_family import TEXT, spec
 
     prepare(TEXT, "train:300", tmp_path / "ds", val_fraction=0.05, progress=False)
     family = spec(tokens={"explicit": [1000, 2000]}, lr={"policy": "fixed", "max": 1e-3},
@@ -267,8 +272,8 @@ def test_a_family_built_under_torchrun_matches_one_process(tmp_path):
 def test_bad_parallel_settings_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     import growfam.family.pipeline as pipeline
     from growfam.cli import main
-    from test_family import spec
-    from test_train import cli_config
+    from family.test_family import spec
+    from train.support import cli_config
 
     path = cli_config(tmp_path, monkeypatch, "max_steps: 2\n")
     assert main(["train", str(path), "--set", "parallel={strategy: zero3}"]) == 2
@@ -353,6 +358,7 @@ def _rank_0_late(rank: int, port: int, host_group: bool, out: str) -> None:
     Path(out, str(rank)).write_text(got)
 
 
+@pytest.mark.slow  # several processes
 @pytest.mark.parametrize("host_group", [True, False])
 def test_the_other_ranks_wait_for_rank_0_past_the_default_timeout(tmp_path, host_group):
     torch.multiprocessing.spawn(_rank_0_late, args=(_free_port(), host_group, str(tmp_path)), nprocs=2)
@@ -361,3 +367,29 @@ def test_the_other_ranks_wait_for_rank_0_past_the_default_timeout(tmp_path, host
         assert got == ["rank 0's value"] * 2
     else:  # the control: in the default group, rank 1 gives up after 1 s
         assert got[1].startswith("failed")
+
+
+# ---- two processes (gloo) ------------------------------------------------------------------------
+
+
+def _two_rank_worker(rank: int, tmp_path, port: int) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        train(config(tmp_path / "ddp", max_steps=3, ckpt_every=2), dataset=ArrayDataset())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # several processes
+def test_two_ranks_match_one_process(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_two_rank_worker, args=(tmp_path, port), nprocs=2)
+    train(config(tmp_path / "one", max_steps=3, ckpt_every=2), dataset=ArrayDataset())
+    # Rank r takes every other window of the same permutation: the same 4 windows per step.
+    assert step_losses(tmp_path / "ddp" / "run") == pytest.approx(step_losses(tmp_path / "one" / "run"), abs=1e-5)
+    assert latest_checkpoint(tmp_path / "ddp" / "run").name == "step_0000003"

@@ -16,7 +16,7 @@ from growfam.family.ledger import Ledger
 from growfam.infer import generate, speculative_generate
 from growfam.infer.speculate import (SpeculateOptions, expected_acceptance, family_speculative, format_speculative,
                                      speculative_pairs)
-from test_family import TEXT, dataset, spec  # noqa: F401  (dataset: the module fixture)
+from family.test_family import TEXT, dataset, spec  # noqa: F401  (dataset: the module fixture)
 
 SMALL = dict(prompts=3, prompt_tokens=8, max_new_tokens=12, k=4, temperatures=[0, 1], device="cpu")
 
@@ -95,6 +95,7 @@ def test_speculate_records_table_5_in_the_ledger_and_greedy_matches_its_expectat
     assert "small -> large" in table and "  ind -> prog" in table and "prog -> ind" in table
 
 
+@pytest.mark.slow
 def test_sampled_acceptance_agrees_with_sum_of_min():
     """At temperature T every checked draft token is accepted with probability Σ min(p_T, q_T)
     of its context, so alpha over many tokens estimates the expectation on the target's own text."""

@@ -362,6 +362,7 @@ def test_unknown_family_and_cli_member(capsys):
     assert capsys.readouterr().err.startswith("growfam plan: error: members[1]: unknown preset 'paper-16b'")
 
 
+@pytest.mark.slow  # several processes
 def test_cli_process_exits_2_without_traceback(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("members: [tiny-1\n")
