@@ -74,7 +74,7 @@ def build_pair(target_spec: str, draft_spec: str, grow: bool, out: Path) -> tupl
 
 def family_pair(family: str, target: str | None, draft: str | None) -> tuple[Path, Path, np.ndarray]:
     """The two largest progressive members (or those named, as MODE/NAME) and the val split."""
-    from growfam.eval import resolve_target
+    from growfam.family.members import resolve_target
 
     found = resolve_target(family)
     progressive = sorted((m for m in found.members if m.mode == "progressive"), key=lambda m: num_params(m.config))

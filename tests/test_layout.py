@@ -161,3 +161,17 @@ def test_every_test_the_reliability_page_names_exists():
     named = set(re.findall(r"`(test_[a-z0-9_]+)`", page))
     code = "".join(p.read_text() for p in (root / "tests").rglob("test_*.py"))
     assert len(named) > 40 and not [n for n in sorted(named) if f"def {n}(" not in code]
+
+
+def test_every_growfam_name_the_benchmarks_import_exists():
+    """bench/ is not imported by the suite: a module or name moved in src/ would break it unseen."""
+    import importlib.util
+
+    missing = []
+    for path in sorted((SRC.parent.parent / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "growfam":
+                module = importlib.import_module(node.module)
+                missing += [f"{path.name}: {node.module}.{a.name}" for a in node.names if not hasattr(module, a.name)
+                            and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+    assert missing == []

@@ -3,8 +3,8 @@
 The plan fields sit at the YAML's top level (name, members, tokens, count, nominal, batch_size,
 seq_len, lr: LRPolicy); each later pipeline step owns one typed section, defined in the package
 of its stage and gathered here: `lr` (LRPolicy, train/config.py), `growth` (GrowthConfig,
-grow/config.py), `data` (DataConfig, data/config.py), `train` (TrainConfig overrides the plan
-leaves free) and `eval` (EvalConfig).
+grow/config.py), `data` (DataConfig, data/config.py), `train` (TrainSection: the TrainConfig
+fields the plan leaves free) and `eval` (EvalConfig).
 `load_family_config` finds a shipped family (growfam/configs) or reads a YAML path;
 `make_plan` (family.plan) turns a FamilyConfig into per-stage budgets. Training defaults (peak
 LR, LR floor) are written once, next to TrainConfig.
@@ -31,8 +31,8 @@ from growfam.model import PRESETS, ModelConfig, num_params, read_hf_config, reso
 from growfam.text import si
 from growfam.train.config import LRPolicy, ParallelConfig, TrainConfig, check_seq_len
 
-__all__ = ["DataConfig", "EvalConfig", "FamilyConfig", "GrowthConfig", "LRPolicy", "load_family_config",
-           "shipped_families"]
+__all__ = ["DataConfig", "EvalConfig", "FamilyConfig", "GrowthConfig", "LRPolicy", "TrainSection",
+           "load_family_config", "shipped_families"]
 
 Count = Literal["nonembedding", "total", "nominal"]
 COUNTS: tuple[str, ...] = ("nonembedding", "total", "nominal")
@@ -87,21 +87,43 @@ class EvalConfig(Section):
         as_choice(self.pairs, ("adjacent", "all"), "eval.pairs")
 
 
-def _train_overrides(data: Any) -> dict:
-    """The `train:` section (None: empty): TrainConfig keys the plan leaves free (not PLANNED).
-    The keys and the `parallel:` subsection are checked here; the other values with each
-    stage's TrainConfig."""
-    data = {} if data is None else as_mapping(data, "train")
-    clash = sorted(set(data) & set(PLANNED))
-    if clash:
-        how = " (--fixed-data)" if clash[0] == "max_unique_tokens" else ""
-        raise ConfigError(f"train.{clash[0]} is set by the family plan{how}; remove it from the train section")
-    check_keys(data, [f.name for f in dataclasses.fields(TrainConfig) if f.name not in PLANNED], "train")
-    try:
-        ParallelConfig.from_dict(data.get("parallel"))
-    except ConfigError as err:
-        raise ConfigError(f"train section: {err}") from None
-    return dict(data)
+@dataclass
+class TrainSection(Section):
+    """The `train:` section: the TrainConfig fields the plan leaves free (not PLANNED), as the YAML
+    sets them (`given`); read as attributes, each field is its given value or TrainConfig's
+    default (`section.micro_batch_size`, `section.parallel` as a ParallelConfig). The keys and
+    the `parallel:` subsection are checked on load; the other values with each stage's
+    TrainConfig (family.stage_train_config), whose errors name them as train.KEY."""
+
+    key: ClassVar[str] = "train"
+    given: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "TrainSection":
+        data = {} if data is None else as_mapping(data, "train")
+        clash = sorted(set(data) & set(PLANNED))
+        if clash:
+            how = " (--fixed-data)" if clash[0] == "max_unique_tokens" else ""
+            raise ConfigError(f"train.{clash[0]} is set by the family plan{how}; remove it from the train section")
+        check_keys(data, [f.name for f in dataclasses.fields(TrainConfig) if f.name not in PLANNED], "train")
+        try:
+            ParallelConfig.from_dict(data.get("parallel"))
+        except ConfigError as err:
+            raise ConfigError(f"train section: {err}") from None
+        return cls(dict(data))
+
+    def to_dict(self) -> dict:
+        return dict(self.given)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name in PLANNED or name not in TrainConfig.__dataclass_fields__:
+            raise AttributeError(name)
+        if name == "parallel":
+            return ParallelConfig.from_dict(self.given.get("parallel"))
+        if name in self.given:
+            return self.given[name]
+        found = TrainConfig.__dataclass_fields__[name]
+        return found.default_factory() if found.default is dataclasses.MISSING else found.default
 
 
 _positive = partial(as_number, above=0)
@@ -123,7 +145,7 @@ class FamilyConfig:
     seq_len: training sequence length in tokens per stage, or one int for every stage; None
         means each member's max_seq_len. (`batch_sizes` / `seq_lens` give the per-stage lists;
         the fields keep what was written, so a scalar still applies after `replace(members=...)`.)
-    lr, growth, data, eval: the sections (a mapping is parsed). train: TrainConfig overrides.
+    lr, growth, data, train, eval: the sections (a mapping is parsed).
     start_from: a Hugging Face model directory (config.json, safetensors weights, tokenizer) that
         is the first member, given rather than trained; members[0] must have its shape (or be
         the directory itself). start_from_tokens: tokens to continue training it on (default 0:
@@ -141,7 +163,7 @@ class FamilyConfig:
     lr: LRPolicy = field(default_factory=LRPolicy)
     growth: GrowthConfig = field(default_factory=GrowthConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: dict[str, Any] = field(default_factory=dict)
+    train: TrainSection = field(default_factory=TrainSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
     start_from: str | None = None
     start_from_tokens: float = 0
@@ -185,7 +207,8 @@ class FamilyConfig:
         for name, cls in (("lr", LRPolicy), ("growth", GrowthConfig), ("data", DataConfig), ("eval", EvalConfig)):
             if not isinstance(getattr(self, name), cls):
                 setattr(self, name, cls.from_dict(getattr(self, name)))
-        self.train = _train_overrides(self.train)
+        if not isinstance(self.train, TrainSection):
+            self.train = TrainSection.from_dict(self.train)
         self._validate_family()
 
     @property
@@ -300,7 +323,7 @@ class FamilyConfig:
             out["nominal"] = self.nominal
         if self.start_from is not None:
             out.update(start_from=self.start_from, start_from_tokens=self.start_from_tokens)
-        return {**out, "growth": self.growth.to_dict(), "data": self.data.to_dict(), "train": dict(self.train),
+        return {**out, "growth": self.growth.to_dict(), "data": self.data.to_dict(), "train": self.train.to_dict(),
                 "eval": self.eval.to_dict()}
 
 

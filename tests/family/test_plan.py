@@ -12,8 +12,9 @@ import pytest
 from growfam.cli import main
 from growfam.errors import ConfigError
 from growfam.model import ModelConfig, flops_per_token, get_preset, num_params
-from growfam.train import DEFAULT_MAX_LR, DEFAULT_MIN_LR_RATIO, TrainConfig
-from growfam.config import DataConfig, FamilyConfig, GrowthConfig, LRPolicy, load_family_config, shipped_families
+from growfam.train import DEFAULT_MAX_LR, DEFAULT_MIN_LR_RATIO, ParallelConfig, TrainConfig
+from growfam.config import (DataConfig, FamilyConfig, GrowthConfig, LRPolicy, TrainSection, load_family_config,
+                            shipped_families)
 from growfam.family import make_plan
 
 B = 1e9
@@ -231,12 +232,18 @@ def test_sections_are_parsed_when_the_yaml_is_loaded(tmp_path):
     assert config.name == "fam" and config.chinchilla == 1  # defaults: file stem, D = 20·N
     assert (config.growth.width, config.growth.depth, config.growth.slope) == ("masked", "stack", 1e-5)
     assert (config.data.dir, config.data.tokenizer) == ("shards/", "gpt2")
-    assert config.train == {"warmup_frac": 0.02}
+    assert config.train.given == {"warmup_frac": 0.02} and config.to_dict()["train"] == {"warmup_frac": 0.02}
+    # the train section reads as a TrainConfig would: what it sets, else TrainConfig's default
+    assert (config.train.warmup_frac, config.train.weight_decay) == (0.02, TrainConfig(max_steps=1).weight_decay)
+    assert config.train.parallel == ParallelConfig() and config.train.micro_batch_size is None
+    for planned_or_unknown in ("max_lr", "batch_size", "warmup"):  # the plan sets these; no such field
+        with pytest.raises(AttributeError):
+            getattr(config.train, planned_or_unknown)
     assert config.to_dict()["growth"]["width"] == "masked"
     assert FamilyConfig.from_dict(config.to_dict()) == config  # every section round-trips
     # no section means every default
     bare = FamilyConfig(members=["tiny-1", "tiny-2"], chinchilla=1, batch_size=8)
-    assert (bare.growth, bare.data, bare.train) == (GrowthConfig(), DataConfig(), {})
+    assert (bare.growth, bare.data, bare.train) == (GrowthConfig(), DataConfig(), TrainSection())
     assert bare.lr.max == TrainConfig(max_steps=1).max_lr == DEFAULT_MAX_LR  # one default, written once
     assert bare.lr.min_ratio == DEFAULT_MIN_LR_RATIO
 

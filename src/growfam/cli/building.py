@@ -99,7 +99,7 @@ def _run_plan(args) -> int:
         from growfam.report.tables import format_memory
 
         gpus = as_int(args.gpus or DEFAULT_GPUS, "--gpus", 1)
-        micro = as_int(args.micro_batch or family.train.get("micro_batch_size") or 1, "--micro-batch", 1)
+        micro = as_int(args.micro_batch or family.train.micro_batch_size or 1, "--micro-batch", 1)
         for stage in plan.stages:  # the split training needs (train.Schedule): no 1e12 GPUs for 960 sequences
             if stage.batch_size % (gpus * micro):
                 raise ConfigError(f"stage {stage.name}'s batch of {stage.batch_size} sequences does not split into "

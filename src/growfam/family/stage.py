@@ -43,7 +43,7 @@ def stage_train_config(family: FamilyConfig, plan: FamilyPlan, index: int, mode:
     cap = int(plan.stages[-1].tokens_independent) if fixed_data else None
     try:
         return TrainConfig.from_dict({
-            **family.train,
+            **family.train.given,
             "model": family.members[index].to_dict(),
             "data": data,
             "out_dir": str(FamilyDirectory(out_dir).run(mode, stage.name)),
@@ -56,7 +56,7 @@ def stage_train_config(family: FamilyConfig, plan: FamilyPlan, index: int, mode:
         })
     except ConfigError as err:
         # TrainConfig's messages start with the field at fault
-        if str(err).split(" ", 1)[0] in family.train:
+        if str(err).split(" ", 1)[0] in family.train.given:
             raise ConfigError(f"train.{err}") from None
         raise
 
