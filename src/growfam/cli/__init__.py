@@ -1,7 +1,9 @@
 """`growfam` command line: one parser, one subcommand per job.
 
 building.py holds the commands that build a family (info, plan, data, train, family, demo,
-expand, report), members.py those that use its members (eval, consistency, generate, speculate).
+report), expand.py `growfam expand` (growing saved models), members.py the commands that use a
+family's members (eval, consistency, generate, speculate); defaults.py fills the defaults their
+help shows.
 Every handler raises GrowfamError for bad input; `main` prints it as one line on stderr and
 exits with status 2 (3 for a diverged run), so users never see a traceback for a mistake of
 theirs.
@@ -15,9 +17,9 @@ import os
 import sys
 
 from growfam import __version__
-from growfam.cli.building import (_add_data, _add_demo, _add_expand, _add_family, _add_info, _add_plan,
-                                  _add_report, _add_train)
+from growfam.cli.building import _add_data, _add_demo, _add_family, _add_info, _add_plan, _add_report, _add_train
 from growfam.cli.defaults import use_defaults_formatter
+from growfam.cli.expand import _add_expand
 from growfam.cli.members import _add_consistency, _add_eval, _add_generate, _add_speculate
 from growfam.errors import GrowfamError
 

@@ -1,4 +1,4 @@
-"""The commands that build a family: info, plan, data prepare, train, family run/show, demo, expand.
+"""The commands that build a family: info, plan, data prepare, train, family run/show, demo, report.
 
 Each `_add_<command>(sub)` adds one subparser and sets its handler; handlers parse their flags
 and make one call into the stage package that does the work (heavy imports inside handlers, so
@@ -74,15 +74,15 @@ def _add_plan(sub) -> None:
 def _run_plan(args) -> int:
     import json
 
+    from growfam.checks import as_int, as_number
     from growfam.config import load_family_config
+    from growfam.errors import ConfigError
     from growfam.family import make_plan
     from growfam.report.tables import format_plan
 
     changes = {"members": args.members, "chinchilla": args.chinchilla, "count": args.count,
                "batch_size": args.batch_size[0] if args.batch_size and len(args.batch_size) == 1
                else args.batch_size}
-    from growfam.checks import as_int, as_number
-    from growfam.errors import ConfigError
 
     # each flag goes with one view: a flag the chosen view would ignore is refused, not dropped
     memory_only = {"--gpus": args.gpus, "--micro-batch": args.micro_batch, "--loss-chunk": args.loss_chunk,
@@ -99,7 +99,8 @@ def _run_plan(args) -> int:
         from growfam.report.tables import format_memory
 
         gpus = as_int(args.gpus or DEFAULT_GPUS, "--gpus", 1)
-        micro = as_int(args.micro_batch or family.train.micro_batch_size or 1, "--micro-batch", 1)
+        micro = as_int(args.micro_batch, "--micro-batch", 1) if args.micro_batch is not None else \
+            as_int(family.train.micro_batch_size or 1, "train.micro_batch_size", 1)
         for stage in plan.stages:  # the split training needs (train.Schedule): no 1e12 GPUs for 960 sequences
             if stage.batch_size % (gpus * micro):
                 raise ConfigError(f"stage {stage.name}'s batch of {stage.batch_size} sequences does not split into "
@@ -355,47 +356,4 @@ def _run_report(args) -> int:
     from growfam.report.run import write_report
 
     _print_report(write_report(args.families, args.out, args.force))
-    return 0
-
-
-
-def _add_expand(sub) -> None:
-    p = sub.add_parser("expand", help="grow a Hugging Face model directory (or several, combined) "
-                                      "into a larger config",
-                       description="Expand SRC_DIR (a Hugging Face Llama directory) in width and depth "
-                                   "into --to, write the grown model to --out and print the growth "
-                                   "report. With several SRC_DIRs, combine them into one model first "
-                                   "(--combine), then grow that; the first is the primary: its "
-                                   "embedding, head and tokenizer files go to --out, so the sources' "
-                                   "tokenizer files must be identical. An unknown operator name lists "
-                                   "the known ones.")
-    p.add_argument("src_dirs", nargs="+", metavar="SRC_DIR",
-                   help="the model to grow, or several to combine (the first is the primary)")
-    p.add_argument("--to", required=True, metavar="CONFIG_OR_PRESET",
-                   help="target: a preset name, a model config YAML/JSON or a model directory")
-    p.add_argument("--combine", metavar="MODE",
-                   help="several SRC_DIRs only: depth interleaves their layers (equal widths), width "
-                        f"concatenates their units (equal depths) {default('growfam.grow.multi:DEFAULT_COMBINE')}")
-    p.add_argument("--width", help=f"width operator {default('growfam.grow.growth:DEFAULT_WIDTH')}")
-    p.add_argument("--depth", help=f"depth operator {default('growfam.grow.growth:DEFAULT_DEPTH')}")
-    p.add_argument("--seed", type=int, default=0, help="seed of the index maps and random fills")
-    p.add_argument("--probe-tokens", type=int, default=512, metavar="N",
-                   help="measure Δlogits and Δloss on N seeded random tokens (0: skip) (default: %(default)s)")
-    p.add_argument("--report", metavar="FILE", help="also write the report as JSON")
-    p.add_argument("--out", required=True, metavar="DST_DIR",
-                   help="directory to write (new or empty; see --force)")
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing --out (directory or file) and --report; the old one "
-                        "is kept until the new one is complete. Never a source directory.")
-    p.set_defaults(func=_run_expand)
-
-
-def _run_expand(args) -> int:
-    from growfam.grow.directories import expand_directories
-
-    path, report = expand_directories(args.src_dirs, args.to, args.out, width=args.width, depth=args.depth,
-                                      combine=args.combine, seed=args.seed, probe_tokens=args.probe_tokens,
-                                      report=args.report, force=args.force)
-    print(report)
-    print(f"model: {path}")
     return 0
