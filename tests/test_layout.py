@@ -16,7 +16,7 @@ SRC = Path(growfam.__file__).parent
 # top-level helpers come first, then the stages, then config.py (it types the family YAML's
 # sections with the stages' classes), the stages that read a family, and the CLI on top.
 ORDER = ["errors", "outputs", "text", "checks", "io", "device", "lock",
-         "model", "data", "grow", "train", "config", "family", "eval", "infer", "report", "cli"]
+         "model", "data", "grow", "train", "config", "family", "eval", "infer", "posttrain", "report", "cli"]
 
 
 def _unit(module: str) -> str:

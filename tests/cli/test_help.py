@@ -12,7 +12,7 @@ from growfam.config import EvalConfig
 from growfam.infer.speculate import SpeculateOptions
 
 COMMANDS = [["plan"], ["train"], ["data", "prepare"], ["family", "run"], ["family", "show"], ["demo"], ["expand"],
-            ["eval"], ["consistency"], ["generate"], ["speculate"], ["report"], ["info"]]
+            ["eval"], ["consistency"], ["generate"], ["speculate"], ["posttrain"], ["report"], ["info"]]
 
 
 def _help(argv: list[str], capsys) -> str:

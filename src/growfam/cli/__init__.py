@@ -21,6 +21,7 @@ from growfam.cli.building import _add_data, _add_demo, _add_family, _add_info, _
 from growfam.cli.defaults import use_defaults_formatter
 from growfam.cli.expand import _add_expand
 from growfam.cli.members import _add_consistency, _add_eval, _add_generate, _add_speculate
+from growfam.cli.posttrain import _add_posttrain
 from growfam.errors import GrowfamError
 
 
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # One `_add_<command>(sub)` per subcommand (building.py, members.py); each sets `func` to its handler.
     for add in (_add_info, _add_plan, _add_train, _add_data, _add_family, _add_demo, _add_expand,
-                _add_eval, _add_consistency, _add_generate, _add_speculate, _add_report):
+                _add_eval, _add_consistency, _add_generate, _add_speculate, _add_posttrain, _add_report):
         add(sub)
     use_defaults_formatter(parser)
     return parser

@@ -157,7 +157,7 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
     return True
 
 
-def _work_offline(datasets) -> None:
+def work_offline(datasets) -> None:
     """datasets and huggingface_hub offline from now on, also when they were imported before
     (they read the environment at import): a cached dataset still loads, the rest fails at once
     instead of after the hub client's retries (28 s)."""
@@ -183,7 +183,7 @@ def hf_source(name: str, config: str | None = None, split: str = "train", text_f
     def documents() -> Iterator[str]:
         online = hub_reachable()
         if not online:
-            _work_offline(datasets)
+            work_offline(datasets)
         try:
             stream = datasets.load_dataset(name, config, split=split, streaming=True)
             for record in stream:

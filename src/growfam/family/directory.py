@@ -7,6 +7,7 @@
       data/                    the dataset prepared from the YAML's data: section (unless that
                                names a folder of its own)
       report/                  where `growfam report` writes by default
+      posttrain/               where `growfam posttrain` writes by default (posttrain/run.py)
       .growfam.lock            the lock a writer holds (growfam.lock)
 
 <mode> is `progressive` or `independent`. growfam/outputs.py recognises a family directory by
@@ -24,6 +25,7 @@ LEDGER = "family.json"
 RUNS = "runs"
 DATA = "data"
 REPORT = "report"
+POSTTRAIN = "posttrain"
 GROWTH_REPORT = "growth_report.json"
 
 
@@ -66,10 +68,15 @@ class FamilyDirectory:
         """`growfam report`'s default output."""
         return self.root / REPORT
 
+    @property
+    def posttrain(self) -> Path:
+        """`growfam posttrain`'s default output."""
+        return self.root / POSTTRAIN
+
     def protected(self) -> list[Path]:
         """What an output of another command must never be, hold or lie inside: the ledger,
-        the members, the runs and the dataset."""
-        return [self.ledger, self.root / RUNS, *(self.mode(m) for m in MODES), self.data]
+        the members, the runs, the dataset and the post-trained members."""
+        return [self.ledger, self.root / RUNS, *(self.mode(m) for m in MODES), self.data, self.posttrain]
 
     @staticmethod
     def of_member(path: str | Path) -> tuple["FamilyDirectory", str] | None:

@@ -157,3 +157,24 @@ def equal_flops_chart(families: list[tuple[str, list[EqualLoss]]], path: Path) -
     ax.legend(handles=handles, fontsize=8, loc="upper left")
     ax.set_title("FLOPs to reach the independent member's final val loss")
     return _save(fig, path)
+
+
+def posttrain_curves(summary: dict, path: Path) -> Path:
+    """SFT and DPO training loss against optimizer step, a line per member and mode, from a
+    posttrain summary (growfam.posttrain.run)."""
+    fig = Figure(figsize=(11, 4))
+    for ax, phase in zip(fig.subplots(1, 2), ("sft", "dpo")):
+        members = summary.get("members", {})
+        for colour, (key, result) in zip(_colours(len(members)), members.items()):
+            curve = (result.get(phase) or {}).get("curve") or []
+            if curve:
+                ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], label=key, color=colour,
+                        **_STYLE.get(key.partition("/")[0], {}))
+        ax.set_title(f"{phase.upper()} training loss")
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
