@@ -282,6 +282,9 @@ def test_overlong_conversations_are_truncated_and_counted(family, tmp_path):
     ("bad judgments", "not a FastChat judgment"),
     ("no out", "--out is needed for a model directory"),
     ("changed", "holds a post-training with other settings (sft_lr 1.0 -> 2e-05)"),
+    ("unknown member", "has no member tiny-9 (it has small, large)"),
+    ("out in a family", "lies inside the family directory"),
+    ("out not ours", "is a folder growfam posttrain did not make"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_any_write(family, chat_files, tmp_path, capsys, case, message):
     sft, prefs = chat_files
@@ -314,6 +317,13 @@ def test_bad_input_is_one_line_and_exit_2_before_any_write(family, chat_files, t
         settings = PosttrainConfig(sft=str(sft), max_steps=3, batch_size=4, micro_batch_size=2, held_out=4,
                                    max_length=96, sft_lr=1.0).training()
         (tmp_path / "out" / "posttrain.json").write_text(json.dumps({"settings": settings}))
+    elif case == "unknown member":
+        argv = ["posttrain", str(family), "--member", "tiny-9", *argv[2:]]
+    elif case == "out in a family":
+        argv[-1] = str(family / "progressive" / "posttrain")
+    elif case == "out not ours":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "notes.txt").write_text("mine")
     before = checksums(tmp_path)
     refused(capsys, argv, message)
     assert checksums(tmp_path) == before

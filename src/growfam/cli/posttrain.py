@@ -47,9 +47,10 @@ def _add_posttrain(sub) -> None:
                    help="answer MT-Bench's 80 two-turn questions (FastChat's answer files, under OUT/mt_bench)")
     p.add_argument("--max-new-tokens", type=int, default=1024, metavar="N",
                    help="MT-Bench: tokens per answer (default: %(default)s)")
-    p.add_argument("--judge", metavar="DIR", help="MT-Bench: score the answers with this local causal LM "
+    scores = p.add_mutually_exclusive_group()
+    scores.add_argument("--judge", metavar="DIR", help="MT-Bench: score the answers with this local causal LM "
                                                   "(MT-Bench's single-answer prompts; implies --mt-bench)")
-    p.add_argument("--judgments", metavar="FILE",
+    scores.add_argument("--judgments", metavar="FILE",
                    help="MT-Bench: read scores from a FastChat judgment file made elsewhere (e.g. by GPT-4)")
     p.add_argument("--member", action="append", default=[], metavar="NAME",
                    help="of a family, post-train only this member (in every mode); repeat for several")

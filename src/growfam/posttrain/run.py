@@ -224,7 +224,8 @@ def run_posttrain(target: str | Path, cfg: PosttrainConfig, out: str | Path | No
         stack.enter_context(folder_lock(job.out, "; posttrain writes there"))
         if job.family_dir is not None:
             stack.enter_context(folder_lock(job.family_dir, "; posttrain records its results in family.json there"))
-        summary = {"settings": cfg.training(), "data": job.counts, "members": {}}
+        earlier = read_json(job.out / SETTINGS).get("members", {}) if (job.out / SETTINGS).is_file() else {}
+        summary = {"settings": cfg.training(), "data": job.counts, "members": dict(earlier)}  # --member runs add up
         atomic_write_text(job.out / SETTINGS, json.dumps(summary, indent=2) + "\n")
         for entry in job.entries:
             done = job.out / entry.key / RESULT
