@@ -145,7 +145,7 @@ class FamilyConfig:
     seq_len: training sequence length in tokens per stage, or one int for every stage; None
         means each member's max_seq_len. (`batch_sizes` / `seq_lens` give the per-stage lists;
         the fields keep what was written, so a scalar still applies after `replace(members=...)`.)
-    lr, growth, data, train, eval: the sections (a mapping is parsed).
+    lr, growth, data, train, eval: the sections (a mapping is parsed); posttrain: as written.
     start_from: a Hugging Face model directory (config.json, safetensors weights, tokenizer) that
         is the first member, given rather than trained; members[0] must have its shape (or be
         the directory itself). start_from_tokens: tokens to continue training it on (default 0:
@@ -167,6 +167,7 @@ class FamilyConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     start_from: str | None = None
     start_from_tokens: float = 0
+    posttrain: dict | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.members, (list, tuple)) or not self.members:
@@ -209,6 +210,8 @@ class FamilyConfig:
                 setattr(self, name, cls.from_dict(getattr(self, name)))
         if not isinstance(self.train, TrainSection):
             self.train = TrainSection.from_dict(self.train)
+        if self.posttrain is not None:  # checked whole by growfam.posttrain.config, which config.py precedes
+            self.posttrain = as_mapping(self.posttrain, "posttrain")
         self._validate_family()
 
     @property
@@ -264,7 +267,7 @@ class FamilyConfig:
     # ---- (de)serialisation ----------------------------------------------------------------
     KEYS: ClassVar[tuple[str, ...]] = ("name", "members", "tokens", "count", "nominal", "batch_size",
                                        "seq_len", "lr", "growth", "data", "train", "eval", "start_from",
-                                       "start_from_tokens")
+                                       "start_from_tokens", "posttrain")
 
     @classmethod
     def from_dict(cls, data: dict, base_dir: str | Path | None = None) -> "FamilyConfig":
@@ -291,6 +294,7 @@ class FamilyConfig:
             count=data.get("count", "nonembedding"),
             start_from=start_from,
             start_from_tokens=data.get("start_from_tokens", 0),
+            posttrain=data.get("posttrain"),
             **{key: data.get(key) for key in ("nominal", "seq_len")},
             **{key: data.get(key) for key in ("lr", "growth", "data", "train", "eval")},
         )
@@ -323,6 +327,8 @@ class FamilyConfig:
             out["nominal"] = self.nominal
         if self.start_from is not None:
             out.update(start_from=self.start_from, start_from_tokens=self.start_from_tokens)
+        if self.posttrain is not None:
+            out["posttrain"] = self.posttrain
         return {**out, "growth": self.growth.to_dict(), "data": self.data.to_dict(), "train": self.train.to_dict(),
                 "eval": self.eval.to_dict()}
 

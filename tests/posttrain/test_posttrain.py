@@ -327,3 +327,36 @@ def test_bad_input_is_one_line_and_exit_2_before_any_write(family, chat_files, t
     before = checksums(tmp_path)
     refused(capsys, argv, message)
     assert checksums(tmp_path) == before
+
+
+def _family_yaml(tmp_path, posttrain) -> str:
+    import yaml
+
+    path = tmp_path / "pair.yaml"
+    path.write_text(yaml.safe_dump({**spec().to_dict(), "posttrain": posttrain}))
+    return str(path)
+
+
+def test_family_run_ends_with_the_yamls_posttrain_section(dataset, chat_files, tmp_path, capsys):  # noqa: F811
+    section = {"sft": str(chat_files[0]), "max_steps": 2, "batch_size": 2, "micro_batch_size": 2, "held_out": 2,
+               "max_length": "96", "sft_lr": "1e-4", "members": ["large"]}
+    out = tmp_path / "fam"
+    assert main(["family", "run", _family_yaml(tmp_path, section), "--data", dataset, "--mode", "both",
+                 "--out", str(out)]) == 0
+    assert "SFT held-out before" in capsys.readouterr().out
+    summary = json.loads((out / "posttrain" / "posttrain.json").read_text())
+    assert sorted(summary["members"]) == ["independent/large", "progressive/large"]
+    assert summary["settings"]["sft_lr"] == 1e-4 and summary["settings"]["max_length"] == 96
+    assert read_ledger(out).extra["posttrain"]["out"] == str(out / "posttrain")
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"sft": "x", "bogus": 1}, "unknown key 'bogus' in posttrain"),
+    ({"sft": "x", "beta": "strong"}, "posttrain.beta must be a number"),
+    ({"max_steps": 2}, "posttrain needs --sft DATA, --dpo DATA or both"),
+    ({"sft": "x", "mt_bench": "yes"}, "posttrain.mt_bench must be true or false"),
+])
+def test_a_bad_posttrain_section_is_refused_before_any_work(dataset, tmp_path, capsys, section, message):  # noqa: F811
+    refused(capsys, ["family", "run", _family_yaml(tmp_path, section), "--data", dataset,
+                     "--out", str(tmp_path / "fam")], message)
+    assert not (tmp_path / "fam").exists()

@@ -223,7 +223,8 @@ def _add_family(sub) -> None:
                      help="cap unique tokens at the largest member's from-scratch budget, then repeat them")
     run.add_argument("--eval", action="store_true",
                      help="evaluate each member once it is published (perplexity, zero-shot tasks, as the "
-                          "YAML's eval: section says) and the members' consistency at the end")
+                          "YAML's eval: section says) and the members' consistency at the end. A YAML with "
+                          "a posttrain: section ends with `growfam posttrain` of the family")
     run.set_defaults(func=_run_family)
     show = fam.add_parser("show", help="print the comparison table of a family directory")
     show.add_argument("out", metavar="DIR")
@@ -257,6 +258,7 @@ def _build_family(family: str, out: str | None, data: str | None, modes: tuple[s
     config = load_family_config(family)
     out_dir = Path(out or f"family/{config.name}")
     check_family(config, out_dir, modes, fixed_data)  # before data preparation, which may take long
+    posttrain = _posttrain_section(config.posttrain)
     evaluator = None
     if evaluate:
         from growfam.eval.run import FamilyEval
@@ -279,7 +281,29 @@ def _build_family(family: str, out: str | None, data: str | None, modes: tuple[s
         for table in ([format_eval(members)] if members else []) + ([format_consistency(consistency)] if consistency else []):
             print()
             print(table)
+    if posttrain is not None:
+        from growfam.posttrain import run_posttrain
+        from growfam.report.posttrain import format_posttrain
+
+        settings, options = posttrain
+        print()
+        print(format_posttrain(run_posttrain(out_dir, settings, **options)))
     return 0
+
+
+def _posttrain_section(section: dict | None):
+    """The YAML's `posttrain:` section checked, before any work: (PosttrainConfig, options) or
+    None; refused under torchrun (post-training runs in one process)."""
+    if section is None:
+        return None
+    from growfam.errors import ConfigError
+    from growfam.posttrain.config import posttrain_section
+    from growfam.train.parallel import rank_and_world
+
+    if rank_and_world()[1] > 1:
+        raise ConfigError("the family's posttrain: section runs in one process: remove it and run "
+                          "`growfam posttrain FAMILY_DIR` after this torchrun")
+    return posttrain_section(section)
 
 
 def _run_family(args) -> int:

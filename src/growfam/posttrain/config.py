@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
+from ..checks import as_int, as_mapping, as_number, check_keys
 from ..errors import ConfigError
 
 
@@ -60,3 +61,37 @@ class PosttrainConfig:
     def training(self) -> dict:
         """The settings that shape the weights: a rerun into the same --out must repeat them."""
         return {k: v for k, v in asdict(self).items() if k not in ("device", "save_steps")}
+
+
+#: The `posttrain:` section's keys beyond PosttrainConfig's: what runs after training.
+RUN_KEYS = ("mt_bench", "max_new_tokens", "members")
+
+
+def posttrain_section(section: dict) -> tuple[PosttrainConfig, dict]:
+    """The family YAML's `posttrain:` section (`growfam family run` ends with it): the
+    PosttrainConfig and run_posttrain's keyword options (mt_bench, max_new_tokens, members).
+    ConfigError naming the key, before any work."""
+    section = dict(as_mapping(section, "posttrain"))
+    check_keys(section, [f.name for f in fields(PosttrainConfig)] + list(RUN_KEYS), "posttrain")
+    options = {key: section.pop(key) for key in RUN_KEYS if key in section}
+    if not isinstance(options.get("mt_bench", False), bool):
+        raise ConfigError(f"posttrain.mt_bench must be true or false, got {options['mt_bench']!r}")
+    if "max_new_tokens" in options:
+        options["max_new_tokens"] = as_int(options["max_new_tokens"], "posttrain.max_new_tokens", 1)
+    members = options.get("members", [])
+    if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+        raise ConfigError(f"posttrain.members must be a list of member names, got {members!r}")
+    for key, value in section.items():
+        if value is None:
+            continue
+        if key in ("sft", "dpo", "device"):
+            if not isinstance(value, str):
+                raise ConfigError(f"posttrain.{key} must be a string, got {value!r}")
+        elif PosttrainConfig.__dataclass_fields__[key].type.startswith("int"):
+            section[key] = as_int(value, f"posttrain.{key}", 0 if key == "seed" else 1)
+        else:  # YAML 1.1 reads 2e-5 as text
+            section[key] = as_number(value, f"posttrain.{key}")
+    try:
+        return PosttrainConfig(**section), options
+    except ConfigError as err:
+        raise ConfigError(f"posttrain: {err}") from None
