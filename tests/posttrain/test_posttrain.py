@@ -360,3 +360,21 @@ def test_a_bad_posttrain_section_is_refused_before_any_work(dataset, tmp_path, c
     refused(capsys, ["family", "run", _family_yaml(tmp_path, section), "--data", dataset,
                      "--out", str(tmp_path / "fam")], message)
     assert not (tmp_path / "fam").exists()
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_rank_trains_and_rank_0_alone_writes(family, chat_files, tmp_path):
+    sft, prefs = chat_files
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "growfam",
+                          "posttrain", str(family / "progressive" / "large"), "--sft", str(sft), "--dpo", str(prefs),
+                          *FAST, "--mt-bench", "--max-new-tokens", "2", "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("SFT held-out before") == 1 and run.stdout.count("SFT on") == 1  # rank 0 prints
+    result = json.loads((out / "progressive" / "large" / "result.json").read_text())
+    assert result["sft"]["steps"] == 3 and result["dpo"]["steps"] == 3
+    answers = (out / "mt_bench" / "model_answer" / "progressive-large.jsonl").read_text().splitlines()
+    assert len(answers) == 80
+    assert AutoModelForCausalLM.from_pretrained(out / "progressive" / "large" / "model") is not None

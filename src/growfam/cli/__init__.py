@@ -27,14 +27,14 @@ from growfam.errors import GrowfamError
 
 #: The commands that run under torchrun, every rank taking part; every other command runs in one
 #: process and refuses a world of several (it would do its work, and write its results, once per rank).
-DISTRIBUTED = ("train", "family")
+DISTRIBUTED = ("train", "family", "posttrain")
 
 
 def _check_world(command: str) -> None:
     world = os.environ.get("WORLD_SIZE", "1")
     if command not in DISTRIBUTED and world.strip() not in ("", "0", "1"):
         raise GrowfamError(f"{command} runs in one process; start it without torchrun (WORLD_SIZE={world}): "
-                           f"only {' and '.join(DISTRIBUTED)} run on several")
+                           f"only {', '.join(DISTRIBUTED)} run on several")
 
 
 def build_parser() -> argparse.ArgumentParser:

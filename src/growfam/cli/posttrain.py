@@ -73,7 +73,10 @@ def _run_posttrain(args) -> int:
     summary = run_posttrain(args.target, cfg, args.out, mt_bench=args.mt_bench, max_new_tokens=args.max_new_tokens,
                             judge=args.judge, judgments=args.judgments, members=args.member,
                             progress=not args.no_progress)
-    print(format_posttrain(summary))
+    from growfam.train.parallel import rank_and_world
+
+    if rank_and_world()[0] == 0:
+        print(format_posttrain(summary))
     return 0
 
 

@@ -30,6 +30,7 @@ from ..family.ledger import read_ledger, write_ledger
 from ..family.members import Member, resolve_target
 from ..io import atomic_write_text, check_folder, read_json
 from ..lock import folder_lock
+from ..train.parallel import init_distributed, on_main, rank_and_world, share
 from ..outputs import kind_of
 from . import data, mtbench, trainers
 from .chat import with_chat_template
@@ -103,6 +104,10 @@ def prepare(target: str | Path, cfg: PosttrainConfig, out: str | Path | None, mt
             raise GrowfamError(f"--out {out} overlaps the member {member.path}; choose another folder")
         _tokenizer(member)
     entries = [Entry(m, f"{m.mode}/{m.name}" if m.mode else m.name) for m in resolved.members]
+    world = trainers.world_size()
+    if cfg.batch_size % (cfg.micro_batch_size * world):
+        raise GrowfamError(f"batch-size {cfg.batch_size} does not split into micro-batches of {cfg.micro_batch_size} "
+                           f"over {world} processes")
     counts: dict = {}
     sft = dpo = None
     if cfg.sft:
@@ -163,7 +168,7 @@ def _member(entry: Entry, job: Prepared, cfg: PosttrainConfig, progress: bool, l
             log(f"{entry.key}: {name.upper()} on {len(train)} {'conversations' if name == 'sft' else 'pairs'}")
             run = trainers.sft if name == "sft" else trainers.dpo
             result[name] = run(start, tokenizer, train, held, cfg, folder / name, final, max_length, progress)
-            atomic_write_text(done, json.dumps(result[name], indent=2) + "\n")
+            on_main(lambda: atomic_write_text(done, json.dumps(result[name], indent=2) + "\n"))
         start = final
     return result
 
@@ -213,6 +218,9 @@ def run_posttrain(target: str | Path, cfg: PosttrainConfig, out: str | Path | No
     """Post-train `target` (a family directory or one model directory; of a family only the
     `members` so named, when given) into `out`; the summary written to OUT/posttrain.json (and
     a family's family.json `posttrain`)."""
+    init_distributed()  # under torchrun / accelerate launch: every rank trains, rank 0 alone writes
+    if rank_and_world()[0] != 0:
+        log = lambda line: None  # noqa: E731
     if judgments is not None:
         mtbench.read_judgments(judgments)  # a malformed file is refused before any work
     if judge is not None:
@@ -221,12 +229,13 @@ def run_posttrain(target: str | Path, cfg: PosttrainConfig, out: str | Path | No
         _tokenizer(Member(Path(judge).name, None, Path(judge), None))
     job = prepare(target, cfg, out, mt_bench or judge is not None, members)
     with ExitStack() as stack:
-        stack.enter_context(folder_lock(job.out, "; posttrain writes there"))
+        on_main(lambda: stack.enter_context(folder_lock(job.out, "; posttrain writes there")))
         if job.family_dir is not None:
-            stack.enter_context(folder_lock(job.family_dir, "; posttrain records its results in family.json there"))
+            on_main(lambda: stack.enter_context(
+                folder_lock(job.family_dir, "; posttrain records its results in family.json there")))
         earlier = read_json(job.out / SETTINGS).get("members", {}) if (job.out / SETTINGS).is_file() else {}
         summary = {"settings": cfg.training(), "data": job.counts, "members": dict(earlier)}  # --member runs add up
-        atomic_write_text(job.out / SETTINGS, json.dumps(summary, indent=2) + "\n")
+        on_main(lambda: atomic_write_text(job.out / SETTINGS, json.dumps(summary, indent=2) + "\n"))
         for entry in job.entries:
             done = job.out / entry.key / RESULT
             if done.is_file():
@@ -235,9 +244,11 @@ def run_posttrain(target: str | Path, cfg: PosttrainConfig, out: str | Path | No
             else:
                 result = _member(entry, job, cfg, progress, log)
             if job.questions is not None and "mt_bench" not in result:
-                result["mt_bench"] = _answers(entry, job, cfg, max_new_tokens, log)
-            atomic_write_text(done, json.dumps(result, indent=2) + "\n")
+                result["mt_bench"] = share(on_main(lambda: _answers(entry, job, cfg, max_new_tokens, log)))
+            on_main(lambda: atomic_write_text(done, json.dumps(result, indent=2) + "\n"))
             summary["members"][entry.key] = result
+        if rank_and_world()[0] != 0:
+            return summary  # rank 0 judges and records; the others are done
         judged = _judge(job, summary["members"], judge, log) if judge is not None else judgments
         if judged is not None:
             scores = mtbench.read_judgments(judged)

@@ -17,6 +17,7 @@ import torch
 
 from ..device import resolve_device
 from ..io import atomic_directory
+from ..train.parallel import on_main
 from .config import PosttrainConfig
 
 
@@ -50,11 +51,12 @@ def _train(trainer, out_dir: Path) -> tuple[float, bool]:
 
 
 def _save(trainer, tokenizer, final: Path) -> None:
+    """The trained model and its tokenizer into `final`, by rank 0 (the others wait)."""
     def write(tmp: Path) -> None:
         trainer.save_model(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle: nothing of ours ships one
-    atomic_directory(final, write)
+    on_main(lambda: atomic_directory(final, write))
 
 
 def _curve(trainer) -> list[dict]:
