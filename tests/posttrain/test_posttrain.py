@@ -23,6 +23,7 @@ from growfam.family.ledger import read_ledger  # noqa: E402
 from growfam.posttrain import PosttrainConfig, run_posttrain  # noqa: E402
 from growfam.posttrain import data, mtbench  # noqa: E402
 from growfam.posttrain.chat import with_chat_template  # noqa: E402
+from growfam.report.run import write_report  # noqa: E402
 from family.test_family import dataset, spec  # noqa: E402,F401  (module fixture)
 from test_reliability import checksums, refused  # noqa: E402
 
@@ -94,6 +95,11 @@ def test_a_family_post_trains_in_both_modes_and_every_result_chats(family, chat_
     assert summary["members"]["progressive/small"]["sft"]["held_out_loss"] == \
         summary["members"]["independent/small"]["sft"]["held_out_loss"]
     assert read_ledger(family).extra["posttrain"]["members"].keys() == summary["members"].keys()
+    # growfam report: Appendix E's table and the SFT/DPO curves
+    report = write_report([family], tmp_path / "report")
+    text = report.path.read_text()
+    assert "## Post-training (Appendix E)" in text and "| large | progressive |" in text
+    assert (report.folder / "posttrain-curves.png").stat().st_size > 0
     # a rerun skips every finished member
     assert main(["posttrain", str(family), "--sft", str(sft), "--dpo", str(prefs), *FAST, "--out", str(out)]) == 0
     assert capsys.readouterr().out.count("done already") == 4
