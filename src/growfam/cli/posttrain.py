@@ -96,10 +96,10 @@ def demo_posttrain(family_dir) -> None:
         print(f"\npost-training skipped: {', '.join(missing)} not installed (see the README's set-up command)")
         return
     largest = read_ledger(family_dir).stage_names[-1]
-    print(f"\npost-training {largest} of each mode: SFT then DPO on 450 ShareGPT conversations (offline; "
+    print(f"\npost-training {largest} of each mode: SFT then DPO on 180 ShareGPT conversations (offline; "
           "ChatGPT output, for trials only), MT-Bench answers")
     # Peak LRs 10x the recipe's (2e-5, 5e-7): one short epoch barely moves members this small otherwise.
-    cfg = PosttrainConfig(sft="sharegpt", dpo="sharegpt", limit=500, held_out=50, batch_size=8, micro_batch_size=8,
+    cfg = PosttrainConfig(sft="sharegpt", dpo="sharegpt", limit=200, held_out=20, batch_size=8, micro_batch_size=8,
                           sft_lr=2e-4, dpo_lr=5e-6, save_steps=25)
     summary = run_posttrain(family_dir, cfg, mt_bench=True, max_new_tokens=64, members=[largest])
     print()

@@ -247,6 +247,11 @@ def run_posttrain(target: str | Path, cfg: PosttrainConfig, out: str | Path | No
                 result["mt_bench"] = share(on_main(lambda: _answers(entry, job, cfg, max_new_tokens, log)))
             on_main(lambda: atomic_write_text(done, json.dumps(result, indent=2) + "\n"))
             summary["members"][entry.key] = result
+        if job.family_dir is not None:  # family order, smallest first, whichever --member runs came first
+            names = read_ledger(job.family_dir).stage_names
+            rank = {key: (names.index(key.rpartition("/")[2]) if key.rpartition("/")[2] in names else len(names),
+                          key.partition("/")[0] != "progressive") for key in summary["members"]}
+            summary["members"] = dict(sorted(summary["members"].items(), key=lambda kv: rank[kv[0]]))
         if rank_and_world()[0] != 0:
             return summary  # rank 0 judges and records; the others are done
         judged = _judge(job, summary["members"], judge, log) if judge is not None else judgments

@@ -9,8 +9,10 @@ starts from (TRL cannot rebuild it from a model loaded in memory).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,9 +42,26 @@ def _common(cfg: PosttrainConfig, out_dir: Path, lr: float, max_length: int, pro
         use_cpu=device.type == "cpu", disable_tqdm=not progress, eval_strategy="no", **steps)
 
 
+def _quiet_progress():
+    """The Trainer's progress bar, with the loss on the bar instead of a printed dict per
+    logged step (logging every step feeds the training curves)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class QuietProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and "loss" in (logs or {}):
+                self.training_bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+
+    return QuietProgress
+
+
 def _train(trainer, out_dir: Path) -> tuple[float, bool]:
     """Train, from the last checkpoint in `out_dir` when there is one: (seconds, resumed)."""
+    from transformers.trainer_callback import ProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_quiet_progress())
 
     last = get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
     start = time.perf_counter()
@@ -93,6 +112,25 @@ def dpo_lengths(tokenizer, pairs: list, max_length: int) -> dict[str, int]:
     return {"truncated": truncated, "dropped: prompt fills max_length": no_reply}
 
 
+@contextlib.contextmanager
+def _quiet(progress: bool):
+    """TRL 1.16 calls transformers' gradient-checkpointing names that transformers 5 deprecates,
+    a FutureWarning per call that says nothing to a user: hidden. Without progress, the
+    datasets library's per-map bars go too."""
+    import datasets
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*(gradient|activation)_?checkpointing", category=FutureWarning)
+        bars = datasets.is_progress_bar_enabled()
+        if not progress:
+            datasets.disable_progress_bars()
+        try:
+            yield
+        finally:
+            if bars and not progress:
+                datasets.enable_progress_bars()
+
+
 def _model(path: Path):
     from transformers import AutoModelForCausalLM
 
@@ -107,14 +145,15 @@ def sft(start: Path, tokenizer, train: list, held: list, cfg: PosttrainConfig, o
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(**_common(cfg, out_dir, cfg.sft_lr, max_length, progress), assistant_only_loss=True)
-    trainer = SFTTrainer(model=_model(start), args=args, processing_class=tokenizer,
-                         train_dataset=Dataset.from_list([{"messages": c} for c in train]),
-                         eval_dataset=Dataset.from_list([{"messages": c} for c in held]))
-    before = trainer.evaluate()["eval_loss"]
-    wall, resumed = _train(trainer, out_dir)
-    after = trainer.evaluate()["eval_loss"]
-    _save(trainer, tokenizer, final)
+    with _quiet(progress):
+        args = SFTConfig(**_common(cfg, out_dir, cfg.sft_lr, max_length, progress), assistant_only_loss=True)
+        trainer = SFTTrainer(model=_model(start), args=args, processing_class=tokenizer,
+                             train_dataset=Dataset.from_list([{"messages": c} for c in train]),
+                             eval_dataset=Dataset.from_list([{"messages": c} for c in held]))
+        before = trainer.evaluate()["eval_loss"]
+        wall, resumed = _train(trainer, out_dir)
+        after = trainer.evaluate()["eval_loss"]
+        _save(trainer, tokenizer, final)
     return {"held_out_loss_before": before, "held_out_loss": after, "steps": trainer.state.global_step,
             "wall_s": round(wall, 2), "resumed": resumed, "examples": len(train), "held_out": len(held),
             "max_length": max_length, **sft_lengths(tokenizer, train, max_length), "curve": _curve(trainer)}
@@ -130,12 +169,13 @@ def dpo(start: Path, tokenizer, train: list, held: list, cfg: PosttrainConfig, o
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(**_common(cfg, out_dir, cfg.dpo_lr, max_length, progress), beta=cfg.beta)
-    trainer = DPOTrainer(model=_model(start), ref_model=_model(start), args=args, processing_class=tokenizer,
-                         train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(held))
-    wall, resumed = _train(trainer, out_dir)
-    metrics = trainer.evaluate()
-    _save(trainer, tokenizer, final)
+    with _quiet(progress):
+        args = DPOConfig(**_common(cfg, out_dir, cfg.dpo_lr, max_length, progress), beta=cfg.beta)
+        trainer = DPOTrainer(model=_model(start), ref_model=_model(start), args=args, processing_class=tokenizer,
+                             train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(held))
+        wall, resumed = _train(trainer, out_dir)
+        metrics = trainer.evaluate()
+        _save(trainer, tokenizer, final)
     return {"reward_accuracy": metrics["eval_rewards/accuracies"], "reward_margin": metrics["eval_rewards/margins"],
             "held_out_loss": metrics["eval_loss"], "steps": trainer.state.global_step, "wall_s": round(wall, 2),
             "resumed": resumed, "pairs": len(train), "held_out": len(held), "max_length": max_length,

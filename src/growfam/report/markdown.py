@@ -16,7 +16,7 @@ from growfam.family.directory import FamilyDirectory
 from growfam.family.ledger import MemberEntry
 from growfam.text import loss, sci
 from growfam.report.source import FamilySource
-from growfam.report.posttrain import data_lines, posttrain_rows
+from growfam.report.posttrain import data_lines, length_lines, posttrain_rows
 from growfam.report.tables import comparison_rows, family_flops, plan_rows, speculative_rows
 
 #: The figures of one family's sections: figure2, training curves, FLOPs to equal loss.
@@ -300,7 +300,7 @@ def _posttrain(source: FamilySource, figures: dict, h: str) -> list[str]:
     if not summary:
         return []
     out = [f"{h} Post-training (Appendix E)", "", *markdown_table(posttrain_rows(summary)), ""]
-    out += [f"- {line}" for line in data_lines(summary)] + [""]
+    out += [f"- {line}" for line in data_lines(summary) + length_lines(summary)] + [""]
     out += [f"Held-out SFT loss: nats per assistant token; DPO accuracy: the share of held-out pairs whose "
             f"chosen reply gains more log-likelihood over the reference than the rejected one. Models and "
             f"MT-Bench answers in `{summary.get('out')}`.", ""]

@@ -48,6 +48,26 @@ def data_lines(summary: dict) -> list[str]:
     return lines
 
 
+def length_lines(summary: dict) -> list[str]:
+    """Per member, the sequences --max-length truncated and those it left without a reply
+    token (which TRL drops), where there were any."""
+    members = summary.get("members", {})
+    by_text: dict[str, list[str]] = {}
+    for key, r in members.items():
+        parts = []
+        for phase in ("sft", "dpo"):
+            p = r.get(phase) or {}
+            total = p.get("examples", p.get("pairs"))
+            dropped = sum(v for k, v in p.items() if k.startswith("dropped"))
+            if p.get("truncated"):
+                parts.append(f"{phase.upper()} {p['truncated']} of {total} truncated at {p['max_length']} tokens, "
+                             f"{dropped} of them with no reply token left (dropped)")
+        if parts:
+            by_text.setdefault("; ".join(parts), []).append(key)
+    return [f"{'every member' if len(keys) == len(members) > 1 else ', '.join(keys)}: {text}"
+            for text, keys in by_text.items()]
+
+
 def format_posttrain(summary: dict) -> str:
-    """The table and the data lines as text."""
-    return "\n".join([*text_table(posttrain_rows(summary)), "", *data_lines(summary)])
+    """The table, the data lines and the length lines as text."""
+    return "\n".join([*text_table(posttrain_rows(summary)), "", *data_lines(summary), *length_lines(summary)])
