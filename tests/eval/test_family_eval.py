@@ -7,6 +7,7 @@ import json
 import pytest
 
 import growfam.config
+import growfam.cli.posttrain
 import growfam.eval.harness
 from growfam.cli import main
 from growfam.config import EvalConfig, load_family_config
@@ -129,8 +130,11 @@ def test_family_run_eval_refuses_an_unknown_task_before_any_work(tmp_path, capsy
 def test_demo_evaluates_its_members_and_prints_the_tables(tmp_path, capsys, monkeypatch):
     family = load_family_config(_yaml(tmp_path))
     monkeypatch.setattr(growfam.config, "load_family_config", lambda name: family if name == "tiny" else None)
+    posttrained = []  # post-training has tests of its own (tests/posttrain); here only that the demo calls it
+    monkeypatch.setattr(growfam.cli.posttrain, "demo_posttrain", posttrained.append)
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
+    assert posttrained == [str(out)]
     printed = capsys.readouterr().out
     assert printed.count("val ppl") == 2 and "KL(small‖large)" in printed  # a block per member
     assert set(read_ledger(out).consistency.modes) == {"progressive", "independent"}

@@ -291,6 +291,7 @@ def test_overlong_conversations_are_truncated_and_counted(family, tmp_path):
     ("unknown member", "has no member tiny-9 (it has small, large)"),
     ("out in a family", "lies inside the family directory"),
     ("out not ours", "is a folder growfam posttrain did not make"),
+    ("too short", "no SFT record keeps a reply token within max_length 8"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_any_write(family, chat_files, tmp_path, capsys, case, message):
     sft, prefs = chat_files
@@ -327,6 +328,8 @@ def test_bad_input_is_one_line_and_exit_2_before_any_write(family, chat_files, t
         argv = ["posttrain", str(family), "--member", "tiny-9", *argv[2:]]
     elif case == "out in a family":
         argv[-1] = str(family / "progressive" / "posttrain")
+    elif case == "too short":
+        argv += ["--max-length", "8"]
     elif case == "out not ours":
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "notes.txt").write_text("mine")

@@ -119,8 +119,31 @@ def prepare(target: str | Path, cfg: PosttrainConfig, out: str | Path | None, mt
         dpo = data.held_out(loaded.items, cfg.held_out, cfg.seed)
         counts["dpo"] = {"source": cfg.dpo, "train": len(dpo[0]), "held_out": len(dpo[1]), "dropped": loaded.dropped,
                          "synthetic": cfg.dpo == data.SHAREGPT}
+    _check_lengths(entries, sft, dpo, cfg)
     _check_settings(out, cfg)
     return Prepared(entries, family_dir, out, sft, dpo, counts, mtbench.questions() if mt_bench else None)
+
+
+def max_length(member: Member, cfg: PosttrainConfig) -> int:
+    """Tokens per sequence for `member`: --max-length, else its context (at most LONGEST)."""
+    return cfg.max_length or min(member.config.max_seq_len, LONGEST)
+
+
+def _check_lengths(entries: list[Entry], sft: tuple | None, dpo: tuple | None, cfg: PosttrainConfig) -> None:
+    """GrowfamError when a phase's training data keeps no reply token within a member's
+    max_length (TRL would drop every record), once per tokenizer and length."""
+    seen = set()
+    for entry in entries:
+        tokenizer, length = _tokenizer(entry.member), max_length(entry.member, cfg)
+        key = (tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else id(tokenizer), length)
+        if key in seen:
+            continue
+        seen.add(key)
+        for name, split, count in (("SFT", sft, trainers.sft_lengths), ("DPO", dpo, trainers.dpo_lengths)):
+            if split is not None and trainers.dropped(count(tokenizer, split[0], length)) == len(split[0]):
+                raise GrowfamError(f"{entry.member.path}: no {name} record keeps a reply token within max_length "
+                                   f"{length} (all {len(split[0])} are cut before the reply); raise --max-length or "
+                                   "use shorter conversations")
 
 
 def _check_out(out: Path) -> None:
@@ -155,7 +178,7 @@ def _member(entry: Entry, job: Prepared, cfg: PosttrainConfig, progress: bool, l
     """Post-train one member (resuming where a killed run stopped); its result."""
     folder = job.out / entry.key
     tokenizer = _tokenizer(entry.member)
-    max_length = cfg.max_length or min(entry.member.config.max_seq_len, LONGEST)
+    length = max_length(entry.member, cfg)
     result: dict = {"source": str(entry.member.path), "model": str(folder / "model")}
     start = entry.member.path
     phases = [(name, split) for name, split in (("sft", job.sft), ("dpo", job.dpo)) if split is not None]
@@ -167,7 +190,7 @@ def _member(entry: Entry, job: Prepared, cfg: PosttrainConfig, progress: bool, l
         else:
             log(f"{entry.key}: {name.upper()} on {len(train)} {'conversations' if name == 'sft' else 'pairs'}")
             run = trainers.sft if name == "sft" else trainers.dpo
-            result[name] = run(start, tokenizer, train, held, cfg, folder / name, final, max_length, progress)
+            result[name] = run(start, tokenizer, train, held, cfg, folder / name, final, length, progress)
             on_main(lambda: atomic_write_text(done, json.dumps(result[name], indent=2) + "\n"))
         start = final
     return result

@@ -131,6 +131,11 @@ def _quiet(progress: bool):
                 datasets.enable_progress_bars()
 
 
+def dropped(counts: dict[str, int]) -> int:
+    """Records sft_lengths or dpo_lengths counted as dropped (no reply token within max_length)."""
+    return sum(v for k, v in counts.items() if k.startswith("dropped"))
+
+
 def _model(path: Path):
     from transformers import AutoModelForCausalLM
 
@@ -150,9 +155,10 @@ def sft(start: Path, tokenizer, train: list, held: list, cfg: PosttrainConfig, o
         trainer = SFTTrainer(model=_model(start), args=args, processing_class=tokenizer,
                              train_dataset=Dataset.from_list([{"messages": c} for c in train]),
                              eval_dataset=Dataset.from_list([{"messages": c} for c in held]))
-        before = trainer.evaluate()["eval_loss"]
+        measured = dropped(sft_lengths(tokenizer, held, max_length)) < len(held)  # else TRL drops them all
+        before = trainer.evaluate()["eval_loss"] if measured else None
         wall, resumed = _train(trainer, out_dir)
-        after = trainer.evaluate()["eval_loss"]
+        after = trainer.evaluate()["eval_loss"] if measured else None
         _save(trainer, tokenizer, final)
     return {"held_out_loss_before": before, "held_out_loss": after, "steps": trainer.state.global_step,
             "wall_s": round(wall, 2), "resumed": resumed, "examples": len(train), "held_out": len(held),
@@ -174,9 +180,10 @@ def dpo(start: Path, tokenizer, train: list, held: list, cfg: PosttrainConfig, o
         trainer = DPOTrainer(model=_model(start), ref_model=_model(start), args=args, processing_class=tokenizer,
                              train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(held))
         wall, resumed = _train(trainer, out_dir)
-        metrics = trainer.evaluate()
+        measured = dropped(dpo_lengths(tokenizer, held, max_length)) < len(held)  # else TRL drops them all
+        metrics = trainer.evaluate() if measured else {}
         _save(trainer, tokenizer, final)
-    return {"reward_accuracy": metrics["eval_rewards/accuracies"], "reward_margin": metrics["eval_rewards/margins"],
-            "held_out_loss": metrics["eval_loss"], "steps": trainer.state.global_step, "wall_s": round(wall, 2),
+    return {"reward_accuracy": metrics.get("eval_rewards/accuracies"), "reward_margin": metrics.get("eval_rewards/margins"),
+            "held_out_loss": metrics.get("eval_loss"), "steps": trainer.state.global_step, "wall_s": round(wall, 2),
             "resumed": resumed, "pairs": len(train), "held_out": len(held), "max_length": max_length,
             **dpo_lengths(tokenizer, train, max_length), "curve": _curve(trainer)}

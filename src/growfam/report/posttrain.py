@@ -29,8 +29,8 @@ def posttrain_rows(summary: dict) -> list[list[str]]:
             judged = f"{bench['judged']}/{bench['judged'] + bench['missing']}" if "judged" in bench else "-"
             rows.append([name, _split(key)[1], "-" if score is None else f"{score:.2f}", judged,
                          loss(sft.get("held_out_loss_before")), loss(sft.get("held_out_loss")),
-                         "-" if "reward_accuracy" not in dpo else f"{dpo['reward_accuracy']:.3f}",
-                         "-" if "reward_margin" not in dpo else f"{dpo['reward_margin']:+.2e}",
+                         "-" if dpo.get("reward_accuracy") is None else f"{dpo['reward_accuracy']:.3f}",
+                         "-" if dpo.get("reward_margin") is None else f"{dpo['reward_margin']:+.2e}",
                          f"{sft.get('wall_s', 0) + dpo.get('wall_s', 0):.1f}"])
     return rows
 
