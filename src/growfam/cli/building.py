@@ -326,7 +326,7 @@ def _run_family_show(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="build a tiny four-member family both ways on the CPU (about 8 min on 2 cores)",
+    p = sub.add_parser("demo", help="build a tiny four-member family both ways on the CPU (about 8 min on 2 cores, 3 more to post-train)",
                        description="Prepare the embedded corpus (the Python standard library), then build "
                                    "the `tiny` family progressively and independently, evaluate every member "
                                    "(perplexity, the paper's zero-shot tasks on a few examples when lm_eval is "
