@@ -197,7 +197,10 @@ class Llama(nn.Module):
     forward(idx [B, T] int64, cache=None, last=None) -> logits [B, T, vocab], or [B, last, vocab]
     for the last `last` positions only (decoding needs one; filling a cache needs none). With a
     KVCache, idx holds the next T tokens after the cache's `length` and the cache advances by T.
-    With targets [B, T]: the mean cross-entropy instead (see `loss`).
+    With targets [B, T]: the mean cross-entropy instead (see `loss`). With `head`: head(h [B·T,
+    d] (the final norm's output), lm_head.weight [V, d], targets [B·T] or None) instead of the
+    output head, inside forward so wrappers' hooks cover it (a distillation loss, a teacher's
+    hidden states).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -224,7 +227,7 @@ class Llama(nn.Module):
                 p.normal_(0.0, weight_std(self.cfg, name), generator=generator)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last: int | None = None, *,
-                targets: torch.Tensor | None = None, loss_chunk: int = 0) -> torch.Tensor:
+                targets: torch.Tensor | None = None, loss_chunk: int = 0, head=None):
         T = idx.shape[1]
         start = 0 if cache is None else cache.length
         if cache is not None and start + T > cache.capacity:
@@ -239,6 +242,8 @@ class Llama(nn.Module):
         if last is not None:  # the output head costs T·d·V: skip the positions nobody reads
             x = x[:, T - last:]
         x = self.norm(x)
+        if head is not None:
+            return head(x.flatten(0, 1), self.lm_head.weight, None if targets is None else targets.flatten())
         if targets is None:
             return self.lm_head(x)
         if loss_chunk:  # the head's logits never whole (model/loss.py)
@@ -247,11 +252,12 @@ class Llama(nn.Module):
         return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1),
                                targets.flatten())
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, loss_chunk: int = 0) -> torch.Tensor:
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, loss_chunk: int = 0, head=None) -> torch.Tensor:
         """Mean next-token cross-entropy; idx, targets: [B, T]. loss_chunk: tokens per chunk of
         the fused head and cross-entropy (0: the whole logits at once; see model/loss.py).
+        head: another loss of the final hidden states (see forward), e.g. distillation's.
         Computed inside forward, so wrappers' forward hooks (FSDP2, DDP) cover the head."""
-        return self(idx, targets=targets, loss_chunk=loss_chunk)
+        return self(idx, targets=targets, loss_chunk=loss_chunk, head=head)
 
     def num_params(self, kind: str = "total") -> int:
         return num_params(self.cfg, kind)

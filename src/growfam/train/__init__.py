@@ -5,6 +5,11 @@
   (DEFAULT_MAX_LR, DEFAULT_MIN_LR_RATIO), a family's peak-LR policy (LRPolicy, the YAML's
   `lr:` section), steps_for, check_seq_len, RESUME_FREE_KEYS and check_resumable (what a
   resumed run may change).
+- `distill`: the `distill:` section (DistillConfig: teacher, weight α, temperature, kind,
+  until/ramp, top_k) and the distillation loss taken chunk by chunk through both heads
+  (distill_loss, divergence).
+- `teacher`: Teacher (a frozen teacher laid out like the student, the loss function of a
+  distillation step, its FLOPs) and check_teacher (before any work).
 - `optim`: the LR schedule (lr_at, lr_bounds), AdamW's param groups, make_optimizer,
   apply_hyperparameters, check_optimizer.
 - `guard`: SpikeGuard, the loss-spike guard (skip, roll back, or stop as diverged), and
@@ -27,10 +32,11 @@
 - `loop`: train() and TrainResult, forward_backward; the step, the spike guard's rollbacks;
   validation_loss (train()'s validation of a model as it is).
 
-Imports point one way: optim and parallel import config; guard imports parallel; checkpoint
+Imports point one way: config imports distill; optim and parallel import config; teacher
+imports distill, config and parallel; guard imports parallel; checkpoint
 imports guard and parallel; state imports config, guard, metrics and parallel; callbacks
-imports state, checkpoint, config, metrics, optim and parallel; setup imports all of these;
-loop imports setup and what it uses; config and metrics import nothing of train/. train/ may
+imports state, checkpoint, config, metrics, optim and parallel; setup imports all of these and teacher;
+loop imports setup and what it uses; distill and metrics import nothing of train/. train/ may
 import the top-level helpers, model, data and grow; nothing of growfam.config (which imports
 train.config), family/ or the CLI.
 """
@@ -54,6 +60,7 @@ from growfam.train.config import (
     check_seq_len,
     steps_for,
 )
+from growfam.train.distill import KINDS, DistillConfig, distill_loss, divergence
 from growfam.train.guard import SPIKE_EMA_BETA, SpikeGuard
 from growfam.train.loop import TrainResult, forward_backward, train, validation_loss
 from growfam.train.metrics import MetricsLogger, peak_flops, read_metrics
@@ -67,6 +74,7 @@ from growfam.train.optim import (
 )
 from growfam.train.parallel import DDP, FSDP, AllReduce, Parallelism, init_distributed, make_parallelism
 from growfam.train.state import Run, RunState, Schedule
+from growfam.train.teacher import Teacher, check_teacher
 
 __all__ = [
     "DEFAULT_MAX_LR",
@@ -75,6 +83,12 @@ __all__ = [
     "SPIKE_EMA_BETA",
     "STRATEGIES",
     "DDP",
+    "KINDS",
+    "DistillConfig",
+    "Teacher",
+    "check_teacher",
+    "distill_loss",
+    "divergence",
     "FSDP",
     "AllReduce",
     "Callback",

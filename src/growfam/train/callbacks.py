@@ -120,13 +120,18 @@ class Progress(Callback):
         if state.window_losses:
             state.train_loss = sum(state.window_losses) / len(state.window_losses)
         mfu = run.attn_flops_per_token * tokens_per_s / (self.peak * run.parallel.world) if self.peak else None
+        # with a teacher: the loss's parts (cross-entropy; divergence None when no step had α > 0)
+        teacher = {} if run.teacher is None else {
+            "ce": _mean(state.window_parts.get("ce")), "kl": _mean(state.window_parts.get("kl")),
+            "alpha": state.alpha, "flops_teacher": state.ledger["flops_teacher"]}
         run.log.log("train", state.step, loss=state.train_loss, lr=state.lr, grad_norm=state.grad_norm,
                     tokens=state.step * tokens_per_step, tokens_per_s=tokens_per_s, flops=state.ledger["flops"],
-                    flops_attn=state.ledger["flops_attn"], mfu=mfu, epoch=run.windows.epoch)
+                    flops_attn=state.ledger["flops_attn"], mfu=mfu, epoch=run.windows.epoch, **teacher)
         self.bar.set_postfix(loss=f"{state.train_loss:.4f}" if state.train_loss is not None else "-",
+                             **({"kl": f"{teacher['kl']:.4f}"} if teacher.get("kl") is not None else {}),
                              lr=f"{state.lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
                              **({"mfu": f"{mfu:.1%}"} if mfu else {}))
-        state.window_losses, self.window_s, self.window_tokens = [], 0.0, 0
+        state.window_losses, state.window_parts, self.window_s, self.window_tokens = [], {}, 0.0, 0
 
     def on_rollback(self, run: Run, checkpoint: Path | None) -> None:
         self.bar.reset(total=run.schedule.total_steps)
@@ -139,6 +144,10 @@ class Progress(Callback):
         """Close the bar (again, or before it was opened: nothing happens)."""
         if getattr(self, "bar", None) is not None:
             self.bar.close()
+
+
+def _mean(values: list[float] | None) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 @torch.no_grad()
@@ -208,7 +217,8 @@ class Checkpoints(Callback):
             "val_loss": state.val_loss, "finished": finished, "stopped_early": state.stopped_early,
             "data": run.windows.state_dict(), "rng": encode_rng(), "guard": run.guard.state_dict(),
             **{cb.state_key: cb.state_dict() for cb in run.callbacks if cb.state_key is not None},
-            "ledger": state.ledger, "window_losses": state.window_losses, "world_size": run.parallel.world,
+            "ledger": state.ledger, "window_losses": state.window_losses, "window_parts": state.window_parts,
+            "world_size": run.parallel.world,
             "config": run.run_config,
         }
         if run.parallel.is_main or run.parallel.sharded:  # a sharded model is written by every rank

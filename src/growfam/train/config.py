@@ -17,6 +17,7 @@ from growfam.device import check_device
 from growfam.errors import ConfigError
 from growfam.io import read_yaml
 from growfam.model import ModelConfig, resolve_config
+from growfam.train.distill import DistillConfig
 
 #: The peak LR when a config gives none (the paper's Appendix A, for every size).
 DEFAULT_MAX_LR = 3e-4
@@ -148,6 +149,8 @@ class TrainConfig:
     tensorboard: also write TensorBoard logs (when tensorboard is installed).
     wandb_project: log to this Weights & Biases project (needs wandb installed).
     parallel: a ParallelConfig (or its mapping): DDP / FSDP2 under torchrun.
+    distill: a DistillConfig (or its mapping): learn from a teacher's distribution too
+        (train/distill.py); None: cross-entropy alone.
     """
 
     model: ModelConfig | None = None
@@ -184,10 +187,13 @@ class TrainConfig:
     tensorboard: bool = True
     wandb_project: str | None = None
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    distill: DistillConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.parallel, ParallelConfig):
             self.parallel = ParallelConfig.from_dict(self.parallel)
+        if self.distill is not None and not isinstance(self.distill, DistillConfig):
+            self.distill = DistillConfig.from_dict(self.distill)
         if self.model is not None:
             self.model = resolve_config(self.model)
         for name, low in (("batch_size", 1), ("seq_len", 1), ("eval_batches", 0), ("log_every", 1),
@@ -223,6 +229,9 @@ class TrainConfig:
         for name in ("compile", "tensorboard"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.compile and self.distill is not None:
+            raise ConfigError("compile: true does not cover a distillation loss; compile the blocks instead "
+                              "(parallel.compile: true)")
         if self.model is not None:
             check_seq_len(self.seq_len, self.model)
 

@@ -85,6 +85,7 @@ class TrainResult:
     spikes: int = 0
     rollbacks: int = 0
     stopped_early: bool = False
+    flops_teacher: int = 0  # a distillation teacher's forward passes: 2 · N_teacher · tokens it saw
 
 
 def forward_backward(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -187,20 +188,30 @@ def _loop(run: Run, checkpoints: Checkpoints) -> None:
         for group in optimizer.param_groups:
             group["lr"] = state.lr
 
+        # With a teacher: its loss term while α > 0 (after `until`, plain steps: it is not run)
+        state.alpha = run.teacher.spec.alpha(state.step, total_steps) if run.teacher else 0.0
+        loss_fn = run.teacher.loss_fn(run.loss_fn, state.alpha) if state.alpha else run.loss_fn
+
         batches = [run.windows.next_batch() for _ in range(schedule.accum)]
-        loss = forward_backward(run.loss_fn, batches, parallel.device, run.amp_dtype, micro_batch)
-        parallel.average([loss])
+        loss = forward_backward(loss_fn, batches, parallel.device, run.amp_dtype, micro_batch)
+        parts = run.teacher.take_parts() if state.alpha else None
+        parallel.average([loss] if parts is None else [loss, parts])
         parallel.reduce_gradients(model)
         grad_norm = parallel.clip_grad_norm(model, cfg.grad_clip or math.inf)
         state.loss, state.grad_norm = loss.item(), grad_norm.item()
-        verdict = guard.check(state.step, state.loss, state.grad_norm)
+        state.parts = {} if run.teacher is None else \
+            {"ce": state.loss} if parts is None else dict(zip(("ce", "kl"), parts.tolist()))
+        # The guard watches the cross-entropy: the total's scale moves with α (and the KD term
+        # starts at 0 for a grown student); a divergence blowing up shows in the gradient norm.
+        verdict = guard.check(state.step, state.parts.get("ce", state.loss), state.grad_norm)
         if verdict == "ok":
             optimizer.step()
             for callback in run.callbacks:
                 callback.on_update(run)
         optimizer.zero_grad(set_to_none=True)
         state.count_step(schedule.tokens_per_step, run.nonembedding_params, run.attn_flops_per_token,
-                         wall_s=time.perf_counter() - session_start)
+                         wall_s=time.perf_counter() - session_start,
+                         teacher_flops_per_token=run.teacher.flops_per_token if state.alpha else (0, 0))
         state.seconds = time.perf_counter() - started
 
         # An update that overflowed the weights is never checkpointed: go back instead. (Checked
@@ -219,7 +230,7 @@ def _loop(run: Run, checkpoints: Checkpoints) -> None:
             _roll_back(run, checkpoints)
             continue
         if verdict == "ok":
-            state.window_losses.append(state.loss)
+            state.accept()
         if _step_end(run):
             state.stopped_early = True
             break
@@ -313,4 +324,5 @@ def _result(run: Run, hf_dir: Path) -> TrainResult:
     return TrainResult(train_loss=state.train_loss, val_loss=state.val_loss, steps=state.step,
                        tokens=state.step * run.schedule.tokens_per_step, flops=ledger["flops"],
                        flops_attn=ledger["flops_attn"], wall_s=ledger["wall_s"], hf_dir=Path(hf_dir),
-                       spikes=run.guard.spikes, rollbacks=run.guard.rollbacks, stopped_early=state.stopped_early)
+                       spikes=run.guard.spikes, rollbacks=run.guard.rollbacks, stopped_early=state.stopped_early,
+                       flops_teacher=ledger.get("flops_teacher", 0))

@@ -178,8 +178,15 @@ class Parallelism:
                 block.compile()
         return _on_device(model, self.device)
 
+    def wrap_frozen(self, model: nn.Module) -> nn.Module:
+        """A model that only runs forward (a distillation teacher): no gradients, eval mode, on
+        this rank's device; whole on every rank (sharded like the trained model under FSDP)."""
+        model.requires_grad_(False).eval()
+        return _on_device(model, self.device)
+
     def loss_fn(self, model: nn.Module):
-        """(idx, targets) [B, T] -> mean loss, through whatever wrapper reduces gradients."""
+        """(idx, targets) [B, T] -> mean loss, through whatever wrapper reduces gradients; a
+        `head=` keyword replaces the output head's cross-entropy (Llama.forward)."""
         return functools.partial(model.loss, loss_chunk=self.options.loss_chunk)
 
     def micro_batch(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
@@ -243,8 +250,8 @@ class _Loss(nn.Module):
         self.model = model
         self.loss_chunk = loss_chunk
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(idx, targets, self.loss_chunk)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, head=None) -> torch.Tensor:
+        return self.model.loss(idx, targets, self.loss_chunk, head)
 
 
 class DDP(AllReduce):
@@ -280,21 +287,32 @@ class FSDP(AllReduce):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         replicas = self.options.replicate
-        mesh = init_device_mesh(self.device.type, (replicas, self.world // replicas),
-                                mesh_dim_names=("replicate", "shard")) if replicas > 1 else \
+        self.mesh = init_device_mesh(self.device.type, (replicas, self.world // replicas),
+                                     mesh_dim_names=("replicate", "shard")) if replicas > 1 else \
             init_device_mesh(self.device.type, (self.world,))
         mixed = self.options.mixed_precision
         bf16 = mixed == "bf16" or (mixed == "auto" and self.compute_dtype == torch.bfloat16)
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        self.policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
             else MixedPrecisionPolicy()
         checkpoint_blocks(model, self.options.checkpoint_every)
         for block in model.layers:
             if self.options.compile:
                 block.compile()
-            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=self.options.reshard_after_forward)
+            fully_shard(block, mesh=self.mesh, mp_policy=self.policy,
+                        reshard_after_forward=self.options.reshard_after_forward)
         # The root (embedding, final norm, head) is gathered for the whole step: the head is
         # needed right after the forward pass ends.
-        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+        fully_shard(model, mesh=self.mesh, mp_policy=self.policy, reshard_after_forward=False)
+        return _on_device(model, self.device)
+
+    def wrap_frozen(self, model: nn.Module) -> nn.Module:
+        """Each block sharded as the trained model's are (call after wrap); the embedding, final
+        norm and head stay whole on every rank, where the distillation loss reads the head."""
+        from torch.distributed.fsdp import fully_shard
+
+        model.requires_grad_(False).eval()
+        for block in model.layers:
+            fully_shard(block, mesh=self.mesh, mp_policy=self.policy, reshard_after_forward=True)
         return _on_device(model, self.device)
 
     def micro_batch(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager:

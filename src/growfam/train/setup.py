@@ -27,7 +27,8 @@ from growfam.train.config import TrainConfig, check_resumable
 from growfam.train.guard import SpikeGuard
 from growfam.train.optim import apply_hyperparameters, check_optimizer, make_optimizer
 from growfam.train.parallel import Parallelism, amp_dtype, share
-from growfam.train.state import Run, Schedule, decode_rng
+from growfam.train.state import Run, Schedule, decode_rng, empty_ledger
+from growfam.train.teacher import Teacher, check_teacher
 
 
 
@@ -50,6 +51,8 @@ def check_inputs(cfg: TrainConfig, model: Llama | None, dataset, resume: bool | 
             raise ConfigError("no data: set `data` in the train config to a prepared dataset directory")
         dataset = TokenDataset.open(cfg.data)
     check_vocabulary(dataset, cfg.model)
+    if cfg.distill is not None:
+        check_teacher(cfg.distill, cfg.model, dataset, cfg.seq_len)
     if cfg.eval_batches and validation_tokens(dataset, cfg.seq_len) is None:
         raise ConfigError(f"the validation split holds {len(dataset.tokens('val')):,} tokens, not one window of "
                           f"{cfg.seq_len + 1}: prepare the data with a larger val_fraction, or set eval_batches: 0 "
@@ -95,6 +98,8 @@ def build_run(cfg: TrainConfig, schedule: Schedule, parallel: Parallelism, model
             # load_state_dict casts every state tensor to its parameter's device and dtype.
             optimizer.load_state_dict(optimizer.state_dict())
     apply_hyperparameters(optimizer, cfg)
+    teacher = None if cfg.distill is None else \
+        Teacher.load(cfg.distill, parallel, amp_dtype(cfg.dtype, device), cfg.parallel.loss_chunk, cfg.seq_len)
     guard = SpikeGuard(cfg.spike_factor, cfg.spike_patience, cfg.spike_window, cfg.spike_lr_factor,
                        cfg.max_rollbacks, baseline=math.log(model.cfg.vocab_size))
     return Run(cfg=cfg, schedule=schedule, parallel=parallel, model=model, optimizer=optimizer,
@@ -102,7 +107,7 @@ def build_run(cfg: TrainConfig, schedule: Schedule, parallel: Parallelism, model
                amp_dtype=amp_dtype(cfg.dtype, device), windows=windows,
                val_tokens=val_tokens, guard=guard, tokenizer=tokenizer, run_config=run_config(cfg),
                nonembedding_params=num_params(model.cfg, "nonembedding"),
-               attn_flops_per_token=flops_per_token(model.cfg, cfg.seq_len))
+               attn_flops_per_token=flops_per_token(model.cfg, cfg.seq_len), teacher=teacher)
 
 
 def check_vocabulary(dataset, model: ModelConfig) -> None:
@@ -151,8 +156,9 @@ def resume_run(run: Run, ckpt: Path) -> dict[str, Any]:
         # Ranks advance in lock-step, so rank 0's cursor position is every rank's.
         run.windows.load_state_dict({**saved["data"], "rank": run.parallel.rank})
         run.guard.load_state_dict(saved["guard"])
-        state.ledger = saved["ledger"]
+        state.ledger = {**empty_ledger(), **saved["ledger"]}
         state.window_losses = [float(x) for x in saved.get("window_losses", [])]
+        state.window_parts = {k: [float(x) for x in v] for k, v in saved.get("window_parts", {}).items()}
         state.stopped_early = saved["stopped_early"]
         decode_rng(saved["rng"])
         load_states(run.callbacks, saved)

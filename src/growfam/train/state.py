@@ -29,6 +29,7 @@ from growfam.train.parallel import Parallelism
 
 if TYPE_CHECKING:
     from growfam.train.callbacks import Callback
+    from growfam.train.teacher import Teacher
 
 
 @dataclass(frozen=True)
@@ -54,36 +55,53 @@ class Schedule:
                    math.ceil(cfg.warmup_frac * total_steps))
 
 
-def _empty_ledger() -> dict[str, int | float]:
-    return {"tokens_processed": 0, "flops": 0, "flops_attn": 0, "wall_s": 0.0}
+def empty_ledger() -> dict[str, int | float]:
+    """A run's ledger before its first step (also the keys a checkpoint of an older version lacks)."""
+    return {"tokens_processed": 0, "flops": 0, "flops_attn": 0, "flops_teacher": 0, "flops_teacher_attn": 0,
+            "wall_s": 0.0}
 
 
 @dataclass
 class RunState:
     """A run's progress. Losses in nats per token; the ledger counts every step taken (rolled
-    back ones too): tokens, FLOPs (6·N·D and attention-inclusive) and wall seconds over every
-    session of a resumed run."""
+    back ones too): tokens, FLOPs (6·N·D and attention-inclusive; a distillation teacher's
+    forward passes apart, 2·N_t·D and attention-inclusive) and wall seconds over every session
+    of a resumed run."""
 
     step: int = 0  # optimizer steps done
     train_loss: float | None = None  # mean over the last logging window
     val_loss: float | None = None
-    ledger: dict[str, int | float] = field(default_factory=_empty_ledger)
+    ledger: dict[str, int | float] = field(default_factory=empty_ledger)
     window_losses: list[float] = field(default_factory=list)  # accepted losses since the last `train` log line
+    # with a teacher: the accepted steps' parts of the loss since then ("ce", and "kl" where α > 0)
+    window_parts: dict[str, list[float]] = field(default_factory=dict)
     stopped_early: bool = False  # a callback ended the run before its last step
     # the last optimizer step (not saved)
     lr: float = 0.0
     loss: float = math.nan
+    parts: dict[str, float] = field(default_factory=dict)  # with a teacher: its "ce" and "kl"
+    alpha: float = 0.0  # the distillation weight α
     grad_norm: float = math.nan
     verdict: str = "ok"  # the spike guard's: "ok" (update applied), "skip", "rollback", "diverged"
     seconds: float = 0.0  # its forward, backward and update
 
-    def count_step(self, tokens: int, nonembedding_params: int, attn_flops_per_token: int, wall_s: float) -> None:
-        """One more optimizer step of `tokens` targets."""
+    def count_step(self, tokens: int, nonembedding_params: int, attn_flops_per_token: int, wall_s: float,
+                   teacher_flops_per_token: tuple[int, int] = (0, 0)) -> None:
+        """One more optimizer step of `tokens` targets; teacher_flops_per_token: its forward's
+        (2·N_t, attention-inclusive) when a teacher ran."""
         self.step += 1
         self.ledger["tokens_processed"] += tokens
         self.ledger["flops"] += 6 * nonembedding_params * tokens
         self.ledger["flops_attn"] += attn_flops_per_token * tokens
+        self.ledger["flops_teacher"] += teacher_flops_per_token[0] * tokens
+        self.ledger["flops_teacher_attn"] += teacher_flops_per_token[1] * tokens
         self.ledger["wall_s"] = wall_s
+
+    def accept(self) -> None:
+        """The last step stands: its loss (and parts) join the logging window."""
+        self.window_losses.append(self.loss)
+        for name, value in self.parts.items():
+            self.window_parts.setdefault(name, []).append(value)
 
 
 @dataclass
@@ -104,6 +122,7 @@ class Run:
     run_config: dict[str, Any]  # cfg as JSON, recorded in checkpoints and compared on resume
     nonembedding_params: int
     attn_flops_per_token: int  # model.flops_per_token at seq_len
+    teacher: Teacher | None = None  # the distillation teacher, if any
     callbacks: list[Callback] = field(default_factory=list)
     state: RunState = field(default_factory=RunState)
     log: MetricsLogger | None = None  # opened once the run is known not to be finished already
