@@ -1,18 +1,14 @@
 """The one config tree: a family YAML as a `FamilyConfig`, every section validated on load.
 
 The plan fields sit at the YAML's top level (name, members, tokens, count, nominal, batch_size,
-seq_len, lr: LRPolicy); each later pipeline step owns one typed section, defined in the package
-of its stage and gathered here: `lr` (LRPolicy, train/config.py), `growth` (GrowthConfig,
-grow/config.py), `data` (DataConfig, data/config.py), `train` (TrainSection: the TrainConfig
-fields the plan leaves free) and `eval` (EvalConfig).
-`load_family_config` finds a shipped family (growfam/configs) or reads a YAML path;
-`make_plan` (family.plan) turns a FamilyConfig into per-stage budgets. Training defaults (peak
-LR, LR floor) are written once, next to TrainConfig.
-
-config.py may import errors, checks, io, text, model, data, grow and train.config;
-family/, report/ and the CLI import it. growfam/train never does (train.config is below it).
+seq_len, lr: LRPolicy); each later step owns one typed section, defined in its stage's package:
+`lr` (LRPolicy, train/config.py), `growth` (GrowthConfig, grow/), `data` (DataConfig, data/),
+`train` (TrainSection: the TrainConfig fields the plan leaves free), `eval` (EvalConfig) and
+`distill` (FamilyDistillConfig, train/distill.py). `load_family_config` finds a shipped family
+(growfam/configs) or reads a YAML path; `make_plan` (family.plan) turns a FamilyConfig into
+per-stage budgets. config.py may import errors, checks, io, text, model, data, grow,
+train.config and train.distill; family/, report/ and the CLI import it (never growfam/train).
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +26,7 @@ from growfam.io import read_yaml
 from growfam.model import PRESETS, ModelConfig, num_params, read_hf_config, resolve_config
 from growfam.text import si
 from growfam.train.config import LRPolicy, ParallelConfig, TrainConfig, check_seq_len
+from growfam.train.distill import FamilyDistillConfig
 
 __all__ = ["DataConfig", "EvalConfig", "FamilyConfig", "GrowthConfig", "LRPolicy", "TrainSection",
            "load_family_config", "shipped_families"]
@@ -39,7 +36,6 @@ COUNTS: tuple[str, ...] = ("nonembedding", "total", "nominal")
 
 #: Family YAMLs shipped with the package, by file stem (`growfam plan paper-r2`).
 CONFIG_DIR = Path(__file__).parent / "configs"
-
 #: Chinchilla tokens per parameter (Hoffmann et al. 2022); D(N) = r · 20 · N.
 CHINCHILLA_TOKENS_PER_PARAM = 20
 
@@ -145,7 +141,7 @@ class FamilyConfig:
     seq_len: training sequence length in tokens per stage, or one int for every stage; None
         means each member's max_seq_len. (`batch_sizes` / `seq_lens` give the per-stage lists;
         the fields keep what was written, so a scalar still applies after `replace(members=...)`.)
-    lr, growth, data, train, eval: the sections (a mapping is parsed); posttrain: as written.
+    lr, growth, data, train, eval, distill: the sections (a mapping is parsed); posttrain: as written.
     start_from: a Hugging Face model directory (config.json, safetensors weights, tokenizer) that
         is the first member, given rather than trained; members[0] must have its shape (or be
         the directory itself). start_from_tokens: tokens to continue training it on (default 0:
@@ -165,6 +161,7 @@ class FamilyConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: FamilyDistillConfig = field(default_factory=FamilyDistillConfig)
     start_from: str | None = None
     start_from_tokens: float = 0
     posttrain: dict | None = None
@@ -205,7 +202,8 @@ class FamilyConfig:
         _ = self.batch_sizes  # raises on a bad batch_size
         for m, t in zip(self.members, self.seq_lens):
             check_seq_len(t, m, m.name)
-        for name, cls in (("lr", LRPolicy), ("growth", GrowthConfig), ("data", DataConfig), ("eval", EvalConfig)):
+        for name, cls in (("lr", LRPolicy), ("growth", GrowthConfig), ("data", DataConfig), ("eval", EvalConfig),
+                          ("distill", FamilyDistillConfig)):
             if not isinstance(getattr(self, name), cls):
                 setattr(self, name, cls.from_dict(getattr(self, name)))
         if not isinstance(self.train, TrainSection):
@@ -267,7 +265,7 @@ class FamilyConfig:
     # ---- (de)serialisation ----------------------------------------------------------------
     KEYS: ClassVar[tuple[str, ...]] = ("name", "members", "tokens", "count", "nominal", "batch_size",
                                        "seq_len", "lr", "growth", "data", "train", "eval", "start_from",
-                                       "start_from_tokens", "posttrain")
+                                       "start_from_tokens", "posttrain", "distill")
 
     @classmethod
     def from_dict(cls, data: dict, base_dir: str | Path | None = None) -> "FamilyConfig":
@@ -296,7 +294,7 @@ class FamilyConfig:
             start_from_tokens=data.get("start_from_tokens", 0),
             posttrain=data.get("posttrain"),
             **{key: data.get(key) for key in ("nominal", "seq_len")},
-            **{key: data.get(key) for key in ("lr", "growth", "data", "train", "eval")},
+            **{key: data.get(key) for key in ("lr", "growth", "data", "train", "eval", "distill")},
         )
 
     @classmethod
@@ -329,6 +327,8 @@ class FamilyConfig:
             out.update(start_from=self.start_from, start_from_tokens=self.start_from_tokens)
         if self.posttrain is not None:
             out["posttrain"] = self.posttrain
+        if self.distill.inherit is not None:
+            out["distill"] = self.distill.to_dict()
         return {**out, "growth": self.growth.to_dict(), "data": self.data.to_dict(), "train": self.train.to_dict(),
                 "eval": self.eval.to_dict()}
 

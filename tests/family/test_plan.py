@@ -207,7 +207,7 @@ def test_cli_overrides(capsys):
 # ---- specs ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["paper-r1", "paper-r2", "paper-r2-lr", "tiny"])
+@pytest.mark.parametrize("name", ["paper-r1", "paper-r2", "paper-r2-lr", "tiny", "tiny-inherit"])
 def test_shipped_families(name):
     assert name in shipped_families()
     spec = load_family_config(name)
@@ -364,7 +364,7 @@ def test_unknown_family_and_cli_member(capsys):
     assert main(["plan", "paper-r3"]) == 2
     err = capsys.readouterr().err
     assert err == ("growfam plan: error: unknown family 'paper-r3'; shipped families: micro, micro-lr, paper-r1, paper-r2, "
-                   "paper-r2-lr, tiny (or give the path of a family YAML)\n")
+                   "paper-r2-lr, tiny, tiny-inherit (or give the path of a family YAML)\n")
     assert main(["plan", "--members", "paper-1b", "paper-16b", "--batch-size", "8"]) == 2
     assert capsys.readouterr().err.startswith("growfam plan: error: members[1]: unknown preset 'paper-16b'")
 

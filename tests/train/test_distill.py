@@ -255,3 +255,19 @@ def test_cli_train_with_a_bad_teacher_exits_2_in_one_line(tmp_path, monkeypatch,
 def test_compile_with_a_teacher_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=re.escape("compile: true does not cover a distillation loss")):
         config(tmp_path, compile=True, distill={"teacher": str(tmp_path)})
+
+
+def test_a_resume_may_find_the_teacher_elsewhere_but_not_change_its_settings(tmp_path):
+    import shutil
+
+    teacher = _teacher(tmp_path / "teacher", BIGGER, seed=5)
+
+    def kill(step, val_loss):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path, distill={"teacher": teacher}, eval_every=6), dataset=ArrayDataset(), on_eval=kill)
+    with pytest.raises(ConfigError, match="distill: checkpoint"):
+        train(config(tmp_path, distill={"teacher": teacher, "weight": 0.9}), dataset=ArrayDataset())
+    moved = shutil.move(teacher, tmp_path / "moved")
+    assert train(config(tmp_path, distill={"teacher": str(moved)}), dataset=ArrayDataset()).steps == 8

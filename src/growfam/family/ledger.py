@@ -116,7 +116,7 @@ class MemberEntry(_Record):
               "train_loss": NUMBER_OR_NULL, "max_lr": NUMBER_OR_NULL, "wall_s": NUMBER,
               "session_wall_s": NUMBER_OR_NULL, "spikes": NUMBER_OR_NULL, "rollbacks": NUMBER_OR_NULL,
               "stopped_early": FLAG, "growth": MAPPING_OR_NULL, "given": MAPPING_OR_NULL,
-              "growth_point": MAPPING_OR_NULL, "done": FLAG, "eval": MAPPING_OR_NULL}
+              "growth_point": MAPPING_OR_NULL, "done": FLAG, "eval": MAPPING_OR_NULL, "distill": MAPPING_OR_NULL}
     REQUIRED = ("name", "done", "params", "tokens", "flops", "cum_flops", "wall_s", "val_loss")
     KEEP_NULL = ("dir", "config", "nonembedding_params", "total_params", "planned_tokens", "steps", "flops_attn",
                  "train_loss", "max_lr", "session_wall_s", "spikes", "rollbacks", "growth")
@@ -145,8 +145,16 @@ class MemberEntry(_Record):
     growth: dict | None = None  # the growth report of the expansion it started from
     given: dict | None = None  # a start_from member: {dir, tokens, flops}
     growth_point: dict | None = None  # a converged schedule's growth step and loss slope
+    # trained with a teacher: its member, the train config's distill section, its forward's FLOPs
+    # (2·N_t per token it saw; in cum_flops, not in flops)
+    distill: dict | None = None
     eval: EvalRecord | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def spent_flops(self) -> float:
+        """What training this member cost: its own 6·N·D and a teacher's forward passes."""
+        return self.flops + (self.distill or {}).get("flops", 0)
 
     @classmethod
     def from_json(cls, data: Any, where: str, path: Path | str) -> "MemberEntry":
@@ -234,7 +242,7 @@ class Ledger(_Record):
 
     FIELDS = {"plan": MAPPING, "data_fingerprint": TEXT, "growth": MAPPING, "fixed_data": FLAG, "data": TEXT,
               "modes": MAPPING, "train": MAPPING_OR_NULL, "consistency": MAPPING_OR_NULL,
-              "speculative": MAPPING_OR_NULL}
+              "speculative": MAPPING_OR_NULL, "distill": MAPPING_OR_NULL}
     REQUIRED = ("plan", "data_fingerprint", "growth", "fixed_data", "data", "modes")
 
     plan: dict
@@ -244,6 +252,7 @@ class Ledger(_Record):
     data: str
     modes: dict[str, list[MemberEntry]]
     train: dict | None = None
+    distill: dict | None = None  # the family's distill section (absent: none)
     consistency: ConsistencySection | None = None
     speculative: SpeculativeSection | None = None
     extra: dict = field(default_factory=dict)
@@ -305,7 +314,7 @@ def check_same_run(ledger: Ledger | None, fresh: dict, out_dir: Path) -> None:
     the loss trajectory alone, RESUME_FREE_KEYS, may change)."""
     if ledger is None:
         return
-    for key in ("plan", "data_fingerprint", "growth", "fixed_data"):
+    for key in ("distill", "plan", "data_fingerprint", "growth", "fixed_data"):
         if key in fresh and getattr(ledger, key) != fresh[key]:
             raise ConfigError(f"{FamilyDirectory(out_dir).ledger} was made with a different {key.replace('_', ' ')}; "
                               "use another --out to build a different family")

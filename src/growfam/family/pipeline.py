@@ -108,7 +108,8 @@ def check_family(family: FamilyConfig, out_dir: str | Path, modes: str | tuple[s
         for small, large in zip(family.members, family.members[1:]):
             GrowthPlan.make(small, large, growth.width, growth.depth, growth.seed)
     header = {"plan": json.loads(json.dumps(plan.to_dict())), "growth": growth.to_dict(),
-              "fixed_data": fixed_data, "train": _train_record(family, plan, out_dir, modes, fixed_data)}
+              "fixed_data": fixed_data, "train": _train_record(family, plan, out_dir, modes, fixed_data),
+              "distill": family.distill.to_dict() or None}
     if growth.schedule == "converged" and header["train"].get("eval_batches") == 0:
         raise ConfigError("growth.schedule converged watches the validation loss, which train.eval_batches 0 "
                           "turns off")

@@ -67,13 +67,20 @@ class StagePlan:
     min_lr: float
     given_tokens: float = 0.0  # D(N_1) of a start_from member: accounted, not trained
     given_flops: float = 0.0  # 6 · N_1 · given_tokens; in the cumulative columns, not the spent ones
+    # distill.inherit: the teacher's forwards, 2 · N_{i-1} · D'_i · (share of steps at α > 0);
+    # in cum_flops_progressive and the saving, not in flops_progressive
+    teacher_flops_progressive: float = 0.0
+    teacher_attn_flops_progressive: float = 0.0  # the same, attention-inclusive (a third of F_{i-1})
 
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "tokens_per_step": self.tokens_per_step}
+        out = {**dataclasses.asdict(self), "tokens_per_step": self.tokens_per_step}
+        if not self.teacher_flops_progressive:  # plans of families without a teacher stay as they were
+            del out["teacher_flops_progressive"], out["teacher_attn_flops_progressive"]
+        return out
 
 
 #: GPU-hours assume an H100 SXM's dense bf16 peak (TFLOP/s) and 40% MFU, a typical well-tuned
@@ -127,14 +134,20 @@ class FamilyPlan:
         return sum(s.flops_progressive for s in self.stages)
 
     @property
+    def teacher_flops(self) -> float:
+        """distill.inherit's teacher forward passes over the progressive stages (0 without)."""
+        return sum(s.teacher_flops_progressive for s in self.stages)
+
+    @property
     def saving(self) -> float:
-        """Fraction of the Independent 6ND FLOPs that progressive training saves."""
-        return 1 - self.flops_progressive / self.flops_independent
+        """Fraction of the Independent 6ND FLOPs that progressive training saves (its teachers'
+        forward passes, under distill.inherit, counted against it)."""
+        return 1 - (self.flops_progressive + self.teacher_flops) / self.flops_independent
 
     @property
     def attn_saving(self) -> float:
         """The same saving measured with attention-inclusive FLOPs."""
-        return 1 - (sum(s.attn_flops_progressive for s in self.stages)
+        return 1 - (sum(s.attn_flops_progressive + s.teacher_attn_flops_progressive for s in self.stages)
                     / sum(s.attn_flops_independent for s in self.stages))
 
     def gpu_hours(self, peak_tflops: float, mfu: float) -> GpuHours:
@@ -146,7 +159,7 @@ class FamilyPlan:
         rate = peak_tflops * 1e12 * mfu * 3600  # FLOPs per GPU-hour
         return GpuHours(peak_tflops, mfu,
                         [s.attn_flops_independent / rate for s in self.stages],
-                        [s.attn_flops_progressive / rate for s in self.stages])
+                        [(s.attn_flops_progressive + s.teacher_attn_flops_progressive) / rate for s in self.stages])
 
     def to_dict(self, peak_tflops: float | None = None, mfu: float | None = None) -> dict:
         """JSON-ready plan; GPU-hours are included when both peak_tflops and mfu are given."""
@@ -172,6 +185,8 @@ class FamilyPlan:
                 "attn_saving_pct": 100 * self.attn_saving,
             },
         }
+        if self.teacher_flops:
+            out["totals"]["teacher_flops_progressive"] = self.teacher_flops
         if peak_tflops is not None and mfu is not None:
             out["gpu_hours"] = self.gpu_hours(peak_tflops, mfu).to_dict()
         return out
@@ -228,19 +243,24 @@ def make_plan(family: FamilyConfig) -> FamilyPlan:
     for i, cfg in enumerate(family.members):
         n, batch, seq = params[i], batch_sizes[i], seq_lens[i]
         f_ind, f_prog, f_given = 6 * n * d_ind[i], 6 * n * d_prog[i], 6 * n * given[i]
+        steps_prog = steps_for(d_prog[i], batch * seq)
+        share = family.distill.teacher_share(steps_prog) if i else 0.0
+        f_teacher = 2 * params[i - 1] * d_prog[i] * share
+        f_teacher_attn = flops_per_token(family.members[i - 1], seq) / 3 * d_prog[i] * share
         cum_ind += f_ind + f_given
-        cum_prog += f_prog + f_given
+        cum_prog += f_prog + f_given + f_teacher
         per_token = flops_per_token(cfg, seq)
         stages.append(StagePlan(
             index=i + 1, name=cfg.name, params=n,
             nonembedding_params=num_params(cfg, "nonembedding"), total_params=num_params(cfg, "total"),
             batch_size=batch, seq_len=seq,
             tokens_independent=d_ind[i], tokens_progressive=d_prog[i],
-            steps_independent=steps_for(d_ind[i], batch * seq), steps_progressive=steps_for(d_prog[i], batch * seq),
+            steps_independent=steps_for(d_ind[i], batch * seq), steps_progressive=steps_prog,
             flops_independent=f_ind, flops_progressive=f_prog,
             cum_flops_independent=cum_ind, cum_flops_progressive=cum_prog,
             attn_flops_independent=per_token * d_ind[i], attn_flops_progressive=per_token * d_prog[i],
             max_lr=max_lrs[i], min_lr=max_lrs[i] * family.lr.min_ratio,
-            given_tokens=given[i], given_flops=f_given,
+            given_tokens=given[i], given_flops=f_given, teacher_flops_progressive=f_teacher,
+            teacher_attn_flops_progressive=f_teacher_attn,
         ))
     return FamilyPlan(family, stages)

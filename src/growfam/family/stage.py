@@ -38,12 +38,18 @@ def stage_train_config(family: FamilyConfig, plan: FamilyPlan, index: int, mode:
                        out_dir: Path, tokens: float, fixed_data: bool) -> TrainConfig:
     """The TrainConfig of stage `index` (0-based) in `mode`: plan values + the `train:` section.
 
-    An error in a key of the train section names it as `train.KEY`."""
+    A grown member under `distill: {inherit: ...}` learns from the member it grew from (the
+    previous one, as published). An error in a key of the train section names it as `train.KEY`."""
     stage = plan.stages[index]
     cap = int(plan.stages[-1].tokens_independent) if fixed_data else None
+    inherit = family.distill.inherit_spec(str(FamilyDirectory(out_dir).member(mode, plan.stages[index - 1].name))) \
+        if mode == "progressive" and index > 0 else None
+    if inherit is not None and family.train.given.get("distill") is not None:
+        raise ConfigError("train.distill and distill.inherit both give a grown member a teacher; keep one")
     try:
         return TrainConfig.from_dict({
             **family.train.given,
+            **({"distill": inherit.to_dict()} if inherit is not None else {}),
             "model": family.members[index].to_dict(),
             "data": data,
             "out_dir": str(FamilyDirectory(out_dir).run(mode, stage.name)),
@@ -221,18 +227,21 @@ def build_stage(job: FamilyRun, mode: str, i: int, members: list[MemberEntry]) -
     member_dir = FamilyDirectory(out_dir).member(mode, stage.name)
     on_main(lambda: _publish(result, member_dir))
     flops_before = members[-1].cum_flops if (members and mode == "progressive") else stage.given_flops
+    distill = None if tcfg.distill is None else {**tcfg.distill.to_dict(), "flops": result.flops_teacher}
     entry = MemberEntry(
         name=stage.name, dir=str(member_dir), config=resolve_config(result.hf_dir).replace(name=stage.name).to_dict(),
         params=stage.params, nonembedding_params=stage.nonembedding_params, total_params=stage.total_params,
         tokens=result.tokens, planned_tokens=tokens, steps=result.steps, flops=result.flops,
-        flops_attn=result.flops_attn, cum_flops=flops_before + result.flops, val_loss=result.val_loss,
+        flops_attn=result.flops_attn, cum_flops=flops_before + result.flops + result.flops_teacher,
+        val_loss=result.val_loss,
         train_loss=result.train_loss, max_lr=tcfg.max_lr, wall_s=result.wall_s,
         session_wall_s=time.perf_counter() - start, spikes=result.spikes, rollbacks=result.rollbacks,
         stopped_early=result.stopped_early, growth=read_json(growth_report) if growth_report.exists() else None,
         done=True,
         given={"dir": job.family.start_from, "tokens": stage.given_tokens, "flops": stage.given_flops}
         if stage.given_tokens else None,
-        growth_point={"step": result.steps, "val_loss_slope": stop.last_slope} if stop is not None else None)
+        growth_point={"step": result.steps, "val_loss_slope": stop.last_slope} if stop is not None else None,
+        distill=distill)
     log(f"[{mode}] {stage.name}: val loss {loss(result.val_loss)}, {result.tokens:,} tokens, "
         f"{result.flops:.3g} FLOPs, {result.wall_s:.0f} s")
     return entry

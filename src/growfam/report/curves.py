@@ -32,7 +32,7 @@ class MemberCurve:
     mode: str
     name: str
     offset: float  # FLOPs spent before this run: the earlier progressive stages', else 0
-    flops_per_token: float  # 6·N of this member's counted N
+    flops_per_token: float  # 6·N of its counted N, plus a teacher's FLOPs spread over its tokens
     cum_flops: float  # what the mode's family spent through this member (independent: Σ_{j<=i})
     train: list[tuple[float, float]]
     val: list[tuple[float, float]]
@@ -85,7 +85,7 @@ def member_curves(family_dir: Path, ledger: Ledger, mode: str) -> tuple[list[Mem
         if not entry.done:
             missing.append(f"{mode}/{entry.name} has not finished")
             break
-        spent = entry.cum_flops if mode == "progressive" else spent + entry.flops
+        spent = entry.cum_flops if mode == "progressive" else spent + entry.spent_flops
         path = FamilyDirectory(family_dir).run(mode, entry.name) / METRICS
         steps = entry.steps
         if not path.is_file():
@@ -98,7 +98,7 @@ def member_curves(family_dir: Path, ledger: Ledger, mode: str) -> tuple[list[Mem
             if mode == "progressive" and previous is not None and previous.val_loss is not None:
                 probe = (entry.growth or {}).get("probe") or {}
                 start = (offset, previous.val_loss + (_number(probe.get("dloss")) or 0.0))
-            curves.append(MemberCurve(mode, entry.name, offset, entry.flops / entry.tokens, spent,
+            curves.append(MemberCurve(mode, entry.name, offset, entry.spent_flops / entry.tokens, spent,
                                       train, val, start))
         previous = entry
         offset = spent if mode == "progressive" else 0.0

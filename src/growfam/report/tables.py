@@ -56,6 +56,10 @@ def format_plan(plan: FamilyPlan, peak_tflops: float, mfu: float) -> str:
         f"{hours(gpu.total_independent)} independent, {hours(gpu.total_progressive)} progressive, "
         f"{hours(gpu.total_independent - gpu.total_progressive)} saved",
     ]
+    teacher = data["totals"].get("teacher_flops_progressive")
+    if teacher:
+        lines.append(f"distill.inherit: the teachers' forward passes cost {sci(teacher)} FLOPs, in the progressive "
+                     "cumulative column and the saving")
     if plan.given is not None:
         g = plan.given
         lines.append(f"given: {g.name} is start_from {family.start_from}; its {si(g.given_tokens)} tokens "
@@ -109,7 +113,7 @@ def comparison_rows(ledger: Ledger) -> list[list[str]]:
         rows.append([
             name, si(params), si(get(prog, i, "tokens")), si(get(ind, i, "tokens")),
             loss(vp), loss(vi), f"{vp - vi:+.4f}" if vp is not None and vi is not None else "-",
-            short(get(prog, i, "cum_flops")), short(get(ind, i, "flops")),
+            short(get(prog, i, "cum_flops")), short(get(ind, i, "spent_flops")),
         ])
     return rows
 
@@ -118,7 +122,7 @@ def family_flops(ledger: Ledger) -> tuple[float, float] | None:
     """(progressive, independent) FLOPs of the whole family (6ND), when both modes have every
     member and the independent total is positive; else None."""
     prog, ind = ledger.members("progressive"), ledger.members("independent")
-    total_i = sum(m.flops for m in ind)
+    total_i = sum(m.spent_flops for m in ind)
     if prog and ind and len(prog) == len(ind) and total_i > 0:
         return prog[-1].cum_flops, total_i
     return None

@@ -293,9 +293,14 @@ RESUME_FREE_KEYS = frozenset({
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
-    """ConfigError naming every trajectory-relevant key that differs from the checkpoint's."""
+    """ConfigError naming every trajectory-relevant key that differs from the checkpoint's. The
+    teacher's path may change, like the data's (a family directory moved, another working folder)."""
+    def relevant(config: dict[str, Any], key: str) -> Any:
+        value = config.get(key)
+        return {k: v for k, v in value.items() if k != "teacher"} if key == "distill" and value else value
+
     differ = [k for k in sorted(set(saved) | set(current))
-              if k not in RESUME_FREE_KEYS and saved.get(k) != current.get(k)]
+              if k not in RESUME_FREE_KEYS and relevant(saved, k) != relevant(current, k)]
     if differ:
         lines = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in differ)
         raise ConfigError(f"the config does not match the checkpoint {where} ({lines}); "

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from growfam.checks import Section, as_choice, as_int, as_number
+from growfam.checks import Section, as_choice, as_int, as_mapping, as_number
 from growfam.errors import ConfigError
 
 #: The divergences D the loss can use.
@@ -166,3 +166,51 @@ def distill_loss(h: torch.Tensor, weight: torch.Tensor, teacher_h: torch.Tensor,
         return _FusedDistillLoss.apply(h, weight, teacher_h, teacher_weight, targets, spec, alpha, chunk)
     sums, scale, _, _ = _chunks(h, weight, teacher_h, teacher_weight, targets, spec, alpha, chunk, grads=False)
     return (sums * scale).sum(), sums / h.shape[0]
+
+
+@dataclass
+class FamilyDistillConfig(Section):
+    """The family YAML's `distill:` section: how a family uses the trainer's distillation.
+
+    inherit: {weight, temperature, kind, until, ramp, top_k} (a DistillConfig without its
+        teacher; until defaults to 0.25): each grown member of the progressive mode learns from
+        the member it grew from, early in its run (Knowledge Inheritance, arXiv 2105.13880;
+        SALT, arXiv 2410.18779). The independent baseline trains as before; the teacher's
+        forward passes are counted in the grown members' FLOPs.
+    """
+
+    key: ClassVar[str] = "distill"
+    inherit: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.inherit is not None:
+            self.inherit = as_mapping(self.inherit, "distill.inherit")
+            if "teacher" in self.inherit:
+                raise ConfigError("distill.inherit takes no teacher: each grown member's is the member it grew from")
+            self.inherit = {"until": 0.25, **self.inherit}
+            self.inherit_spec("(the member grown from)")  # checked now
+
+    def inherit_spec(self, teacher: str) -> DistillConfig | None:
+        """The train config's distill section of a grown member whose teacher is `teacher`
+        (None without `inherit`); a ConfigError names the key as distill.inherit.KEY."""
+        if self.inherit is None:
+            return None
+        try:
+            return DistillConfig.from_dict({**self.inherit, "teacher": teacher})
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("distill.", "distill.inherit.", 1)
+                              .replace("in distill", "in distill.inherit", 1).replace("keys: teacher, ", "keys: ")) from None
+
+    def teacher_share(self, total_steps: int) -> float:
+        """The fraction of a grown member's `total_steps` steps at α > 0 (its teacher runs)."""
+        spec = self.inherit_spec("-")
+        if spec is None or spec.weight == 0 or total_steps == 0:
+            return 0.0
+        if spec.until >= 1:
+            return 1.0
+        # alpha() is > 0 exactly for the steps below this bound (the same float expression)
+        end = spec.until * total_steps + (spec.ramp * total_steps if spec.ramp > 0 else 0)
+        return min(total_steps, math.ceil(end)) / total_steps
+
+    def to_dict(self) -> dict:
+        return {} if self.inherit is None else {"inherit": dict(self.inherit)}

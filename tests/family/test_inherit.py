@@ -1,0 +1,96 @@
+"""A family's `distill: {inherit: ...}`: each grown member learns from the member it grew from,
+early in its run; planned, counted in the ledger, refused when it changes between runs."""
+
+import json
+
+import pytest
+
+from growfam.config import FamilyConfig
+from growfam.data import prepare
+from growfam.errors import ConfigError
+from growfam.family import make_plan, run_family
+from growfam.model import num_params
+from growfam.report.tables import format_plan
+from growfam.train.metrics import read_metrics
+
+from family.test_family import TEXT, spec
+
+INHERIT = {"inherit": {"weight": 0.5, "until": 0.5, "ramp": 0.25, "temperature": 2.0}}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "ds"
+    prepare(TEXT, "train:300", out, val_fraction=0.05, progress=False)
+    return str(out)
+
+
+def family(**changes) -> FamilyConfig:
+    return spec(growth={"width": "lossless", "depth": "identity"}, distill=INHERIT, **changes)
+
+
+def test_a_grown_member_learns_from_the_one_it_grew_from(tmp_path, dataset):
+    ledger = run_family(family(), tmp_path, data=dataset, log=lambda s: None)
+    small, large = ledger.members("progressive")
+    assert small.distill is None  # nothing to inherit from
+    record = large.distill
+    assert record["teacher"] == str(tmp_path / "progressive" / "small")
+    assert (record["weight"], record["until"], record["temperature"]) == (0.5, 0.5, 2.0)
+    # the teacher ran while α > 0: the first 75% of the steps (until 0.5 + ramp 0.25)
+    steps = large.steps
+    taught = sum(1 for s in range(steps) if s < 0.5 * steps + 0.25 * steps)
+    tokens_per_step = large.tokens // steps
+    assert record["flops"] == 2 * num_params(family().members[0], "nonembedding") * taught * tokens_per_step
+    assert large.cum_flops == small.cum_flops + large.flops + record["flops"]
+    plan = make_plan(family())
+    assert large.cum_flops == pytest.approx(plan.stages[1].cum_flops_progressive, rel=0.02)
+    assert plan.stages[1].teacher_flops_progressive == pytest.approx(record["flops"], rel=0.02)
+    # a function-preserving growth starts at its teacher's distribution
+    lines = read_metrics(tmp_path / "runs" / "progressive" / "large" / "metrics.jsonl", "train")
+    assert lines[0]["kl"] < 1e-4 and lines[0]["alpha"] == 0.5
+    assert lines[-1]["kl"] is None and lines[-1]["alpha"] == 0  # after the ramp: plain steps
+    assert all(m.distill is None for m in ledger.members("independent"))  # the baseline trains as before
+    assert json.loads((tmp_path / "family.json").read_text())["distill"] == {"inherit": {**INHERIT["inherit"]}}
+
+    # the same family again: done; with another inherit section: refused before any work
+    again = run_family(family(), tmp_path, data=dataset, log=lambda s: None)
+    assert again.members("progressive")[1].cum_flops == large.cum_flops
+    changed = spec(growth={"width": "lossless", "depth": "identity"}, distill={"inherit": {"weight": 0.9}})
+    with pytest.raises(ConfigError, match="made with a different distill"):
+        run_family(changed, tmp_path, data=dataset, log=lambda s: None)
+    with pytest.raises(ConfigError, match="made with a different distill"):
+        run_family(spec(growth={"width": "lossless", "depth": "identity"}), tmp_path, data=dataset, log=lambda s: None)
+
+
+def test_the_plan_counts_the_teachers_and_the_yaml_round_trips():
+    plan = make_plan(family())
+    small, large = plan.stages
+    assert small.teacher_flops_progressive == 0
+    share = 0.75  # until 0.5 + ramp 0.25 of the stage's steps
+    assert large.teacher_flops_progressive == pytest.approx(2 * small.params * large.tokens_progressive * share,
+                                                            rel=0.05)
+    plain = make_plan(spec(growth={"width": "lossless", "depth": "identity"}))
+    assert plan.flops_progressive == plain.flops_progressive and plan.teacher_flops == large.teacher_flops_progressive
+    assert plan.saving == pytest.approx(plain.saving - large.teacher_flops_progressive / plain.flops_independent)
+    assert "teacher_flops_progressive" not in plain.to_dict()["totals"]  # plans without a teacher unchanged
+    assert "teachers' forward passes cost" in format_plan(plan, 989, 0.4)
+    assert FamilyConfig.from_dict(family().to_dict()).to_dict() == family().to_dict()
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"inherit": {"weight": 1.5}}, r"distill.inherit.weight must be in \[0, 1\], got 1.5"),
+    ({"inherit": {"until": 0}}, "distill.inherit.until must be positive"),
+    ({"inherit": {"teacher": "x"}}, "distill.inherit takes no teacher"),
+    ({"inherit": {"wieght": 0.5}}, "unknown key 'wieght' in distill.inherit"),
+    ({"retro": {"tokens": 0.1}}, "unknown key 'retro' in distill"),
+])
+def test_a_bad_inherit_section_is_one_line(section, message):
+    with pytest.raises(ConfigError, match=message):
+        spec(distill=section)
+
+
+def test_inherit_and_a_train_teacher_together_are_refused(tmp_path, dataset):
+    both = spec(distill=INHERIT, train={"distill": {"teacher": str(tmp_path)}})
+    with pytest.raises(ConfigError, match="train.distill and distill.inherit both give a grown member a teacher"):
+        run_family(both, tmp_path / "out", data=dataset, log=lambda s: None)
+    assert not (tmp_path / "out").exists()
