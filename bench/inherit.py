@@ -53,7 +53,7 @@ def main() -> int:
         saving = "-" if r is None or r.saving is None else f"{100 * r.saving:+.1f}%"
         ind = independent.get(a.name)
         rows.append([a.name, loss(a.val_loss), loss(b.val_loss), loss(ind.val_loss) if ind else "-",
-                     sci(a.cum_flops), sci(b.cum_flops), sci((b.distill or {}).get("flops", 0)), at, saving])
+                     sci(a.cum_flops), sci(b.cum_flops), sci(b.distill["flops"]) if b.distill else "-", at, saving])
     print(f"inherit: {inherit.distill['inherit']}")
     print("\n".join(text_table(rows)))
     print("FLOPs: cumulative 6ND of the progressive family through the member (teachers' forward passes included); "

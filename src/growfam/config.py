@@ -327,7 +327,7 @@ class FamilyConfig:
             out.update(start_from=self.start_from, start_from_tokens=self.start_from_tokens)
         if self.posttrain is not None:
             out["posttrain"] = self.posttrain
-        if self.distill.inherit is not None:
+        if self.distill.to_dict():
             out["distill"] = self.distill.to_dict()
         return {**out, "growth": self.growth.to_dict(), "data": self.data.to_dict(), "train": self.train.to_dict(),
                 "eval": self.eval.to_dict()}

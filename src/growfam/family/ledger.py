@@ -235,6 +235,12 @@ class SpeculativeSection(_Record):
         return self.extra.get(name)
 
 
+def _list(value: Any, where: str, path: Path | str) -> list:
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}: {where} must be a list, got {shown(value)}")
+    return value
+
+
 @dataclass
 class Ledger(_Record):
     """family.json. `plan`: the FamilyPlan as JSON; `growth`: the growth section; `train`: the
@@ -242,7 +248,7 @@ class Ledger(_Record):
 
     FIELDS = {"plan": MAPPING, "data_fingerprint": TEXT, "growth": MAPPING, "fixed_data": FLAG, "data": TEXT,
               "modes": MAPPING, "train": MAPPING_OR_NULL, "consistency": MAPPING_OR_NULL,
-              "speculative": MAPPING_OR_NULL, "distill": MAPPING_OR_NULL}
+              "speculative": MAPPING_OR_NULL, "distill": MAPPING_OR_NULL, "variants": MAPPING_OR_NULL}
     REQUIRED = ("plan", "data_fingerprint", "growth", "fixed_data", "data", "modes")
 
     plan: dict
@@ -252,7 +258,9 @@ class Ledger(_Record):
     data: str
     modes: dict[str, list[MemberEntry]]
     train: dict | None = None
-    distill: dict | None = None  # the family's distill section (absent: none)
+    distill: dict | None = None  # the family's distill: {inherit} (absent: none)
+    # distilled variants of finished members, per mode: MemberEntry records named MEMBER+KIND
+    variants: dict[str, list[MemberEntry]] | None = None
     consistency: ConsistencySection | None = None
     speculative: SpeculativeSection | None = None
     extra: dict = field(default_factory=dict)
@@ -268,6 +276,10 @@ class Ledger(_Record):
                 raise ConfigError(f"{path}: modes.{mode} must be a list, got {shown(members)}")
             modes[mode] = [MemberEntry.from_json(m, f"modes.{mode}[{i}]", path) for i, m in enumerate(members)]
         fields["modes"] = modes
+        if fields.get("variants") is not None:
+            fields["variants"] = {mode: [MemberEntry.from_json(m, f"variants.{mode}[{i}]", path)
+                                         for i, m in enumerate(_list(entries, f"variants.{mode}", path))]
+                                  for mode, entries in fields["variants"].items()}
         for key, section in (("consistency", ConsistencySection), ("speculative", SpeculativeSection)):
             if fields.get(key) is not None:
                 fields[key] = section.from_json(fields[key], key, path)
@@ -276,6 +288,8 @@ class Ledger(_Record):
     def to_json(self) -> dict:
         out = super().to_json()
         out["modes"] = {mode: [m.to_json() for m in members] for mode, members in self.modes.items()}
+        if self.variants is not None:
+            out["variants"] = {mode: [m.to_json() for m in entries] for mode, entries in self.variants.items()}
         return out
 
     def members(self, mode: str) -> list[MemberEntry]:

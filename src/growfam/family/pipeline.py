@@ -45,6 +45,7 @@ from growfam.family.directory import MODES, FamilyDirectory
 from growfam.family.ledger import Ledger, MemberEntry, check_same_run, read_ledger, write_ledger
 from growfam.family.plan import FamilyPlan, make_plan
 from growfam.family.stage import FamilyRun, build_stage, stage_train_config
+from growfam.family.variants import build_variants, check_variants
 from growfam.io import check_folder, remove_stale_temporaries
 from growfam.lock import folder_lock
 from growfam.model import load_pretrained
@@ -107,14 +108,17 @@ def check_family(family: FamilyConfig, out_dir: str | Path, modes: str | tuple[s
 
         for small, large in zip(family.members, family.members[1:]):
             GrowthPlan.make(small, large, growth.width, growth.depth, growth.seed)
-    header = {"plan": json.loads(json.dumps(plan.to_dict())), "growth": growth.to_dict(),
+    planned = {k: v for k, v in plan.to_dict().items() if k != "variants"}  # variants may be added later
+    header = {"plan": json.loads(json.dumps(planned)), "growth": growth.to_dict(),
               "fixed_data": fixed_data, "train": _train_record(family, plan, out_dir, modes, fixed_data),
-              "distill": family.distill.to_dict() or None}
+              # inherit shapes the members; retro/draft only add variants beside them
+              "distill": {"inherit": family.distill.inherit} if family.distill.inherit is not None else None}
     if growth.schedule == "converged" and header["train"].get("eval_batches") == 0:
         raise ConfigError("growth.schedule converged watches the validation loss, which train.eval_batches 0 "
                           "turns off")
     ledger = read_ledger(out_dir)
     check_same_run(ledger, header, out_dir)
+    check_variants(family, ledger, out_dir)
     return CheckedFamily(modes, plan, growth, header, ledger)
 
 
@@ -181,6 +185,7 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
                 on_main(lambda: write_ledger(out_dir, ledger))
                 ledger = published(mode, members[-1], True)
                 members = ledger.modes[mode]
+        ledger = build_variants(job, ledger, checked.modes)  # distill: {retro, draft}, once the members are done
     return ledger
 
 

@@ -90,6 +90,21 @@ DEFAULT_MFU = 0.4
 
 
 @dataclass(frozen=True)
+class VariantPlan:
+    """A distilled variant (distill: retro / draft), the same in each mode: its tokens
+    (`tokens` × the member's D(N_i)) and FLOPs (student 6·N_i·T, teacher forwards 2·N_t·T)."""
+
+    name: str  # MEMBER+KIND
+    teacher: str
+    tokens: float
+    flops: float
+    teacher_flops: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class GpuHours:
     """Wall-clock GPU-hours of the attention-inclusive FLOPs at `mfu` of `peak_tflops`."""
 
@@ -117,6 +132,7 @@ class FamilyPlan:
 
     family: FamilyConfig
     stages: list[StagePlan]
+    variants: list[VariantPlan] = dataclasses.field(default_factory=list)  # per mode
 
     @property
     def given(self) -> StagePlan | None:
@@ -187,6 +203,8 @@ class FamilyPlan:
         }
         if self.teacher_flops:
             out["totals"]["teacher_flops_progressive"] = self.teacher_flops
+        if self.variants:
+            out["variants"] = [v.to_dict() for v in self.variants]
         if peak_tflops is not None and mfu is not None:
             out["gpu_hours"] = self.gpu_hours(peak_tflops, mfu).to_dict()
         return out
@@ -263,4 +281,8 @@ def make_plan(family: FamilyConfig) -> FamilyPlan:
             given_tokens=given[i], given_flops=f_given, teacher_flops_progressive=f_teacher,
             teacher_attn_flops_progressive=f_teacher_attn,
         ))
-    return FamilyPlan(family, stages)
+    variants = [VariantPlan(f"{stages[i].name}+{kind}", stages[t].name, tokens, 6 * params[i] * tokens,
+                            2 * params[t] * tokens)
+                for kind in family.distill.variants() for i, t in family.distill.pairs(kind, len(stages))
+                for tokens in [getattr(family.distill, kind)["tokens"] * stages[i].tokens_independent]]
+    return FamilyPlan(family, stages, variants)

@@ -96,7 +96,7 @@ def _weight_files(src: Path) -> list[str]:
     return [index.name, *sorted(set(read_json(index)["weight_map"].values()))]
 
 
-def _publish(result: TrainResult, member_dir: Path) -> None:
+def publish(result: TrainResult, member_dir: Path) -> None:
     """Copy the final checkpoint's (or a given member's) Hugging Face files into the member
     directory (atomically)."""
     src = Path(result.hf_dir)
@@ -225,7 +225,7 @@ def build_stage(job: FamilyRun, mode: str, i: int, members: list[MemberEntry]) -
         log(f"[{mode}] training {stage.name}: {tcfg.max_tokens:,} tokens, max LR {tcfg.max_lr:.3g}")
         result = train(tcfg, model, optimizer, dataset=job.dataset, on_eval=stop)
     member_dir = FamilyDirectory(out_dir).member(mode, stage.name)
-    on_main(lambda: _publish(result, member_dir))
+    on_main(lambda: publish(result, member_dir))
     flops_before = members[-1].cum_flops if (members and mode == "progressive") else stage.given_flops
     distill = None if tcfg.distill is None else {**tcfg.distill.to_dict(), "flops": result.flops_teacher}
     entry = MemberEntry(

@@ -14,7 +14,7 @@ from growfam.errors import ConfigError
 from growfam.eval.tables import consistency_note, consistency_rows, eval_note, eval_rows
 from growfam.family.directory import FamilyDirectory
 from growfam.family.ledger import MemberEntry
-from growfam.text import loss, sci
+from growfam.text import loss, sci, si
 from growfam.report.source import FamilySource
 from growfam.report.posttrain import data_lines, length_lines, posttrain_rows
 from growfam.report.tables import comparison_rows, family_flops, plan_rows, speculative_rows
@@ -309,6 +309,33 @@ def _posttrain(source: FamilySource, figures: dict, h: str) -> list[str]:
     return out
 
 
+def _distillation(source: FamilySource, h: str) -> list[str]:
+    """The family's distillation: grown members taught by their predecessors (inherit), and the
+    distilled variants beside the members (retro, draft); nothing when it has neither."""
+    taught = [m for m in source.members("progressive") if m.distill]
+    variants = [(mode, v) for mode, entries in (source.ledger.variants or {}).items() for v in entries]
+    if not taught and not variants:
+        return []
+    out = [f"{h} Distillation", ""]
+    if taught:
+        inherit = (source.ledger.distill or {}).get("inherit", {})
+        out += [f"Grown members learned from the member they grew from (`distill.inherit`: {inherit}); their "
+                "teachers' forward passes, " + ", ".join(f"{m.name} {sci(m.distill['flops'])}" for m in taught)
+                + " FLOPs, are in the cumulative FLOPs above.", ""]
+    if variants:
+        rows = [["mode", "variant", "teacher", "tokens", "FLOPs student + teacher", "val loss before", "after", "Δ"]]
+        for mode, v in variants:
+            before = v.extra.get("before", {}).get("val_loss")
+            rows.append([mode, v.name, str(v.extra.get("teacher_member")), si(v.tokens),
+                         f"{sci(v.flops)} + {sci(v.distill['flops'])}", loss(before), loss(v.val_loss),
+                         f"{v.val_loss - before:+.4f}" if before is not None and v.val_loss is not None else "-"])
+        out += markdown_table(rows) + ["", "Each variant: its member's published weights trained against the "
+                                       "teacher (`distill.retro`: the largest member; `distill.draft`: the next "
+                                       "larger one); before: the member's validation loss. KL and acceptance "
+                                       "before and after: `python bench/variants.py DIR`.", ""]
+    return out
+
+
 def family_sections(source: FamilySource, figures: dict, level: int) -> list[str]:
     """One family's sections at heading `level`; a section whose ledger part is malformed is
     one ConfigError naming the family's ledger."""
@@ -321,6 +348,7 @@ def family_sections(source: FamilySource, figures: dict, level: int) -> list[str
                           ("training curves", lambda: _training(source, figures, h)),
                           ("consistency", lambda: _table_4(source, h)),
                           ("speculative", lambda: _table_5(source, h)),
+                          ("distillation", lambda: _distillation(source, h)),
                           ("posttrain", lambda: _posttrain(source, figures, h)),
                           ("plan", lambda: _plan(source, h)),
                           ("growth", lambda: _growth(source, h))):

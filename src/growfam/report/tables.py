@@ -60,6 +60,10 @@ def format_plan(plan: FamilyPlan, peak_tflops: float, mfu: float) -> str:
     if teacher:
         lines.append(f"distill.inherit: the teachers' forward passes cost {sci(teacher)} FLOPs, in the progressive "
                      "cumulative column and the saving")
+    if plan.variants:
+        lines.append("distilled variants, in each mode (tokens; FLOPs: the student's 6ND + the teacher's forwards):")
+        lines += [f"  {v.name} from {v.teacher}: {si(v.tokens)} tokens, {sci(v.flops)} + {sci(v.teacher_flops)}"
+                  for v in plan.variants]
     if plan.given is not None:
         g = plan.given
         lines.append(f"given: {g.name} is start_from {family.start_from}; its {si(g.given_tokens)} tokens "

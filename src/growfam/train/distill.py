@@ -168,6 +168,11 @@ def distill_loss(h: torch.Tensor, weight: torch.Tensor, teacher_h: torch.Tensor,
     return (sums * scale).sum(), sums / h.shape[0]
 
 
+#: A family's distillation variants: a short run of a finished member against a teacher,
+#: published beside it as MEMBER+KIND (family/variants.py).
+VARIANTS = ("retro", "draft")
+
+
 @dataclass
 class FamilyDistillConfig(Section):
     """The family YAML's `distill:` section: how a family uses the trainer's distillation.
@@ -177,29 +182,64 @@ class FamilyDistillConfig(Section):
         the member it grew from, early in its run (Knowledge Inheritance, arXiv 2105.13880;
         SALT, arXiv 2410.18779). The independent baseline trains as before; the teacher's
         forward passes are counted in the grown members' FLOPs.
+    retro / draft: {tokens, lr, weight, temperature, kind, top_k}: once the family is built,
+        each smaller member of each mode gets a short run against a teacher of the same mode —
+        the largest member (retro) or the next larger one (draft, to become its speculative
+        draft) — of `tokens` × its from-scratch budget D(N_i) (> 0), at `lr` × its stage's peak
+        LR (default 0.2), weight 1 (distillation alone) unless given, published as MEMBER+KIND.
     """
 
     key: ClassVar[str] = "distill"
     inherit: dict | None = None
+    retro: dict | None = None
+    draft: dict | None = None
 
     def __post_init__(self) -> None:
-        if self.inherit is not None:
-            self.inherit = as_mapping(self.inherit, "distill.inherit")
-            if "teacher" in self.inherit:
-                raise ConfigError("distill.inherit takes no teacher: each grown member's is the member it grew from")
-            self.inherit = {"until": 0.25, **self.inherit}
-            self.inherit_spec("(the member grown from)")  # checked now
+        for kind in ("inherit", *VARIANTS):
+            section = getattr(self, kind)
+            if section is None:
+                continue
+            section = as_mapping(section, f"distill.{kind}")
+            if "teacher" in section:
+                raise ConfigError(f"distill.{kind} takes no teacher: the family's members are the teachers")
+            if kind == "inherit":
+                section = {"until": 0.25, **section}
+            else:
+                section = {"weight": 1.0, "lr": 0.2, **section}
+                if "tokens" not in section:
+                    raise ConfigError(f"distill.{kind} needs `tokens`: a fraction of each member's from-scratch budget")
+                section["tokens"] = as_number(section["tokens"], f"distill.{kind}.tokens", above=0)
+                section["lr"] = as_number(section["lr"], f"distill.{kind}.lr", above=0)
+            setattr(self, kind, section)
+            self.spec(kind, "(a member)")  # checked now
+
+    def spec(self, kind: str, teacher: str) -> DistillConfig | None:
+        """The train config's distill section of `kind` (inherit, retro, draft) with `teacher`;
+        None when the family has no such section. A ConfigError names the key distill.KIND.KEY."""
+        section = getattr(self, kind)
+        if section is None:
+            return None
+        fields = {k: v for k, v in section.items() if k not in ("tokens", "lr")}
+        try:
+            return DistillConfig.from_dict({**fields, "teacher": teacher})
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("distill.", f"distill.{kind}.", 1)
+                              .replace("in distill", f"in distill.{kind}", 1)
+                              .replace("keys: teacher, ", "keys: " if kind == "inherit" else "keys: tokens, lr, ")) from None
 
     def inherit_spec(self, teacher: str) -> DistillConfig | None:
-        """The train config's distill section of a grown member whose teacher is `teacher`
-        (None without `inherit`); a ConfigError names the key as distill.inherit.KEY."""
-        if self.inherit is None:
-            return None
-        try:
-            return DistillConfig.from_dict({**self.inherit, "teacher": teacher})
-        except ConfigError as err:
-            raise ConfigError(str(err).replace("distill.", "distill.inherit.", 1)
-                              .replace("in distill", "in distill.inherit", 1).replace("keys: teacher, ", "keys: ")) from None
+        """The distill section of a grown member whose teacher is `teacher` (None without inherit)."""
+        return self.spec("inherit", teacher)
+
+    def variants(self) -> list[str]:
+        """The variant kinds this family builds, in order."""
+        return [kind for kind in VARIANTS if getattr(self, kind) is not None]
+
+    @staticmethod
+    def pairs(kind: str, n: int) -> list[tuple[int, int]]:
+        """(student, teacher) member indices of a family of n members: retro pairs every smaller
+        member with the largest, draft each member with the next."""
+        return [(i, n - 1 if kind == "retro" else i + 1) for i in range(n - 1)]
 
     def teacher_share(self, total_steps: int) -> float:
         """The fraction of a grown member's `total_steps` steps at α > 0 (its teacher runs)."""
@@ -213,4 +253,4 @@ class FamilyDistillConfig(Section):
         return min(total_steps, math.ceil(end)) / total_steps
 
     def to_dict(self) -> dict:
-        return {} if self.inherit is None else {"inherit": dict(self.inherit)}
+        return {kind: dict(getattr(self, kind)) for kind in ("inherit", *VARIANTS) if getattr(self, kind) is not None}

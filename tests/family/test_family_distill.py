@@ -1,5 +1,5 @@
-"""A family's `distill: {inherit: ...}`: each grown member learns from the member it grew from,
-early in its run; planned, counted in the ledger, refused when it changes between runs."""
+"""A family's `distill:` section: `inherit` (each grown member learns from the member it grew from,
+early in its run; planned, counted, refused when it changes) and the `retro` and `draft` variants."""
 
 import json
 
@@ -82,7 +82,10 @@ def test_the_plan_counts_the_teachers_and_the_yaml_round_trips():
     ({"inherit": {"until": 0}}, "distill.inherit.until must be positive"),
     ({"inherit": {"teacher": "x"}}, "distill.inherit takes no teacher"),
     ({"inherit": {"wieght": 0.5}}, "unknown key 'wieght' in distill.inherit"),
-    ({"retro": {"tokens": 0.1}}, "unknown key 'retro' in distill"),
+    ({"retro": {}}, "distill.retro needs `tokens`"),
+    ({"draft": {"tokens": 0.1, "lr": 0}}, "distill.draft.lr must be positive"),
+    ({"retro": {"tokens": 0.1, "teacher": "x"}}, "distill.retro takes no teacher"),
+    ({"later": {}}, "unknown key 'later' in distill"),
 ])
 def test_a_bad_inherit_section_is_one_line(section, message):
     with pytest.raises(ConfigError, match=message):
@@ -94,3 +97,50 @@ def test_inherit_and_a_train_teacher_together_are_refused(tmp_path, dataset):
     with pytest.raises(ConfigError, match="train.distill and distill.inherit both give a grown member a teacher"):
         run_family(both, tmp_path / "out", data=dataset, log=lambda s: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_retro_and_draft_variants_learn_from_their_teachers_in_both_modes(tmp_path, dataset):
+    from growfam.eval.consistency import divergence
+    from growfam.data import TokenDataset
+    from growfam.model import load_pretrained
+
+    retro = {"retro": {"tokens": 0.5, "lr": 0.5}}
+    ledger = run_family(spec(distill=retro), tmp_path, data=dataset, log=lambda s: None)
+    val = TokenDataset.open(dataset).tokens("val")
+    for mode in ("progressive", "independent"):
+        (entry,) = ledger.variants[mode]
+        small, large = ledger.members(mode)
+        assert (entry.name, entry.extra["of"], entry.extra["kind"], entry.extra["teacher_member"]) == \
+            ("small+retro", "small", "retro", "large")
+        assert entry.distill["teacher"] == str(tmp_path / mode / "large") and entry.distill["weight"] == 1.0
+        assert entry.distill["flops"] == 2 * large.nonembedding_params * entry.tokens
+        assert entry.cum_flops == small.cum_flops + entry.flops + entry.distill["flops"]
+        assert entry.planned_tokens == round(0.5 * 6000) and entry.max_lr == pytest.approx(0.5 * small.max_lr)
+        teacher = load_pretrained(tmp_path / mode / "large")
+        before = divergence(load_pretrained(tmp_path / mode / "small"), teacher, val, 32, windows=16)
+        after = divergence(load_pretrained(tmp_path / mode / "small+retro"), teacher, val, 32, windows=16)
+        assert after.kl_large_small < before.kl_large_small  # KL(teacher ‖ student) fell
+        assert after.acceptance > before.acceptance
+    assert "variants" in json.loads((tmp_path / "family.json").read_text())
+
+    # adding draft builds only it; retro is skipped as done; the members are untouched
+    both = spec(distill={**retro, "draft": {"tokens": 0.25}})
+    again = run_family(both, tmp_path, data=dataset, log=lambda s: None)
+    assert [e.name for e in again.variants["progressive"]] == ["small+retro", "small+draft"]
+    assert again.variants["progressive"][0].cum_flops == ledger.variants["progressive"][0].cum_flops
+    assert (tmp_path / "independent" / "small+draft" / "model.safetensors").is_file()
+    # other retro settings: refused before any work, naming what to remove
+    with pytest.raises(ConfigError, match=r"progressive/small\+retro was built with other distill.retro settings"):
+        run_family(spec(distill={"retro": {"tokens": 0.25}}), tmp_path, data=dataset, log=lambda s: None)
+
+
+def test_the_report_shows_inherit_and_the_variants(tmp_path, dataset):
+    from growfam.report.run import write_report
+
+    run_family(spec(growth={"width": "lossless", "depth": "identity"},
+                    distill={**INHERIT, "draft": {"tokens": 0.25}}), tmp_path / "fam", data=dataset,
+               log=lambda s: None)
+    report = write_report([tmp_path / "fam"], tmp_path / "report").path.read_text()
+    section = report[report.index("Distillation"):]
+    assert "Grown members learned from the member they grew from" in section
+    assert "| progressive | small+draft | large |" in section and "| independent | small+draft | large |" in section
