@@ -281,8 +281,11 @@ def make_plan(family: FamilyConfig) -> FamilyPlan:
             given_tokens=given[i], given_flops=f_given, teacher_flops_progressive=f_teacher,
             teacher_attn_flops_progressive=f_teacher_attn,
         ))
-    variants = [VariantPlan(f"{stages[i].name}+{kind}", stages[t].name, tokens, 6 * params[i] * tokens,
-                            2 * params[t] * tokens)
-                for kind in family.distill.variants() for i, t in family.distill.pairs(kind, len(stages))
-                for tokens in [getattr(family.distill, kind)["tokens"] * stages[i].tokens_independent]]
+    variants = []
+    for kind in family.distill.variants():
+        for i, t in family.distill.pairs(kind, len(stages)):
+            # a fraction of the member's from-scratch budget D(N_i) (a start_from member's given one)
+            tokens = getattr(family.distill, kind)["tokens"] * (stages[i].given_tokens or stages[i].tokens_independent)
+            variants.append(VariantPlan(f"{stages[i].name}+{kind}", stages[t].name, tokens, 6 * params[i] * tokens,
+                                        2 * params[t] * tokens))
     return FamilyPlan(family, stages, variants)

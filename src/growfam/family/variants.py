@@ -70,7 +70,7 @@ def variant_train_config(family: FamilyConfig, plan: FamilyPlan, mode: str, kind
                          out_dir: Path, data: str | None, fixed_data: bool) -> TrainConfig:
     """The TrainConfig of the `kind` variant of stage `student` in `mode`, taught by stage `teacher`."""
     section, stage, directory = getattr(family.distill, kind), plan.stages[student], FamilyDirectory(out_dir)
-    tokens = section["tokens"] * stage.tokens_independent
+    tokens = next(v.tokens for v in plan.variants if v.name == variant_name(stage.name, kind))
     base = stage_train_config(family, plan, student, mode, data, out_dir, tokens, fixed_data)
     member = directory.member(mode, stage.name)
     return base.replace(
@@ -119,7 +119,8 @@ def _build(job: FamilyRun, mode: str, kind: str, student: int, teacher: int, mem
     job.log(f"[{mode}] {name}: val loss {loss(base.val_loss)} -> {loss(result.val_loss)}, {result.tokens:,} tokens, "
             f"{spent:.3g} FLOPs (teacher {result.flops_teacher:.3g}), {result.wall_s:.0f} s")
     return MemberEntry(
-        name=name, dir=str(directory.member(mode, name)), config=resolve_config(result.hf_dir).replace(name=name).to_dict(),
+        name=name, dir=str(directory.member(mode, name)),
+        config=resolve_config(result.hf_dir).replace(name=name).to_dict(),
         params=stage.params, nonembedding_params=stage.nonembedding_params, total_params=stage.total_params,
         tokens=result.tokens, planned_tokens=tcfg.max_tokens, steps=result.steps, flops=result.flops,
         flops_attn=result.flops_attn, cum_flops=base.cum_flops + spent, val_loss=result.val_loss,

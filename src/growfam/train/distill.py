@@ -223,9 +223,9 @@ class FamilyDistillConfig(Section):
         try:
             return DistillConfig.from_dict({**fields, "teacher": teacher})
         except ConfigError as err:
+            known = "keys: " if kind == "inherit" else "keys: tokens, lr, "
             raise ConfigError(str(err).replace("distill.", f"distill.{kind}.", 1)
-                              .replace("in distill", f"in distill.{kind}", 1)
-                              .replace("keys: teacher, ", "keys: " if kind == "inherit" else "keys: tokens, lr, ")) from None
+                              .replace("in distill", f"in distill.{kind}", 1).replace("keys: teacher, ", known)) from None
 
     def inherit_spec(self, teacher: str) -> DistillConfig | None:
         """The distill section of a grown member whose teacher is `teacher` (None without inherit)."""
