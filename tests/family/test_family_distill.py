@@ -6,23 +6,15 @@ import json
 import pytest
 
 from growfam.config import FamilyConfig
-from growfam.data import prepare
 from growfam.errors import ConfigError
 from growfam.family import make_plan, run_family
 from growfam.model import num_params
 from growfam.report.tables import format_plan
 from growfam.train.metrics import read_metrics
 
-from family.test_family import TEXT, spec
+from family.test_family import spec
 
 INHERIT = {"inherit": {"weight": 0.5, "until": 0.5, "ramp": 0.25, "temperature": 2.0}}
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "ds"
-    prepare(TEXT, "train:300", out, val_fraction=0.05, progress=False)
-    return str(out)
 
 
 def family(**changes) -> FamilyConfig:
