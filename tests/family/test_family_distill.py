@@ -12,7 +12,7 @@ from growfam.model import num_params
 from growfam.report.tables import format_plan
 from growfam.train.metrics import read_metrics
 
-from family.test_family import spec
+from family.test_family import dataset, spec  # noqa: F401  (dataset: the module fixture)
 
 INHERIT = {"inherit": {"weight": 0.5, "until": 0.5, "ramp": 0.25, "temperature": 2.0}}
 
@@ -127,6 +127,12 @@ def test_retro_and_draft_variants_learn_from_their_teachers_in_both_modes(tmp_pa
 
 
 def test_the_report_shows_inherit_and_the_variants(tmp_path, dataset):
+    import shutil
+
+    from growfam.cli import main
+    from growfam.eval.run import family_consistency
+    from growfam.family.ledger import read_ledger
+    from growfam.family.members import resolve_target
     from growfam.report.run import write_report
 
     run_family(spec(growth={"width": "lossless", "depth": "identity"},
@@ -136,3 +142,19 @@ def test_the_report_shows_inherit_and_the_variants(tmp_path, dataset):
     section = report[report.index("Distillation"):]
     assert "Grown members learned from the member they grew from" in section
     assert "| progressive | small+draft | large |" in section and "| independent | small+draft | large |" in section
+    assert "not measured: run `growfam consistency" in section
+
+    # growfam consistency measures each variant and its member against the teacher; the report shows it
+    assert main(["consistency", str(tmp_path / "fam"), "--windows", "8"]) == 0
+    measured = read_ledger(tmp_path / "fam").consistency.extra["variants"]
+    (row,) = measured["progressive"]
+    assert (row["variant"], row["of"], row["teacher"]) == ("small+draft", "small", "large")
+    assert row["after"]["kl_large_small"] < row["before"]["kl_large_small"]
+    report = write_report([tmp_path / "fam"], tmp_path / "report", force=True).path.read_text()
+    line = next(x for x in report.splitlines() if x.startswith("| progressive | small+draft |"))
+    assert f"{row['after']['kl_large_small']:.4f}" in line and f"{row['before']['acceptance']:.4f}" in line
+    # a variant's directory gone: one line, before any model is loaded; the recorded section stays
+    shutil.rmtree(tmp_path / "fam" / "independent" / "small+draft")
+    with pytest.raises(ConfigError, match=r"small\+draft: not a directory"):
+        family_consistency(resolve_target(tmp_path / "fam"))
+    assert read_ledger(tmp_path / "fam").consistency.extra["variants"] == measured

@@ -22,7 +22,7 @@ from growfam.errors import GrowfamError
 from growfam.family.members import LoadedMembers, Member, Target, resolve_target
 from growfam.family.directory import MODES, FamilyDirectory
 from growfam.family.ledger import ConsistencySection, EvalRecord, MemberEntry, read_ledger, write_ledger
-from growfam.model import load_pretrained
+from growfam.model import check_pretrained, load_pretrained
 from growfam.text import loss
 
 #: Perplexity sources that are not files.
@@ -206,7 +206,8 @@ def member_pairs(members: list[Member], pairs: str) -> list[tuple[Member, Member
 def family_consistency(target: Target, pairs: str = EvalConfig.pairs, windows: int = EvalConfig.windows,
                        batch_size: int = EvalConfig.batch_size, device: str = EvalConfig.device) -> dict:
     """KL both ways, TV and expected acceptance for each pair of each mode on the same
-    validation windows; recorded as the ledger's `consistency` section and returned."""
+    validation windows (and, under `variants`, of each distilled variant and its member to their
+    teacher); recorded as the ledger's `consistency` section and returned."""
     from growfam.data import num_windows
     from growfam.eval.consistency import divergence
     from growfam.device import check_device
@@ -225,6 +226,7 @@ def family_consistency(target: Target, pairs: str = EvalConfig.pairs, windows: i
         if small.config.vocab_size != large.config.vocab_size:
             raise GrowfamError(f"{small.path} has {small.config.vocab_size} tokens and {large.path} "
                                f"{large.config.vocab_size}: KL needs one vocabulary")
+    variants = _variant_pairs(target)
     tokens = target.dataset().tokens("val")
     window, torch_device = target.window(), resolve_device(device, 1)
     used = min(windows, num_windows(len(tokens), window))
@@ -247,10 +249,44 @@ def family_consistency(target: Target, pairs: str = EvalConfig.pairs, windows: i
                 _log(f"[{mode}] {small.name} -> {large.name}: KL {result.kl_small_large:.4f} / "
                      f"{result.kl_large_small:.4f}, acceptance {result.acceptance:.3f}")
             section["modes"][mode] = rows
+        measured = _variant_rows(variants, model, lambda a, b: divergence(a, b, tokens, window, used, batch_size,
+                                                                           torch_device))
+        if measured:
+            section["variants"] = measured
         ledger = read_ledger(target.family_dir)
         ledger.consistency = ConsistencySection.from_json(section, "consistency", "the measured section")
         write_ledger(target.family_dir, ledger)
     return section
+
+
+def _variant_pairs(target: Target) -> list[tuple[str, str, Member, Member, Member]]:
+    """(mode, variant, member, variant, teacher) of each distilled variant (distill: retro /
+    draft) the ledger records, their weights checked from the headers before any model loads."""
+    out = []
+    directory = FamilyDirectory(target.family_dir)
+    for mode, entries in ((target.ledger.variants or {}) if target.ledger else {}).items():
+        def member(name: str) -> Member:
+            path = directory.member(mode, name)
+            return Member(name, mode, path, check_pretrained(path))
+
+        out += [(mode, e.name, member(e.extra["of"]), member(e.name), member(e.extra["teacher_member"]))
+                for e in entries]
+    return out
+
+
+def _variant_rows(variants, model: LoadedMembers, measure) -> dict[str, list[dict]]:
+    """Per mode, each variant and the member it came from against the variant's teacher
+    (measure(student, teacher) -> Divergence): KL and acceptance before and after."""
+    out: dict[str, list[dict]] = {}
+    for mode, name, before, after, teacher in variants:
+        row = {"variant": name, "of": before.name, "teacher": teacher.name}
+        for key, student in (("before", before), ("after", after)):
+            result = measure(model(student), model(teacher))
+            row[key] = result.to_dict()
+            _log(f"[{mode}] {student.name} -> {teacher.name}: KL {result.kl_large_small:.4f} (teacher ‖ student), "
+                 f"acceptance {result.acceptance:.3f}")
+        out.setdefault(mode, []).append(row)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -323,16 +323,21 @@ def _distillation(source: FamilySource, h: str) -> list[str]:
                 "teachers' forward passes, " + ", ".join(f"{m.name} {sci(m.distill['flops'])}" for m in taught)
                 + " FLOPs, are in the cumulative FLOPs above.", ""]
     if variants:
-        rows = [["mode", "variant", "teacher", "tokens", "FLOPs student + teacher", "val loss before", "after", "Δ"]]
+        measured = source.ledger.consistency.extra.get("variants", {}) if source.ledger.consistency else {}
+        rows = [["mode", "variant", "teacher", "tokens", "FLOPs student + teacher", "val loss before", "after",
+                 "KL before", "after", "acceptance before", "after"]]
         for mode, v in variants:
             before = v.extra.get("before", {}).get("val_loss")
+            m = next((r for r in measured.get(mode, []) if r.get("variant") == v.name), None)
             rows.append([mode, v.name, str(v.extra.get("teacher_member")), si(v.tokens),
                          f"{sci(v.flops)} + {sci(v.distill['flops'])}", loss(before), loss(v.val_loss),
-                         f"{v.val_loss - before:+.4f}" if before is not None and v.val_loss is not None else "-"])
-        out += markdown_table(rows) + ["", "Each variant: its member's published weights trained against the "
-                                       "teacher (`distill.retro`: the largest member; `distill.draft`: the next "
-                                       "larger one); before: the member's validation loss. KL and acceptance "
-                                       "before and after: `python bench/variants.py DIR`.", ""]
+                         *((f"{m['before']['kl_large_small']:.4f}", f"{m['after']['kl_large_small']:.4f}",
+                            f"{m['before']['acceptance']:.4f}", f"{m['after']['acceptance']:.4f}") if m else ("-",) * 4)])
+        out += markdown_table(rows) + [
+            "", "Each variant: its member's published weights trained against the teacher (`distill.retro`: the "
+            "largest member; `distill.draft`: the next larger one); before: the member. KL: KL(teacher ‖ student); "
+            "acceptance: Σ min(p, q), the expected speculative acceptance; both on the consistency windows"
+            + ("" if measured else " (not measured: " + _run("consistency DIR", source) + ")") + ".", ""]
     return out
 
 
