@@ -142,7 +142,7 @@ def test_the_report_shows_inherit_and_the_variants(tmp_path, dataset):
     section = report[report.index("Distillation"):]
     assert "Grown members learned from the member they grew from" in section
     assert "| progressive | small+draft | large |" in section and "| independent | small+draft | large |" in section
-    assert "not measured: run `growfam consistency" in section
+    assert "Not measured yet: run `growfam consistency" in section and "run `growfam speculate" in section
 
     # growfam consistency measures each variant and its member against the teacher; the report shows it
     assert main(["consistency", str(tmp_path / "fam"), "--windows", "8"]) == 0
@@ -150,9 +150,18 @@ def test_the_report_shows_inherit_and_the_variants(tmp_path, dataset):
     (row,) = measured["progressive"]
     assert (row["variant"], row["of"], row["teacher"]) == ("small+draft", "small", "large")
     assert row["after"]["kl_large_small"] < row["before"]["kl_large_small"]
+    # growfam speculate decodes with each draft variant and its member against the variant's teacher
+    assert main(["speculate", str(tmp_path / "fam"), "--prompts", "2", "--prompt-tokens", "8",
+                 "--max-new-tokens", "8", "--temperature", "0", "1"]) == 0
+    decoded = read_ledger(tmp_path / "fam").speculative.extra["variants"]
+    assert {(r["draft_mode"], r["draft"], r["target"], r["temperature"]) for r in decoded} == {
+        (mode, draft, "large", t) for mode in ("progressive", "independent") for draft in ("small", "small+draft")
+        for t in (0, 1)}
+    after = next(r for r in decoded if (r["draft_mode"], r["draft"], r["temperature"]) == ("progressive", "small+draft", 1))
     report = write_report([tmp_path / "fam"], tmp_path / "report", force=True).path.read_text()
     line = next(x for x in report.splitlines() if x.startswith("| progressive | small+draft |"))
     assert f"{row['after']['kl_large_small']:.4f}" in line and f"{row['before']['acceptance']:.4f}" in line
+    assert f"→ {after['alpha']:.3f}" in line and "Not measured yet" not in report
     # a variant's directory gone: one line, before any model is loaded; the recorded section stays
     shutil.rmtree(tmp_path / "fam" / "independent" / "small+draft")
     with pytest.raises(ConfigError, match=r"small\+draft: not a directory"):

@@ -22,7 +22,7 @@ from growfam.errors import GrowfamError
 from growfam.family.members import LoadedMembers, Member, Target, resolve_target
 from growfam.family.directory import MODES, FamilyDirectory
 from growfam.family.ledger import ConsistencySection, EvalRecord, MemberEntry, read_ledger, write_ledger
-from growfam.model import check_pretrained, load_pretrained
+from growfam.model import load_pretrained
 from growfam.text import loss
 
 #: Perplexity sources that are not files.
@@ -226,7 +226,7 @@ def family_consistency(target: Target, pairs: str = EvalConfig.pairs, windows: i
         if small.config.vocab_size != large.config.vocab_size:
             raise GrowfamError(f"{small.path} has {small.config.vocab_size} tokens and {large.path} "
                                f"{large.config.vocab_size}: KL needs one vocabulary")
-    variants = _variant_pairs(target)
+    variants = target.variants()  # checked before any model loads
     tokens = target.dataset().tokens("val")
     window, torch_device = target.window(), resolve_device(device, 1)
     used = min(windows, num_windows(len(tokens), window))
@@ -259,27 +259,13 @@ def family_consistency(target: Target, pairs: str = EvalConfig.pairs, windows: i
     return section
 
 
-def _variant_pairs(target: Target) -> list[tuple[str, str, Member, Member, Member]]:
-    """(mode, variant, member, variant, teacher) of each distilled variant (distill: retro /
-    draft) the ledger records, their weights checked from the headers before any model loads."""
-    out = []
-    directory = FamilyDirectory(target.family_dir)
-    for mode, entries in ((target.ledger.variants or {}) if target.ledger else {}).items():
-        def member(name: str) -> Member:
-            path = directory.member(mode, name)
-            return Member(name, mode, path, check_pretrained(path))
-
-        out += [(mode, e.name, member(e.extra["of"]), member(e.name), member(e.extra["teacher_member"]))
-                for e in entries]
-    return out
-
-
 def _variant_rows(variants, model: LoadedMembers, measure) -> dict[str, list[dict]]:
     """Per mode, each variant and the member it came from against the variant's teacher
     (measure(student, teacher) -> Divergence): KL and acceptance before and after."""
     out: dict[str, list[dict]] = {}
-    for mode, name, before, after, teacher in variants:
-        row = {"variant": name, "of": before.name, "teacher": teacher.name}
+    for before, after, teacher in variants:
+        mode = after.mode
+        row = {"variant": after.name, "of": before.name, "teacher": teacher.name}
         for key, student in (("before", before), ("after", after)):
             result = measure(model(student), model(teacher))
             row[key] = result.to_dict()

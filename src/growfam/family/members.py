@@ -67,6 +67,17 @@ class Target:
             return contextlib.nullcontext()
         return folder_lock(self.family_dir, f"; {command} records its results in {LEDGER} there")
 
+    def variants(self, kind: str | None = None) -> list[tuple[Member, Member, Member]]:
+        """(member, variant, teacher) of each distilled variant the ledger records (of `kind`,
+        retro or draft, when given), in each mode, their weights checked from the headers."""
+        out = []
+        for mode, entries in ((self.ledger.variants or {}) if self.ledger is not None else {}).items():
+            for entry in entries:
+                if kind is None or entry.extra.get("kind") == kind:
+                    out.append(tuple(_member(name, mode, FamilyDirectory(self.family_dir).member(mode, name))
+                                     for name in (entry.extra["of"], entry.name, entry.extra["teacher_member"])))
+        return out
+
     def window(self) -> int:
         """Context of the perplexity and consistency windows: the family's training seq_len (the
         same windows for every member), else the member's max_seq_len."""

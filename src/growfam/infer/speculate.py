@@ -118,9 +118,11 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-def check_speculate(target: Target, opts: SpeculateOptions) -> tuple[list[tuple[Member, Member]], torch.Tensor]:
-    """Every check that needs no model loaded; the (draft, target) pairs to decode and the
-    prompts [N, prompt_tokens] cut from the validation split."""
+def check_speculate(target: Target, opts: SpeculateOptions) -> tuple[list[tuple[Member, Member]],
+                                                                    list[tuple[Member, Member]], torch.Tensor]:
+    """Every check that needs no model loaded; the (draft, target) pairs to decode: the
+    members', and each distill.draft variant's and its member's with the variant's teacher
+    (before, after, per variant); and the prompts [N, prompt_tokens] cut from the validation split."""
     opts.check()
     if target.family_dir is None:
         raise GrowfamError(f"{target.members[0].path}: speculate needs a family directory (family.json); "
@@ -128,8 +130,9 @@ def check_speculate(target: Target, opts: SpeculateOptions) -> tuple[list[tuple[
     pairs = speculative_pairs(target, opts.pairs)
     if not pairs:
         raise GrowfamError(f"{target.family_dir}: no two finished members of different sizes to pair")
+    variants = [(draft, teacher) for member, variant, teacher in target.variants("draft") for draft in (member, variant)]
     dataset = target.dataset()
-    for draft, large in pairs:
+    for draft, large in pairs + variants:
         for member in (draft, large):
             if member.config.vocab_size < dataset.vocab_size:
                 raise GrowfamError(f"{member.path}: vocab_size {member.config.vocab_size} is below the "
@@ -141,15 +144,15 @@ def check_speculate(target: Target, opts: SpeculateOptions) -> tuple[list[tuple[
         if opts.prompt_tokens + opts.max_new_tokens > context:
             raise ConfigError(f"--prompt-tokens {opts.prompt_tokens} + --max-new-tokens {opts.max_new_tokens} "
                               f"exceed the context of {draft.name} -> {large.name} ({context} tokens)")
-    return pairs, cut_prompts(dataset.tokens("val"), opts.prompts, opts.prompt_tokens)
+    return pairs, variants, cut_prompts(dataset.tokens("val"), opts.prompts, opts.prompt_tokens)
 
 
 def family_speculative(target: Target, opts: SpeculateOptions) -> dict:
     """Decode every pair of check_speculate at every temperature; the ledger's `speculative`
-    section, also written to family.json and returned."""
+    section (the distilled drafts' rows under `variants`), also written to family.json and returned."""
     from growfam.device import resolve_device
 
-    pairs, prompts = check_speculate(target, opts)
+    pairs, variants, prompts = check_speculate(target, opts)
     device = resolve_device(opts.device, 1)
     # warm-up on load: a model's first calls are slow
     model = LoadedMembers(device, on_load=lambda m: generate(m, prompts[0].tolist(), 4))
@@ -171,6 +174,8 @@ def family_speculative(target: Target, opts: SpeculateOptions) -> dict:
         rows = _speculate_rows(pairs, opts, decode, model, device)
         section = {"growfam": __version__, **{k: v for k, v in asdict(opts).items() if k != "device"},
                    "device": str(device), "dtype": "float32", "threads": torch.get_num_threads(), "rows": rows}
+        if variants:  # distilled drafts: each variant's rows and its member's, against the variant's teacher
+            section["variants"] = _speculate_rows(variants, opts, decode, model, device)
         ledger = read_ledger(target.family_dir)
         ledger.speculative = SpeculativeSection.from_json(section, "speculative", "the measured section")
         write_ledger(target.family_dir, ledger)

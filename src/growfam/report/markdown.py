@@ -14,8 +14,9 @@ from growfam.errors import ConfigError
 from growfam.eval.tables import consistency_note, consistency_rows, eval_note, eval_rows
 from growfam.family.directory import FamilyDirectory
 from growfam.family.ledger import MemberEntry
-from growfam.text import loss, sci, si
+from growfam.text import loss, sci
 from growfam.report.source import FamilySource
+from growfam.report.distillation import VARIANTS_NOTE, inherit_line, variant_rows
 from growfam.report.posttrain import data_lines, length_lines, posttrain_rows
 from growfam.report.tables import comparison_rows, family_flops, plan_rows, speculative_rows
 
@@ -310,34 +311,19 @@ def _posttrain(source: FamilySource, figures: dict, h: str) -> list[str]:
 
 
 def _distillation(source: FamilySource, h: str) -> list[str]:
-    """The family's distillation: grown members taught by their predecessors (inherit), and the
-    distilled variants beside the members (retro, draft); nothing when it has neither."""
-    taught = [m for m in source.members("progressive") if m.distill]
-    variants = [(mode, v) for mode, entries in (source.ledger.variants or {}).items() for v in entries]
-    if not taught and not variants:
+    """Grown members taught by their predecessors (inherit), and the distilled variants beside
+    the members (retro, draft); nothing when the family has neither."""
+    taught, rows = inherit_line(source.ledger), variant_rows(source.ledger)
+    if taught is None and rows is None:
         return []
-    out = [f"{h} Distillation", ""]
-    if taught:
-        inherit = (source.ledger.distill or {}).get("inherit", {})
-        out += [f"Grown members learned from the member they grew from (`distill.inherit`: {inherit}); their "
-                "teachers' forward passes, " + ", ".join(f"{m.name} {sci(m.distill['flops'])}" for m in taught)
-                + " FLOPs, are in the cumulative FLOPs above.", ""]
-    if variants:
-        measured = source.ledger.consistency.extra.get("variants", {}) if source.ledger.consistency else {}
-        rows = [["mode", "variant", "teacher", "tokens", "FLOPs student + teacher", "val loss before", "after",
-                 "KL before", "after", "acceptance before", "after"]]
-        for mode, v in variants:
-            before = v.extra.get("before", {}).get("val_loss")
-            m = next((r for r in measured.get(mode, []) if r.get("variant") == v.name), None)
-            rows.append([mode, v.name, str(v.extra.get("teacher_member")), si(v.tokens),
-                         f"{sci(v.flops)} + {sci(v.distill['flops'])}", loss(before), loss(v.val_loss),
-                         *((f"{m['before']['kl_large_small']:.4f}", f"{m['after']['kl_large_small']:.4f}",
-                            f"{m['before']['acceptance']:.4f}", f"{m['after']['acceptance']:.4f}") if m else ("-",) * 4)])
-        out += markdown_table(rows) + [
-            "", "Each variant: its member's published weights trained against the teacher (`distill.retro`: the "
-            "largest member; `distill.draft`: the next larger one); before: the member. KL: KL(teacher ‖ student); "
-            "acceptance: Σ min(p, q), the expected speculative acceptance; both on the consistency windows"
-            + ("" if measured else " (not measured: " + _run("consistency DIR", source) + ")") + ".", ""]
+    out = [f"{h} Distillation", ""] + ([taught, ""] if taught else [])
+    if rows is not None:
+        ledger = source.ledger
+        missing = [_run(f"{command} DIR", source) for command, section in
+                   (("consistency", ledger.consistency), ("speculate", ledger.speculative))
+                   if section is None or "variants" not in section.extra]
+        out += markdown_table(rows) + ["", VARIANTS_NOTE + (f" Not measured yet: {'; '.join(missing)}." if missing
+                                                            else ""), ""]
     return out
 
 
