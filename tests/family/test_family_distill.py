@@ -2,12 +2,14 @@
 early in its run; planned, counted, refused when it changes) and the `retro` and `draft` variants."""
 
 import json
+import shutil
 
 import pytest
 
 from growfam.config import FamilyConfig
 from growfam.errors import ConfigError
 from growfam.family import make_plan, run_family
+from growfam.family.ledger import read_ledger
 from growfam.model import num_params
 from growfam.report.tables import format_plan
 from growfam.train.metrics import read_metrics
@@ -18,15 +20,24 @@ INHERIT = {"inherit": {"weight": 0.5, "until": 0.5, "ramp": 0.25, "temperature":
 
 
 def family(**changes) -> FamilyConfig:
-    return spec(growth={"width": "lossless", "depth": "identity"}, distill=INHERIT, **changes)
+    return spec(**{"growth": {"width": "lossless", "depth": "identity"}, "distill": INHERIT, **changes})
 
 
-def test_a_grown_member_learns_from_the_one_it_grew_from(tmp_path, dataset):
-    ledger = run_family(family(), tmp_path, data=dataset, log=lambda s: None)
+@pytest.fixture(scope="module")
+def inherited(tmp_path_factory, dataset):
+    """The pair family grown losslessly with INHERIT, both modes (copied by each test that writes)."""
+    out = tmp_path_factory.mktemp("inherit") / "fam"
+    run_family(family(), out, data=dataset, log=lambda s: None)
+    return out
+
+
+def test_a_grown_member_learns_from_the_one_it_grew_from(tmp_path, dataset, inherited):
+    shutil.copytree(inherited, tmp_path, dirs_exist_ok=True)
+    ledger = read_ledger(tmp_path)
     small, large = ledger.members("progressive")
     assert small.distill is None  # nothing to inherit from
     record = large.distill
-    assert record["teacher"] == str(tmp_path / "progressive" / "small")
+    assert record["teacher"] == str(inherited / "progressive" / "small")  # as built, before the copy
     assert (record["weight"], record["until"], record["temperature"]) == (0.5, 0.5, 2.0)
     # the teacher ran while α > 0: the first 75% of the steps (until 0.5 + ramp 0.25)
     steps = large.steps
@@ -126,18 +137,15 @@ def test_retro_and_draft_variants_learn_from_their_teachers_in_both_modes(tmp_pa
         run_family(spec(distill={"retro": {"tokens": 0.25}}), tmp_path, data=dataset, log=lambda s: None)
 
 
-def test_the_report_shows_inherit_and_the_variants(tmp_path, dataset):
-    import shutil
-
+def test_the_report_shows_inherit_and_the_variants(tmp_path, dataset, inherited):
     from growfam.cli import main
     from growfam.eval.run import family_consistency
-    from growfam.family.ledger import read_ledger
     from growfam.family.members import resolve_target
     from growfam.report.run import write_report
 
-    run_family(spec(growth={"width": "lossless", "depth": "identity"},
-                    distill={**INHERIT, "draft": {"tokens": 0.25}}), tmp_path / "fam", data=dataset,
-               log=lambda s: None)
+    shutil.copytree(inherited, tmp_path / "fam")
+    run_family(family(distill={**INHERIT, "draft": {"tokens": 0.25}}), tmp_path / "fam", data=dataset,
+               log=lambda s: None)  # the members are done: only the draft variants train
     report = write_report([tmp_path / "fam"], tmp_path / "report").path.read_text()
     section = report[report.index("Distillation"):]
     assert "Grown members learned from the member they grew from" in section
