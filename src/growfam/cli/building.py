@@ -166,7 +166,8 @@ def _run_train(args) -> int:
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "-"
     train_loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "-"
     print(f"steps {result.steps}  tokens {result.tokens:,}  train loss {train_loss}  val loss {val}  "
-          f"FLOPs {result.flops:.3e} (attention-incl. {result.flops_attn:.3e})  {result.wall_s:.0f} s")
+          f"FLOPs {result.flops:.3e} (attention-incl. {result.flops_attn:.3e}"
+          + (f"; teacher {result.flops_teacher:.3e}" if result.flops_teacher else "") + f")  {result.wall_s:.0f} s")
     print(f"model: {result.hf_dir}")
     return 0
 
