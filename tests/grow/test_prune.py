@@ -1,0 +1,128 @@
+"""Structured pruning's slicing (grow/prune.py): the identity, exactness when what is dropped is
+zero (float64), a hand-sliced reference, transformers loading the result as its own type, and
+bad maps."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from growfam.errors import ConfigError
+from growfam.grow.prune import PruneMaps, prune
+from growfam.model import Llama, ModelConfig, load_pretrained, save_pretrained
+
+GQA = ModelConfig(d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_size=64, max_seq_len=32)
+QWEN2 = GQA.replace(model_type="qwen2", qkv_bias=True, tie_embeddings=True)
+MISTRAL = GQA.replace(model_type="mistral")
+DROP = dict(hidden=(3, 7, 20), group=1, ffn=range(5, 11), layer=1)
+
+
+def _model(cfg: ModelConfig, seed: int = 0) -> Llama:
+    torch.manual_seed(seed)
+    model = Llama(cfg).double()
+    with torch.no_grad():  # biases and gains away from their defaults, so slicing them is tested
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or p.ndim == 1:
+                p.normal_(1.0 if p.ndim == 1 and not name.endswith(".bias") else 0.0, 0.1)
+    return model
+
+
+def _kept(cfg: ModelConfig) -> PruneMaps:
+    layers = tuple(i for i in range(cfg.n_layers) if i != DROP["layer"])
+    return PruneMaps(tuple(c for c in range(cfg.d_model) if c not in DROP["hidden"]), layers,
+                     (tuple(g for g in range(cfg.n_kv_heads) if g != DROP["group"]),) * len(layers),
+                     (tuple(j for j in range(cfg.ffn_dim) if j not in DROP["ffn"]),) * len(layers))
+
+
+def _zero_what_is_dropped(model: Llama) -> None:
+    """Make the dropped channels, group, neurons and layer contribute nothing."""
+    cfg, hidden, hd = model.cfg, list(DROP["hidden"]), model.cfg.head_dim
+    heads = slice(DROP["group"] * cfg.n_rep * hd, (DROP["group"] + 1) * cfg.n_rep * hd)
+    with torch.no_grad():
+        model.embed_tokens.weight[:, hidden] = 0
+        for i, block in enumerate(model.layers):
+            attn, mlp = block.self_attn, block.mlp
+            for t in (attn.o_proj.weight, mlp.down_proj.weight):
+                t[hidden] = 0
+            attn.o_proj.weight[:, heads] = 0
+            mlp.down_proj.weight[:, list(DROP["ffn"])] = 0
+            if i == DROP["layer"]:
+                attn.o_proj.weight.zero_()
+                mlp.down_proj.weight.zero_()
+            if cfg.o_bias:
+                attn.o_proj.bias[hidden] = 0
+
+
+@pytest.mark.parametrize("cfg", [GQA, QWEN2, MISTRAL], ids=["llama-gqa", "qwen2", "mistral"])
+def test_pruning_to_the_same_shape_is_the_identity(cfg):
+    model = _model(cfg)
+    pruned = prune(model, PruneMaps.identity(cfg))
+    assert pruned.cfg == cfg
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), pruned.state_dict().values()))
+
+
+@pytest.mark.parametrize("cfg", [GQA, QWEN2, MISTRAL], ids=["llama-gqa", "qwen2", "mistral"])
+def test_dropping_what_contributes_nothing_leaves_the_logits_unchanged(cfg):
+    model = _model(cfg)
+    _zero_what_is_dropped(model)
+    maps = _kept(cfg)
+    pruned = prune(model, maps)
+    assert (pruned.cfg.d_model, pruned.cfg.n_kv_heads, pruned.cfg.n_heads, pruned.cfg.ffn_dim, pruned.cfg.n_layers) == \
+        (29, 1, 2, 42, 2)
+    assert pruned.cfg.head_dim == cfg.head_dim and pruned.cfg.norm_eps == pytest.approx(cfg.norm_eps * 32 / 29)
+    idx = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert (pruned(idx) - model(idx)).abs().max().item() <= 1e-12
+        # without the norms' rescaling the hidden cut is not exact: the rescaling is what makes it so
+        assert (prune(model, maps, rescale_norms=False)(idx) - model(idx)).abs().max().item() > 1e-6
+
+
+def test_the_pruned_tensors_equal_a_hand_sliced_reference():
+    cfg = QWEN2
+    model = _model(cfg)
+    # layer 0 keeps KV group 0 and the even neurons, layer 2 group 1 and the odd ones
+    maps = PruneMaps(_kept(cfg).hidden, (0, 2), ((0,), (1,)), (tuple(range(0, 48, 2)), tuple(range(1, 48, 2))))
+    pruned = prune(model, maps, rescale_norms=False).state_dict()
+    hidden = list(maps.hidden)
+    src = model.state_dict()
+    assert torch.equal(pruned["embed_tokens.weight"], src["embed_tokens.weight"][:, hidden])
+    assert torch.equal(pruned["norm.weight"], src["norm.weight"][hidden])
+    for new, old, group in ((0, 0, 0), (1, 2, 1)):
+        s, d = f"layers.{old}.", f"layers.{new}."
+        ffn = list(range(group, 48, 2))
+        # group g = query heads 2g, 2g + 1 (n_rep 2, head_dim 8) and KV head g
+        q = [h * 8 + j for h in (2 * group, 2 * group + 1) for j in range(8)]
+        kv = [group * 8 + j for j in range(8)]
+        assert torch.equal(pruned[d + "self_attn.q_proj.weight"], src[s + "self_attn.q_proj.weight"][q][:, hidden])
+        assert torch.equal(pruned[d + "self_attn.q_proj.bias"], src[s + "self_attn.q_proj.bias"][q])
+        assert torch.equal(pruned[d + "self_attn.k_proj.weight"], src[s + "self_attn.k_proj.weight"][kv][:, hidden])
+        assert torch.equal(pruned[d + "self_attn.v_proj.bias"], src[s + "self_attn.v_proj.bias"][kv])
+        assert torch.equal(pruned[d + "self_attn.o_proj.weight"], src[s + "self_attn.o_proj.weight"][hidden][:, q])
+        assert torch.equal(pruned[d + "mlp.gate_proj.weight"], src[s + "mlp.gate_proj.weight"][ffn][:, hidden])
+        assert torch.equal(pruned[d + "mlp.down_proj.weight"], src[s + "mlp.down_proj.weight"][hidden][:, ffn])
+        assert torch.equal(pruned[d + "input_layernorm.weight"], src[s + "input_layernorm.weight"][hidden])
+    assert "lm_head.weight" not in pruned or torch.equal(pruned["lm_head.weight"], pruned["embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("cfg", [QWEN2, MISTRAL], ids=["qwen2", "mistral"])
+def test_a_pruned_model_loads_in_transformers_as_its_own_type(tmp_path, cfg):
+    pruned = prune(_model(cfg).float(), _kept(cfg))
+    save_pretrained(pruned, tmp_path / "m")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert theirs.config.model_type == cfg.model_type
+    idx = torch.randint(0, cfg.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert (theirs(idx).logits - load_pretrained(tmp_path / "m")(idx)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("maps, message", [
+    (PruneMaps((), (0,), ((0,),), ((0,),)), "pruning keeps no hidden"),
+    (PruneMaps((1, 0), (0,), ((0,),), ((0,),)), "the kept hidden must be sorted, unique"),
+    (PruneMaps((0,), (0,), ((0, 2),), ((0,),)), r"the kept groups must be sorted, unique indices in \[0, 2\)"),
+    (PruneMaps((0,), (0,), ((0,),), ((0, 0),)), "the kept ffn must be sorted, unique"),
+    (PruneMaps((0,), (-1,), ((0,),), ((0,),)), r"the kept layers must be sorted, unique indices in \[0, 3\)"),
+    (PruneMaps((0,), (0, 1), ((0,),), ((0,), (1,))), "pruning keeps 2 layers but gives groups for 1"),
+    (PruneMaps((0,), (0, 1), ((0,), (0, 1)), ((0,), (1,))), "every layer must keep as many"),
+])
+def test_bad_maps_are_one_line(maps, message):
+    with pytest.raises(ConfigError, match=message):
+        prune(_model(GQA), maps)
