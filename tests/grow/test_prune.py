@@ -126,3 +126,54 @@ def test_a_pruned_model_loads_in_transformers_as_its_own_type(tmp_path, cfg):
 def test_bad_maps_are_one_line(maps, message):
     with pytest.raises(ConfigError, match=message):
         prune(_model(GQA), maps)
+
+
+# ---- importance and selection ------------------------------------------------------------------
+
+
+def test_activation_importance_is_order_independent_and_selection_keeps_what_matters():
+    from growfam.grow.importance import activation_importance, select
+
+    model = _model(GQA)
+    windows = torch.randint(0, GQA.vocab_size, (6, 16))
+    a = activation_importance(model, windows)
+    b = activation_importance(model, windows[torch.tensor([3, 0, 5, 1, 4, 2])])
+    for key in ("hidden", "groups", "ffn", "layers"):
+        assert torch.allclose(getattr(a, key), getattr(b, key), rtol=1e-12, atol=0), key
+        assert (getattr(a, key) >= 0).all()
+    # what is silent scores lowest and is what selection drops: the dropped neurons and KV group
+    # produce nothing (up rows, v rows zero), the dropped channels and layer write nothing
+    _zero_what_is_dropped(model)
+    hd = GQA.head_dim
+    with torch.no_grad():
+        for block in model.layers:
+            block.mlp.up_proj.weight[list(DROP["ffn"])] = 0
+            block.self_attn.v_proj.weight[DROP["group"] * hd:(DROP["group"] + 1) * hd] = 0
+    imp = activation_importance(model, windows)
+    assert imp.layers[DROP["layer"]] == 0 and (imp.hidden[list(DROP["hidden"])] == 0).all()
+    target = GQA.replace(d_model=29, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=42, head_dim=8)
+    assert select(imp, GQA, target, depth="importance") == _kept(GQA)
+    assert select(imp, GQA, target, depth="contiguous").layers == (0, 2)
+    idx = torch.randint(0, GQA.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert (prune(model, select(imp, GQA, target))(idx) - model(idx)).abs().max().item() <= 1e-12
+
+
+def test_magnitude_and_random_importance_and_bad_targets():
+    from growfam.grow.importance import activation_importance, magnitude_importance, random_importance, select
+
+    model = _model(GQA)
+    _zero_what_is_dropped(model)
+    target = GQA.replace(d_model=29, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=42, head_dim=8)
+    assert select(magnitude_importance(model), GQA, target, depth="importance") == _kept(GQA)
+    rand = random_importance(GQA, seed=1)
+    again, other = random_importance(GQA, seed=1), random_importance(GQA, seed=2)
+    assert rand.hidden.tolist() == again.hidden.tolist() != other.hidden.tolist()
+    maps = select(rand, GQA, target)
+    maps.check(GQA)
+    for bad, message in ((GQA.replace(d_model=64, n_heads=8, n_kv_heads=4), "larger than the source's"),
+                         (GQA.replace(d_model=16, n_heads=2, n_kv_heads=2, head_dim=8), "keeps whole GQA groups")):
+        with pytest.raises(ConfigError, match=message):
+            select(rand, GQA, bad)
+    with pytest.raises(ConfigError, match="calibration set is empty"):
+        activation_importance(model, torch.zeros(0, 16, dtype=torch.long))

@@ -13,7 +13,9 @@ Modules: maps (index maps), width (width operators, growing one tensor), depth (
 operators), growth (a plan applied to named tensors), masks (the masked ramp, as hooks), optim
 (AdamW state), report (GrowthReport), expansion (`expand`), multi (`combined_config`,
 `expand_from`), directories (`expand_directories`: `growfam expand` on saved models), config
-(GrowthConfig, the family YAML's `growth:` section).
+(GrowthConfig, the family YAML's `growth:` section). The inverse, shrinking: prune (PruneMaps,
+`prune`: slice a model down to kept channels, GQA groups, neurons and layers), importance
+(activation, magnitude and random importance; `select`: the PruneMaps for a smaller shape).
 
 grow/ may import the top-level helpers and model/; nothing of data/, train/, growfam.config or
 family/.
@@ -25,12 +27,22 @@ from growfam.grow.expansion import expand
 from growfam.grow.growth import GrowthPlan
 from growfam.grow.masks import MaskState, advance_masks, fold_masks, mask_state
 from growfam.grow.multi import COMBINE_MODES, combined_config, expand_from
+from growfam.grow.importance import (Importance, activation_importance, magnitude_importance, random_importance,
+                                     select)
 from growfam.grow.optim import OPTIMIZER_MODES
+from growfam.grow.prune import PruneMaps, prune
 from growfam.grow.report import GrowthReport
 from growfam.grow.width import WIDTH_OPS
 
 __all__ = [
     "COMBINE_MODES",
+    "Importance",
+    "PruneMaps",
+    "activation_importance",
+    "magnitude_importance",
+    "prune",
+    "random_importance",
+    "select",
     "DEPTH_OPS",
     "GrowthPlan",
     "GrowthReport",

@@ -68,7 +68,8 @@ class PruneMaps:
             if not kept:
                 raise ConfigError(f"pruning keeps no {name}")
             if list(kept) != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= size:
-                raise ConfigError(f"the kept {name} must be sorted, unique indices in [0, {size}), got {list(kept)[:8]}")
+                raise ConfigError(f"the kept {name} must be sorted, unique indices in [0, {size}), "
+                                  f"got {list(kept)[:8]}")
 
     def config(self, cfg: ModelConfig, rescale_norms: bool = True) -> ModelConfig:
         """The pruned model's config (head_dim kept; norm_eps × d/d' with rescale_norms)."""
