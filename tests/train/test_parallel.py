@@ -344,10 +344,7 @@ def _rank_0_late(rank: int, port: int, host_group: bool, out: str) -> None:
 
     from growfam.train.parallel import barrier, open_host_group, share
 
-    # the rendezvous gets a minute (a busy machine may take over 1 s to connect); the group's
-    # collectives get the 1 s under test
-    store = torch.distributed.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=datetime.timedelta(minutes=1))
-    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=2,
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                                          timeout=datetime.timedelta(seconds=1))
     if host_group:
         open_host_group(datetime.timedelta(minutes=2))
