@@ -356,6 +356,9 @@ def _rank_0_late(rank: int, port: int, host_group: bool, out: str) -> None:
     except Exception as err:  # noqa: BLE001 -- the gloo timeout's type varies by version
         got = f"failed: {type(err).__name__}"
     Path(out, str(rank)).write_text(got)
+    # Leave without C++ teardown: a gloo group whose collective timed out can abort in its
+    # destructors ("terminate called without an active exception"), about one run in six.
+    os._exit(0)
 
 
 @pytest.mark.slow  # several processes
