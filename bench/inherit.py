@@ -19,10 +19,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from growfam.errors import GrowfamError
 from growfam.family.ledger import read_ledger
 from growfam.report.curves import member_curves
 from growfam.report.equal_flops import flops_to_equal_loss
+from _script import run
 from growfam.text import loss, sci, text_table
 
 
@@ -62,8 +62,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except GrowfamError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

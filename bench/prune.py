@@ -16,9 +16,9 @@ import time
 import torch
 
 from growfam.data import TokenDataset, eval_windows
-from growfam.errors import GrowfamError
 from growfam.grow import activation_importance, magnitude_importance, prune, random_importance, select
 from growfam.model import load_pretrained, resolve_config
+from _script import run
 from growfam.text import text_table
 
 
@@ -42,6 +42,7 @@ def main() -> int:
     args = parser.parse_args()
     source = load_pretrained(args.source, dtype=torch.float32).eval()
     target = resolve_config(args.to).replace(vocab_size=source.cfg.vocab_size, head_dim=source.cfg.head_dim)
+    select(random_importance(source.cfg), source.cfg, target)  # a target that does not fit: refused before any work
     dataset = TokenDataset.open(args.data)
     val = dataset.tokens("val")
     calibration = torch.cat([x for x, _ in eval_windows(dataset.tokens("train"), args.seq_len, args.calibration, 64)])
@@ -63,8 +64,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except GrowfamError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

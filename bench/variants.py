@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 from growfam.data import TokenDataset
-from growfam.errors import GrowfamError
 from growfam.eval.consistency import divergence
 from growfam.family.directory import FamilyDirectory
 from growfam.family.ledger import read_ledger
 from growfam.infer.generate import Generation, speculative_generate
 from growfam.infer.speculate import cut_prompts
 from growfam.model import load_pretrained
+from _script import run
 from growfam.text import loss, sci, text_table
 
 
@@ -83,8 +83,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except GrowfamError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

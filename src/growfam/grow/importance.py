@@ -44,10 +44,6 @@ class Importance:
     ffn: torch.Tensor
     layers: torch.Tensor
 
-    def to_dict(self) -> dict:
-        """JSON-ready lists (saved next to a pruned model)."""
-        return {k: getattr(self, k).tolist() for k in ("hidden", "groups", "ffn", "layers")}
-
 
 @torch.no_grad()
 def activation_importance(model: Llama, windows: torch.Tensor) -> Importance:
