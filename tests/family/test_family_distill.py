@@ -175,3 +175,10 @@ def test_the_report_shows_inherit_and_the_variants(tmp_path, dataset, inherited)
     with pytest.raises(ConfigError, match=r"small\+draft: not a directory"):
         family_consistency(resolve_target(tmp_path / "fam"))
     assert read_ledger(tmp_path / "fam").consistency.extra["variants"] == measured
+    # a hand-edited ledger whose variant lost its teacher: one line, nothing measured
+    ledger_path = tmp_path / "fam" / "family.json"
+    data = json.loads(ledger_path.read_text())
+    del data["variants"]["progressive"][0]["teacher_member"]
+    ledger_path.write_text(json.dumps(data))
+    assert main(["speculate", str(tmp_path / "fam")]) == 2
+    assert json.loads(ledger_path.read_text()) == data

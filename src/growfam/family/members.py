@@ -73,9 +73,13 @@ class Target:
         out = []
         for mode, entries in ((self.ledger.variants or {}) if self.ledger is not None else {}).items():
             for entry in entries:
+                names = (entry.extra.get("of"), entry.name, entry.extra.get("teacher_member"))
+                if not all(isinstance(n, str) for n in names):
+                    raise GrowfamError(f"{FamilyDirectory(self.family_dir).ledger}: variants.{mode} entry "
+                                       f"{entry.name!r} lacks its member (`of`) or teacher (`teacher_member`)")
                 if kind is None or entry.extra.get("kind") == kind:
                     out.append(tuple(_member(name, mode, FamilyDirectory(self.family_dir).member(mode, name))
-                                     for name in (entry.extra["of"], entry.name, entry.extra["teacher_member"])))
+                                     for name in names))
         return out
 
     def window(self) -> int:
