@@ -1,7 +1,7 @@
 """What growfam writes, recognised on disk by its marker files, so that `--force` replaces only
 the kind of thing the command itself writes: a report folder for `report`, a model directory for
-`expand`, a dataset for `data prepare`; never a family or anything inside one, a training run,
-a checkpoint, nor a user's own folder or file.
+`expand`, a shrink output for `shrink`, a dataset for `data prepare`; never a family or anything
+inside one, a training run, a checkpoint, nor a user's own folder or file.
 
 Imports nothing of growfam (io.check_output uses it, and every stage uses io). The marker names
 belong to the stages that write them; tests/test_io.py checks them against family/ledger.py,
@@ -18,6 +18,7 @@ CHECKPOINT = "a training checkpoint"
 RUN = "a training run"
 DATASET = "a prepared dataset"
 MODEL = "a model directory"
+SHRINK = "a shrink output"
 FILE = "a file"
 LINK = "a link"
 
@@ -26,6 +27,7 @@ LEDGER_FILE = "family.json"
 REPORT_FILE, REPORT_TITLE = "REPORT.md", "# growfam report"
 TRAINER_STATE_FILE, CHECKPOINTS_DIR, METRICS_FILE = "trainer_state.json", "checkpoints", "metrics.jsonl"
 DATASET_INDEX = "index.json"
+SHRINK_FILE = "shrink.json"
 MODEL_CONFIG, MODEL_WEIGHTS = "config.json", ("model.safetensors", "model.safetensors.index.json")
 
 
@@ -38,7 +40,7 @@ def _is_report(path: Path) -> bool:
 
 
 def kind_of(path: str | Path) -> str | None:
-    """What growfam made at `path`: FAMILY, REPORT, CHECKPOINT, RUN, DATASET or MODEL; a folder
+    """What growfam made at `path`: FAMILY, REPORT, SHRINK, CHECKPOINT, RUN, DATASET or MODEL; a folder
     inside a family directory is "part of the family directory F"; FILE and LINK for those;
     None for nothing there, an empty folder, or a folder growfam did not make."""
     path = Path(path)
@@ -53,6 +55,8 @@ def kind_of(path: str | Path) -> str | None:
     for folder in (path, *path.resolve().parents):
         if (folder / LEDGER_FILE).is_file():
             return FAMILY if folder == path.resolve() else f"part of the family directory {folder}"
+    if (path / SHRINK_FILE).is_file():
+        return SHRINK
     if (path / TRAINER_STATE_FILE).is_file():
         return CHECKPOINT
     if (path / CHECKPOINTS_DIR).is_dir() or (path / METRICS_FILE).is_file():

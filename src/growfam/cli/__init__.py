@@ -1,7 +1,7 @@
 """`growfam` command line: one parser, one subcommand per job.
 
 building.py holds the commands that build a family (info, plan, data, train, family, demo,
-report), expand.py `growfam expand` (growing saved models), members.py the commands that use a
+report), expand.py `growfam expand` (growing saved models), shrink.py `growfam shrink`, members.py the commands that use a
 family's members (eval, consistency, generate, speculate); defaults.py fills the defaults their
 help shows.
 Every handler raises GrowfamError for bad input; `main` prints it as one line on stderr and
@@ -22,6 +22,7 @@ from growfam.cli.defaults import use_defaults_formatter
 from growfam.cli.expand import _add_expand
 from growfam.cli.members import _add_consistency, _add_eval, _add_generate, _add_speculate
 from growfam.cli.posttrain import _add_posttrain
+from growfam.cli.shrink import _add_shrink
 from growfam.errors import GrowfamError
 
 
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"growfam {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # One `_add_<command>(sub)` per subcommand (building.py, members.py); each sets `func` to its handler.
-    for add in (_add_info, _add_plan, _add_train, _add_data, _add_family, _add_demo, _add_expand,
+    for add in (_add_info, _add_plan, _add_train, _add_data, _add_family, _add_demo, _add_expand, _add_shrink,
                 _add_eval, _add_consistency, _add_generate, _add_speculate, _add_posttrain, _add_report):
         add(sub)
     use_defaults_formatter(parser)

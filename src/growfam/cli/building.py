@@ -134,18 +134,14 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_run_train)
 
 
-def _run_train(args) -> int:
+def parse_sets(items: list[str]) -> dict:
+    """--set KEY=VALUE items as a mapping (each VALUE read as YAML); a ConfigError for a bad one."""
     import yaml
 
     from growfam.errors import ConfigError
-    from growfam.io import read_yaml
-    from growfam.train import TrainConfig, init_distributed, train
 
-    init_distributed()
-    data = read_yaml(args.config)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{args.config}: a train config must be a mapping")
-    for item in args.set:
+    data = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
@@ -154,6 +150,19 @@ def _run_train(args) -> int:
         except yaml.YAMLError as err:
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ConfigError(f"--set {item}: malformed YAML value ({problem})") from None
+    return data
+
+
+def _run_train(args) -> int:
+    from growfam.errors import ConfigError
+    from growfam.io import read_yaml
+    from growfam.train import TrainConfig, init_distributed, train
+
+    init_distributed()
+    data = read_yaml(args.config)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{args.config}: a train config must be a mapping")
+    data.update(parse_sets(args.set))
     if args.max_steps is not None:  # one run length replaces the other
         data.update(max_steps=args.max_steps, max_tokens=None)
     if args.max_tokens is not None:

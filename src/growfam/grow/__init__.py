@@ -29,7 +29,7 @@ from growfam.grow.masks import MaskState, advance_masks, fold_masks, mask_state
 from growfam.grow.multi import COMBINE_MODES, combined_config, expand_from
 from growfam.grow.importance import (Importance, activation_importance, magnitude_importance, random_importance,
                                      select)
-from growfam.grow.optim import OPTIMIZER_MODES
+from growfam.grow.optim import OPTIMIZER_MODES, prune_adamw
 from growfam.grow.prune import PruneMaps, prune
 from growfam.grow.report import GrowthReport
 from growfam.grow.width import WIDTH_OPS
@@ -41,6 +41,7 @@ __all__ = [
     "activation_importance",
     "magnitude_importance",
     "prune",
+    "prune_adamw",
     "random_importance",
     "select",
     "DEPTH_OPS",

@@ -15,7 +15,8 @@ on the windows' order:
   residual stream).
 
 `magnitude_importance(model)` uses weight norms instead (no data), `random_importance(cfg, seed)`
-random scores: the baselines to compare against. `select(importance, target, depth=...)` keeps
+random scores: the baselines to compare against (`measure(rule, ...)` picks one by name).
+`select(importance, target, depth=...)` keeps
 the top channels, groups and neurons (per layer) and either a contiguous run of layers (the
 block of layers with the least total importance is dropped; Minitron found contiguous depth
 pruning best) or the most important layers.
@@ -31,7 +32,9 @@ from growfam.errors import ConfigError
 from growfam.grow.prune import PruneMaps
 from growfam.model import Llama, ModelConfig
 
-DEPTH_RULES = ("contiguous", "importance")
+#: Width rules (how channels, groups and neurons are scored) and depth rules (which layers go).
+WIDTH_RULES = ("importance", "magnitude", "random")
+DEPTH_RULES = ("contiguous", "importance", "none")
 
 
 @dataclass
@@ -44,11 +47,17 @@ class Importance:
     ffn: torch.Tensor
     layers: torch.Tensor
 
+    def to_dict(self) -> dict[str, list]:
+        """Plain lists (JSON): hidden [d_model], groups and ffn [n_layers][...], layers [n_layers]."""
+        return {k: getattr(self, k).tolist() for k in ("hidden", "groups", "ffn", "layers")}
+
 
 @torch.no_grad()
-def activation_importance(model: Llama, windows: torch.Tensor) -> Importance:
+def activation_importance(model: Llama, windows: torch.Tensor, progress: bool = False) -> Importance:
     """Activation importance of `model` over calibration `windows` [N, T] int64 (one forward pass
-    per window). A ConfigError for an empty calibration set."""
+    per window; a progress bar with `progress`). A ConfigError for an empty calibration set."""
+    from tqdm import tqdm
+
     if windows.ndim != 2 or len(windows) == 0:
         raise ConfigError(f"the calibration set is empty or not [windows, tokens]: shape {tuple(windows.shape)}")
     cfg, device = model.cfg, next(model.parameters()).device
@@ -88,7 +97,7 @@ def activation_importance(model: Llama, windows: torch.Tensor) -> Importance:
                   block.mlp.down_proj.register_forward_pre_hook(ffn_hook(i)),
                   block.register_forward_hook(block_hook(i))]
     try:
-        for window in windows:
+        for window in tqdm(windows, desc="importance", unit="window", disable=not progress):
             model(window[None].to(device), last=1)  # the head's logits are not needed
             positions += window.numel()
     finally:
@@ -127,6 +136,19 @@ def random_importance(cfg: ModelConfig, seed: int = 0) -> Importance:
                       torch.rand(cfg.n_layers, generator=g, dtype=torch.float64))
 
 
+def measure(rule: str, model: Llama, windows: torch.Tensor | None = None, seed: int = 0,
+            progress: bool = False) -> Importance:
+    """The importance of `model` by width rule `rule` ("importance": activations on calibration
+    `windows` [N, T], "magnitude", or "random" with `seed`), every dimension, layers too."""
+    if rule not in WIDTH_RULES:
+        raise ConfigError(f"width rule must be one of {', '.join(WIDTH_RULES)}, got {rule!r}")
+    if rule == "importance":
+        if windows is None:
+            raise ConfigError("activation importance needs calibration windows")
+        return activation_importance(model, windows, progress)
+    return magnitude_importance(model) if rule == "magnitude" else random_importance(model.cfg, seed)
+
+
 def _top(scores: torch.Tensor, k: int) -> tuple[int, ...]:
     """The indices of the k largest scores, sorted (ties: the lower index first)."""
     order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
@@ -136,7 +158,7 @@ def _top(scores: torch.Tensor, k: int) -> tuple[int, ...]:
 def select(importance: Importance, source: ModelConfig, target: ModelConfig, depth: str = "contiguous") -> PruneMaps:
     """The PruneMaps from `source` to `target`'s shape keeping the most important parts; depth
     "contiguous" drops the contiguous run of layers with the least total importance, "importance"
-    the least important layers. A ConfigError for a target that is not smaller or equal in every
+    the least important layers, "none" none (the target keeps the source's depth). A ConfigError for a target that is not smaller or equal in every
     dimension, or that breaks the GQA grouping."""
     if depth not in DEPTH_RULES:
         raise ConfigError(f"depth must be one of {', '.join(DEPTH_RULES)}, got {depth!r}")
@@ -148,6 +170,9 @@ def select(importance: Importance, source: ModelConfig, target: ModelConfig, dep
         raise ConfigError(f"pruning keeps whole GQA groups: the target needs head_dim {source.head_dim} and "
                           f"{source.n_rep} query heads per KV head, got {target.head_dim} and {target.n_rep}")
     drop = source.n_layers - target.n_layers
+    if depth == "none" and drop:
+        raise ConfigError(f"depth rule none keeps all {source.n_layers} layers, but the target has "
+                          f"{target.n_layers}: choose contiguous or importance")
     if depth == "importance" or drop == 0:
         layers = _top(importance.layers, target.n_layers)
     else:

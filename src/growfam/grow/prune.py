@@ -85,31 +85,27 @@ def _heads(groups: tuple[int, ...], per_group: int, head_dim: int) -> torch.Tens
     return torch.tensor([h * head_dim + j for h in heads for j in range(head_dim)])
 
 
-@torch.no_grad()
-def prune(model: Llama, maps: PruneMaps, rescale_norms: bool = True) -> Llama:
-    """The Llama that keeps `maps` of `model` (see the module docstring); `model` is not changed.
-    Same dtype and device; a ConfigError for bad maps, before any copy."""
-    cfg = model.cfg
-    maps.check(cfg)
-    target = maps.config(cfg, rescale_norms)
-    weight = next(model.parameters())
-    hidden = torch.tensor(maps.hidden, device=weight.device)
-    gain = math.sqrt(cfg.d_model / len(maps.hidden)) if rescale_norms else 1.0
+def slice_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, maps: PruneMaps,
+                  gain: float = 1.0) -> dict[str, torch.Tensor]:
+    """`state` (a Llama's tensors by name, or anything shaped like them: AdamW moments) sliced
+    by `maps`, the norms' entries multiplied by `gain`; keys of the pruned model. Not checked:
+    `maps.check(cfg)` first."""
+    device = next(iter(state.values())).device
+    hidden = torch.tensor(maps.hidden, device=device)
 
     def rows_cols(t: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
         t = t if rows is None else t.index_select(0, rows)
         return t if cols is None else t.index_select(1, cols)
 
-    state = model.state_dict()
     out = {"embed_tokens.weight": rows_cols(state["embed_tokens.weight"], None, hidden),
            "norm.weight": state["norm.weight"][hidden] * gain}
-    if not cfg.tie_embeddings:
+    if "lm_head.weight" in state and not cfg.tie_embeddings:
         out["lm_head.weight"] = rows_cols(state["lm_head.weight"], None, hidden)
     for new, (old, groups, neurons) in enumerate(zip(maps.layers, maps.groups, maps.ffn)):
         src, dst = f"layers.{old}.", f"layers.{new}."
-        q_rows = _heads(groups, cfg.n_rep, cfg.head_dim).to(weight.device)
-        kv_rows = _heads(groups, 1, cfg.head_dim).to(weight.device)
-        ffn = torch.tensor(neurons, device=weight.device)
+        q_rows = _heads(groups, cfg.n_rep, cfg.head_dim).to(device)
+        kv_rows = _heads(groups, 1, cfg.head_dim).to(device)
+        ffn = torch.tensor(neurons, device=device)
         for norm in ("input_layernorm", "post_attention_layernorm"):
             out[f"{dst}{norm}.weight"] = state[f"{src}{norm}.weight"][hidden] * gain
         for proj, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
@@ -122,8 +118,23 @@ def prune(model: Llama, maps: PruneMaps, rescale_norms: bool = True) -> Llama:
         for proj in ("gate_proj", "up_proj"):
             out[f"{dst}mlp.{proj}.weight"] = rows_cols(state[f"{src}mlp.{proj}.weight"], ffn, hidden)
         out[f"{dst}mlp.down_proj.weight"] = rows_cols(state[f"{src}mlp.down_proj.weight"], hidden, ffn)
+    return out
+
+
+def norm_gain(cfg: ModelConfig, maps: PruneMaps, rescale_norms: bool = True) -> float:
+    """The factor √(d/d') every norm's gain is multiplied by (1 without rescale_norms)."""
+    return math.sqrt(cfg.d_model / len(maps.hidden)) if rescale_norms else 1.0
+
+
+@torch.no_grad()
+def prune(model: Llama, maps: PruneMaps, rescale_norms: bool = True) -> Llama:
+    """The Llama that keeps `maps` of `model` (see the module docstring); `model` is not changed.
+    Same dtype and device; a ConfigError for bad maps, before any copy."""
+    cfg = model.cfg
+    maps.check(cfg)
+    out = slice_tensors(model.state_dict(), cfg, maps, norm_gain(cfg, maps, rescale_norms))
     with torch.device("meta"):
-        pruned = Llama(target)
+        pruned = Llama(maps.config(cfg, rescale_norms))
     pruned.load_state_dict({k: v.clone() for k, v in out.items()}, strict=not cfg.tie_embeddings, assign=True)
     if cfg.tie_embeddings:
         pruned.lm_head.weight = pruned.embed_tokens.weight
