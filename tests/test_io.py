@@ -82,12 +82,13 @@ def test_the_output_markers_are_the_names_their_owners_write():
 
 
 def test_kind_of_tells_what_growfam_made_from_what_it_did_not(tmp_path):
-    from growfam.outputs import CHECKPOINT, DATASET, FAMILY, FILE, LINK, MODEL, REPORT, RUN, kind_of
+    from growfam.outputs import CHECKPOINT, DATASET, FAMILY, FILE, LINK, MODEL, REPORT, RUN, SHRINK, kind_of
 
     layout = {"fam/family.json": "{}", "fam/progressive/m1/config.json": "{}",
               "fam/progressive/m1/model.safetensors": "", "model/config.json": "{}",
               "model/model.safetensors": "", "run/metrics.jsonl": "", "run/checkpoints/step_1/trainer_state.json": "{}",
               "ds/index.json": "{}", "report/REPORT.md": "# growfam report: x", "notes/a.txt": "mine",
+              "small/shrink.json": "{}", "small/model/config.json": "{}", "small/model/model.safetensors": "",
               "fake-report/REPORT.md": "# my report", "file.txt": "mine"}
     for name, text in layout.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +96,7 @@ def test_kind_of_tells_what_growfam_made_from_what_it_did_not(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "model")
     assert {name: kind_of(tmp_path / name) for name in (
         "fam", "model", "run", "run/checkpoints/step_1", "ds", "report", "notes", "fake-report", "file.txt", "link",
-        "nothing")} == {"fam": FAMILY, "model": MODEL, "run": RUN, "run/checkpoints/step_1": CHECKPOINT,
+        "nothing", "small", "small/model")} == {"fam": FAMILY, "model": MODEL, "small": SHRINK, "small/model": MODEL, "run": RUN, "run/checkpoints/step_1": CHECKPOINT,
                         "ds": DATASET, "report": REPORT, "notes": None, "fake-report": None, "file.txt": FILE,
                         "link": LINK, "nothing": None}
     for inside in ("fam/progressive", "fam/progressive/m1"):

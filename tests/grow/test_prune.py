@@ -177,3 +177,36 @@ def test_magnitude_and_random_importance_and_bad_targets():
             select(rand, GQA, bad)
     with pytest.raises(ConfigError, match="calibration set is empty"):
         activation_importance(model, torch.zeros(0, 16, dtype=torch.long))
+
+
+def test_adamw_moments_are_sliced_like_the_weights():
+    from growfam.grow import prune_adamw
+
+    source, maps = _model(GQA), _kept(GQA)
+    decay = [p for n, p in source.named_parameters() if p.ndim == 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                   {"params": [p for p in source.parameters() if p.ndim == 1], "weight_decay": 0.0}])
+    idx = torch.randint(0, GQA.vocab_size, (2, 8))
+    for _ in range(2):
+        source.loss(idx[:, :-1], idx[:, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    pruned = prune(source, maps)
+    new = prune_adamw(optimizer, source, pruned, maps)
+    params = dict(pruned.named_parameters())
+    assert [g["weight_decay"] for g in new.param_groups] == [0.1, 0.0]
+    assert {id(p) for p in new.param_groups[1]["params"]} == {id(p) for p in pruned.parameters() if p.ndim == 1}
+    hidden, c = list(maps.hidden), (GQA.d_model / len(maps.hidden)) ** 0.5
+    old = optimizer.state
+    src = dict(source.named_parameters())
+    # a weight: plain slicing, both moments; a norm gain ×c: its m / c, its v / c²; the step count kept
+    q = new.state[params["layers.1.mlp.down_proj.weight"]]
+    ref = old[src["layers.2.mlp.down_proj.weight"]]
+    ffn = list(maps.ffn[1])
+    assert torch.equal(q["exp_avg"], ref["exp_avg"][hidden][:, ffn])
+    assert torch.equal(q["exp_avg_sq"], ref["exp_avg_sq"][hidden][:, ffn])
+    assert torch.equal(q["step"], ref["step"])
+    norm, ref = new.state[params["layers.0.input_layernorm.weight"]], old[src["layers.0.input_layernorm.weight"]]
+    assert torch.allclose(norm["exp_avg"], ref["exp_avg"][hidden] / c, rtol=1e-12, atol=0)
+    assert torch.allclose(norm["exp_avg_sq"], ref["exp_avg_sq"][hidden] / c ** 2, rtol=1e-12, atol=0)
+    new.step()  # the state is usable as it is

@@ -52,7 +52,8 @@ def _add_shrink(sub) -> None:
     p.add_argument("--calibration", type=int, metavar="N",
                    help=f"calibration windows, run one at a time {default(opt + 'calibration')}")
     p.add_argument("--seq-len", type=int, metavar="T",
-                   help=f"tokens per window: calibration, held-out loss, recovery {default(opt + 'seq_len')}")
+                   help="tokens per window: calibration, held-out loss, recovery (default: 256, or the source's "
+                        "context when that is shorter)")
     p.add_argument("--recover", metavar="HOW",
                    help="kd: distil from SRC_DIR (forward KL, weight 1), ce: cross-entropy, none "
                         f"{default(opt + 'recover')}")

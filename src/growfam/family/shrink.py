@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -40,7 +40,7 @@ from growfam.io import atomic_write_text, check_output, read_json
 from growfam.model import (Llama, ModelConfig, check_pretrained, load_pretrained, num_params, resolve_config,
                            save_pretrained)
 from growfam.outputs import SHRINK, SHRINK_FILE, kind_of
-from growfam.train import DistillConfig, TrainConfig, check_teacher, train
+from growfam.train import TrainConfig, check_teacher, train
 from growfam.train.checkpoint import OPTIMIZER_FILE, latest_checkpoint, load_checkpoint
 from growfam.train.config import check_seq_len
 from growfam.train.optim import make_optimizer
@@ -63,7 +63,7 @@ class ShrinkOptions:
     width: str = "importance"
     depth: str = "contiguous"
     calibration: int = 1024
-    seq_len: int = 256
+    seq_len: int | None = None  # 256, or the source's context when that is shorter
     recover: str = "none"
     tokens: int = 0
     train: dict = field(default_factory=dict)
@@ -113,13 +113,16 @@ def _settings(src: str, to: str, data: str, opts: ShrinkOptions) -> dict:
 
 def check_shrink(src: str, to: str, data: str, out: str, opts: ShrinkOptions, force: bool = False) -> Checked:
     """Every input checked before any work or write (one-line GrowfamErrors): the options, the
-    output (new, an unfinished shrink of the same settings to resume, or --force over a shrink
-    output), the source, the target shape, the dataset (the source's tokenizer; calibration and
-    validation windows) and the recovery run's config (and teacher)."""
+    source, the output (new, an unfinished shrink of the same settings to resume, or --force
+    over a shrink output), the target shape, the dataset (the source's tokenizer; calibration
+    and validation windows) and the recovery run's config (and teacher). `opts.seq_len` comes
+    back filled in (Checked.settings)."""
     _check_options(opts)
+    source = check_pretrained(src)
+    if opts.seq_len is None:
+        opts = replace(opts, seq_len=min(256, source.max_seq_len))
     settings = _settings(src, to, data, opts)
     earlier = _earlier(out, settings, force, [src, data])
-    source = check_pretrained(src)
     shape = target_config(source, to)
     # the shape's refusals before the weights; the pruned config (norm_eps follows d) from any maps of it
     target = select(random_importance(source), source, shape, opts.depth).config(source).replace(name=shape.name)
@@ -151,7 +154,7 @@ def _check_options(opts: ShrinkOptions) -> None:
                                  (opts.recover, RECOVERY, "--recover")):
         if value not in choices:
             raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
-    for value, flag, low in ((opts.calibration, "--calibration", 1), (opts.seq_len, "--seq-len", 2),
+    for value, flag, low in ((opts.calibration, "--calibration", 1), (2 if opts.seq_len is None else opts.seq_len, "--seq-len", 2),
                              (opts.eval_windows, "--eval-windows", 1), (opts.tokens, "--tokens", 0)):
         if not isinstance(value, int) or value < low:
             raise ConfigError(f"{flag} must be a whole number ≥ {low}, got {value!r}")
@@ -211,6 +214,7 @@ def shrink_directory(src: str, to: str, data: str, out: str, opts: ShrinkOptions
     """Shrink the model directory `src` to `to` (see the module docstring); the record written
     to OUT/shrink.json."""
     checked = check_shrink(src, to, data, out, opts, force)
+    opts = replace(opts, seq_len=checked.settings["seq_len"])
     out_dir = Path(out)
     record = checked.earlier
     if record is not None and record.get("done"):
@@ -233,7 +237,8 @@ def _prune(src: str, out_dir: Path, checked: Checked, opts: ShrinkOptions, devic
     without recovery, model/)."""
     source = load_pretrained(src, dtype=torch.float32, device=device).eval()
     val = checked.dataset.tokens("val")
-    windows = calibration_windows(checked.dataset, opts.seq_len, opts.calibration) if opts.width == "importance" else None
+    windows = None if opts.width != "importance" else calibration_windows(checked.dataset, opts.seq_len,
+                                                                             opts.calibration)
     start = time.perf_counter()
     importance = measure(opts.width, source, windows, opts.seed, progress)
     maps = select(importance, source.cfg, checked.target, opts.depth)
