@@ -4,7 +4,8 @@ The plan fields sit at the YAML's top level (name, members, tokens, count, nomin
 seq_len, lr: LRPolicy); each later step owns one typed section, defined in its stage's package:
 `lr` (LRPolicy, train/config.py), `growth` (GrowthConfig, grow/), `data` (DataConfig, data/),
 `train` (TrainSection: the TrainConfig fields the plan leaves free), `eval` (EvalConfig) and
-`distill` (FamilyDistillConfig, train/distill.py). `load_family_config` finds a shipped family
+`distill` (FamilyDistillConfig, train/distill.py); `shrink` (ShrinkConfig, grow/) with
+`direction: shrink`. `load_family_config` finds a shipped family
 (growfam/configs) or reads a YAML path; `make_plan` (family.plan) turns a FamilyConfig into
 per-stage budgets. config.py may import errors, checks, io, text, model, data, grow,
 train.config and train.distill; family/, report/ and the CLI import it (never growfam/train).
@@ -20,7 +21,7 @@ from typing import Any, ClassVar, Literal
 from growfam.checks import Section, as_choice, as_int, as_mapping, as_number, check_keys, per_stage
 from growfam.data.config import DataConfig
 from growfam.errors import ConfigError
-from growfam.grow.config import GrowthConfig
+from growfam.grow.config import GrowthConfig, ShrinkConfig
 from growfam.grow.growth import carry_over
 from growfam.io import read_yaml
 from growfam.model import PRESETS, ModelConfig, num_params, read_hf_config, resolve_config
@@ -28,7 +29,10 @@ from growfam.text import si
 from growfam.train.config import LRPolicy, ParallelConfig, TrainConfig, check_seq_len
 from growfam.train.distill import FamilyDistillConfig
 
-__all__ = ["DataConfig", "EvalConfig", "FamilyConfig", "GrowthConfig", "LRPolicy", "TrainSection",
+#: How a family is built: upward by growth, or downward by pruning.
+DIRECTIONS = ("grow", "shrink")
+
+__all__ = ["DataConfig", "EvalConfig", "FamilyConfig", "GrowthConfig", "LRPolicy", "ShrinkConfig", "TrainSection",
            "load_family_config", "shipped_families"]
 
 Count = Literal["nonembedding", "total", "nominal"]
@@ -142,6 +146,9 @@ class FamilyConfig:
         means each member's max_seq_len. (`batch_sizes` / `seq_lens` give the per-stage lists;
         the fields keep what was written, so a scalar still applies after `replace(members=...)`.)
     lr, growth, data, train, eval, distill: the sections (a mapping is parsed); posttrain: as written.
+    direction: "grow" (the default: members built upward, Progressive against Independent) or
+        "shrink" (the largest trained, each smaller member pruned from one above and recovered,
+        by the `shrink:` section, against Independent).
     start_from: a Hugging Face model directory (config.json, safetensors weights, tokenizer) that
         is the first member, given rather than trained; members[0] must have its shape (or be
         the directory itself). start_from_tokens: tokens to continue training it on (default 0:
@@ -165,6 +172,8 @@ class FamilyConfig:
     start_from: str | None = None
     start_from_tokens: float = 0
     posttrain: dict | None = None
+    direction: str = "grow"
+    shrink: ShrinkConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.members, (list, tuple)) or not self.members:
@@ -208,6 +217,7 @@ class FamilyConfig:
                 setattr(self, name, cls.from_dict(getattr(self, name)))
         if not isinstance(self.train, TrainSection):
             self.train = TrainSection.from_dict(self.train)
+        self._check_direction()
         if self.posttrain is not None:  # checked whole by growfam.posttrain.config, which config.py precedes
             self.posttrain = as_mapping(self.posttrain, "posttrain")
         self._validate_family()
@@ -238,6 +248,26 @@ class FamilyConfig:
             )
         return [float(m.nominal_params) for m in self.members]
 
+    def _check_direction(self) -> None:
+        as_choice(self.direction, DIRECTIONS, "direction")
+        if self.direction == "grow":
+            if self.shrink is not None:
+                raise ConfigError("a shrink: section is for direction: shrink (members built downward)")
+            return
+        if not isinstance(self.shrink, ShrinkConfig):
+            self.shrink = ShrinkConfig.from_dict(self.shrink)
+        if self.start_from is not None:
+            raise ConfigError("direction: shrink trains its largest member; start_from gives a smallest one "
+                              "(a given largest member is not supported yet)")
+        if self.distill.inherit is not None:
+            raise ConfigError("distill.inherit teaches grown members; a shrink family's members learn from their "
+                              "source through shrink.recover: kd")
+
+    @property
+    def built_mode(self) -> str:
+        """The mode this family's direction builds beside Independent."""
+        return "progressive" if self.direction == "grow" else "shrink"
+
     def _validate_family(self) -> None:
         """Checks that make progressive growth possible: same head_dim and vocab, growing N."""
         first = self.members[0]
@@ -265,7 +295,7 @@ class FamilyConfig:
     # ---- (de)serialisation ----------------------------------------------------------------
     KEYS: ClassVar[tuple[str, ...]] = ("name", "members", "tokens", "count", "nominal", "batch_size",
                                        "seq_len", "lr", "growth", "data", "train", "eval", "start_from",
-                                       "start_from_tokens", "posttrain", "distill")
+                                       "start_from_tokens", "posttrain", "distill", "direction", "shrink")
 
     @classmethod
     def from_dict(cls, data: dict, base_dir: str | Path | None = None) -> "FamilyConfig":
@@ -293,6 +323,8 @@ class FamilyConfig:
             start_from=start_from,
             start_from_tokens=data.get("start_from_tokens", 0),
             posttrain=data.get("posttrain"),
+            direction=data.get("direction", "grow"),
+            shrink=data.get("shrink"),
             **{key: data.get(key) for key in ("nominal", "seq_len")},
             **{key: data.get(key) for key in ("lr", "growth", "data", "train", "eval", "distill")},
         )
@@ -329,6 +361,8 @@ class FamilyConfig:
             out["posttrain"] = self.posttrain
         if self.distill.to_dict():
             out["distill"] = self.distill.to_dict()
+        if self.direction != "grow":
+            out.update(direction=self.direction, shrink=self.shrink.to_dict())
         return {**out, "growth": self.growth.to_dict(), "data": self.data.to_dict(), "train": self.train.to_dict(),
                 "eval": self.eval.to_dict()}
 

@@ -14,7 +14,9 @@ from conftest import random_model, tiny_config
 from growfam.cli import main
 from growfam.data import TokenDataset, load_tokenizer, prepare
 from growfam.eval import file_stream, score_stream, split_stream, strided_windows
-from growfam.family.ledger import MODES, Ledger, read_ledger, write_ledger
+from growfam.family.ledger import Ledger, read_ledger, write_ledger
+
+MODES = ("progressive", "independent")  # the modes of the family the tests make
 from growfam.model import load_pretrained, save_pretrained
 
 TEXT = [f"Document {i}: the {'quick brown fox' if i % 2 else 'lazy dog'} number {i * 7} "

@@ -226,7 +226,10 @@ def _add_family(sub) -> None:
                                      "Members land in OUT/<mode>/<member>/ as Hugging Face directories; "
                                      "OUT/family.json is the ledger.")
     run.add_argument("family", help="a shipped family name (tiny, paper-r2, ...) or a family YAML")
-    run.add_argument("--mode", choices=("progressive", "independent", "both"), default="progressive")
+    run.add_argument("--mode", choices=("progressive", "independent", "shrink", "both"), default=None,
+                     help="which members to build: progressive (grown; a grow family's default), shrink "
+                          "(pruned downward; a shrink family's default), independent (from scratch), or both "
+                          "(the family's direction and independent)")
     run.add_argument("--out", default=None, metavar="DIR", help="output directory (default: family/<name>)")
     run.add_argument("--data", metavar="DIR", help="prepared dataset (default: the YAML's data: section)")
     run.add_argument("--fixed-data", action="store_true",
@@ -241,8 +244,9 @@ def _add_family(sub) -> None:
     show.set_defaults(func=_run_family_show)
 
 
-def _modes(mode: str) -> tuple[str, ...]:
-    return ("progressive", "independent") if mode == "both" else (mode,)
+def _modes(mode: str | None) -> str | tuple[str, ...]:
+    """--mode as check_family takes it: None is the family's own direction ("built")."""
+    return "built" if mode is None else mode if mode == "both" else (mode,)
 
 
 def _build_family(family: str, out: str | None, data: str | None, modes: tuple[str, ...],

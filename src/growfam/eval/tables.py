@@ -1,6 +1,6 @@
 """The tables `growfam eval` and `growfam consistency` print: member × metric with Progressive
-and Independent side by side and their difference (the paper's Tables 1-2), and the pairs'
-KL with the Progressive / Independent ratio (Table 4)."""
+(or Shrink, in a family built downward) and Independent side by side and their difference (the
+paper's Tables 1-2), and the pairs' KL with the Progressive / Independent ratio (Table 4)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ _PPL_ROWS = (("val ppl", "val", "perplexity", "ppl"), ("val bits/byte", "val", "
              ("wiki word ppl", "wiki", "word_ppl", "ppl"), ("wiki bits/byte", "wiki", "bpb", "frac"))
 _TASK_LABELS = {"lambada_openai": "lambada", "arc_easy": "arc-e", "arc_challenge": "arc-c",
                 "winogrande": "winogrande", "piqa": "piqa", "openbookqa": "openbookqa", "hellaswag": "hellaswag"}
-_MODE_LABELS = {"progressive": "prog", "independent": "ind", None: "value"}
+_MODE_LABELS = {"progressive": "prog", "independent": "ind", "shrink": "shrink", None: "value"}
+
+
+def _built(modes) -> str:
+    """The mode compared with independent: shrink in a family built downward, else progressive."""
+    return "shrink" if "shrink" in modes else "progressive"
 
 
 def _rows_of(records: list[dict]) -> list[tuple[str, str, str, str, str]]:
@@ -44,7 +49,7 @@ def _cell(value, kind: str, sign: str = "") -> str:
 def eval_rows(members: list[dict]) -> list[list[str]]:
     """The rows of `format_eval`: a header, then per member a row with its name alone followed
     by its metric rows (labels indented by two spaces)."""
-    modes = [m for m in ("progressive", "independent") if any(r["mode"] == m for r in members)] or [None]
+    modes = [m for m in ("progressive", "shrink", "independent") if any(r["mode"] == m for r in members)] or [None]
     by_key = {(r["mode"], r["name"]): r["eval"] for r in members}
     rows = _rows_of([r["eval"] for r in members])
     both = len(modes) == 2
@@ -73,7 +78,7 @@ def eval_note(members: list[dict]) -> str | None:
 
 def format_eval(members: list[dict]) -> str:
     """members: [{name, mode, eval}] (what `evaluate_target` returns). Per member a block of
-    metric rows; a column per mode, and Δ = progressive − independent when there are both."""
+    metric rows; a column per mode, and Δ = progressive (or shrink) − independent when there are both."""
     lines, note = text_table(eval_rows(members)), eval_note(members)
     return "\n".join(lines + (["", note] if note else []))
 
@@ -81,7 +86,8 @@ def format_eval(members: list[dict]) -> str:
 def consistency_rows(section: dict) -> tuple[list[list[str]], list[tuple[int, int, str]]]:
     """The rows and column groups of `format_consistency` (for `text_table`)."""
     modes = section.get("modes", {})
-    prog, ind = modes.get("progressive", []), modes.get("independent", [])
+    built = _built(modes)
+    prog, ind = modes.get(built, []), modes.get("independent", [])
     pairs = list(dict.fromkeys((r["small"], r["large"]) for r in prog + ind))
 
     def find(rows, pair):
@@ -92,7 +98,7 @@ def consistency_rows(section: dict) -> tuple[list[list[str]], list[tuple[int, in
     header, groups = ["pair"], []
     for label, _ in metrics:
         groups.append((len(header), len(header) + 2, label))
-        header += ["prog", "ind", "ratio"]
+        header += [_MODE_LABELS[built], "ind", "ratio"]
     table = [header]
     for pair in pairs:
         p, i = find(prog, pair), find(ind, pair)
@@ -108,7 +114,8 @@ def consistency_rows(section: dict) -> tuple[list[list[str]], list[tuple[int, in
 def consistency_note(section: dict) -> str:
     """The line under `format_consistency`'s table: windows, ratio, acceptance."""
     return (f"{section.get('windows')} validation windows of {section.get('window')} tokens per pair "
-            "(the same for every pair); ratio = progressive / independent; acceptance = Σ min(p, q) = 1 − TV")
+            f"(the same for every pair); ratio = {_built(section.get('modes', {}))} / independent; "
+            "acceptance = Σ min(p, q) = 1 − TV")
 
 
 def format_consistency(section: dict) -> str:

@@ -116,7 +116,8 @@ class MemberEntry(_Record):
               "train_loss": NUMBER_OR_NULL, "max_lr": NUMBER_OR_NULL, "wall_s": NUMBER,
               "session_wall_s": NUMBER_OR_NULL, "spikes": NUMBER_OR_NULL, "rollbacks": NUMBER_OR_NULL,
               "stopped_early": FLAG, "growth": MAPPING_OR_NULL, "given": MAPPING_OR_NULL,
-              "growth_point": MAPPING_OR_NULL, "done": FLAG, "eval": MAPPING_OR_NULL, "distill": MAPPING_OR_NULL}
+              "growth_point": MAPPING_OR_NULL, "done": FLAG, "eval": MAPPING_OR_NULL, "distill": MAPPING_OR_NULL,
+              "shrink": MAPPING_OR_NULL}
     REQUIRED = ("name", "done", "params", "tokens", "flops", "cum_flops", "wall_s", "val_loss")
     KEEP_NULL = ("dir", "config", "nonembedding_params", "total_params", "planned_tokens", "steps", "flops_attn",
                  "train_loss", "max_lr", "session_wall_s", "spikes", "rollbacks", "growth")
@@ -148,6 +149,8 @@ class MemberEntry(_Record):
     # trained with a teacher: its member, the train config's distill section, its forward's FLOPs
     # (2·N_t per token it saw; in cum_flops, not in flops)
     distill: dict | None = None
+    # pruned from a larger member (direction: shrink): its source, rules, held-out losses, what it kept
+    shrink: dict | None = None
     eval: EvalRecord | None = None
     extra: dict = field(default_factory=dict)
 
@@ -291,6 +294,11 @@ class Ledger(_Record):
         if self.variants is not None:
             out["variants"] = {mode: [m.to_json() for m in entries] for mode, entries in self.variants.items()}
         return out
+
+    @property
+    def built_mode(self) -> str:
+        """The mode the family's direction builds beside independent: progressive, or shrink."""
+        return "shrink" if self.plan.get("direction") == "shrink" else "progressive"
 
     def members(self, mode: str) -> list[MemberEntry]:
         """The entries of `mode` in family order ([] when it has none)."""

@@ -44,6 +44,7 @@ from growfam.errors import ConfigError
 from growfam.family.directory import MODES, FamilyDirectory
 from growfam.family.ledger import Ledger, MemberEntry, check_same_run, read_ledger, write_ledger
 from growfam.family.plan import FamilyPlan, make_plan
+from growfam.family.shrink import SHRINK_MODE, build_shrink_mode, check_shrink_family
 from growfam.family.stage import FamilyRun, build_stage, stage_train_config
 from growfam.family.variants import build_variants, check_variants
 from growfam.io import check_folder, remove_stale_temporaries
@@ -61,7 +62,8 @@ def _train_record(family: FamilyConfig, plan: FamilyPlan, out_dir: Path, modes: 
     configs, world = [], rank_and_world()[1]
     for mode in modes:
         for i, stage in enumerate(plan.stages):
-            tokens = stage.tokens_independent if mode == "independent" else stage.tokens_progressive
+            tokens = {"independent": stage.tokens_independent, "shrink": stage.tokens_shrink}.get(mode) \
+                or stage.tokens_progressive
             cfg = stage_train_config(family, plan, i, mode, None, out_dir, tokens, fixed_data)
             if cfg.micro_batch_size and cfg.batch_size % cfg.micro_batch_size:
                 raise ConfigError(f"train.micro_batch_size {cfg.micro_batch_size} does not divide stage "
@@ -88,18 +90,23 @@ class CheckedFamily:
     ledger: Ledger | None
 
 
-def check_family(family: FamilyConfig, out_dir: str | Path, modes: str | tuple[str, ...] = MODES,
+def check_family(family: FamilyConfig, out_dir: str | Path, modes: str | tuple[str, ...] = "both",
                  fixed_data: bool = False) -> CheckedFamily:
     """Validate a family run before any data preparation or write: the modes, the out dir, the
-    growth section and every growth step, every stage's train config, and the out dir's ledger
-    (its structure, and that this family made it). `modes`: mode names, one name or "both"."""
+    growth section and every growth step (or pruning step), every stage's train config, and the
+    out dir's ledger (its structure, and that this family made it). `modes`: mode names, one name
+    or "both" (the family's built mode, progressive or shrink, and independent), "built" (that
+    mode alone)."""
     out_dir = Path(out_dir)
-    modes = MODES if modes == "both" else (modes,) if isinstance(modes, str) else tuple(modes)
+    allowed = (family.built_mode, "independent")
+    modes = allowed if modes == "both" else allowed[:1] if modes == "built" else \
+        (modes,) if isinstance(modes, str) else tuple(modes)
     if not modes:
-        raise ConfigError("no mode given; use progressive, independent or both")
-    bad = [m for m in modes if m not in MODES]
+        raise ConfigError(f"no mode given; use {family.built_mode}, independent or both")
+    bad = [m for m in modes if m not in allowed]
     if bad:
-        raise ConfigError(f"unknown mode {bad[0]!r}; use progressive, independent or both")
+        why = f" (a family with direction: {family.direction})" if bad[0] in MODES else ""
+        raise ConfigError(f"unknown mode {bad[0]!r}{why}; use {family.built_mode}, independent or both")
     check_folder(out_dir, "--out")
     growth = family.growth
     plan = make_plan(family)
@@ -108,6 +115,8 @@ def check_family(family: FamilyConfig, out_dir: str | Path, modes: str | tuple[s
 
         for small, large in zip(family.members, family.members[1:]):
             GrowthPlan.make(small, large, growth.width, growth.depth, growth.seed)
+    if "shrink" in modes:
+        check_shrink_family(family)
     planned = {k: v for k, v in plan.to_dict().items() if k != "variants"}  # variants may be added later
     header = {"plan": json.loads(json.dumps(planned)), "growth": growth.to_dict(),
               "fixed_data": fixed_data, "train": _train_record(family, plan, out_dir, modes, fixed_data),
@@ -129,7 +138,7 @@ def _forget(ledger: Ledger, mode: str, names: list[str]) -> None:
                                           if not {r["small"], r["large"]} & set(names)]
 
 
-def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: str | tuple[str, ...] = MODES,
+def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: str | tuple[str, ...] = "both",
                fixed_data: bool = False, log=print, on_member=None) -> dict:
     """Build every member of `family` in each of `modes`; returns the ledger (also in family.json).
 
@@ -172,6 +181,9 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
         on_main(lambda: held.enter_context(folder_lock(out_dir, "; the family's members and ledger go there")))
         on_main(lambda: _start_ledger(out_dir, ledger))
         for mode in checked.modes:
+            if mode == SHRINK_MODE:
+                ledger = build_shrink_mode(job, ledger, published)
+                continue
             members = ledger.modes.setdefault(mode, [])
             for i, stage in enumerate(checked.plan.stages):
                 if i < len(members) and members[i].done:

@@ -8,6 +8,8 @@ family (docs/concepts.md):
 - Progressive (Eq. 3-4): member i starts from the expanded member i-1 and trains on
   D'_1 = D(N_1),  D'_i = D(N_i) − (Σ_{j<i} N_j·D'_j) / N_i,
   so the cumulative FLOPs after stage i equal the cost of training N_i from scratch.
+- Shrink (`direction: shrink`): the largest member trains on D(N_L); each smaller one is pruned
+  from its source and recovers on shrink.tokens · D(N_i), its teacher's forwards counted too.
 
 A family that starts from a checkpoint (`start_from`) is given its first member: both modes
 publish it as it is (or continue it on `start_from_tokens`, D_c), so stage 1 spends 6·N_1·D_c.
@@ -71,6 +73,14 @@ class StagePlan:
     # in cum_flops_progressive and the saving, not in flops_progressive
     teacher_flops_progressive: float = 0.0
     teacher_attn_flops_progressive: float = 0.0  # the same, attention-inclusive (a third of F_{i-1})
+    # direction: shrink (None otherwise): the largest trains on D(N_L); a smaller member recovers
+    # on shrink.tokens · D(N_i) with its source as teacher (2 · N_t per token under kd)
+    tokens_shrink: float | None = None
+    steps_shrink: int | None = None
+    flops_shrink: float | None = None  # 6 · N_i · tokens_shrink
+    teacher_flops_shrink: float | None = None
+    cum_flops_shrink: float | None = None  # its source's, plus its own student and teacher FLOPs
+    attn_flops_shrink: float | None = None
 
     @property
     def tokens_per_step(self) -> int:
@@ -80,6 +90,8 @@ class StagePlan:
         out = {**dataclasses.asdict(self), "tokens_per_step": self.tokens_per_step}
         if not self.teacher_flops_progressive:  # plans of families without a teacher stay as they were
             del out["teacher_flops_progressive"], out["teacher_attn_flops_progressive"]
+        if self.tokens_shrink is None:  # and grow families' plans without the shrink fields
+            out = {k: v for k, v in out.items() if not k.endswith("_shrink")}
         return out
 
 
@@ -150,6 +162,14 @@ class FamilyPlan:
         return sum(s.flops_progressive for s in self.stages)
 
     @property
+    def flops_shrink(self) -> float | None:
+        """Family total of a shrink family, 6ND spent: the largest's training and every
+        recovery's student and teacher FLOPs (None for a grow family)."""
+        if self.family.direction != "shrink":
+            return None
+        return sum(s.flops_shrink + s.teacher_flops_shrink for s in self.stages)
+
+    @property
     def teacher_flops(self) -> float:
         """distill.inherit's teacher forward passes over the progressive stages (0 without)."""
         return sum(s.teacher_flops_progressive for s in self.stages)
@@ -203,6 +223,12 @@ class FamilyPlan:
         }
         if self.teacher_flops:
             out["totals"]["teacher_flops_progressive"] = self.teacher_flops
+        if self.flops_shrink is not None:
+            out["direction"], out["shrink"] = "shrink", self.family.shrink.to_dict()
+            out["totals"].update(tokens_shrink=sum(s.tokens_shrink for s in self.stages),
+                                 flops_shrink=self.flops_shrink,
+                                 teacher_flops_shrink=sum(s.teacher_flops_shrink for s in self.stages),
+                                 shrink_saving_pct=100 * (1 - self.flops_shrink / self.flops_independent))
         if self.variants:
             out["variants"] = [v.to_dict() for v in self.variants]
         if peak_tflops is not None and mfu is not None:
@@ -281,6 +307,8 @@ def make_plan(family: FamilyConfig) -> FamilyPlan:
             given_tokens=given[i], given_flops=f_given, teacher_flops_progressive=f_teacher,
             teacher_attn_flops_progressive=f_teacher_attn,
         ))
+    if family.direction == "shrink":
+        stages = shrink_budgets(family, stages)
     variants = []
     for kind in family.distill.variants():
         for i, t in family.distill.pairs(kind, len(stages)):
@@ -289,3 +317,22 @@ def make_plan(family: FamilyConfig) -> FamilyPlan:
             variants.append(VariantPlan(f"{stages[i].name}+{kind}", stages[t].name, tokens, 6 * params[i] * tokens,
                                         2 * params[t] * tokens))
     return FamilyPlan(family, stages, variants)
+
+
+def shrink_budgets(family: FamilyConfig, stages: list[StagePlan]) -> list[StagePlan]:
+    """`stages` with the shrink fields of a family built downward: the largest trains on its
+    D(N_L); member i recovers on shrink.tokens · D(N_i) tokens, its teacher's forwards (kd)
+    costing 2 · N_t per token; cumulative FLOPs run down the chain of sources."""
+    section, last = family.shrink, len(stages) - 1
+    out: list[StagePlan | None] = [None] * len(stages)
+    for i in range(last, -1, -1):
+        stage = stages[i]
+        tokens = stage.tokens_independent if i == last else section.tokens * stage.tokens_independent
+        teacher = None if i == last else section.teacher(i, len(stages))
+        t_flops = 0.0 if teacher is None or section.recover != "kd" else 2 * stages[teacher].params * tokens
+        flops = 6 * stage.params * tokens
+        out[i] = dataclasses.replace(
+            stage, tokens_shrink=tokens, steps_shrink=steps_for(tokens, stage.tokens_per_step), flops_shrink=flops,
+            teacher_flops_shrink=t_flops, attn_flops_shrink=flops_per_token(family.members[i], stage.seq_len) * tokens,
+            cum_flops_shrink=(0.0 if teacher is None else out[teacher].cum_flops_shrink) + flops + t_flops)
+    return out

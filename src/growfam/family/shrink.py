@@ -4,7 +4,8 @@ unpruned source (Minitron's recipe: logits-only forward KL; Muralidharan et al.,
 2407.14679, and Sreenivas et al., arXiv 2408.11796) or plain cross-entropy, to compare.
 
 grow/ slices and train/ trains; joining them is a member's build, so it lives with the family's
-stages. The output folder OUT holds:
+stages, and a family built downward (`direction: shrink`, `build_shrink_mode`) uses it for each
+member below the largest. The output folder OUT holds:
 
     shrink.json      settings, parameter counts, held-out losses (source, pruned, recovered), done
     importance.json  the scores of every dimension and the indices kept
@@ -32,7 +33,11 @@ from growfam.data import TokenDataset, eval_windows, load_tokenizer
 from growfam.data.loader import num_windows
 from growfam.device import resolve_device
 from growfam.errors import ConfigError, GrowfamError
-from growfam.family.stage import publish
+from growfam.config import FamilyConfig
+from growfam.family.directory import RECOVERY_RUN, FamilyDirectory
+from growfam.family.ledger import Ledger, MemberEntry, write_ledger
+from growfam.family.stage import FamilyRun, build_stage, publish
+from growfam.grow.config import RECOVERY
 from growfam.grow.importance import DEPTH_RULES, WIDTH_RULES, measure, random_importance, select
 from growfam.grow.optim import prune_adamw
 from growfam.grow.prune import PruneMaps, prune
@@ -40,13 +45,13 @@ from growfam.io import atomic_write_text, check_output, read_json
 from growfam.model import (Llama, ModelConfig, check_pretrained, load_pretrained, num_params, resolve_config,
                            save_pretrained)
 from growfam.outputs import SHRINK, SHRINK_FILE, kind_of
+from growfam.text import loss
 from growfam.train import TrainConfig, check_teacher, train
 from growfam.train.checkpoint import OPTIMIZER_FILE, latest_checkpoint, load_checkpoint
 from growfam.train.config import check_seq_len
 from growfam.train.optim import make_optimizer
+from growfam.train.parallel import rank_and_world
 
-#: How the pruned model is recovered: distillation from the source, cross-entropy, or not at all.
-RECOVERY = ("kd", "ce", "none")
 #: The fields `--to FIELD=N,...` may set (the rest is the source's).
 SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
 IMPORTANCE_FILE = "importance.json"
@@ -111,18 +116,20 @@ def _settings(src: str, to: str, data: str, opts: ShrinkOptions) -> dict:
     return {"source": str(Path(src).resolve()), "to": to, "data": str(Path(data).resolve()), **asdict(opts)}
 
 
-def check_shrink(src: str, to: str, data: str, out: str, opts: ShrinkOptions, force: bool = False) -> Checked:
+def check_shrink(src: str, to: str, data: str, out: str, opts: ShrinkOptions, force: bool = False,
+                 owned: bool = False) -> Checked:
     """Every input checked before any work or write (one-line GrowfamErrors): the options, the
     source, the output (new, an unfinished shrink of the same settings to resume, or --force
     over a shrink output), the target shape, the dataset (the source's tokenizer; calibration
     and validation windows) and the recovery run's config (and teacher). `opts.seq_len` comes
-    back filled in (Checked.settings)."""
+    back filled in (Checked.settings). owned: OUT belongs to a family run (no output checks;
+    an earlier shrink there must have the same settings)."""
     _check_options(opts)
     source = check_pretrained(src)
     if opts.seq_len is None:
         opts = replace(opts, seq_len=min(256, source.max_seq_len))
     settings = _settings(src, to, data, opts)
-    earlier = _earlier(out, settings, force, [src, data])
+    earlier = _earlier(out, settings, force, [src, data], owned)
     shape = target_config(source, to)
     # the shape's refusals before the weights; the pruned config (norm_eps follows d) from any maps of it
     target = select(random_importance(source), source, shape, opts.depth).config(source).replace(name=shape.name)
@@ -139,7 +146,7 @@ def check_shrink(src: str, to: str, data: str, out: str, opts: ShrinkOptions, fo
         distill = extra.pop("distill", None)
         recovery = TrainConfig.from_dict({
             "seed": opts.seed, **extra, "model": target.to_dict(), "data": data, "seq_len": opts.seq_len,
-            "out_dir": str(Path(out) / "recovery"), "max_tokens": opts.tokens, "max_steps": None,
+            "out_dir": str(Path(out) / RECOVERY_RUN), "max_tokens": opts.tokens, "max_steps": None,
             "distill": None if opts.recover == "ce" else {"weight": 1.0, **(distill or {}), "teacher": src}})
         recovery.total_steps  # a budget under one step is refused here
         if recovery.distill is not None:
@@ -167,11 +174,13 @@ def _check_options(opts: ShrinkOptions) -> None:
         raise ConfigError(f"--seed must be a 64-bit integer, got {opts.seed}")
 
 
-def _earlier(out: str, settings: dict, force: bool, sources: list[str]) -> dict | None:
+def _earlier(out: str, settings: dict, force: bool, sources: list[str], owned: bool = False) -> dict | None:
     """The record of an earlier shrink with these settings in `out` (to resume or report), or
     None when `out` may be written afresh; a GrowfamError when it may not."""
     path = Path(out)
-    if kind_of(path) == SHRINK and not force:
+    if owned and not (path / SHRINK_FILE).is_file():
+        return None
+    if (owned or kind_of(path) == SHRINK) and not force:
         record = read_json(path / SHRINK_FILE)
         if not isinstance(record, dict) or record.get("settings") != settings:
             old = record.get("settings", {}) if isinstance(record, dict) else {}
@@ -210,10 +219,12 @@ def calibration_windows(dataset: TokenDataset, seq_len: int, count: int) -> torc
 
 
 def shrink_directory(src: str, to: str, data: str, out: str, opts: ShrinkOptions, *, force: bool = False,
-                     log: Callable[[str], None] = print, progress: bool = True) -> dict:
+                     log: Callable[[str], None] = print, progress: bool = True, owned: bool = False,
+                     model_dir: str | Path | None = None) -> dict:
     """Shrink the model directory `src` to `to` (see the module docstring); the record written
-    to OUT/shrink.json."""
-    checked = check_shrink(src, to, data, out, opts, force)
+    to OUT/shrink.json. owned: OUT is a family's (check_shrink); model_dir: where the result
+    goes (default OUT/model)."""
+    checked = check_shrink(src, to, data, out, opts, force, owned)
     opts = replace(opts, seq_len=checked.settings["seq_len"])
     out_dir = Path(out)
     record = checked.earlier
@@ -223,16 +234,18 @@ def shrink_directory(src: str, to: str, data: str, out: str, opts: ShrinkOptions
     if force and (out_dir.is_symlink() or kind_of(out_dir) == SHRINK):  # check_output allowed it, as --force asks
         out_dir.unlink() if out_dir.is_symlink() else shutil.rmtree(out_dir)
     device = resolve_device(opts.train.get("device", "auto"))
+    model_dir = Path(model_dir) if model_dir is not None else out_dir / "model"
     if record is None or not (out_dir / "pruned").is_dir():
-        record = _prune(src, out_dir, checked, opts, device, log, progress)
+        record = _prune(src, out_dir, model_dir, checked, opts, device, log, progress)
     if checked.recovery is not None:
-        record = _recover(src, out_dir, checked, record, device, log)
+        record = _recover(out_dir, model_dir, checked, record, device, log)
     record["done"] = True
     atomic_write_text(out_dir / SHRINK_FILE, _json(record))
     return record
 
 
-def _prune(src: str, out_dir: Path, checked: Checked, opts: ShrinkOptions, device, log, progress) -> dict:
+def _prune(src: str, out_dir: Path, model_dir: Path, checked: Checked, opts: ShrinkOptions, device, log,
+           progress) -> dict:
     """Score, prune, measure; write importance.json, shrink.json (not done) and pruned/ (or,
     without recovery, model/)."""
     source = load_pretrained(src, dtype=torch.float32, device=device).eval()
@@ -256,7 +269,7 @@ def _prune(src: str, out_dir: Path, checked: Checked, opts: ShrinkOptions, devic
                                                             importance.to_dict(), "kept": asdict(maps)}) + "\n")
     atomic_write_text(out_dir / SHRINK_FILE, _json(record))
     if checked.recovery is None:
-        save_pretrained(pruned, out_dir / "model", tokenizer=src)
+        save_pretrained(pruned, model_dir, tokenizer=src)
         return record
     optimizer = _pruned_optimizer(src, source, pruned, maps, checked.recovery)
     save_pretrained(pruned, out_dir / "pruned", tokenizer=src)
@@ -274,11 +287,11 @@ def _pruned_optimizer(src: str, source: Llama, pruned: Llama, maps: PruneMaps, t
     return prune_adamw(optimizer, source, pruned, maps)
 
 
-def _recover(src: str, out_dir: Path, checked: Checked, record: dict, device, log) -> dict:
+def _recover(out_dir: Path, model_dir: Path, checked: Checked, record: dict, device, log) -> dict:
     """Train the pruned model (resuming a killed run), publish model/, measure it."""
     tcfg, opts = checked.recovery, checked.settings
     model = optimizer = None
-    if latest_checkpoint(out_dir / "recovery") is None:
+    if latest_checkpoint(out_dir / RECOVERY_RUN) is None:
         model = load_pretrained(out_dir / "pruned", dtype=torch.float32)
         if (out_dir / "pruned" / OPTIMIZER_FILE).is_file():
             optimizer = make_optimizer(model, tcfg, torch.device("cpu"))
@@ -286,13 +299,14 @@ def _recover(src: str, out_dir: Path, checked: Checked, record: dict, device, lo
     how = "distillation from the source" if tcfg.distill else "cross-entropy"
     log(f"recovering by {how}: {tcfg.max_tokens:,} tokens")
     result = train(tcfg, model, optimizer, dataset=checked.dataset)
-    publish(result, out_dir / "model")
-    recovered = load_pretrained(out_dir / "model", dtype=torch.float32, device=device).eval()
+    publish(result, model_dir)
+    recovered = load_pretrained(model_dir, dtype=torch.float32, device=device).eval()
     record["held_out"]["recovered"] = held_out_loss(recovered, checked.dataset.tokens("val"), opts["seq_len"],
                                                     opts["eval_windows"])
     record["recovery"] = {"how": opts["recover"], "tokens": result.tokens, "steps": result.steps,
-                          "flops": result.flops, "flops_teacher": result.flops_teacher, "wall_s": result.wall_s,
-                          "val_loss": result.val_loss}
+                          "flops": result.flops, "flops_attn": result.flops_attn, "flops_teacher": result.flops_teacher,
+                          "wall_s": result.wall_s, "val_loss": result.val_loss, "train_loss": result.train_loss,
+                          "max_lr": tcfg.max_lr, "spikes": result.spikes, "rollbacks": result.rollbacks}
     return record
 
 
@@ -332,3 +346,100 @@ def format_record(record: dict) -> str:
                      + (f" + teacher {r['flops_teacher']:.3g}" if r["flops_teacher"] else "")
                      + f", {r['wall_s']:.0f} s")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# A family built downward (direction: shrink)
+# --------------------------------------------------------------------------------------------
+
+SHRINK_MODE = "shrink"
+
+
+def build_shrink_mode(job: FamilyRun, ledger: Ledger, published: Callable[[str, MemberEntry, bool], Ledger]) -> Ledger:
+    """Build (or skip, when done) every member of the shrink mode, the largest first: it trains
+    as a stage on its D(N); each smaller one is pruned from its source (the member above, or
+    the largest: shrink.from), its AdamW moments too, and recovered on its planned tokens. Its
+    run folder FAMILY/runs/shrink/<member> is a shrink output (shrink.json, importance.json,
+    pruned/, recovery/); the member is published to FAMILY/shrink/<member>. Returns the ledger,
+    written after each member; published(mode, entry, trained) as run_family's."""
+    plan = job.plan
+    entries = {m.name: m for m in ledger.members(SHRINK_MODE)}
+    for i in range(len(plan.stages) - 1, -1, -1):
+        stage = plan.stages[i]
+        if stage.name in entries and entries[stage.name].done:
+            job.log(f"[{SHRINK_MODE}] {stage.name}: done (val loss {loss(entries[stage.name].val_loss)})")
+            ledger = published(SHRINK_MODE, entries[stage.name], False)
+            continue
+        entry = build_stage(job, SHRINK_MODE, i, []) if i == len(plan.stages) - 1 else _shrunk_member(job, i, entries)
+        entries[stage.name] = entry
+        ledger.modes[SHRINK_MODE] = [entries[s.name] for s in plan.stages if s.name in entries]
+        write_ledger(job.out_dir, ledger)
+        ledger = published(SHRINK_MODE, entry, True)
+        entries = {m.name: m for m in ledger.members(SHRINK_MODE)}
+    return ledger
+
+
+def _source(job: FamilyRun, index: int) -> Path:
+    """Where member `index` of the shrink mode is pruned from: its final checkpoint (weights and
+    AdamW moments), or its published directory when the run holds none."""
+    directory, stage = FamilyDirectory(job.out_dir), job.plan.stages[index]
+    checkpoint = latest_checkpoint(directory.training_run(SHRINK_MODE, stage.name, index < len(job.plan.stages) - 1))
+    return checkpoint if checkpoint is not None else directory.member(SHRINK_MODE, stage.name)
+
+
+def shrink_step_options(job: FamilyRun, index: int) -> ShrinkOptions:
+    """The ShrinkOptions of member `index`: the family's shrink section, the stage's seq_len,
+    batch and learning rates (× shrink.lr), its planned recovery tokens and the train section."""
+    section, stage = job.family.shrink, job.plan.stages[index]
+    return ShrinkOptions(width=section.width, depth=section.depth, calibration=section.calibration,
+                         seq_len=stage.seq_len, recover=section.recover, tokens=max(1, round(stage.tokens_shrink)),
+                         train={**job.family.train.given, "batch_size": stage.batch_size,
+                                "max_lr": stage.max_lr * section.lr, "min_lr": stage.min_lr * section.lr},
+                         seed=job.family.growth.seed)
+
+
+def member_shape(cfg: ModelConfig) -> str:
+    """`cfg`'s shape as `--to FIELD=N,...`."""
+    return ",".join(f"{k}={getattr(cfg, k)}" for k in SHAPE_FIELDS)
+
+
+def _shrunk_member(job: FamilyRun, index: int, entries: dict[str, MemberEntry]) -> MemberEntry:
+    """Prune, recover and publish member `index`; its ledger entry."""
+    plan, directory = job.plan, FamilyDirectory(job.out_dir)
+    stage, teacher = plan.stages[index], plan.stages[job.family.shrink.teacher(index, len(plan.stages))]
+    source, member_dir = _source(job, teacher.index - 1), directory.member(SHRINK_MODE, stage.name)
+    job.log(f"[{SHRINK_MODE}] pruning {teacher.name} -> {stage.name}, recovering on {stage.tokens_shrink:,.0f} tokens "
+            f"({job.family.shrink.recover})")
+    start = time.perf_counter()
+    record = shrink_directory(str(source), member_shape(job.family.members[index]), job.data,
+                              str(directory.run(SHRINK_MODE, stage.name)), shrink_step_options(job, index),
+                              log=job.log, owned=True, model_dir=member_dir)
+    rec, held_out = record["recovery"], record["held_out"]
+    job.log(f"[{SHRINK_MODE}] {stage.name}: held-out loss pruned {held_out['pruned']:.4f} -> recovered "
+            f"{held_out['recovered']:.4f}; val loss {loss(rec['val_loss'])}")
+    return MemberEntry(
+        name=stage.name, dir=str(member_dir), config=resolve_config(member_dir).replace(name=stage.name).to_dict(),
+        params=stage.params, nonembedding_params=stage.nonembedding_params, total_params=stage.total_params,
+        tokens=rec["tokens"], planned_tokens=stage.tokens_shrink, steps=rec["steps"], flops=rec["flops"],
+        flops_attn=rec["flops_attn"], cum_flops=entries[teacher.name].cum_flops + rec["flops"] + rec["flops_teacher"],
+        val_loss=rec["val_loss"], train_loss=rec["train_loss"], max_lr=rec["max_lr"], wall_s=rec["wall_s"],
+        session_wall_s=time.perf_counter() - start, spikes=rec["spikes"], rollbacks=rec["rollbacks"], done=True,
+        distill={"teacher": str(source), "kind": "forward", "weight": 1.0, "flops": rec["flops_teacher"]}
+        if rec["flops_teacher"] else None,
+        shrink={"from": teacher.name, "source": str(source), "width": record["settings"]["width"],
+                "depth": record["settings"]["depth"], "held_out": held_out, "kept": record["kept"],
+                "params": record["params"]})
+
+
+def check_shrink_family(family: FamilyConfig) -> None:
+    """ConfigError, before any work, for a pruning step the family's shapes cannot take (each
+    member against its source), or a world of several processes (not built yet)."""
+    if rank_and_world()[1] > 1:
+        raise ConfigError("direction: shrink runs in one process for now; start it without torchrun")
+    members, section = family.members, family.shrink
+    for i in range(len(members) - 1):
+        source = members[section.teacher(i, len(members))]
+        try:
+            select(random_importance(source), source, target_config(source, member_shape(members[i])), section.depth)
+        except ConfigError as err:
+            raise ConfigError(f"shrink {source.name} -> {members[i].name}: {err}") from None

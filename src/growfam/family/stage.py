@@ -200,7 +200,8 @@ def build_stage(job: FamilyRun, mode: str, i: int, members: list[MemberEntry]) -
     member (rank 0) and return its ledger entry. members: the mode's finished members before it."""
     plan, growth, out_dir, log = job.plan, job.growth, job.out_dir, job.log
     stage = plan.stages[i]
-    tokens = stage.tokens_independent if mode == "independent" else _progressive_tokens(plan, i, members)
+    tokens = {"independent": stage.tokens_independent, "shrink": stage.tokens_shrink}.get(mode) \
+        or _progressive_tokens(plan, i, members)
     tcfg = stage_train_config(job.family, plan, i, mode, job.data, out_dir, tokens, job.fixed_data)
     run_dir = Path(tcfg.out_dir)
     growth_report = FamilyDirectory(out_dir).growth_report(mode, stage.name)

@@ -15,7 +15,9 @@ operators), growth (a plan applied to named tensors), masks (the masked ramp, as
 `expand_from`), directories (`expand_directories`: `growfam expand` on saved models), config
 (GrowthConfig, the family YAML's `growth:` section). The inverse, shrinking: prune (PruneMaps,
 `prune`: slice a model down to kept channels, GQA groups, neurons and layers), importance
-(activation, magnitude and random importance; `select`: the PruneMaps for a smaller shape).
+(activation, magnitude and random importance, `measure` by rule name; `select`: the PruneMaps
+for a smaller shape), optim's `prune_adamw` (the moments sliced alike). `growfam shrink`, which
+trains as well, is family/shrink.py.
 
 grow/ may import the top-level helpers and model/; nothing of data/, train/, growfam.config or
 family/.
@@ -27,8 +29,8 @@ from growfam.grow.expansion import expand
 from growfam.grow.growth import GrowthPlan
 from growfam.grow.masks import MaskState, advance_masks, fold_masks, mask_state
 from growfam.grow.multi import COMBINE_MODES, combined_config, expand_from
-from growfam.grow.importance import (Importance, activation_importance, magnitude_importance, random_importance,
-                                     select)
+from growfam.grow.importance import (DEPTH_RULES, WIDTH_RULES, Importance, activation_importance,
+                                     magnitude_importance, measure, random_importance, select)
 from growfam.grow.optim import OPTIMIZER_MODES, prune_adamw
 from growfam.grow.prune import PruneMaps, prune
 from growfam.grow.report import GrowthReport
@@ -36,10 +38,13 @@ from growfam.grow.width import WIDTH_OPS
 
 __all__ = [
     "COMBINE_MODES",
+    "DEPTH_RULES",
+    "WIDTH_RULES",
     "Importance",
     "PruneMaps",
     "activation_importance",
     "magnitude_importance",
+    "measure",
     "prune",
     "prune_adamw",
     "random_importance",

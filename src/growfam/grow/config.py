@@ -1,6 +1,7 @@
 """The family YAML's `growth:` section (GrowthConfig): which operators grow each member into the
-next, what happens to AdamW's moments, and when growth happens. Imports checks, errors and the
-operator registries of grow/."""
+next, what happens to AdamW's moments, and when growth happens; and its `shrink:` section
+(ShrinkConfig) for a family built downward. Imports checks, errors and the operator and rule
+registries of grow/."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from growfam.checks import Section, as_choice, as_int, as_number
 from growfam.errors import ConfigError
 from growfam.grow.depth import DEPTH_OPS
 from growfam.grow.growth import DEFAULT_DEPTH, DEFAULT_WIDTH, lookup
+from growfam.grow.importance import DEPTH_RULES, WIDTH_RULES
 from growfam.grow.optim import OPTIMIZER_MODES
 from growfam.grow.width import WIDTH_OPS
 
@@ -54,3 +56,54 @@ class GrowthConfig(Section):
             raise ConfigError(f"growth: {err}") from None
         if self.window < 2:
             raise ConfigError("growth.window must be at least 2 evaluations")
+
+
+#: How a pruned member is recovered: distillation from its source, or cross-entropy.
+RECOVERY = ("kd", "ce", "none")
+
+
+@dataclass
+class ShrinkConfig(Section):
+    """The `shrink:` section of a family built downward (`direction: shrink`).
+
+    from (`source` here): each smaller member is pruned from the member above it ("previous",
+    iterative, as Model Optimizer advises for cuts over 50%) or from the largest ("largest").
+    width / depth: importance rule and depth rule (grow.importance). calibration: windows of
+    the stage's seq_len, one at a time. recover: "kd" (distillation from the source) or "ce".
+    tokens: each recovery's tokens as a share of the member's from-scratch budget D(N_i). lr:
+    the recovery's peak and floor learning rates as a multiple of the stage's.
+    """
+
+    key: ClassVar[str] = "shrink"
+    source: str = "previous"
+    width: str = "importance"
+    depth: str = "contiguous"
+    calibration: int = 1024
+    recover: str = "kd"
+    tokens: float = 0.1
+    lr: float = 1.0
+
+    def __post_init__(self) -> None:
+        as_choice(self.source, ("previous", "largest"), "shrink.from")
+        as_choice(self.width, WIDTH_RULES, "shrink.width")
+        as_choice(self.depth, DEPTH_RULES, "shrink.depth")
+        as_choice(self.recover, RECOVERY[:2], "shrink.recover")
+        self.calibration = as_int(self.calibration, "shrink.calibration", at_least=1)
+        self.tokens = as_number(self.tokens, "shrink.tokens", above=0)
+        self.lr = as_number(self.lr, "shrink.lr", above=0)
+
+    @classmethod
+    def from_dict(cls, data):
+        """The YAML's `from` is the field `source` (`from` is a Python keyword)."""
+        data = {} if data is None else dict(data) if isinstance(data, dict) else data
+        if isinstance(data, dict) and "from" in data:
+            data["source"] = data.pop("from")
+        return super().from_dict(data)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        return {"from": out.pop("source"), **out}
+
+    def teacher(self, index: int, count: int) -> int:
+        """The stage (0-based) member `index` of `count` is pruned from and learns from."""
+        return index + 1 if self.source == "previous" else count - 1

@@ -31,13 +31,11 @@ from growfam import __version__
 from growfam.checks import as_int, as_number
 from growfam.errors import ConfigError, GrowfamError
 from growfam.eval.consistency import chunk_divergence
+from growfam.family.directory import mode_pairs
 from growfam.family.members import LoadedMembers, Member, Target
 from growfam.family.ledger import SpeculativeSection, read_ledger, write_ledger
 from growfam.infer.generate import Generation, generate, speculative_generate
 
-PROG, IND = "progressive", "independent"
-#: (draft mode, target mode) in Table 5's order.
-COMBINATIONS = ((PROG, PROG), (IND, PROG), (IND, IND), (PROG, IND))
 
 
 def _log(message: str) -> None:
@@ -78,7 +76,7 @@ class SpeculateOptions:
 
 def speculative_pairs(target: Target, pairs: str = "adjacent") -> list[tuple[Member, Member]]:
     """(draft, target) members: for each target size, each smaller draft size (the next
-    smaller one only with pairs="adjacent"), in the COMBINATIONS of modes whose two members
+    smaller one only with pairs="adjacent"), in the mode pairs (family.directory.mode_pairs) whose two members
     are both finished. Sizes are ordered as the family's plan lists them (as the ledger lists the
     members when the plan names none)."""
     stages = target.ledger.stage_names
@@ -86,7 +84,7 @@ def speculative_pairs(target: Target, pairs: str = "adjacent") -> list[tuple[Mem
     out = []
     for j, large in enumerate(stages):
         for small in stages[j - 1:j] if pairs == "adjacent" else stages[:j]:
-            out += [(found[dm, small], found[tm, large]) for dm, tm in COMBINATIONS
+            out += [(found[dm, small], found[tm, large]) for dm, tm in mode_pairs(target.ledger.built_mode)
                     if (dm, small) in found and (tm, large) in found]
     return out
 
@@ -207,7 +205,7 @@ def _speculate_rows(pairs, opts: SpeculateOptions, decode, model: LoadedMembers,
 
 
 def _short(mode: str) -> str:
-    return {PROG: "prog", IND: "ind"}.get(mode, mode)
+    return {"progressive": "prog", "independent": "ind"}.get(mode, mode)
 
 
 def format_speculative(section: dict) -> str:

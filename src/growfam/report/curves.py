@@ -7,6 +7,8 @@ A progressive stage starts where the earlier stages ended: its FLOPs are offset 
 cumulative FLOPs, and its curve begins at the growth point, whose loss is the previous
 member's final validation loss plus what the expansion changed on the probe batch (the growth
 report's Δloss; the probe batch is validation tokens too). An independent member starts at 0.
+A member of a family built downward (mode shrink) starts where its source's chain ended: its
+recovery run is offset by the FLOPs spent to have its source.
 A resumed or rolled-back run logged some steps twice: the later records replace the earlier.
 """
 
@@ -85,8 +87,10 @@ def member_curves(family_dir: Path, ledger: Ledger, mode: str) -> tuple[list[Mem
         if not entry.done:
             missing.append(f"{mode}/{entry.name} has not finished")
             break
-        spent = entry.cum_flops if mode == "progressive" else spent + entry.spent_flops
-        path = FamilyDirectory(family_dir).run(mode, entry.name) / METRICS
+        spent = entry.cum_flops if mode != "independent" else spent + entry.spent_flops
+        if mode == "shrink":  # a pruned member's run starts where its source's chain ended
+            offset = entry.cum_flops - entry.spent_flops
+        path = FamilyDirectory(family_dir).training_run(mode, entry.name, entry.shrink is not None) / METRICS
         steps = entry.steps
         if not path.is_file():
             missing.append(f"{mode}/{entry.name}: no {path.relative_to(family_dir)}")

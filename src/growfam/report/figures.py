@@ -24,7 +24,8 @@ from growfam.report.equal_flops import EqualLoss
 from growfam.text import si
 
 DPI = 110
-_STYLE = {"progressive": dict(linestyle="-", marker="o"), "independent": dict(linestyle="--", marker="s")}
+_STYLE = {"progressive": dict(linestyle="-", marker="o"), "independent": dict(linestyle="--", marker="s"),
+          "shrink": dict(linestyle=":", marker="^")}
 _FLOPS_LABEL = "cumulative training FLOPs (6ND)"
 
 
@@ -102,7 +103,7 @@ def training_curves(label: str, by_mode: dict[str, list[MemberCurve]], path: Pat
     rows = max(1, math.ceil(len(names) / cols))
     fig = Figure(figsize=(5 * cols, 3.4 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    mode_colour = {"progressive": "tab:blue", "independent": "tab:orange"}
+    mode_colour = {"progressive": "tab:blue", "independent": "tab:orange", "shrink": "tab:green"}
     for ax, name in zip(axes, names):
         for mode, colour in mode_colour.items():
             curve = next((c for c in by_mode.get(mode, []) if c.name == name), None)

@@ -62,9 +62,10 @@ def _build_command(source: FamilySource, mode: str) -> str:
         f" (`{source.name}` or the family's YAML)"
 
 
-def _no_curves(source: FamilySource, modes: Sequence[str] = ("progressive", "independent")) -> str:
-    """Why `modes` have no curve to draw: not built (and the command that builds them), or their
-    runs' metrics are gone."""
+def _no_curves(source: FamilySource, modes: Sequence[str] | None = None) -> str:
+    """Why `modes` (default: the built mode and independent) have no curve to draw: not built
+    (and the command that builds them), or their runs' metrics are gone."""
+    modes = modes or (source.built, "independent")
     unbuilt = [m for m in modes if not source.members(m)]
     if unbuilt:
         mode = unbuilt[0] if len(unbuilt) == 1 else "both"
@@ -78,8 +79,8 @@ def _no_curves(source: FamilySource, modes: Sequence[str] = ("progressive", "ind
 
 
 def _largest(source: FamilySource) -> tuple[MemberEntry | None, MemberEntry | None]:
-    """The largest member's ledger entries (progressive, independent); None where it is missing."""
-    prog, ind = source.members("progressive"), source.members("independent")
+    """The largest member's ledger entries (built mode, independent); None where it is missing."""
+    prog, ind = source.members(source.built), source.members("independent")
     name = (prog or ind)[-1].name if (prog or ind) else None
 
     def find(members):
@@ -98,10 +99,10 @@ def _saved(totals: tuple[float, float]) -> str:
     return f"{100 * (1 - totals[0] / totals[1]):.1f}%"
 
 
-def equal_loss_text(r) -> str:
+def equal_loss_text(r, built: str = "progressive") -> str:
     """An EqualLoss in words: where the loss was reached and the saving, or the gap."""
     if r.saving is None:
-        return f"not reached (the progressive member ended {r.gap:+.4f} nats above it)"
+        return f"not reached (the {built} member ended {r.gap:+.4f} nats above it)"
     return (f"{sci(r.progressive_flops)} FLOPs, {100 * r.saving:.1f}% fewer than the independent family's "
             f"{sci(r.independent_flops)} ({100 * r.saving_at_end:.1f}% had it taken the whole stage)")
 
@@ -111,15 +112,15 @@ def headline(source: FamilySource) -> list[str]:
     both modes, and its FLOPs to equal loss."""
     lines = []
     if (totals := family_flops(source.ledger)) is not None:
-        lines.append(f"family FLOPs (6ND): progressive {sci(totals[0])}, independent {sci(totals[1])} "
+        lines.append(f"family FLOPs (6ND): {source.built} {sci(totals[0])}, independent {sci(totals[1])} "
                      f"({_saved(totals)} saved)")
     prog, ind = _largest(source)
     if prog is not None and ind is not None and prog.val_loss is not None and ind.val_loss is not None:
-        lines.append(f"{prog.name} val loss: progressive {loss(prog.val_loss)}, independent "
+        lines.append(f"{prog.name} val loss: {source.built} {loss(prog.val_loss)}, independent "
                      f"{loss(ind.val_loss)} (Δ {prog.val_loss - ind.val_loss:+.4f})")
     if (r := _largest_equal_loss(source)) is not None:
         lines.append(f"{r.member} FLOPs to equal loss (the independent {r.member}'s final val loss "
-                     f"{loss(r.target_loss)}): {equal_loss_text(r)}")
+                     f"{loss(r.target_loss)}): {equal_loss_text(r, source.built)}")
     return lines or ["no member built in both modes yet: " + _build_command(source, "both")]
 
 
@@ -129,16 +130,18 @@ def _lr_text(lr: dict) -> str:
     return f"{lr.get('policy', '?')} {lr.get('max', '')}"
 
 
-_SIDE_BY_SIDE = ("family", "growth", "max LR", "family FLOPs progressive", "family FLOPs independent",
-                 "family FLOPs saved", "largest member", "its val loss, progressive", "its val loss, independent",
+_SIDE_BY_SIDE = ("family", "built", "growth or pruning", "max LR", "family FLOPs, built", "family FLOPs independent",
+                 "family FLOPs saved", "largest member", "its val loss, built", "its val loss, independent",
                  "its FLOPs to equal loss")
 
 
 def _headline_cells(source: FamilySource) -> list[str]:
     """One family's column of the side-by-side table, in _SIDE_BY_SIDE's order."""
     totals, (prog, ind), r = family_flops(source.ledger), _largest(source), _largest_equal_loss(source)
-    growth = source.ledger.growth
-    return [source.name, f"{growth.get('width')} / {growth.get('depth')}",
+    growth, shrink = source.ledger.growth, source.ledger.plan.get("shrink") or {}
+    how = f"{shrink.get('width')} / {shrink.get('depth')}, from {shrink.get('from')}, {shrink.get('recover')}" \
+        if source.built == "shrink" else f"{growth.get('width')} / {growth.get('depth')}"
+    return [source.name, source.built, how,
             _lr_text(source.ledger.plan.get("lr", {})),
             *((sci(totals[0]), sci(totals[1]), _saved(totals)) if totals else ("-",) * 3),
             (prog or ind).name if (prog or ind) else "-", loss(prog and prog.val_loss), loss(ind and ind.val_loss),
@@ -173,28 +176,57 @@ def _figure2(source: FamilySource, figures: dict, h: str) -> list[str]:
     if "figure2" not in figures:
         return out + [_no_curves(source), ""]
     out += [f"![Figure 2]({figures['figure2']})", "", FIGURE2_CAPTION, ""]
+    if source.built == "shrink":
+        out += [SHRINK_CAPTION, ""]
     if source.missing:
         out += ["Not drawn: " + "; ".join(source.missing) + ".", ""]
     return out
 
 
+SHRINK_CAPTION = (
+    "This family is built downward: its largest member trains from scratch and each smaller one is "
+    "pruned from a larger member, then recovered; its curves (dotted) are the largest's run and each "
+    "recovery run, drawn from the FLOPs spent to have its source (the largest's training and the "
+    "recoveries before it, teachers' forward passes included).")
+
+
+def _pruning(source: FamilySource, h: str) -> list[str]:
+    """A shrink family's pruning steps: source, rules, held-out loss before, after pruning and
+    after recovery, parameters kept."""
+    out = [f"{h} Pruning steps", ""]
+    steps = [m for m in source.members("shrink") if m.shrink is not None]
+    if not steps:
+        return out + ["No pruning recorded yet: " + _build_command(source, "shrink") + ".", ""]
+    rows = [["step", "width / depth", "source held-out", "pruned", "recovered", "recovery tokens",
+             "non-embedding kept"]]
+    for m in steps:
+        p, held = m.shrink.get("params", {}), m.shrink.get("held_out", {})
+        kept = p.get("pruned_nonembedding", 0) / p["source_nonembedding"] if p.get("source_nonembedding") else None
+        rows.append([f"{m.shrink.get('from')} -> {m.name}", f"{m.shrink.get('width')} / {m.shrink.get('depth')}",
+                     loss(held.get("source")), loss(held.get("pruned")), loss(held.get("recovered")),
+                     f"{m.tokens:,.0f}", "-" if kept is None else f"{kept:.1%}"])
+    return out + markdown_table(rows) + [
+        "", "Held-out losses on the same validation windows (`growfam shrink`'s measure, the recovery's "
+        "sequence length): the source, the member right after pruning, and after its recovery.", ""]
+
+
 def _equal_flops(source: FamilySource, figures: dict, h: str) -> list[str]:
     out = [f"{h} FLOPs to equal loss", ""]
     if "equal_flops" not in figures:
-        for mode in ("progressive", "independent"):
+        for mode in (source.built, "independent"):
             if not source.curves.get(mode):
                 return out + ["Needs both modes. " + _no_curves(source, [mode]), ""]
         return out + ["No member has validation losses in both modes (does the dataset have a validation "
                       "split?).", ""]
     results = source.equal_loss()
     out += [f"![FLOPs to equal loss]({figures['equal_flops']})", "",
-            "For each member: the cumulative FLOPs at which the progressive curve (its stage, from its "
-            "growth point) first reaches the independent member's final validation loss, interpolated "
+            f"For each member: the cumulative FLOPs at which the {source.built} curve (its stage, from its "
+            "start) first reaches the independent member's final validation loss, interpolated "
             "linearly between evaluations, against the FLOPs the independent family spends up to that "
             "member. The paper reports 26% fewer at 2x Chinchilla, 31% with the max-LR adjustment. "
             "The black tick (last column) is the saving had the loss been reached only at the end of "
             "the stage (the plan's saving through that member).", ""]
-    rows = [["member", "independent final val loss", "independent family FLOPs", "progressive FLOPs to reach it",
+    rows = [["member", "independent final val loss", "independent family FLOPs", f"{source.built} FLOPs to reach it",
              "fewer FLOPs", "at the end of the stage"]]
     for r in results:
         reached = sci(r.progressive_flops) if r.saving is not None else f"not reached (gap {r.gap:+.4f} nats)"
@@ -204,20 +236,20 @@ def _equal_flops(source: FamilySource, figures: dict, h: str) -> list[str]:
 
 
 def _tables_1_2(source: FamilySource, h: str) -> list[str]:
-    out = [f"{h} Tables 1/2: members, progressive vs independent", ""]
+    out = [f"{h} Tables 1/2: members, {source.built} vs independent", ""]
     out += markdown_table(comparison_rows(source.ledger)) + [""]
     if (totals := family_flops(source.ledger)) is not None:
-        out += [f"Family FLOPs (6ND): progressive {sci(totals[0])}, independent {sci(totals[1])}, "
-                f"{_saved(totals)} saved. Δ = progressive − independent.", ""]
+        out += [f"Family FLOPs (6ND): {source.built} {sci(totals[0])}, independent {sci(totals[1])}, "
+                f"{_saved(totals)} saved. Δ = {source.built} − independent.", ""]
     records = [{"name": m.name, "mode": mode, "eval": m.eval.to_json()}
-               for mode in ("progressive", "independent") for m in source.members(mode) if m.eval is not None]
+               for mode in (source.built, "independent") for m in source.members(mode) if m.eval is not None]
     if not records:
         return out + ["No evaluation recorded (perplexity, zero-shot tasks): "
                       + _run("eval DIR", source) + " (`--limit 50` for a quick look).", ""]
     out += markdown_table(eval_rows(records)) + [""]
     if (note := eval_note(records)) is not None:
         out += [note + ".", ""]
-    lacking = [f"{mode}/{m.name}" for mode in ("progressive", "independent") for m in source.members(mode)
+    lacking = [f"{mode}/{m.name}" for mode in (source.built, "independent") for m in source.members(mode)
                if m.done and m.eval is None]
     if lacking:
         out += [f"Not evaluated: {', '.join(lacking)}; " + _run("eval DIR", source) + ".", ""]
@@ -274,6 +306,8 @@ def _plan(source: FamilySource, h: str) -> list[str]:
 
 
 def _growth(source: FamilySource, h: str) -> list[str]:
+    if source.built == "shrink":
+        return _pruning(source, h)
     out = [f"{h} Growth steps", ""]
     steps = [m for m in source.members("progressive") if m.growth is not None]
     if not steps:

@@ -39,8 +39,13 @@ class FamilySource:
     def members(self, mode: str) -> list[MemberEntry]:
         return self.ledger.members(mode)
 
+    @property
+    def built(self) -> str:
+        """The mode compared with independent: progressive, or shrink (a family built downward)."""
+        return self.ledger.built_mode
+
     def equal_loss(self) -> list[EqualLoss]:
-        return flops_to_equal_loss(self.curves.get("progressive", []), self.curves.get("independent", []))
+        return flops_to_equal_loss(self.curves.get(self.built, []), self.curves.get("independent", []))
 
     def protected(self) -> list[Path]:
         """What a report must never write over or into: the ledger, the members, the runs and

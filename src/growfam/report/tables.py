@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from growfam.config import CHINCHILLA_TOKENS_PER_PARAM, FamilyConfig
+from growfam.family.directory import mode_pairs
 from growfam.family.ledger import Ledger
 from growfam.family.plan import FamilyPlan, GpuHours
 from growfam.model import num_params
@@ -64,12 +65,34 @@ def format_plan(plan: FamilyPlan, peak_tflops: float, mfu: float) -> str:
         lines.append("distilled variants, in each mode (tokens; FLOPs: the student's 6ND + the teacher's forwards):")
         lines += [f"  {v.name} from {v.teacher}: {si(v.tokens)} tokens, {sci(v.flops)} + {sci(v.teacher_flops)}"
                   for v in plan.variants]
+    if plan.flops_shrink is not None:
+        lines += ["", *_shrink_lines(plan)]
     if plan.given is not None:
         g = plan.given
         lines.append(f"given: {g.name} is start_from {family.start_from}; its {si(g.given_tokens)} tokens "
                      f"({sci(g.given_flops)} FLOPs) from scratch are not spent by the family (columns "
                      "tokens, steps, FLOPs), but counted in the cumulative ones (Eq. 4)")
     return "\n".join(lines)
+
+
+def _shrink_lines(plan: FamilyPlan) -> list[str]:
+    """A shrink family's budgets: the largest trained, the others pruned and recovered."""
+    section, stages = plan.family.shrink, plan.stages
+    source = "the member above it" if section.source == "previous" else f"{stages[-1].name}"
+    how = "distillation from it" if section.recover == "kd" else "cross-entropy"
+    rows = [["stage", "tokens", "steps", "FLOPs 6ND", "teacher", "cumulative", "from"]]
+    for i, st in enumerate(stages):
+        rows.append([st.name, si(st.tokens_shrink), str(st.steps_shrink), sci(st.flops_shrink),
+                     sci(st.teacher_flops_shrink), sci(st.cum_flops_shrink),
+                     "trained" if i == len(stages) - 1 else stages[section.teacher(i, len(stages))].name])
+    rows.append(["total", si(sum(st.tokens_shrink for st in stages)), str(sum(st.steps_shrink for st in stages)),
+                 sci(sum(st.flops_shrink for st in stages)), sci(sum(st.teacher_flops_shrink for st in stages)),
+                 sci(plan.flops_shrink), ""])
+    return [f"direction shrink: {stages[-1].name} trains on its D(N); each smaller member is pruned from {source} "
+            f"({section.width} scores, {section.depth} depth) and recovered by {how} on "
+            f"{section.tokens:g} x its D(N):", *text_table(rows),
+            f"shrink family: {sci(plan.flops_shrink)} FLOPs in all, {100 * (1 - plan.flops_shrink / plan.flops_independent):.1f}% "
+            f"less than independent, {plan.flops_shrink / (plan.flops_progressive + plan.teacher_flops):.2f}x progressive"]
 
 
 def format_memory(family: FamilyConfig, gpus: int, micro_batch: int, checkpoint_every: int,
@@ -102,45 +125,51 @@ def format_memory(family: FamilyConfig, gpus: int, micro_batch: int, checkpoint_
 
 def comparison_rows(ledger: Ledger) -> list[list[str]]:
     """Per member (a header, then a row each): parameters, tokens, validation loss and FLOPs,
-    Progressive vs Independent, and Δ val = progressive − independent."""
-    prog, ind = ledger.members("progressive"), ledger.members("independent")
+    the family's built mode (Progressive, or Shrink) vs Independent, and Δ val = built −
+    independent. A shrink member's FLOPs count its recovery's teacher and its source's chain."""
+    built = ledger.built_mode
+    prog, ind = ledger.members(built), ledger.members("independent")
+    short_name = _SHORT_MODE[built]
     names = [m.name for m in (prog if len(prog) >= len(ind) else ind)]
-    rows = [["member", "params", "tokens prog", "tokens ind", "val prog", "val ind", "Δ val",
-             "FLOPs prog (cum)", "FLOPs ind"]]
+    rows = [["member", "params", f"tokens {short_name}", "tokens ind", f"val {short_name}", "val ind", "Δ val",
+             f"FLOPs {short_name} (cum)", "FLOPs ind"]]
 
-    def get(members, i, key):
-        return getattr(members[i], key) if i < len(members) else None
+    def get(members, name, key):
+        entry = next((m for m in members if m.name == name), None)
+        return getattr(entry, key) if entry is not None else None
 
-    for i, name in enumerate(names):
-        vp, vi = get(prog, i, "val_loss"), get(ind, i, "val_loss")
-        params = get(prog, i, "params") or get(ind, i, "params")
+    for name in names:
+        vp, vi = get(prog, name, "val_loss"), get(ind, name, "val_loss")
+        params = get(prog, name, "params") or get(ind, name, "params")
         rows.append([
-            name, si(params), si(get(prog, i, "tokens")), si(get(ind, i, "tokens")),
+            name, si(params), si(get(prog, name, "tokens")), si(get(ind, name, "tokens")),
             loss(vp), loss(vi), f"{vp - vi:+.4f}" if vp is not None and vi is not None else "-",
-            short(get(prog, i, "cum_flops")), short(get(ind, i, "spent_flops")),
+            short(get(prog, name, "cum_flops")), short(get(ind, name, "spent_flops")),
         ])
     return rows
 
 
 def family_flops(ledger: Ledger) -> tuple[float, float] | None:
-    """(progressive, independent) FLOPs of the whole family (6ND), when both modes have every
-    member and the independent total is positive; else None."""
-    prog, ind = ledger.members("progressive"), ledger.members("independent")
+    """(built, independent) FLOPs of the whole family (6ND; a shrink family's recoveries with
+    their teachers), when both modes have every member and the independent total is positive;
+    else None."""
+    prog, ind = ledger.members(ledger.built_mode), ledger.members("independent")
     total_i = sum(m.spent_flops for m in ind)
     if prog and ind and len(prog) == len(ind) and total_i > 0:
-        return prog[-1].cum_flops, total_i
+        return (prog[-1].cum_flops if ledger.built_mode == "progressive" else sum(m.spent_flops for m in prog)), total_i
     return None
 
 
 def format_comparison(ledger: Ledger) -> str:
-    """Per member: validation loss and FLOPs, Progressive vs Independent, and the family saving."""
+    """Per member: validation loss and FLOPs, the built mode vs Independent, and the family saving."""
     lines = text_table(comparison_rows(ledger))
     totals = family_flops(ledger)
     if totals is not None:
         total_p, total_i = totals
-        wall = [sum(m.wall_s for m in ledger.members(mode)) for mode in ("progressive", "independent")]
+        built = ledger.built_mode
+        wall = [sum(m.wall_s for m in ledger.members(mode)) for mode in (built, "independent")]
         lines.append("")
-        lines.append(f"family FLOPs (6ND): progressive {total_p:.3g}, independent {total_i:.3g} — "
+        lines.append(f"family FLOPs (6ND): {built} {total_p:.3g}, independent {total_i:.3g} — "
                      f"{1 - total_p / total_i:.1%} saved; wall time {wall[0]:.0f} s vs {wall[1]:.0f} s")
     return "\n".join(lines)
 
@@ -148,10 +177,7 @@ def format_comparison(ledger: Ledger) -> str:
 # Speculative decoding (paper Table 5), from the ledger's `speculative` section
 # --------------------------------------------------------------------------------------------
 
-#: (draft mode, target mode) columns of Table 5, in the paper's order.
-SPECULATIVE_COMBOS = (("progressive", "progressive"), ("independent", "progressive"),
-                      ("independent", "independent"), ("progressive", "independent"))
-_SHORT_MODE = {"progressive": "prog", "independent": "ind"}
+_SHORT_MODE = {"progressive": "prog", "independent": "ind", "shrink": "shrink"}
 
 
 def speculative_rows(rows: list[dict], temperature: float) -> tuple[list[list[str]], list]:
@@ -160,14 +186,15 @@ def speculative_rows(rows: list[dict], temperature: float) -> tuple[list[list[st
     (tokens/s against the target decoding alone). rows: the section's `rows`."""
     here = [r for r in rows if r["temperature"] == temperature]
     pairs = list(dict.fromkeys((r["draft"], r["target"]) for r in here))
+    combos = mode_pairs("shrink" if any("shrink" in (r["draft_mode"], r["target_mode"]) for r in rows) else "progressive")
     header, groups = ["draft -> target"], []
-    for draft_mode, target_mode in SPECULATIVE_COMBOS:
+    for draft_mode, target_mode in combos:
         groups.append((len(header), len(header) + 1, f"{_SHORT_MODE[draft_mode]}→{_SHORT_MODE[target_mode]}"))
         header += ["accept", "speed-up"]
     table = [header]
     for draft, target in pairs:
         line = [f"{draft} -> {target}"]
-        for draft_mode, target_mode in SPECULATIVE_COMBOS:
+        for draft_mode, target_mode in combos:
             row = next((r for r in here if (r["draft"], r["target"], r["draft_mode"], r["target_mode"])
                         == (draft, target, draft_mode, target_mode)), None)
             line += ["-", "-"] if row is None else [f"{row['acceptance']:.3f}", f"{row['speedup']:.2f}×"]
