@@ -13,6 +13,7 @@ from growfam.data import prepare
 from growfam.errors import ConfigError
 from growfam.family import make_plan, run_family
 from growfam.model import load_pretrained
+from growfam.text import sci
 
 TEXT = [f"Document {i}: the {'quick brown fox' if i % 2 else 'lazy dog'} number {i * 7} "
         f"jumps over {i % 5} fences and lands in field {i % 11}. " * 3 for i in range(300)]
@@ -79,6 +80,14 @@ def test_a_shrink_family_builds_downward_and_a_rerun_skips_it(dataset, tmp_path,
                  str(tmp_path / "fam")]) == 0
     out = capsys.readouterr().out
     assert "pruning" not in out and "[shrink] s: done" in out
+    # the commands that read a family follow its direction
+    assert main(["consistency", str(tmp_path / "fam"), "--windows", "4"]) == 0
+    table = capsys.readouterr().out
+    assert "shrink" in table and "s -> m" in table and "m -> l" in table
+    assert main(["report", str(tmp_path / "fam"), "--out", str(tmp_path / "report")]) == 0
+    report = (tmp_path / "report" / "REPORT.md").read_text()
+    assert "## Pruning steps" in report and "| l -> m | importance / contiguous |" in report
+    assert f"family FLOPs (6ND): shrink {sci(s['flops'] + m['flops'] + l['flops'] + s['distill']['flops'] + m['distill']['flops'])}" in report
 
 
 def stage_shape(name):

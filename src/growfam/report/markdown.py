@@ -18,7 +18,7 @@ from growfam.text import loss, sci
 from growfam.report.source import FamilySource
 from growfam.report.distillation import VARIANTS_NOTE, inherit_line, variant_rows
 from growfam.report.posttrain import data_lines, length_lines, posttrain_rows
-from growfam.report.tables import comparison_rows, family_flops, plan_rows, speculative_rows
+from growfam.report.tables import built_flops, comparison_rows, family_flops, plan_rows, speculative_rows
 
 #: The figures of one family's sections: figure2, training curves, FLOPs to equal loss.
 FIGURES = {"figure2": "figure2.png", "training": "training-curves.png", "equal_flops": "equal-flops.png",
@@ -121,6 +121,9 @@ def headline(source: FamilySource) -> list[str]:
     if (r := _largest_equal_loss(source)) is not None:
         lines.append(f"{r.member} FLOPs to equal loss (the independent {r.member}'s final val loss "
                      f"{loss(r.target_loss)}): {equal_loss_text(r, source.built)}")
+    if totals is None and (built := built_flops(source.ledger)) is not None:
+        lines.append(f"family FLOPs (6ND): {source.built} {sci(built)} (no independent baseline: "
+                     + _build_command(source, "independent") + ")")
     return lines or ["no member built in both modes yet: " + _build_command(source, "both")]
 
 
@@ -143,7 +146,8 @@ def _headline_cells(source: FamilySource) -> list[str]:
         if source.built == "shrink" else f"{growth.get('width')} / {growth.get('depth')}"
     return [source.name, source.built, how,
             _lr_text(source.ledger.plan.get("lr", {})),
-            *((sci(totals[0]), sci(totals[1]), _saved(totals)) if totals else ("-",) * 3),
+            *((sci(totals[0]), sci(totals[1]), _saved(totals)) if totals
+              else (sci(built) if (built := built_flops(source.ledger)) is not None else "-", "-", "-")),
             (prog or ind).name if (prog or ind) else "-", loss(prog and prog.val_loss), loss(ind and ind.val_loss),
             "-" if r is None else f"{100 * r.saving:.1f}% fewer" if r.saving is not None
             else f"not reached ({r.gap:+.4f} nats)"]

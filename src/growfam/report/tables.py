@@ -149,14 +149,24 @@ def comparison_rows(ledger: Ledger) -> list[list[str]]:
     return rows
 
 
+def built_flops(ledger: Ledger) -> float | None:
+    """FLOPs (6ND) of the family's built mode once every planned member is done: the largest
+    progressive member's cumulative FLOPs, or a shrink family's training and recoveries with
+    their teachers; else None."""
+    members, planned = ledger.members(ledger.built_mode), len(ledger.stage_names)
+    if not members or len(members) < planned or not all(m.done for m in members):
+        return None
+    return members[-1].cum_flops if ledger.built_mode == "progressive" else sum(m.spent_flops for m in members)
+
+
 def family_flops(ledger: Ledger) -> tuple[float, float] | None:
-    """(built, independent) FLOPs of the whole family (6ND; a shrink family's recoveries with
-    their teachers), when both modes have every member and the independent total is positive;
+    """(built, independent) FLOPs of the whole family (built_flops; independent: every member
+    from scratch), when both modes have every member and the independent total is positive;
     else None."""
-    prog, ind = ledger.members(ledger.built_mode), ledger.members("independent")
+    built, ind = built_flops(ledger), ledger.members("independent")
     total_i = sum(m.spent_flops for m in ind)
-    if prog and ind and len(prog) == len(ind) and total_i > 0:
-        return (prog[-1].cum_flops if ledger.built_mode == "progressive" else sum(m.spent_flops for m in prog)), total_i
+    if built is not None and len(ind) == len(ledger.members(ledger.built_mode)) and total_i > 0:
+        return built, total_i
     return None
 
 
