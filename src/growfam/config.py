@@ -150,8 +150,8 @@ class FamilyConfig:
         "shrink" (the largest trained, each smaller member pruned from one above and recovered,
         by the `shrink:` section, against Independent).
     start_from: a Hugging Face model directory (config.json, safetensors weights, tokenizer) that
-        is the first member, given rather than trained; members[0] must have its shape (or be
-        the directory itself). start_from_tokens: tokens to continue training it on (default 0:
+        is the first member (with direction: shrink, the largest), given rather than trained; that
+        member must have its shape (or be the directory itself). start_from_tokens: tokens to continue training it on (default 0:
         published as it is). See family.plan for how its FLOPs are accounted.
     """
 
@@ -178,16 +178,20 @@ class FamilyConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.members, (list, tuple)) or not self.members:
             raise ConfigError("members must be a non-empty list of presets, config paths or configs")
-        raw_first = self.members[0]
+        g = self.given_index
+        raw_given = self.members[g]
         self.members = [_resolve_member(m, i) for i, m in enumerate(self.members)]
         if self.start_from is not None:
             self.start_from = str(self.start_from)
-            self.members[0] = _check_start_from(Path(self.start_from), self.members[0], raw_first)
+            self.members[g] = _check_start_from(Path(self.start_from), self.members[g], raw_given, g)
         # a larger member takes the first's model type, biases, RoPE scaling and window, as its
-        # growth does, so both modes' members share one architecture (a Qwen2 start grows Qwen2s)
-        for i in range(1, len(self.members)):
+        # growth does, so both modes' members share one architecture (a Qwen2 start grows Qwen2s);
+        # built downward, a smaller member takes the largest's, as its pruning does
+        order = range(1, len(self.members)) if self.direction != "shrink" else range(len(self.members) - 2, -1, -1)
+        for i in order:
             try:
-                self.members[i] = carry_over(self.members[i - 1], self.members[i])
+                self.members[i] = carry_over(self.members[i - 1 if self.direction != "shrink" else i + 1],
+                                             self.members[i])
             except ConfigError as err:
                 raise ConfigError(f"members[{i}] ({self.members[i].name}): {err}") from None
         self.start_from_tokens = as_number(self.start_from_tokens or 0, "start_from_tokens", at_least=0)
@@ -256,12 +260,14 @@ class FamilyConfig:
             return
         if not isinstance(self.shrink, ShrinkConfig):
             self.shrink = ShrinkConfig.from_dict(self.shrink)
-        if self.start_from is not None:
-            raise ConfigError("direction: shrink trains its largest member; start_from gives a smallest one "
-                              "(a given largest member is not supported yet)")
         if self.distill.inherit is not None:
             raise ConfigError("distill.inherit teaches grown members; a shrink family's members learn from their "
                               "source through shrink.recover: kd")
+
+    @property
+    def given_index(self) -> int:
+        """The member a start_from directory is: the first (grow), or the largest (shrink)."""
+        return len(self.members) - 1 if self.direction == "shrink" else 0
 
     @property
     def built_mode(self) -> str:
@@ -381,11 +387,11 @@ def _resolve_member(member: Any, index: int) -> ModelConfig:
 _LABELS = ("name", "nominal_params", "init_std")
 
 
-def _check_start_from(path: Path, first: ModelConfig, raw_first: Any) -> ModelConfig:
-    """The first member, checked against the model directory `path` it is given as: the
-    directory holds config.json, safetensors weights and tokenizer files, and its config is
-    `first`'s shape. A first member written as the directory itself and named nowhere (no growfam
-    name in config.json) takes the directory's name."""
+def _check_start_from(path: Path, first: ModelConfig, raw_first: Any, index: int = 0) -> ModelConfig:
+    """members[index] (the first, or a shrink family's largest), checked against the model
+    directory `path` it is given as: the directory holds config.json, safetensors weights and
+    tokenizer files, and its config is the member's shape. A member written as the directory
+    itself and named nowhere (no growfam name in config.json) takes the directory's name."""
     where = f"start_from {path}"
     if not path.is_dir():
         raise ConfigError(f"{where}: no such directory")
@@ -399,8 +405,8 @@ def _check_start_from(path: Path, first: ModelConfig, raw_first: Any) -> ModelCo
     differ = [k for k in theirs if k not in _LABELS and ours.get(k) != theirs[k]]
     if differ:
         shown = ", ".join(f"{k} {theirs[k]} there, {ours.get(k)} here" for k in differ)
-        raise ConfigError(f"{where} is not members[0] ({first.name}): {shown} (give the directory itself "
-                          "as members[0] to take its shape)")
+        raise ConfigError(f"{where} is not members[{index}] ({first.name}): {shown} (give the directory itself "
+                          f"as members[{index}] to take its shape)")
     same_dir = isinstance(raw_first, (str, Path)) and Path(raw_first).resolve() == path.resolve()
     if same_dir and first.name == ModelConfig.name:
         return first.replace(name=path.name)

@@ -121,3 +121,37 @@ def test_modes_follow_the_direction_and_shapes_are_checked_before_any_work(datas
     with pytest.raises(ConfigError, match="shrink m -> s: pruning keeps whole GQA groups"):
         run_family(FamilyConfig.from_dict(spec(members=bad)), tmp_path / "c", data=str(dataset))
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_a_released_qwen2_model_is_the_largest_and_its_family_is_pruned_from_it(dataset, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from growfam.model import copy_tokenizer_files
+
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=96, intermediate_size=96, num_hidden_layers=3,
+                                 num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=32,
+                                 tie_word_embeddings=True, use_sliding_window=False)).save_pretrained(tmp_path / "rel")
+    copy_tokenizer_files(dataset / "tokenizer", tmp_path / "rel")
+    members = [dict(s, vocab_size=300, max_seq_len=32) for s in SHAPES[:2]] + [str(tmp_path / "rel")]
+    family = FamilyConfig.from_dict(spec(members=members, start_from=str(tmp_path / "rel")))
+    assert [m.model_type for m in family.members] == ["qwen2"] * 3 and family.members[0].qkv_bias
+    plan = make_plan(family)
+    largest = plan.stages[-1]
+    assert (largest.tokens_shrink, largest.given_tokens) == (0, 8000)
+    assert largest.cum_flops_shrink == largest.given_flops and plan.stages[1].tokens_shrink == 2000
+    ledger = run_family(family, tmp_path / "fam", data=str(dataset), modes="both", log=lambda s: None)
+    given = load_pretrained(tmp_path / "rel")
+    for mode in ("shrink", "independent"):
+        published = load_pretrained(tmp_path / "fam" / mode / "rel")
+        assert all(torch.equal(a, b) for a, b in zip(published.state_dict().values(), given.state_dict().values()))
+    entry = ledger.member("shrink", "rel")
+    assert (entry.tokens, entry.flops, entry.cum_flops, entry.given["tokens"]) == (0, 0, largest.given_flops, 8000)
+    m = ledger.member("shrink", "m")
+    assert m.shrink["source"] == str(tmp_path / "fam" / "shrink" / "rel")  # no run, no moments: the member itself
+    assert m.cum_flops == pytest.approx(largest.given_flops + m.flops + m.distill["flops"])
+    for mode in ("shrink", "independent"):
+        for name in ("s", "m"):
+            theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "fam" / mode / name)
+            assert type(theirs) is Qwen2ForCausalLM

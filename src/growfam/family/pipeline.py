@@ -9,7 +9,8 @@ hyper-parameters. Layout under out_dir:
     <mode>/<member>/              each member, a Hugging Face directory
     runs/<mode>/<member>/         its training run: metrics.jsonl, checkpoints/
 
-A family with `start_from: DIR` is given its first member: both modes publish DIR as it is
+A family with `start_from: DIR` is given its first member (a family built downward, its
+largest: the shrink mode prunes the others from it): both modes publish DIR as it is
 (0 tokens, with the validation loss training would report for it; or continue it on
 `start_from_tokens`, from its weights with fresh AdamW moments), and Progressive grows stage 2
 from it (with fresh moments when DIR was not trained: a release holds none). Independent still
@@ -62,8 +63,8 @@ def _train_record(family: FamilyConfig, plan: FamilyPlan, out_dir: Path, modes: 
     configs, world = [], rank_and_world()[1]
     for mode in modes:
         for i, stage in enumerate(plan.stages):
-            tokens = {"independent": stage.tokens_independent, "shrink": stage.tokens_shrink}.get(mode) \
-                or stage.tokens_progressive
+            tokens = stage.tokens_independent if mode == "independent" else stage.tokens_shrink \
+                if mode == "shrink" else stage.tokens_progressive
             cfg = stage_train_config(family, plan, i, mode, None, out_dir, tokens, fixed_data)
             if cfg.micro_batch_size and cfg.batch_size % cfg.micro_batch_size:
                 raise ConfigError(f"train.micro_batch_size {cfg.micro_batch_size} does not divide stage "

@@ -8,8 +8,9 @@ family (docs/concepts.md):
 - Progressive (Eq. 3-4): member i starts from the expanded member i-1 and trains on
   D'_1 = D(N_1),  D'_i = D(N_i) − (Σ_{j<i} N_j·D'_j) / N_i,
   so the cumulative FLOPs after stage i equal the cost of training N_i from scratch.
-- Shrink (`direction: shrink`): the largest member trains on D(N_L); each smaller one is pruned
-  from its source and recovers on shrink.tokens · D(N_i), its teacher's forwards counted too.
+- Shrink (`direction: shrink`): the largest member trains on D(N_L) (or is given: start_from);
+  each smaller one is pruned from its source and recovers on shrink.tokens · D(N_i), its
+  teacher's forwards counted too.
 
 A family that starts from a checkpoint (`start_from`) is given its first member: both modes
 publish it as it is (or continue it on `start_from_tokens`, D_c), so stage 1 spends 6·N_1·D_c.
@@ -148,8 +149,9 @@ class FamilyPlan:
 
     @property
     def given(self) -> StagePlan | None:
-        """The first stage when it is a given checkpoint (start_from), else None."""
-        return self.stages[0] if self.family.start_from is not None else None
+        """The stage that is a given checkpoint (start_from: the first, or a shrink family's
+        largest), else None."""
+        return self.stages[self.family.given_index] if self.family.start_from is not None else None
 
     @property
     def flops_independent(self) -> float:
@@ -274,13 +276,14 @@ def make_plan(family: FamilyConfig) -> FamilyPlan:
     names = [m.name for m in family.members]
     d_ind = independent_tokens(family, params)
     start = family.start_from_tokens if family.start_from is not None else None
+    g = family.given_index  # the given member: the first, or a shrink family's largest
     try:
-        d_prog = progressive_tokens(params, d_ind, names, start)
+        d_prog = progressive_tokens(params, d_ind, names, start if g == 0 else None)
     except ConfigError as err:
         raise ConfigError(f"family {family.name}: {err}") from None
     given = [0.0] * len(params)
     if start is not None:  # both modes train the given member on its continuation only
-        given[0], d_ind = d_ind[0], [start, *d_ind[1:]]
+        given[g], d_ind = d_ind[g], [*d_ind[:g], start, *d_ind[g + 1:]]
     max_lrs = family.lr.max_lrs(params)
     batch_sizes, seq_lens = family.batch_sizes, family.seq_lens
     stages, cum_ind, cum_prog = [], 0.0, 0.0
@@ -321,18 +324,19 @@ def make_plan(family: FamilyConfig) -> FamilyPlan:
 
 def shrink_budgets(family: FamilyConfig, stages: list[StagePlan]) -> list[StagePlan]:
     """`stages` with the shrink fields of a family built downward: the largest trains on its
-    D(N_L); member i recovers on shrink.tokens · D(N_i) tokens, its teacher's forwards (kd)
-    costing 2 · N_t per token; cumulative FLOPs run down the chain of sources."""
+    D(N_L) (a given one, start_from, on its continuation; its from-scratch cost counted as given
+    in the cumulative FLOPs); member i recovers on shrink.tokens · D(N_i) tokens, its teacher's
+    forwards (kd) costing 2 · N_t per token; cumulative FLOPs run down the chain of sources."""
     section, last = family.shrink, len(stages) - 1
     out: list[StagePlan | None] = [None] * len(stages)
     for i in range(last, -1, -1):
         stage = stages[i]
-        tokens = stage.tokens_independent if i == last else section.tokens * stage.tokens_independent
+        tokens = stage.tokens_independent if i == last else section.tokens * (stage.given_tokens or stage.tokens_independent)
         teacher = None if i == last else section.teacher(i, len(stages))
         t_flops = 0.0 if teacher is None or section.recover != "kd" else 2 * stages[teacher].params * tokens
         flops = 6 * stage.params * tokens
         out[i] = dataclasses.replace(
             stage, tokens_shrink=tokens, steps_shrink=steps_for(tokens, stage.tokens_per_step), flops_shrink=flops,
             teacher_flops_shrink=t_flops, attn_flops_shrink=flops_per_token(family.members[i], stage.seq_len) * tokens,
-            cum_flops_shrink=(0.0 if teacher is None else out[teacher].cum_flops_shrink) + flops + t_flops)
+            cum_flops_shrink=(stage.given_flops if teacher is None else out[teacher].cum_flops_shrink) + flops + t_flops)
     return out

@@ -200,14 +200,15 @@ def build_stage(job: FamilyRun, mode: str, i: int, members: list[MemberEntry]) -
     member (rank 0) and return its ledger entry. members: the mode's finished members before it."""
     plan, growth, out_dir, log = job.plan, job.growth, job.out_dir, job.log
     stage = plan.stages[i]
-    tokens = {"independent": stage.tokens_independent, "shrink": stage.tokens_shrink}.get(mode) \
-        or _progressive_tokens(plan, i, members)
+    tokens = stage.tokens_independent if mode == "independent" else stage.tokens_shrink if mode == "shrink" \
+        else _progressive_tokens(plan, i, members)
     tcfg = stage_train_config(job.family, plan, i, mode, job.data, out_dir, tokens, job.fixed_data)
     run_dir = Path(tcfg.out_dir)
     growth_report = FamilyDirectory(out_dir).growth_report(mode, stage.name)
     resume_from = latest_checkpoint(run_dir)
     model = optimizer = None
-    if i == 0 and job.given is not None and resume_from is None:
+    given = i == job.family.given_index and job.given is not None  # start_from's member
+    if given and resume_from is None:
         model = job.given  # continued from its weights, with fresh AdamW moments
     if mode == "progressive" and i > 0 and resume_from is None:
         model, optimizer, tcfg = _grown(job, mode, i, tcfg)
@@ -217,7 +218,7 @@ def build_stage(job: FamilyRun, mode: str, i: int, members: list[MemberEntry]) -
     stop = ConvergenceStop(growth.slope, growth.window) \
         if growth.schedule == "converged" and mode == "progressive" and i < len(plan.stages) - 1 else None
     start = time.perf_counter()
-    if i == 0 and job.given is not None and tokens == 0:
+    if given and tokens == 0:
         log(f"[{mode}] {stage.name}: given, start_from {job.family.start_from}")
         if job.given_loss is None:  # measured once, as training would measure it: both modes publish it
             job.given_loss = validation_loss(tcfg, job.given, job.dataset)
