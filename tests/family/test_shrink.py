@@ -135,6 +135,7 @@ def _write_other_tokenizer_data(root):
      "distill settings are for --recover kd"),
     (["--to", TARGET, "--recover", "kd", "--tokens", "10", "--seq-len", "32", "--set", "batch_size=0"], "batch_size"),
     (["--to", TARGET, "--data", "OTHER"], "another tokenizer than the dataset"),
+    (["--to", TARGET, "--set", "device=nowhere"], "device"),
     (["--to", TARGET, "--data", "MISSING"], "nowhere: not a prepared dataset"),
     (["--to", TARGET, "--seq-len", "64", "--data", "SHORT"], "the calibration set is empty"),
 ])

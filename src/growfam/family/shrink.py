@@ -31,7 +31,7 @@ import torch
 
 from growfam.data import TokenDataset, eval_windows, load_tokenizer
 from growfam.data.loader import num_windows
-from growfam.device import resolve_device
+from growfam.device import check_device, resolve_device
 from growfam.errors import ConfigError, GrowfamError
 from growfam.config import FamilyConfig
 from growfam.family.directory import RECOVERY_RUN, FamilyDirectory
@@ -168,6 +168,7 @@ def _check_options(opts: ShrinkOptions) -> None:
     if (opts.recover == "none") != (opts.tokens == 0):
         raise ConfigError("--recover kd|ce needs --tokens N > 0, and --tokens needs --recover kd|ce"
                           if opts.recover != "none" else "--tokens needs --recover kd or ce")
+    check_device(opts.train.get("device", "auto"))  # importance and pruning run there too
     if opts.recover == "none" and set(opts.train) - {"device"}:
         raise ConfigError(f"{', '.join(sorted(set(opts.train) - {'device'}))}: recovery settings need --recover kd or ce")
     if not -2**63 <= opts.seed < 2**63:
