@@ -27,6 +27,23 @@ def attn_variant(request):
     return tiny_config(n_kv_heads=n_kv, tie_embeddings=tied)
 
 
+def documents(n: int = 300) -> list[str]:
+    """n short synthetic documents: the corpus the suite prepares its datasets from."""
+    return [f"Document {i}: the {'quick brown fox' if i % 2 else 'lazy dog'} number {i * 7} "
+            f"jumps over {i % 5} fences and lands in field {i % 11}. " * 3 for i in range(n)]
+
+
+def dataset_and_model(root, cfg: ModelConfig, name: str, seed: int, val_fraction: float = 0.05):
+    """root/ds prepared from `documents()` (a 300-token BPE trained on them) and a random model
+    of `cfg` saved as root/name with that tokenizer; returns root."""
+    from growfam.data import prepare
+    from growfam.model import save_pretrained
+
+    prepare(documents(), "train:300", root / "ds", val_fraction=val_fraction, progress=False)
+    save_pretrained(random_model(cfg, seed=seed), root / name, tokenizer=root / "ds" / "tokenizer")
+    return root
+
+
 def random_model(cfg: ModelConfig, seed: int = 0, dtype=torch.float32) -> Llama:
     torch.manual_seed(seed)
     model = Llama(cfg).to(dtype)

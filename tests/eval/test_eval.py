@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_model, tiny_config
+from conftest import documents, random_model, tiny_config
 from growfam.cli import main
 from growfam.data import TokenDataset, load_tokenizer, prepare
 from growfam.eval import file_stream, score_stream, split_stream, strided_windows
@@ -19,8 +19,7 @@ from growfam.family.ledger import Ledger, read_ledger, write_ledger
 MODES = ("progressive", "independent")  # the modes of the family the tests make
 from growfam.model import load_pretrained, save_pretrained
 
-TEXT = [f"Document {i}: the {'quick brown fox' if i % 2 else 'lazy dog'} number {i * 7} "
-        f"jumps over {i % 5} fences and lands in field {i % 11}. " * 3 for i in range(300)]
+TEXT = documents()
 SHAPES = [dict(d_model=32, n_heads=2, ffn_dim=64, n_layers=1), dict(d_model=64, n_heads=4, ffn_dim=96, n_layers=2)]
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import documents
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -20,8 +21,7 @@ from growfam.family.ledger import MemberEntry
 from growfam.report.tables import format_comparison
 from growfam.model import load_pretrained
 
-TEXT = [f"Document {i}: the {'quick brown fox' if i % 2 else 'lazy dog'} number {i * 7} "
-        f"jumps over {i % 5} fences and lands in field {i % 11}. " * 3 for i in range(400)]
+TEXT = documents(400)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import checksums, random_model
+from conftest import checksums, dataset_and_model, documents
 from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
 
@@ -16,11 +16,10 @@ import growfam.family.shrink as shrink_module
 from growfam.cli import main
 from growfam.data import prepare
 from growfam.family.shrink import ShrinkOptions, shrink_directory
-from growfam.model import ModelConfig, copy_tokenizer_files, load_pretrained, save_pretrained
+from growfam.model import ModelConfig, copy_tokenizer_files, load_pretrained
 from growfam.train.callbacks import Callback
 
-TEXT = [f"Document {i}: the {'quick brown fox' if i % 2 else 'lazy dog'} number {i * 7} "
-        f"jumps over {i % 5} fences and lands in field {i % 11}. " * 3 for i in range(300)]
+TEXT = documents()
 SOURCE = dict(name="big", d_model=64, n_heads=4, n_kv_heads=2, n_layers=3, ffn_dim=96, vocab_size=300, max_seq_len=64)
 TARGET = "d_model=48,n_heads=2,n_kv_heads=1,n_layers=2,ffn_dim=64"
 RECOVER = ["--recover", "kd", "--tokens", "1024", "--batch-size", "4", "--seq-len", "32", "--calibration", "8",
@@ -31,10 +30,7 @@ RECOVER = ["--recover", "kd", "--tokens", "1024", "--batch-size", "4", "--seq-le
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """A prepared dataset and a source model saved with its tokenizer."""
-    root = tmp_path_factory.mktemp("shrink")
-    prepare(TEXT, "train:300", root / "ds", val_fraction=0.1, progress=False)
-    save_pretrained(random_model(ModelConfig(**SOURCE), seed=1), root / "big", tokenizer=root / "ds" / "tokenizer")
-    return root
+    return dataset_and_model(tmp_path_factory.mktemp("shrink"), ModelConfig(**SOURCE), "big", seed=1, val_fraction=0.1)
 
 
 def test_shrink_prunes_recovers_by_distillation_and_a_rerun_does_nothing(made, tmp_path, capsys):

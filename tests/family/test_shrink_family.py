@@ -5,6 +5,7 @@ exact, a rerun that skips everything, and bad sections refused before any work."
 import json
 
 import pytest
+from conftest import documents
 import yaml
 
 from growfam.cli import main
@@ -15,8 +16,7 @@ from growfam.family import make_plan, run_family
 from growfam.model import load_pretrained
 from growfam.text import sci
 
-TEXT = [f"Document {i}: the {'quick brown fox' if i % 2 else 'lazy dog'} number {i * 7} "
-        f"jumps over {i % 5} fences and lands in field {i % 11}. " * 3 for i in range(300)]
+TEXT = documents()
 SHAPES = [dict(name="s", d_model=32, n_heads=2, n_kv_heads=1, n_layers=1, ffn_dim=48),
           dict(name="m", d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, ffn_dim=64),
           dict(name="l", d_model=96, n_heads=6, n_kv_heads=3, n_layers=3, ffn_dim=96)]

@@ -6,17 +6,16 @@ import math
 import pytest
 import torch
 import yaml
-from conftest import random_model
+from conftest import dataset_and_model, documents
 
 from growfam.cli import main
 from growfam.config import FamilyConfig
 from growfam.data import prepare
 from growfam.errors import ConfigError
 from growfam.family import make_plan, run_family
-from growfam.model import ModelConfig, load_pretrained, save_pretrained
+from growfam.model import ModelConfig, load_pretrained
 
-TEXT = [f"Document {i}: the {'quick brown fox' if i % 2 else 'lazy dog'} number {i * 7} "
-        f"jumps over {i % 5} fences and lands in field {i % 11}. " * 3 for i in range(300)]
+TEXT = documents()
 SMALL = dict(name="small", d_model=32, n_heads=2, n_kv_heads=1, n_layers=1, ffn_dim=64, vocab_size=300, max_seq_len=32)
 LARGE = dict(name="large", d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, ffn_dim=96, vocab_size=300, max_seq_len=32)
 
@@ -24,10 +23,7 @@ LARGE = dict(name="large", d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, ffn_
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """A prepared dataset, and a checkpoint saved by growfam with that dataset's tokenizer."""
-    root = tmp_path_factory.mktemp("start")
-    prepare(TEXT, "train:300", root / "ds", val_fraction=0.05, progress=False)
-    save_pretrained(random_model(ModelConfig(**SMALL), seed=3), root / "released", tokenizer=root / "ds" / "tokenizer")
-    return root
+    return dataset_and_model(tmp_path_factory.mktemp("start"), ModelConfig(**SMALL), "released", seed=3)
 
 
 def spec(made, **changes) -> dict:
