@@ -73,7 +73,9 @@ def test_a_shrink_family_builds_downward_and_a_rerun_skips_it(dataset, tmp_path,
         assert model.cfg.d_model == stage_shape(stage.name)["d_model"]
         run = tmp_path / "fam" / "runs" / "shrink" / entry["name"]
         assert (run / "shrink.json").is_file() and (run / "importance.json").is_file()
-        assert "checkpoints" in json.loads((run / "shrink.json").read_text())["settings"]["source"]  # moments too
+        # pruned from its source's last checkpoint: the AdamW moments were pruned too and start the recovery
+        assert "checkpoints" in json.loads((run / "shrink.json").read_text())["settings"]["source"]
+        assert (run / "pruned" / "optimizer.pt").is_file()
     out = capsys.readouterr().out
     assert "pruning l -> m" in out and "pruning m -> s" in out
     assert main(["family", "run", str(tmp_path / "down.yaml"), "--data", str(dataset), "--out",
