@@ -126,6 +126,34 @@ def test_resume_refuses_a_different_config(tmp_path):
         train(config(tmp_path / "empty"), dataset=ArrayDataset(), resume=True)
 
 
+def test_a_wsd_run_logs_its_schedule_and_a_checkpoint_from_before_it_still_resumes(tmp_path):
+    import json
+
+    from growfam.train.metrics import read_metrics
+
+    train(config(tmp_path / "w", max_steps=10, lr_schedule="wsd", decay_frac=0.3, warmup_frac=0.2, log_every=1,
+                 min_lr_ratio=0.0), dataset=ArrayDataset())
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "w" / "run" / "metrics.jsonl") if r.get("event") == "train"]
+    peak = 1e-2
+    assert lrs[:2] == pytest.approx([peak / 2, peak]) and lrs[2:7] == [peak] * 5
+    assert lrs[7:] == pytest.approx([2 * peak / 3, peak / 3, 0.0])
+    # a checkpoint written before the schedule keys existed resumes as the cosine run it was
+    def kill(step, val_loss):
+        raise KeyboardInterrupt
+
+    old = config(tmp_path / "old", max_steps=6, ckpt_every=2, eval_every=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(old, dataset=ArrayDataset(), on_eval=kill)
+    state_file = latest_checkpoint(tmp_path / "old" / "run") / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    for key in ("lr_schedule", "decay_frac", "decay_shape"):
+        del state["config"][key]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="lr_schedule: checkpoint 'cosine', now 'wsd'"):
+        train(old.replace(lr_schedule="wsd"), dataset=ArrayDataset())
+    assert train(old, dataset=ArrayDataset(), resume=True).steps == 6
+
+
 def test_a_handed_optimizer_gets_the_configs_hyperparameters(tmp_path):
     """A grown model's AdamW state arrives with the previous stage's wd/betas/eps: this stage's apply."""
     torch.manual_seed(0)

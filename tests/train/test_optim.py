@@ -1,5 +1,6 @@
 """The LR schedule, AdamW's parameter groups, gradient accumulation and the train config's checks."""
 
+import math
 
 import pytest
 import torch
@@ -26,6 +27,37 @@ def test_lr_schedule_warmup_peak_cosine_floor():
     assert lr_at(total + 5, total, peak, floor, warm) == pytest.approx(floor)
     lrs = [lr_at(s, total, peak, floor, warm) for s in range(total)]
     assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # monotone decay
+
+
+@pytest.mark.parametrize("shape, quarter", [("linear", 0.75), ("cosine", 0.5 * (1 + math.cos(math.pi / 4))),
+                                            ("sqrt", 0.5)])
+def test_wsd_warms_up_holds_the_peak_then_decays_to_the_floor_at_the_last_step(shape, quarter):
+    total, peak, floor, warm, decay = 100, 1e-3, 1e-4, 10, 20
+    at = [lr_at(s, total, peak, floor, warm, "wsd", decay, shape) for s in range(total + 3)]
+    assert at[0] == pytest.approx(peak / 10) and at[9] == peak  # the end of the warm-up
+    assert all(lr == peak for lr in at[10:80])  # the stable part, exactly the peak
+    # the decay: its k-th step at progress k / 20, the floor exactly at the last step
+    assert at[80] == pytest.approx(floor + (peak - floor) * {"linear": 0.95, "cosine": 0.5 * (1 + math.cos(math.pi / 20)),
+                                                             "sqrt": 1 - math.sqrt(0.05)}[shape], rel=1e-12)
+    assert at[84] == pytest.approx(floor + (peak - floor) * quarter, rel=1e-12)
+    assert at[99] == floor and at[102] == floor
+    assert all(a > b for a, b in zip(at[79:100], at[80:100]))  # strictly down through the decay
+    assert [lr_at(s, total, peak, floor, warm, "constant") for s in (9, 10, 99, 150)] == [peak] * 4
+    # a decay longer than what follows the warm-up starts where the warm-up ends
+    assert lr_at(10, 20, peak, floor, 10, "wsd", 15) < peak and lr_at(19, 20, peak, floor, 10, "wsd", 15) == floor
+
+
+def test_schedule_steps_and_bad_schedule_keys(tmp_path):
+    from growfam.train import Schedule
+
+    sched = Schedule.of(config(tmp_path, max_steps=30, lr_schedule="wsd", decay_frac=0.25, warmup_frac=0.1), 1)
+    assert (sched.warmup_steps, sched.decay_steps, sched.stable_end) == (3, 8, 22)
+    assert Schedule.of(config(tmp_path, max_steps=30), 1).stable_end == 30
+    for bad, message in ((dict(lr_schedule="step"), "lr_schedule must be cosine or wsd or constant"),
+                         (dict(decay_shape="exp"), "decay_shape must be linear or cosine or sqrt"),
+                         (dict(decay_frac=0), "decay_frac"), (dict(decay_frac=1.5), "decay_frac")):
+        with pytest.raises(ConfigError, match=message):
+            config(tmp_path, **bad)
 
 
 def test_lr_floor_ratio_or_absolute(tmp_path):

@@ -117,6 +117,9 @@ class TrainConfig:
     max_lr: peak learning rate. min_lr: absolute floor of the cosine, or min_lr_ratio: floor as
         a fraction of max_lr (at most one of the two; default ratio DEFAULT_MIN_LR_RATIO).
     warmup_frac: fraction of the steps spent warming up linearly (rounded up to whole steps).
+    lr_schedule: after the warm-up, "cosine" (to the floor at the last step), "wsd" (warm-up,
+        stable at max_lr, then a decay to the floor over the last `decay_frac` of the steps,
+        rounded up, shaped by `decay_shape`: linear, cosine or sqrt, 1 − √p) or "constant".
     betas, eps, weight_decay: AdamW (each beta in [0, 1)). Weight decay applies to tensors with
         ndim >= 2 (every linear weight and the embedding, as in nanoGPT and the paper's single
         "0.1"), never to the RMSNorm gains. They are also set on an optimizer handed to `train`
@@ -165,6 +168,9 @@ class TrainConfig:
     min_lr: float | None = None
     min_lr_ratio: float | None = None
     warmup_frac: float = 0.01
+    lr_schedule: str = "cosine"
+    decay_frac: float = 0.2
+    decay_shape: str = "linear"
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
@@ -204,6 +210,9 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 setattr(self, name, as_int(getattr(self, name), name, 1))
         self.max_lr = as_number(self.max_lr, "max_lr", above=0)  # 0 would train nothing, silently
+        as_choice(self.lr_schedule, SCHEDULES, "lr_schedule")
+        as_choice(self.decay_shape, DECAY_SHAPES, "decay_shape")
+        self.decay_frac = as_number(self.decay_frac, "decay_frac", above=0, at_most=1)
         for name, low, high in (("warmup_frac", 0, 1), ("eps", 0, None),
                                 ("weight_decay", 0, None), ("grad_clip", 0, None),
                                 ("spike_lr_factor", 0, 1)):
@@ -284,6 +293,12 @@ def check_seq_len(seq_len: int, model: ModelConfig, who: str = "the model") -> N
         raise ConfigError(f"seq_len {seq_len} exceeds {who}'s max_seq_len {model.max_seq_len}")
 
 
+#: The learning-rate schedules after the warm-up, and the shapes of WSD's decay (train/optim.py).
+SCHEDULES = ("cosine", "wsd", "constant")
+DECAY_SHAPES = ("linear", "cosine", "sqrt")
+#: Keys newer than some checkpoints, with the value such a checkpoint ran with.
+ADDED_KEYS = {"lr_schedule": "cosine", "decay_frac": 0.2, "decay_shape": "linear"}
+
 #: Config keys that may change between a checkpoint and its resumption: they steer logging,
 #: bookkeeping and hardware, not the loss trajectory.
 RESUME_FREE_KEYS = frozenset({
@@ -296,13 +311,14 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], where: Path)
     """ConfigError naming every trajectory-relevant key that differs from the checkpoint's. The
     teacher's path may change, like the data's (a family directory moved, another working folder)."""
     def relevant(config: dict[str, Any], key: str) -> Any:
-        value = config.get(key)
+        value = config.get(key, ADDED_KEYS.get(key))
         return {k: v for k, v in value.items() if k != "teacher"} if key == "distill" and value else value
 
     differ = [k for k in sorted(set(saved) | set(current))
               if k not in RESUME_FREE_KEYS and relevant(saved, k) != relevant(current, k)]
     if differ:
-        lines = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in differ)
+        lines = "; ".join(f"{k}: checkpoint {saved.get(k, ADDED_KEYS.get(k))!r}, now {current.get(k)!r}"
+                          for k in differ)
         raise ConfigError(f"the config does not match the checkpoint {where} ({lines}); "
                           "use the original config, or a new out_dir to start over")
 

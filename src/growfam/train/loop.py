@@ -184,7 +184,8 @@ def _loop(run: Run, checkpoints: Checkpoints) -> None:
     model.train()
     while state.step < total_steps:
         started = time.perf_counter()
-        state.lr = lr_at(state.step, total_steps, *lr_bounds(cfg, guard.lr_scale), schedule.warmup_steps)
+        state.lr = lr_at(state.step, total_steps, *lr_bounds(cfg, guard.lr_scale), schedule.warmup_steps,
+                         cfg.lr_schedule, schedule.decay_steps, cfg.decay_shape)
         for group in optimizer.param_groups:
             group["lr"] = state.lr
 

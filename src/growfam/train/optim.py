@@ -1,4 +1,5 @@
-"""The learning-rate schedule (warm-up, cosine) and the AdamW optimizer a run steps.
+"""The learning-rate schedule (warm-up, then cosine, warmup-stable-decay or constant) and the
+AdamW optimizer a run steps.
 
 Weight decay applies to tensors with ndim >= 2, never to the RMSNorm gains; a config's betas,
 eps and weight decay are (re)applied to an optimizer's groups after every state load.
@@ -15,14 +16,32 @@ from growfam.errors import ConfigError
 from growfam.train.config import DEFAULT_MIN_LR_RATIO, TrainConfig
 
 
-def lr_at(step: int, total_steps: int, max_lr: float, min_lr: float, warmup_steps: int) -> float:
+def lr_at(step: int, total_steps: int, max_lr: float, min_lr: float, warmup_steps: int,
+          schedule: str = "cosine", decay_steps: int = 0, decay_shape: str = "linear") -> float:
     """Learning rate of optimizer step `step` (0-based) of `total_steps`.
 
     Linear warm-up over `warmup_steps` (step 0 already gets max_lr / warmup_steps, never 0),
-    then a cosine from max_lr down to min_lr, reached exactly at the last step; min_lr after.
+    then by `schedule`:
+    - "cosine": from max_lr down to min_lr, reached exactly at the last step; min_lr after.
+    - "wsd" (warmup-stable-decay; Hu et al., MiniCPM, arXiv 2404.06395; Hägele et al., arXiv
+      2405.18392): max_lr until the last `decay_steps` steps, which fall to min_lr, reached
+      exactly at the last step: the decay's k-th step (1-based) is at progress p = k /
+      decay_steps, its LR min_lr + (max_lr − min_lr)·f(p), f = 1 − p (linear), ½(1 + cos πp)
+      (cosine) or 1 − √p (sqrt, Hägele et al.'s "1-sqrt").
+    - "constant": max_lr.
     """
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return max_lr
+    if schedule == "wsd":
+        start = max(total_steps - decay_steps, warmup_steps)  # the first step of the decay
+        if step < start:
+            return max_lr
+        progress = min(1.0, (step - start + 1) / max(1, total_steps - start))
+        fall = {"linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress)),
+                "sqrt": 1.0 - math.sqrt(progress)}[decay_shape]
+        return min_lr + fall * (max_lr - min_lr)
     decay_steps = total_steps - 1 - warmup_steps
     progress = 1.0 if decay_steps <= 0 else min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)

@@ -41,6 +41,7 @@ class Schedule:
     tokens_per_step: int  # targets per optimizer step, all ranks together
     total_steps: int
     warmup_steps: int
+    decay_steps: int = 0  # WSD's decay at the end of the run (0 for cosine and constant)
 
     @classmethod
     def of(cls, cfg: TrainConfig, world: int) -> Schedule:
@@ -51,8 +52,15 @@ class Schedule:
             raise ConfigError(f"batch_size {cfg.batch_size} must split into {world} rank(s) × whole "
                               f"micro-batches of {micro} sequences")
         total_steps = cfg.total_steps
+        decay = math.ceil(cfg.decay_frac * total_steps) if cfg.lr_schedule == "wsd" else 0
         return cls(micro, per_rank // micro, cfg.tokens_per_step, total_steps,
-                   math.ceil(cfg.warmup_frac * total_steps))
+                   math.ceil(cfg.warmup_frac * total_steps), decay)
+
+    @property
+    def stable_end(self) -> int:
+        """Optimizer steps before WSD's decay begins (the stable checkpoint's step); the run's
+        length without one."""
+        return max(self.total_steps - self.decay_steps, self.warmup_steps) if self.decay_steps else self.total_steps
 
 
 def empty_ledger() -> dict[str, int | float]:
