@@ -46,7 +46,7 @@ CHINCHILLA_TOKENS_PER_PARAM = 20
 #: TrainConfig fields that the family sets per stage (max_unique_tokens: run_family's
 #: fixed_data); a family YAML's `train:` section may not.
 PLANNED = ("model", "data", "out_dir", "max_steps", "max_tokens", "batch_size", "seq_len", "max_lr",
-           "min_lr", "min_lr_ratio", "max_unique_tokens")
+           "min_lr", "min_lr_ratio", "max_unique_tokens", "lr_schedule", "decay_frac", "decay_shape")
 
 
 @dataclass
@@ -104,6 +104,8 @@ class TrainSection(Section):
         clash = sorted(set(data) & set(PLANNED))
         if clash:
             how = " (--fixed-data)" if clash[0] == "max_unique_tokens" else ""
+            how = how or (" (the lr: section's schedule, decay, decay_shape)" if clash[0] in (
+                "lr_schedule", "decay_frac", "decay_shape") else "")
             raise ConfigError(f"train.{clash[0]} is set by the family plan{how}; remove it from the train section")
         check_keys(data, [f.name for f in dataclasses.fields(TrainConfig) if f.name not in PLANNED], "train")
         try:

@@ -46,9 +46,12 @@ def stage_train_config(family: FamilyConfig, plan: FamilyPlan, index: int, mode:
         if mode == "progressive" and index > 0 else None
     if inherit is not None and family.train.given.get("distill") is not None:
         raise ConfigError("train.distill and distill.inherit both give a grown member a teacher; keep one")
+    if family.lr.warmup is not None and "warmup_frac" in family.train.given:
+        raise ConfigError("lr.warmup and train.warmup_frac both set the warm-up; keep one")
     try:
         return TrainConfig.from_dict({
             **family.train.given,
+            **family.lr.train_fields(),
             **({"distill": inherit.to_dict()} if inherit is not None else {}),
             "model": family.members[index].to_dict(),
             "data": data,

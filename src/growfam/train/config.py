@@ -325,12 +325,14 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], where: Path)
 
 @dataclass
 class LRPolicy(Section):
-    """Peak (max) learning rate of each stage's cosine schedule.
+    """Peak (max) learning rate of each stage, and the schedule's shape.
 
     policy "fixed": every stage peaks at `max` (None: DEFAULT_MAX_LR). policy "linear": the
     peak goes linearly from `start` (first stage) to `end` (last stage), interpolated by stage
     index (`by: index`) or by the counted parameter size (`by: params`). `min_ratio` is the
-    cosine floor as a fraction of the peak.
+    schedule's floor as a fraction of the peak. schedule / decay / decay_shape: every stage's
+    TrainConfig lr_schedule / decay_frac / decay_shape; warmup: its warmup_frac (None: the
+    train section's, or TrainConfig's default).
     """
 
     key: ClassVar[str] = "lr"
@@ -340,6 +342,10 @@ class LRPolicy(Section):
     end: float | None = None
     by: Literal["index", "params"] = "index"
     min_ratio: float = DEFAULT_MIN_LR_RATIO
+    schedule: str = "cosine"
+    warmup: float | None = None
+    decay: float = 0.2
+    decay_shape: str = "linear"
 
     def __post_init__(self) -> None:
         if self.policy == "fixed":
@@ -355,12 +361,26 @@ class LRPolicy(Section):
         else:
             as_choice(self.policy, ("fixed", "linear"), "lr.policy")
         self.min_ratio = as_number(self.min_ratio, "lr.min_ratio", at_least=0, at_most=1)
+        as_choice(self.schedule, SCHEDULES, "lr.schedule")
+        as_choice(self.decay_shape, DECAY_SHAPES, "lr.decay_shape")
+        self.decay = as_number(self.decay, "lr.decay", above=0, at_most=1)
+        if self.warmup is not None:
+            self.warmup = as_number(self.warmup, "lr.warmup", at_least=0, at_most=1)
 
     def to_dict(self) -> dict:
-        if self.policy == "fixed":
-            return {"policy": "fixed", "max": self.max, "min_ratio": self.min_ratio}
-        return {"policy": "linear", "start": self.start, "end": self.end, "by": self.by,
-                "min_ratio": self.min_ratio}
+        out = {"policy": "fixed", "max": self.max} if self.policy == "fixed" else \
+            {"policy": "linear", "start": self.start, "end": self.end, "by": self.by}
+        out["min_ratio"] = self.min_ratio
+        if self.schedule != "cosine":  # a cosine family's plan stays as it was before schedules
+            out.update(schedule=self.schedule, decay=self.decay, decay_shape=self.decay_shape)
+        if self.warmup is not None:
+            out["warmup"] = self.warmup
+        return out
+
+    def train_fields(self) -> dict:
+        """The TrainConfig fields this section sets for every stage (the schedule's shape)."""
+        out = {"lr_schedule": self.schedule, "decay_frac": self.decay, "decay_shape": self.decay_shape}
+        return out if self.warmup is None else {**out, "warmup_frac": self.warmup}
 
     def max_lrs(self, params: Sequence[float]) -> list[float]:
         """The peak LR of each stage; `params` are the counted sizes (used by `by: params`)."""
