@@ -224,6 +224,9 @@ class FamilyConfig:
         if not isinstance(self.train, TrainSection):
             self.train = TrainSection.from_dict(self.train)
         self._check_direction()
+        if self.growth.source == "stable" and self.lr.schedule != "wsd":
+            raise ConfigError(f"growth.from stable needs a stable phase and a decay: lr.schedule wsd "
+                              f"(this family's is {self.lr.schedule})")
         if self.posttrain is not None:  # checked whole by growfam.posttrain.config, which config.py precedes
             self.posttrain = as_mapping(self.posttrain, "posttrain")
         self._validate_family()

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from growfam.train.checkpoint import latest_checkpoint, read_trainer_state
+from growfam.train.checkpoint import checkpoint_at, latest_checkpoint, read_trainer_state
 from growfam.errors import ConfigError, GrowfamError
 from growfam.grow.masks import MaskState, attach_masks, mask_state
 from growfam.train.metrics import read_metrics
@@ -137,6 +137,19 @@ def test_a_wsd_run_logs_its_schedule_and_a_checkpoint_from_before_it_still_resum
     peak = 1e-2
     assert lrs[:2] == pytest.approx([peak / 2, peak]) and lrs[2:7] == [peak] * 5
     assert lrs[7:] == pytest.approx([2 * peak / 3, peak / 3, 0.0])
+    # the stable checkpoint (step 7) is written and kept; a run killed in the decay resumes exactly
+    assert checkpoint_at(tmp_path / "w" / "run", 7) is not None
+
+    def kill_in_decay(step, val_loss):
+        raise KeyboardInterrupt
+
+    wsd = config(tmp_path / "k", max_steps=10, lr_schedule="wsd", decay_frac=0.3, warmup_frac=0.2, log_every=1,
+                 min_lr_ratio=0.0, eval_every=8, ckpt_every=0, keep_last=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(wsd, dataset=ArrayDataset(), on_eval=kill_in_decay)
+    assert latest_checkpoint(tmp_path / "k" / "run").name == "step_0000007"
+    train(wsd, dataset=ArrayDataset())
+    assert step_losses(tmp_path / "k" / "run") == step_losses(tmp_path / "w" / "run")
     # a checkpoint written before the schedule keys existed resumes as the cosine run it was
     def kill(step, val_loss):
         raise KeyboardInterrupt

@@ -29,9 +29,9 @@ from growfam.family.plan import FamilyPlan
 from growfam.io import atomic_directory, atomic_write_text, read_json
 from growfam.model import copy_tokenizer_files, load_pretrained, resolve_config
 from growfam.text import loss
-from growfam.train import TrainConfig, TrainResult, make_optimizer, train, validation_loss
-from growfam.train.checkpoint import latest_checkpoint, load_checkpoint
-from growfam.train.parallel import on_main, share
+from growfam.train import Schedule, TrainConfig, TrainResult, make_optimizer, train, validation_loss
+from growfam.train.checkpoint import checkpoint_at, latest_checkpoint, load_checkpoint
+from growfam.train.parallel import on_main, rank_and_world, share
 
 
 def stage_train_config(family: FamilyConfig, plan: FamilyPlan, index: int, mode: str, data: str | None,
@@ -113,16 +113,19 @@ def publish(result: TrainResult, member_dir: Path) -> None:
     atomic_directory(member_dir, write)
 
 
-def _grow_from(prev_run: Path, tcfg: TrainConfig, target, growth: GrowthConfig, probe, given=None):
-    """Load the previous member's final checkpoint (weights + AdamW state) and expand it; or,
-    when that member was `given` untrained (a start_from model), expand it with fresh moments.
+def _grow_from(prev_run: Path, tcfg: TrainConfig, target, growth: GrowthConfig, probe, given=None,
+               stable_step: int | None = None):
+    """Load the previous member's final checkpoint (weights + AdamW state), or with growth from
+    the stable phase its checkpoint at `stable_step`, and expand it; or, when that member was
+    `given` untrained (a start_from model), expand it with fresh moments.
 
     A masked ramp must end inside the stage: a Hugging Face member cannot hold the masks."""
     from growfam.grow import expand
 
-    ckpt = latest_checkpoint(prev_run)
+    ckpt = latest_checkpoint(prev_run) if stable_step is None else checkpoint_at(prev_run, stable_step)
     if ckpt is None and given is None:
-        raise GrowfamError(f"{prev_run} holds no checkpoint to grow from")
+        which = "no checkpoint" if stable_step is None else f"no stable checkpoint at step {stable_step}"
+        raise GrowfamError(f"{prev_run} holds {which} to grow from")
     source = load_pretrained(ckpt) if ckpt is not None else given
     optimizer = None
     if growth.optimizer == "transfer" and ckpt is not None:
@@ -134,6 +137,22 @@ def _grow_from(prev_run: Path, tcfg: TrainConfig, target, growth: GrowthConfig, 
                                       seed=growth.seed, optimizer=optimizer, probe=probe,
                                       mask_steps=mask_steps)
     return model, optimizer, report
+
+
+def _stable_point(job: FamilyRun, tcfg: TrainConfig, result: TrainResult) -> dict:
+    """Where the next member grows from (growth.from stable): the stable checkpoint's step, and
+    the decay branch after it (its tokens and FLOPs, inside the stage's budget)."""
+    schedule = Schedule.of(tcfg, rank_and_world()[1])
+    share = (schedule.total_steps - schedule.stable_end) / schedule.total_steps
+    return {"from": "stable", "step": schedule.stable_end, "branch_tokens": round(result.tokens * share),
+            "branch_flops": result.flops * share}
+
+
+def _stable_step(previous: MemberEntry) -> int | None:
+    """The step the next member grows from: the previous member's stable checkpoint, or None
+    (its final checkpoint)."""
+    point = previous.growth_point or {}
+    return point.get("step") if point.get("from") == "stable" else None
 
 
 def _progressive_tokens(plan: FamilyPlan, index: int, done: list[MemberEntry]) -> float:
@@ -176,18 +195,20 @@ class FamilyRun:
     given_loss: float | None = None
 
 
-def _grown(job: FamilyRun, mode: str, i: int, tcfg: TrainConfig):
+def _grown(job: FamilyRun, mode: str, i: int, tcfg: TrainConfig, previous: MemberEntry):
     """Stage `i`'s model grown from the previous member's final checkpoint, its AdamW moments
     (rank 0; None elsewhere: train() sends them), and tcfg with the grown shape (every rank)."""
     plan, growth, stage = job.plan, job.growth, job.plan.stages[i]
+    stable = _stable_step(previous)
     job.log(f"[{mode}] expanding {plan.stages[i - 1].name} -> {stage.name} "
-            f"(width {growth.width}, depth {growth.depth}, optimizer {growth.optimizer})")
+            f"(width {growth.width}, depth {growth.depth}, optimizer {growth.optimizer}"
+            + (f"; from its stable checkpoint, step {stable})" if stable is not None else ")"))
 
     def grow():  # rank 0; the others receive the grown model from it in train()
         grown, moments, report = _grow_from(FamilyDirectory(job.out_dir).run(mode, plan.stages[i - 1].name), tcfg,
                                             job.family.members[i], growth,
                                             _probe_batch(job.dataset, stage.seq_len, growth.probe_tokens),
-                                            job.given if i == 1 else None)
+                                            job.given if i == 1 else None, stable)
         job.log(str(report))
         Path(tcfg.out_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_text(FamilyDirectory(job.out_dir).growth_report(mode, stage.name),
@@ -214,7 +235,7 @@ def build_stage(job: FamilyRun, mode: str, i: int, members: list[MemberEntry]) -
     if given and resume_from is None:
         model = job.given  # continued from its weights, with fresh AdamW moments
     if mode == "progressive" and i > 0 and resume_from is None:
-        model, optimizer, tcfg = _grown(job, mode, i, tcfg)
+        model, optimizer, tcfg = _grown(job, mode, i, tcfg, members[-1])
     elif resume_from is not None:
         # resuming: the checkpoint holds the grown shape (lossless growth changes norm_eps)
         tcfg = tcfg.replace(model=resolve_config(resume_from))
@@ -245,7 +266,9 @@ def build_stage(job: FamilyRun, mode: str, i: int, members: list[MemberEntry]) -
         done=True,
         given={"dir": job.family.start_from, "tokens": stage.given_tokens, "flops": stage.given_flops}
         if stage.given_tokens else None,
-        growth_point={"step": result.steps, "val_loss_slope": stop.last_slope} if stop is not None else None,
+        growth_point={"step": result.steps, "val_loss_slope": stop.last_slope} if stop is not None
+        else _stable_point(job, tcfg, result) if growth.source == "stable" and mode == "progressive"
+        and i < len(plan.stages) - 1 and result.steps else None,
         distill=distill)
     log(f"[{mode}] {stage.name}: val loss {loss(result.val_loss)}, {result.tokens:,} tokens, "
         f"{result.flops:.3g} FLOPs, {result.wall_s:.0f} s")

@@ -17,8 +17,23 @@ from growfam.grow.optim import OPTIMIZER_MODES
 from growfam.grow.width import WIDTH_OPS
 
 
+class FromKey:
+    """A section whose YAML key `from` is its field `source` (`from` is a Python keyword)."""
+
+    @classmethod
+    def from_dict(cls, data):
+        data = {} if data is None else dict(data) if isinstance(data, dict) else data
+        if isinstance(data, dict) and "from" in data:
+            data["source"] = data.pop("from")
+        return super().from_dict(data)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        return {"from": out.pop("source"), **out}
+
+
 @dataclass
-class GrowthConfig(Section):
+class GrowthConfig(FromKey, Section):
     """The `growth:` section: how each member grows into the next.
 
     width / depth: growth operator names (growfam.grow registry). optimizer: "transfer" (AdamW
@@ -27,11 +42,15 @@ class GrowthConfig(Section):
     `window` evaluations, falls below `slope` per step (Wang et al., "When and How to Grow?", ACML 2024, use 3e-6), and later
     stages take up the tokens left unspent so cumulative FLOPs still equal from-scratch cost.
     probe_tokens: validation tokens on which the growth report measures what expansion changed.
+    from (`source` here): grow the next member from the stage's end ("decayed") or, with the
+    lr: section's schedule wsd, from its stable checkpoint, the last step before the decay
+    ("stable"): the decay is then the published member's branch, not the next stage's start.
     mask_steps: ramp length of the `masked` width operator, capped at the stage's steps so the
     masks fold away before the member is saved (None: a quarter of the stage's steps).
     """
 
     key: ClassVar[str] = "growth"
+    source: str = "decayed"
     width: str = DEFAULT_WIDTH
     depth: str = DEFAULT_DEPTH
     optimizer: str = "transfer"
@@ -48,6 +67,7 @@ class GrowthConfig(Section):
             if getattr(self, key) is not None:
                 setattr(self, key, as_int(getattr(self, key), f"growth.{key}"))
         as_choice(self.optimizer, OPTIMIZER_MODES, "growth.optimizer")
+        as_choice(self.source, ("decayed", "stable"), "growth.from")
         as_choice(self.schedule, ("budget", "converged"), "growth.schedule")
         try:  # known names now: `growfam plan` refuses `width: foo` as `family run` does
             lookup(WIDTH_OPS, "width", self.width)
@@ -56,6 +76,15 @@ class GrowthConfig(Section):
             raise ConfigError(f"growth: {err}") from None
         if self.window < 2:
             raise ConfigError("growth.window must be at least 2 evaluations")
+        if self.source == "stable" and self.schedule == "converged":
+            raise ConfigError("growth.from stable grows at the stable checkpoint; growth.schedule converged grows "
+                              "where the loss flattens: choose one")
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if out["from"] == "decayed":  # the ledgers of families built before `from` existed stay equal
+            del out["from"]
+        return out
 
 
 #: How a pruned member is recovered: distillation from its source, or cross-entropy.
@@ -63,7 +92,7 @@ RECOVERY = ("kd", "ce", "none")
 
 
 @dataclass
-class ShrinkConfig(Section):
+class ShrinkConfig(FromKey, Section):
     """The `shrink:` section of a family built downward (`direction: shrink`).
 
     from (`source` here): each smaller member is pruned from the member above it ("previous",
@@ -91,18 +120,6 @@ class ShrinkConfig(Section):
         self.calibration = as_int(self.calibration, "shrink.calibration", at_least=1)
         self.tokens = as_number(self.tokens, "shrink.tokens", above=0)
         self.lr = as_number(self.lr, "shrink.lr", above=0)
-
-    @classmethod
-    def from_dict(cls, data):
-        """The YAML's `from` is the field `source` (`from` is a Python keyword)."""
-        data = {} if data is None else dict(data) if isinstance(data, dict) else data
-        if isinstance(data, dict) and "from" in data:
-            data["source"] = data.pop("from")
-        return super().from_dict(data)
-
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        return {"from": out.pop("source"), **out}
 
     def teacher(self, index: int, count: int) -> int:
         """The stage (0-based) member `index` of `count` is pruned from and learns from."""

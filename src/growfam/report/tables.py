@@ -4,6 +4,8 @@ growfam.text's `text_table`."""
 
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 from growfam.config import CHINCHILLA_TOKENS_PER_PARAM, FamilyConfig
@@ -67,6 +69,12 @@ def format_plan(plan: FamilyPlan, peak_tflops: float, mfu: float) -> str:
                   for v in plan.variants]
     if plan.flops_shrink is not None:
         lines += ["", *_shrink_lines(plan)]
+    if family.growth.source == "stable" and family.direction == "grow":
+        branches = [f"{st.name} {si(math.ceil(family.lr.decay * st.steps_progressive) * st.tokens_per_step)}"
+                    for st in plan.stages[:-1]]
+        lines.append(f"growth from the stable phase: each member but the largest is published from its stage's "
+                     f"decay ({family.lr.decay:g} of its steps, inside its budget) and the next grows from the "
+                     f"checkpoint before it; decay-branch tokens: {', '.join(branches)}")
     if plan.given is not None:
         g = plan.given
         lines.append(f"given: {g.name} is start_from {family.start_from}; its {si(g.given_tokens)} tokens "

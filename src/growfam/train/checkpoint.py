@@ -77,6 +77,12 @@ def _checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
 
 
+def checkpoint_at(out_dir: str | Path, step: int) -> Path | None:
+    """The complete checkpoint of `step` in the run `out_dir`, or None."""
+    path = checkpoint_root(out_dir) / _step_dir_name(step)
+    return path if _complete(path) else None
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     """The checkpoint `latest` names, or (if it is missing or broken) the highest complete one."""
     root = checkpoint_root(out_dir)
@@ -93,8 +99,9 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 def save_checkpoint(out_dir: str | Path, step: int, model: Llama, optimizer: torch.optim.Optimizer,
                     trainer_state: dict[str, Any], *, tokenizer=None, keep_last: int = 2,
-                    parallel: Parallelism | None = None) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, prune to `keep_last`; its path.
+                    parallel: Parallelism | None = None, keep: tuple[int, ...] = ()) -> Path:
+    """Write checkpoint `step` atomically, point `latest` at it, prune to `keep_last` (never the
+    steps in `keep`: a WSD run's stable checkpoint); its path.
 
     trainer_state must be JSON-serialisable. Any OSError (unwritable directory, full disk)
     becomes a GrowfamError, and the checkpoints written before stay as they were. NaN/inf in
@@ -102,7 +109,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: Llama, optimizer: tor
     parallel: a sharded (FSDP) run's strategy; then every rank calls this (see save_sharded).
     """
     if parallel is not None and parallel.sharded:
-        return _save_sharded(parallel, out_dir, step, model, optimizer, trainer_state, tokenizer, keep_last)
+        return _save_sharded(parallel, out_dir, step, model, optimizer, trainer_state, tokenizer, keep_last, keep)
     root = checkpoint_root(out_dir)
     target = root / _step_dir_name(step)
     _refuse_nonfinite(nonfinite_tensors(model, optimizer), step, root)
@@ -119,12 +126,13 @@ def save_checkpoint(out_dir: str | Path, step: int, model: Llama, optimizer: tor
         _publish(root, target, write)
     except (GrowfamError, OSError) as err:
         raise _not_written(step, root, err) from None
-    _prune(root, target, keep_last)
+    _prune(root, target, keep_last, keep)
     return target
 
 
 def _save_sharded(parallel: Parallelism, out_dir: str | Path, step: int, model: Llama,
-                  optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any], tokenizer, keep_last: int) -> Path:
+                  optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any], tokenizer, keep_last: int,
+                  keep: tuple[int, ...] = ()) -> Path:
     """save_checkpoint of a sharded model, on every rank: rank 0 makes the temporary directory
     and tells the others, every rank writes its shards into dcp/ there, rank 0 writes the
     gathered Hugging Face files and the trainer state and publishes it; every rank raises the
@@ -163,7 +171,7 @@ def _save_sharded(parallel: Parallelism, out_dir: str | Path, step: int, model: 
     if error is not None:
         raise GrowfamError(error)
     if parallel.is_main:
-        _prune(root, target, keep_last)
+        _prune(root, target, keep_last, keep)
     return target
 
 
@@ -191,10 +199,11 @@ def _not_written(step: int, root: Path, err: BaseException) -> GrowfamError:
                         f"the earlier checkpoints in {root} are intact")
 
 
-def _prune(root: Path, target: Path, keep_last: int) -> None:
-    """Delete the complete checkpoints older than the newest `keep_last` (never `target`)."""
+def _prune(root: Path, target: Path, keep_last: int, keep: tuple[int, ...] = ()) -> None:
+    """Delete the complete checkpoints older than the newest `keep_last` (never `target`, nor
+    the steps in `keep`)."""
     for old in _checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-        if old != target:
+        if old != target and _step(old) not in keep:
             shutil.rmtree(old, ignore_errors=True)
 
 
