@@ -70,6 +70,27 @@ def test_growth_from_the_stable_phase(dataset, tmp_path):
     assert large.growth_point is None and ledger.members("independent")[0].growth_point is None
 
 
+def test_a_constant_schedule_with_averaging_publishes_the_averages_and_grows_from_the_last_state(dataset, tmp_path):
+    from growfam.train.average import AVERAGE_DIR
+
+    family = FamilyConfig.from_dict(spec(lr={"policy": "fixed", "max": 3e-3, "schedule": "constant"},
+                                         growth={"width": "lossless", "depth": "identity", "probe_tokens": 256},
+                                         train={"eval_every": 5, "eval_batches": 2, "ckpt_every": 5, "keep_last": 1,
+                                                "tensorboard": False, "average": {"last": 3, "every": 4}}))
+    ledger = run_family(family, tmp_path / "fam", data=str(dataset), modes="progressive", log=lambda s: None)
+    small, large = ledger.members("progressive")
+    run = tmp_path / "fam" / "runs" / "progressive" / "small"
+    published, mean = load_pretrained(tmp_path / "fam" / "progressive" / "small"), load_pretrained(run / AVERAGE_DIR)
+    assert all(torch.equal(x, y) for x, y in zip(published.state_dict().values(), mean.state_dict().values()))
+    assert [checkpoint_at(run, step) is not None for step in (17, 21, 25)] == [True] * 3
+    probe = _probe_batch(TokenDataset.open(dataset), 32, 256)
+    with torch.no_grad():
+        last = load_pretrained(latest_checkpoint(run))
+        last_loss, mean_loss = (m.loss(probe[:, :-1], probe[:, 1:]).item() for m in (last, mean))
+    assert large.growth["probe"]["loss_source"] == pytest.approx(last_loss, abs=1e-4)  # grown from the last state
+    assert abs(last_loss - mean_loss) > 1e-4
+
+
 def test_schedule_sections_are_checked():
     with pytest.raises(ConfigError, match="growth.from stable needs a stable phase and a decay: lr.schedule wsd"):
         FamilyConfig.from_dict(spec(lr={"policy": "fixed", "max": 3e-3}))

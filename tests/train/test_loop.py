@@ -5,6 +5,8 @@ import math
 import os
 import re
 
+import shutil
+
 import pytest
 import torch
 
@@ -165,6 +167,40 @@ def test_a_wsd_run_logs_its_schedule_and_a_checkpoint_from_before_it_still_resum
     with pytest.raises(ConfigError, match="lr_schedule: checkpoint 'cosine', now 'wsd'"):
         train(old.replace(lr_schedule="wsd"), dataset=ArrayDataset())
     assert train(old, dataset=ArrayDataset(), resume=True).steps == 6
+
+
+def test_averaging_publishes_the_float64_mean_of_the_last_checkpoints(tmp_path):
+    from safetensors.torch import load_file
+
+    from growfam.train.average import AVERAGE_DIR
+
+    cfg = config(tmp_path, max_steps=10, lr_schedule="constant", average={"last": 3, "every": 2}, keep_last=1,
+                 ckpt_every=0)
+    result = train(cfg, dataset=ArrayDataset())
+    run = tmp_path / "run"
+    assert result.hf_dir == run / AVERAGE_DIR
+    kept = [checkpoint_at(run, step) for step in (6, 8, 10)]
+    assert all(kept) and checkpoint_at(run, 4) is None  # the averaged ones kept through keep_last 1
+    tensors = [load_file(path / "model.safetensors") for path in kept]
+    mean = load_file(result.hf_dir / "model.safetensors")
+    for name, value in mean.items():
+        expected = (sum(t[name].double() for t in tensors) / 3).to(value.dtype)
+        assert torch.equal(value, expected), name
+    assert not torch.equal(mean["model.norm.weight"], tensors[-1]["model.norm.weight"])
+    assert (result.hf_dir / "config.json").is_file()
+    # its validation loss is the averaged model's, measured as training measures it
+    from growfam.train import validation_loss
+
+    assert result.val_loss == pytest.approx(validation_loss(cfg, load_pretrained(result.hf_dir), ArrayDataset()))
+    # given again, the finished run reports the same result; a removed average is written again
+    shutil.rmtree(result.hf_dir)
+    again = train(cfg, dataset=ArrayDataset())
+    assert again.hf_dir == result.hf_dir and again.val_loss == pytest.approx(result.val_loss)
+    assert torch.equal(load_file(again.hf_dir / "model.safetensors")["model.norm.weight"], mean["model.norm.weight"])
+    with pytest.raises(ConfigError, match="average: 6 checkpoints 2 steps apart need more than 10 steps"):
+        train(config(tmp_path / "b", max_steps=10, average={"last": 6, "every": 2}), dataset=ArrayDataset())
+    with pytest.raises(ConfigError, match="average.last"):
+        config(tmp_path / "c", average={"last": 1})
 
 
 def test_a_handed_optimizer_gets_the_configs_hyperparameters(tmp_path):

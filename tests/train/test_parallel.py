@@ -56,12 +56,14 @@ def _free_port() -> int:
 
 
 def _ranks(rank: int, port: int, jobs: list[tuple]) -> None:
-    """Each job: (out_dir, strategy or parallel section, kill_at or None), trained in order by both ranks."""
+    """Each job: (out_dir, strategy or parallel section, kill_at or None[, more config]), trained in
+    order by both ranks."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        for out_dir, strategy, kill_at in jobs:
-            cfg = config(out_dir, **RUN, parallel=strategy if isinstance(strategy, dict) else {"strategy": strategy})
+        for out_dir, strategy, kill_at, *more in jobs:
+            cfg = config(out_dir, **RUN, parallel=strategy if isinstance(strategy, dict) else {"strategy": strategy},
+                         **(more[0] if more else {}))
             train(cfg, dataset=Data(), callbacks=[Kill(kill_at)] if kill_at else [])
     finally:
         torch.distributed.destroy_process_group()
@@ -85,7 +87,8 @@ def runs(tmp_path_factory):
     """One process: an uninterrupted run, and one interrupted after its step-4 checkpoint.
     Two ranks (one launch): per-tensor averaging, DDP (its loss in chunks: the fused head under
     DDP's hooks), FSDP2 (uninterrupted), HSDP (2 replicas of 1 shard), the interrupted
-    one-process run resumed under FSDP2 (1 -> 2), and an FSDP2 run killed with SIGKILL at step 6."""
+    one-process run resumed under FSDP2 (1 -> 2), an FSDP2 run averaging its last two checkpoints,
+    and an FSDP2 run killed with SIGKILL at step 6."""
     root = tmp_path_factory.mktemp("parallel")
     train(config(root / "one", **RUN), dataset=Data())
     with pytest.raises(KeyboardInterrupt):
@@ -93,7 +96,8 @@ def runs(tmp_path_factory):
     with pytest.raises(torch.multiprocessing.ProcessExitedException, match="SIGKILL"):
         two_ranks((root / "none", "none", None), (root / "ddp", {"strategy": "ddp", "loss_chunk": 3}, None),
                   (root / "fsdp", "fsdp", None), (root / "hsdp", {"strategy": "fsdp", "replicate": 2}, None),
-                  (root / "one_to_two", "fsdp", None), (root / "killed", "fsdp", 6))
+                  (root / "one_to_two", "fsdp", None), (root / "average", "fsdp", None, {"average": {"last": 2, "every": 4}}),
+                  (root / "killed", "fsdp", 6))
     shutil.copytree(root / "killed", root / "two_to_one")
     two_ranks((root / "killed", "fsdp", None))
     return root
@@ -135,6 +139,21 @@ def test_hsdp_two_replicas_of_two_shards_match_one_process(runs, tmp_path):
     torch.multiprocessing.spawn(_four_ranks, args=(_free_port(), str(tmp_path)), nprocs=4)
     assert step_losses(tmp_path / "run") == pytest.approx(step_losses(runs / "one" / "run"), abs=1e-5)
     assert_same_weights(weights(tmp_path / "run"), weights(runs / "one" / "run"))
+
+
+@pytest.mark.slow  # several processes
+def test_an_fsdp_run_averages_its_sharded_checkpoints(runs):
+    from growfam.train.average import AVERAGE_DIR
+    from growfam.train.checkpoint import checkpoint_at
+
+    run = runs / "average" / "run"
+    mean = load_file(str(run / AVERAGE_DIR / "model.safetensors"))
+    parts = [load_file(str(checkpoint_at(run, step) / "model.safetensors")) for step in (4, 8)]
+    assert (checkpoint_at(run, 4) / SHARDED_DIR).is_dir()  # sharded checkpoints, averaged from their gathered files
+    for name, value in mean.items():
+        assert torch.equal(value, ((parts[0][name].double() + parts[1][name].double()) / 2).to(value.dtype)), name
+    one = [load_file(str(checkpoint_at(runs / "one" / "run", step) / "model.safetensors")) for step in (4, 8)]
+    assert_same_weights(mean, {k: (one[0][k] + one[1][k]) / 2 for k in one[0]})  # as one process would
 
 
 @pytest.mark.slow  # several processes

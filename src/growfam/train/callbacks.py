@@ -193,20 +193,22 @@ class Validation(Callback):
 
 class Checkpoints(Callback):
     """A checkpoint every `ckpt_every` steps (after an accepted step), at a WSD run's stable
-    point (kept through pruning) and at the end, written
+    point and at the steps `average:` averages (these kept through pruning) and at the end, written
     by rank 0 (by every rank, each its shards, under FSDP); and loading one back into the model
     and optimizer."""
 
     @staticmethod
     def due(run: Run, step: int) -> bool:
-        return step in (run.schedule.total_steps, Checkpoints.kept(run)) or \
+        return step == run.schedule.total_steps or step in Checkpoints.kept(run) or \
             bool(run.cfg.ckpt_every and step % run.cfg.ckpt_every == 0)
 
     @staticmethod
-    def kept(run: Run) -> int | None:
-        """The step of a WSD run's stable checkpoint (the last before the decay), which is
-        always written and never pruned: growth from the stable phase starts there."""
-        return run.schedule.stable_end if run.schedule.decay_steps else None
+    def kept(run: Run) -> tuple[int, ...]:
+        """Steps whose checkpoints are always written and never pruned: a WSD run's stable
+        checkpoint (the last before the decay; growth from the stable phase starts there) and
+        the checkpoints `average:` averages."""
+        stable = (run.schedule.stable_end,) if run.schedule.decay_steps else ()
+        return stable + (tuple(run.cfg.average.steps(run.schedule.total_steps)) if run.cfg.average else ())
 
     def on_step_end(self, run: Run) -> None:
         # Only after an accepted step: a checkpoint taken amid spikes keeps the state they come
@@ -230,10 +232,9 @@ class Checkpoints(Callback):
             "config": run.run_config,
         }
         if run.parallel.is_main or run.parallel.sharded:  # a sharded model is written by every rank
-            kept = Checkpoints.kept(run)
             save_checkpoint(run.out_dir, state.step, run.model, run.optimizer, trainer_state,
                             tokenizer=run.tokenizer, keep_last=run.cfg.keep_last, parallel=run.parallel,
-                            keep=() if kept is None else (kept,))
+                            keep=Checkpoints.kept(run))
             run.log.log("checkpoint", state.step)
         run.parallel.barrier()
         return latest_checkpoint(run.out_dir)

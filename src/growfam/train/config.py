@@ -102,6 +102,30 @@ class ParallelConfig:
 
 
 @dataclass
+class AverageConfig(Section):
+    """The `average:` section: the run's result is the float64 mean of its last `last`
+    checkpoints, `every` steps apart, the final one included (checkpoint averaging at a
+    constant learning rate can stand in for the decay; Li et al., "Model Merging in
+    Pre-training of Large Language Models", arXiv 2505.12082)."""
+
+    key: ClassVar[str] = "average"
+    last: int = 4
+    every: int = 100
+
+    def __post_init__(self) -> None:
+        self.last = as_int(self.last, "average.last", at_least=2)
+        self.every = as_int(self.every, "average.every", at_least=1)
+
+    def steps(self, total_steps: int) -> list[int]:
+        """The averaged checkpoints' steps, oldest first; a ConfigError when they do not fit."""
+        first = total_steps - (self.last - 1) * self.every
+        if first < 1:
+            raise ConfigError(f"average: {self.last} checkpoints {self.every} steps apart need more than "
+                              f"{total_steps} steps")
+        return list(range(first, total_steps + 1, self.every))
+
+
+@dataclass
 class TrainConfig:
     """One training run. Loaded from YAML with `TrainConfig.load`; unknown keys are errors.
 
@@ -152,6 +176,8 @@ class TrainConfig:
     tensorboard: also write TensorBoard logs (when tensorboard is installed).
     wandb_project: log to this Weights & Biases project (needs wandb installed).
     parallel: a ParallelConfig (or its mapping): DDP / FSDP2 under torchrun.
+    average: an AverageConfig (or its mapping): publish the float64 mean of the last checkpoints
+        (train/average.py) instead of the final one.
     distill: a DistillConfig (or its mapping): learn from a teacher's distribution too
         (train/distill.py); None: cross-entropy alone.
     """
@@ -194,8 +220,11 @@ class TrainConfig:
     wandb_project: str | None = None
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     distill: DistillConfig | None = None
+    average: AverageConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.average is not None and not isinstance(self.average, AverageConfig):
+            self.average = AverageConfig.from_dict(self.average)
         if not isinstance(self.parallel, ParallelConfig):
             self.parallel = ParallelConfig.from_dict(self.parallel)
         if self.distill is not None and not isinstance(self.distill, DistillConfig):
@@ -297,7 +326,7 @@ def check_seq_len(seq_len: int, model: ModelConfig, who: str = "the model") -> N
 SCHEDULES = ("cosine", "wsd", "constant")
 DECAY_SHAPES = ("linear", "cosine", "sqrt")
 #: Keys newer than some checkpoints, with the value such a checkpoint ran with.
-ADDED_KEYS = {"lr_schedule": "cosine", "decay_frac": 0.2, "decay_shape": "linear"}
+ADDED_KEYS = {"lr_schedule": "cosine", "decay_frac": 0.2, "decay_shape": "linear", "average": None}
 
 #: Config keys that may change between a checkpoint and its resumption: they steer logging,
 #: bookkeeping and hardware, not the loss trajectory.

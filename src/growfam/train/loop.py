@@ -41,6 +41,7 @@ resumes).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import time
@@ -55,7 +56,8 @@ from tqdm.auto import tqdm
 from growfam.errors import TrainingDiverged
 from growfam.io import remove_stale_temporaries
 from growfam.lock import folder_lock
-from growfam.model import Llama
+from growfam.model import Llama, load_pretrained
+from growfam.train.average import AVERAGE_DIR, averaged
 from growfam.train.callbacks import Callback, Checkpoints, MaskRamp, Progress, Validation, evaluate, load_states
 from growfam.train.checkpoint import checkpoint_root, latest_checkpoint
 from growfam.train.config import TrainConfig
@@ -142,6 +144,8 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
     """
     parallel = make_parallelism(cfg.device, cfg.parallel, cfg.dtype)
     cfg, schedule, dataset, ckpt = check_inputs(cfg, model, dataset, resume, parallel.world)
+    if cfg.average is not None:
+        cfg.average.steps(schedule.total_steps)  # averaged checkpoints that do not fit: refused now
     with contextlib.ExitStack() as held:
         # one writer per out_dir: a second run there is refused, naming this one's pid
         on_main(lambda: held.enter_context(folder_lock(cfg.out_dir)))
@@ -151,7 +155,7 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
         if parallel.is_main:
             remove_stale_temporaries(checkpoint_root(cfg.out_dir))  # of checkpoint writes that were killed
         if ckpt is not None and resume_run(run, ckpt)["finished"]:
-            return _result(run, ckpt)  # a completed run: nothing to do but report it
+            return _finish(run, ckpt, dataset)  # a completed run: nothing to do but report it
         run.log = MetricsLogger(cfg.out_dir, enabled=parallel.is_main, resume=ckpt is not None,
                                 tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
                                 run_config=run.run_config)
@@ -168,7 +172,7 @@ def train(cfg: TrainConfig, model: Llama | None = None, optimizer: torch.optim.O
                 run.log.close()  # no file of the run stays open (a caller may go on, or unmount)
             raise
         run.log.close()
-        return _result(run, final)
+        return _finish(run, final, dataset)
 
 
 def _loop(run: Run, checkpoints: Checkpoints) -> None:
@@ -318,6 +322,21 @@ def _diverged(run: Run, reason: str) -> TrainingDiverged:
     kept = f"keeping the last checkpoint, {good.name}" if good else "no checkpoint was written"
     return TrainingDiverged(f"training diverged at step {run.state.step}: {reason}; stopped, {kept}. "
                             f"Lower max_lr and start again in a new out_dir (not {run.out_dir})")
+
+
+def _finish(run: Run, final: Path, dataset) -> TrainResult:
+    """The run's result: its final checkpoint or, with `average:`, the mean of its last
+    checkpoints (train/average.py; written by rank 0) with that model's validation loss. A run
+    stopped early (on_eval) has no averaged checkpoints: its final one stands."""
+    result = _result(run, final)
+    if run.cfg.average is None or run.state.stopped_early:
+        return result
+    steps = run.cfg.average.steps(run.schedule.total_steps)
+    on_main(lambda: averaged(run.out_dir, steps, run.tokenizer))
+    run.parallel.barrier()
+    path = Path(run.out_dir) / AVERAGE_DIR
+    mean = load_pretrained(path, dtype=torch.float32)
+    return dataclasses.replace(result, hf_dir=path, val_loss=validation_loss(run.cfg, mean, dataset))
 
 
 def _result(run: Run, hf_dir: Path) -> TrainResult:
