@@ -6,7 +6,9 @@ A run's `eval` records carry a step; its tokens are step × tokens per step and 
 A progressive stage starts where the earlier stages ended: its FLOPs are offset by their
 cumulative FLOPs, and its curve begins at the growth point, whose loss is the previous
 member's final validation loss plus what the expansion changed on the probe batch (the growth
-report's Δloss; the probe batch is validation tokens too). An independent member starts at 0.
+report's Δloss; the probe batch is validation tokens too) — or, grown from the stable
+checkpoint before a decay (growth.from stable), the grown model's own probe loss. An
+independent member starts at 0.
 A member of a family built downward (mode shrink) starts where its source's chain ended: its
 recovery run is offset by the FLOPs spent to have its source.
 A resumed or rolled-back run logged some steps twice: the later records replace the earlier.
@@ -101,7 +103,11 @@ def member_curves(family_dir: Path, ledger: Ledger, mode: str) -> tuple[list[Mem
             start = None
             if mode == "progressive" and previous is not None and previous.val_loss is not None:
                 probe = (entry.growth or {}).get("probe") or {}
-                start = (offset, previous.val_loss + (_number(probe.get("dloss")) or 0.0))
+                grown_from_stable = (previous.growth_point or {}).get("from") == "stable"
+                # grown from the stable checkpoint, not from the published (decayed) member: the
+                # probe's own loss of the grown model is the start, not the member's plus Δ
+                start = (offset, _number(probe.get("loss_grown")) if grown_from_stable and "loss_grown" in probe
+                         else previous.val_loss + (_number(probe.get("dloss")) or 0.0))
             curves.append(MemberCurve(mode, entry.name, offset, entry.spent_flops / entry.tokens, spent,
                                       train, val, start))
         previous = entry
