@@ -128,13 +128,16 @@ def headline(source: FamilySource) -> list[str]:
 
 
 def _lr_text(lr: dict) -> str:
-    if lr.get("policy") == "linear":
-        return f"linear {lr.get('start'):g} → {lr.get('end'):g} (by {lr.get('by', 'index')})"
-    return f"{lr.get('policy', '?')} {lr.get('max', '')}"
+    peak = f"linear {lr.get('start'):g} → {lr.get('end'):g} (by {lr.get('by', 'index')})" \
+        if lr.get("policy") == "linear" else f"{lr.get('policy', '?')} {lr.get('max', '')}"
+    if lr.get("schedule", "cosine") == "cosine":
+        return peak
+    decay = f" (decay {lr.get('decay'):g}, {lr.get('decay_shape')})" if lr["schedule"] == "wsd" else ""
+    return f"{peak}, {lr['schedule']}{decay}"
 
 
-_SIDE_BY_SIDE = ("family", "built", "growth or pruning", "max LR", "family FLOPs, built", "family FLOPs independent",
-                 "family FLOPs saved", "largest member", "its val loss, built", "its val loss, independent",
+_SIDE_BY_SIDE = ("family", "built", "growth or pruning", "max LR, schedule", "family FLOPs, built",
+                 "family FLOPs independent", "family FLOPs saved", "largest member", "its val loss, built", "its val loss, independent",
                  "its FLOPs to equal loss")
 
 
@@ -143,7 +146,8 @@ def _headline_cells(source: FamilySource) -> list[str]:
     totals, (prog, ind), r = family_flops(source.ledger), _largest(source), _largest_equal_loss(source)
     growth, shrink = source.ledger.growth, source.ledger.plan.get("shrink") or {}
     how = f"{shrink.get('width')} / {shrink.get('depth')}, from {shrink.get('from')}, {shrink.get('recover')}" \
-        if source.built == "shrink" else f"{growth.get('width')} / {growth.get('depth')}"
+        if source.built == "shrink" else f"{growth.get('width')} / {growth.get('depth')}" + \
+        (", from the stable checkpoint" if growth.get("from") == "stable" else "")
     return [source.name, source.built, how,
             _lr_text(source.ledger.plan.get("lr", {})),
             *((sci(totals[0]), sci(totals[1]), _saved(totals)) if totals
