@@ -137,8 +137,8 @@ def _lr_text(lr: dict) -> str:
 
 
 _SIDE_BY_SIDE = ("family", "built", "growth or pruning", "max LR, schedule", "family FLOPs, built",
-                 "family FLOPs independent", "family FLOPs saved", "largest member", "its val loss, built", "its val loss, independent",
-                 "its FLOPs to equal loss")
+                 "family FLOPs independent", "family FLOPs saved", "largest member", "its val loss, built",
+                 "its val loss, independent", "its FLOPs to equal loss")
 
 
 def _headline_cells(source: FamilySource) -> list[str]:
