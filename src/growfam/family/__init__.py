@@ -15,14 +15,19 @@ package turns a FamilyConfig into budgets and members.
   publish the member, return its MemberEntry).
 - `variants`: the distilled variants of a built family's members (distill: retro, draft):
   build_variants, check_variants, variant_train_config.
+- `shrink`: `growfam shrink` as a function (shrink_directory, check_shrink, ShrinkOptions):
+  importance, pruning, recovery by distillation or cross-entropy, into a shrink output.
+- `downward`: the mode `shrink` of a family built downward (build_shrink_mode, check_shrink_family).
 - `pipeline`: check_family, run_family (the stages in order, in each mode; the ledger; the lock).
 - `memory`: fsdp_memory, the memory per GPU of training a member under FSDP2 (a planning
   estimate for `growfam plan --memory`).
 
 Imports point one way inside: directory, plan and memory import nothing of family/; ledger
 imports directory; members imports directory and ledger; stage imports directory, ledger and
-plan; variants imports directory, ledger, plan and stage; pipeline imports all but members. family/ may import the helpers (errors, checks, io,
-text, device, lock), model, data, grow, train and config; eval, infer, report and the CLI
+plan; variants imports directory, ledger, plan and stage; shrink imports directory and stage;
+downward imports directory, ledger, shrink and stage; pipeline imports all but members.
+family/ may import the helpers (errors, checks, io, text, device, lock), model, data, grow,
+train and config; eval, infer, report and the CLI
 import it (tests/test_layout.py holds every package to the order in docs/architecture.md).
 """
 

@@ -45,7 +45,7 @@ from growfam.errors import ConfigError
 from growfam.family.directory import MODES, FamilyDirectory
 from growfam.family.ledger import Ledger, MemberEntry, check_same_run, read_ledger, write_ledger
 from growfam.family.plan import FamilyPlan, make_plan
-from growfam.family.shrink import SHRINK_MODE, build_shrink_mode, check_shrink_family
+from growfam.family.downward import SHRINK_MODE, build_shrink_mode, check_shrink_family
 from growfam.family.stage import FamilyRun, build_stage, stage_train_config
 from growfam.family.variants import build_variants, check_variants
 from growfam.io import check_folder, remove_stale_temporaries
