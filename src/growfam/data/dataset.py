@@ -72,6 +72,11 @@ class TokenDataset:
         _check_index(path, index)
         return cls(path, index)
 
+    def tokenized_with(self, path: str | Path) -> bool:
+        """Whether this dataset was tokenized with the tokenizer saved at `path` (a model or a
+        tokenizer directory): the same fingerprint. A GrowfamError when `path` holds none."""
+        return load_tokenizer(path).fingerprint() == self.tokenizer_fingerprint
+
     def num_tokens(self, split: str) -> int:
         """Tokens in `split` ("train" or "val"), eos separators included."""
         return int(self._entry(split)["tokens"])

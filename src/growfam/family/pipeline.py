@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from growfam.config import PLANNED, FamilyConfig, GrowthConfig
-from growfam.data import TokenDataset, load_tokenizer
+from growfam.data import TokenDataset
 from growfam.errors import ConfigError
 from growfam.family.directory import MODES, FamilyDirectory
 from growfam.family.ledger import Ledger, MemberEntry, check_same_run, read_ledger, write_ledger
@@ -63,9 +63,7 @@ def _train_record(family: FamilyConfig, plan: FamilyPlan, out_dir: Path, modes: 
     configs, world = [], rank_and_world()[1]
     for mode in modes:
         for i, stage in enumerate(plan.stages):
-            tokens = stage.tokens_independent if mode == "independent" else stage.tokens_shrink \
-                if mode == "shrink" else stage.tokens_progressive
-            cfg = stage_train_config(family, plan, i, mode, None, out_dir, tokens, fixed_data)
+            cfg = stage_train_config(family, plan, i, mode, None, out_dir, stage.tokens(mode), fixed_data)
             if cfg.micro_batch_size and cfg.batch_size % cfg.micro_batch_size:
                 raise ConfigError(f"train.micro_batch_size {cfg.micro_batch_size} does not divide stage "
                                   f"{stage.name}'s batch_size {cfg.batch_size}")
@@ -223,7 +221,7 @@ def _check_start_from(family: FamilyConfig, dataset: TokenDataset):
     if family.start_from is None:
         return None
     path = Path(family.start_from)
-    if load_tokenizer(path).fingerprint() != dataset.tokenizer_fingerprint:
+    if not dataset.tokenized_with(path):
         raise ConfigError(f"the dataset {dataset.path} was not tokenized with start_from {path}'s tokenizer; "
                           f"prepare it with `growfam data prepare SOURCE --tokenizer {path}`")
     return load_pretrained(path, dtype=torch.float32)

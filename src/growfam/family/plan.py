@@ -87,6 +87,11 @@ class StagePlan:
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
 
+    def tokens(self, mode: str) -> float:
+        """The planned budget of `mode`: progressive (Eq. 4), independent or shrink."""
+        return {"progressive": self.tokens_progressive, "independent": self.tokens_independent,
+                "shrink": self.tokens_shrink}[mode]
+
     def to_dict(self) -> dict:
         out = {**dataclasses.asdict(self), "tokens_per_step": self.tokens_per_step}
         if not self.teacher_flops_progressive:  # plans of families without a teacher stay as they were
@@ -331,12 +336,14 @@ def shrink_budgets(family: FamilyConfig, stages: list[StagePlan]) -> list[StageP
     out: list[StagePlan | None] = [None] * len(stages)
     for i in range(last, -1, -1):
         stage = stages[i]
-        tokens = stage.tokens_independent if i == last else section.tokens * (stage.given_tokens or stage.tokens_independent)
+        from_scratch = stage.given_tokens or stage.tokens_independent  # a given member's D(N)
+        tokens = stage.tokens_independent if i == last else section.tokens * from_scratch
         teacher = None if i == last else section.teacher(i, len(stages))
         t_flops = 0.0 if teacher is None or section.recover != "kd" else 2 * stages[teacher].params * tokens
         flops = 6 * stage.params * tokens
         out[i] = dataclasses.replace(
             stage, tokens_shrink=tokens, steps_shrink=steps_for(tokens, stage.tokens_per_step), flops_shrink=flops,
             teacher_flops_shrink=t_flops, attn_flops_shrink=flops_per_token(family.members[i], stage.seq_len) * tokens,
-            cum_flops_shrink=(stage.given_flops if teacher is None else out[teacher].cum_flops_shrink) + flops + t_flops)
+            cum_flops_shrink=(stage.given_flops if teacher is None else out[teacher].cum_flops_shrink)
+            + flops + t_flops)
     return out

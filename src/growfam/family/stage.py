@@ -224,8 +224,8 @@ def build_stage(job: FamilyRun, mode: str, i: int, members: list[MemberEntry]) -
     member (rank 0) and return its ledger entry. members: the mode's finished members before it."""
     plan, growth, out_dir, log = job.plan, job.growth, job.out_dir, job.log
     stage = plan.stages[i]
-    tokens = stage.tokens_independent if mode == "independent" else stage.tokens_shrink if mode == "shrink" \
-        else _progressive_tokens(plan, i, members)
+    # progressive: Eq. 4 again when an earlier stage grew early (converged schedule)
+    tokens = _progressive_tokens(plan, i, members) if mode == "progressive" else stage.tokens(mode)
     tcfg = stage_train_config(job.family, plan, i, mode, job.data, out_dir, tokens, job.fixed_data)
     run_dir = Path(tcfg.out_dir)
     growth_report = FamilyDirectory(out_dir).growth_report(mode, stage.name)

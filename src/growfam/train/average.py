@@ -24,12 +24,11 @@ AVERAGE_DIR = "average"
 def average_checkpoints(paths: list[Path], out: Path, tokenizer=None) -> Path:
     """Write the float64 mean of the models at `paths` (Hugging Face directories of one shape)
     to `out`, atomically, in the first one's dtype; `out`."""
-    total: dict[str, torch.Tensor] = {}
-    for path in paths:
-        model = load_pretrained(path, dtype=torch.float64)
-        for name, tensor in model.state_dict().items():
-            total[name] = tensor.clone() if name not in total else total[name].add_(tensor)
-    result = load_pretrained(paths[0])
+    result = load_pretrained(paths[0])  # in its own dtype: the average is written in it
+    total = {name: tensor.to(torch.float64, copy=True) for name, tensor in result.state_dict().items()}
+    for path in paths[1:]:
+        for name, tensor in load_pretrained(path, dtype=torch.float64).state_dict().items():
+            total[name].add_(tensor)
     dtype = next(result.parameters()).dtype
     with torch.no_grad():
         result.load_state_dict({name: (t / len(paths)).to(dtype) for name, t in total.items()})
