@@ -166,4 +166,10 @@ def test_outputs_are_never_replaced_without_force_and_only_a_shrink_with_it(made
     assert "other settings (width)" in capsys.readouterr().err
     assert main([*base, "--out", str(out), "--width", "magnitude", "--force"]) == 0
     assert json.loads((out / "shrink.json").read_text())["settings"]["width"] == "magnitude"
+    for damaged, message in (("{broken", "malformed JSON"), ("[1, 2]", "is not a shrink record growfam wrote")):
+        (out / "shrink.json").write_text(damaged)
+        before = checksums(out)
+        assert main([*base, "--out", str(out), "--width", "magnitude"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and message in err and checksums(out) == before
     shutil.rmtree(out)

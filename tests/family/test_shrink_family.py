@@ -67,6 +67,9 @@ def test_a_shrink_family_builds_downward_and_a_rerun_skips_it(dataset, tmp_path,
     assert (l["tokens"], l["flops"], l["cum_flops"]) == (8064, 6 * plan.stages[2].params * 8064, l["flops"])
     for entry, teacher, stage in ((m, l, plan.stages[1]), (s, m, plan.stages[0])):
         assert entry["shrink"]["from"] == teacher["name"] and entry["distill"]["flops"] > 0
+        # the recovery's own distill settings (kd: forward KL, weight 1), not a copy written by hand
+        assert (entry["distill"]["kind"], entry["distill"]["weight"], entry["distill"]["temperature"]) == \
+            ("forward", 1.0, 1.0)
         assert entry["cum_flops"] == pytest.approx(teacher["cum_flops"] + entry["flops"] + entry["distill"]["flops"])
         assert entry["flops"] == 6 * stage.params * entry["tokens"]
         model = load_pretrained(tmp_path / "fam" / "shrink" / entry["name"])

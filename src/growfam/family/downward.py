@@ -99,8 +99,8 @@ def _shrunk_member(job: FamilyRun, index: int, entries: dict[str, MemberEntry]) 
         flops_attn=rec["flops_attn"], cum_flops=entries[teacher.name].cum_flops + rec["flops"] + rec["flops_teacher"],
         val_loss=rec["val_loss"], train_loss=rec["train_loss"], max_lr=rec["max_lr"], wall_s=rec["wall_s"],
         session_wall_s=time.perf_counter() - start, spikes=rec["spikes"], rollbacks=rec["rollbacks"], done=True,
-        distill={"teacher": str(source), "kind": "forward", "weight": 1.0, "flops": rec["flops_teacher"]}
-        if rec["flops_teacher"] else None,
+        distill={"teacher": str(source), **rec["distill"], "flops": rec["flops_teacher"]}
+        if rec["distill"] else None,
         shrink={"from": teacher.name, "source": str(source), "width": record["settings"]["width"],
                 "depth": record["settings"]["depth"], "held_out": held_out, "kept": record["kept"],
                 "params": record["params"]})

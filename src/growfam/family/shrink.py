@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from growfam.data import TokenDataset, eval_windows, load_tokenizer
+from growfam.data import TokenDataset, eval_windows
 from growfam.data.loader import num_windows
 from growfam.device import check_device, resolve_device
 from growfam.errors import ConfigError, GrowfamError
@@ -157,7 +157,8 @@ def _check_options(opts: ShrinkOptions) -> None:
                                  (opts.recover, RECOVERY, "--recover")):
         if value not in choices:
             raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
-    for value, flag, low in ((opts.calibration, "--calibration", 1), (2 if opts.seq_len is None else opts.seq_len, "--seq-len", 2),
+    seq_len = 2 if opts.seq_len is None else opts.seq_len  # None: filled in from the source later
+    for value, flag, low in ((opts.calibration, "--calibration", 1), (seq_len, "--seq-len", 2),
                              (opts.eval_windows, "--eval-windows", 1), (opts.tokens, "--tokens", 0)):
         if not isinstance(value, int) or value < low:
             raise ConfigError(f"{flag} must be a whole number ≥ {low}, got {value!r}")
@@ -165,8 +166,9 @@ def _check_options(opts: ShrinkOptions) -> None:
         raise ConfigError("--recover kd|ce needs --tokens N > 0, and --tokens needs --recover kd|ce"
                           if opts.recover != "none" else "--tokens needs --recover kd or ce")
     check_device(opts.train.get("device", "auto"))  # importance and pruning run there too
-    if opts.recover == "none" and set(opts.train) - {"device"}:
-        raise ConfigError(f"{', '.join(sorted(set(opts.train) - {'device'}))}: recovery settings need --recover kd or ce")
+    unused = sorted(set(opts.train) - {"device"}) if opts.recover == "none" else []
+    if unused:
+        raise ConfigError(f"{', '.join(unused)}: recovery settings need --recover kd or ce")
     if not -2**63 <= opts.seed < 2**63:
         raise ConfigError(f"--seed must be a 64-bit integer, got {opts.seed}")
 
@@ -179,8 +181,11 @@ def _earlier(out: str, settings: dict, force: bool, sources: list[str], owned: b
         return None
     if (owned or kind_of(path) == SHRINK) and not force:
         record = read_json(path / SHRINK_FILE)
-        if not isinstance(record, dict) or record.get("settings") != settings:
-            old = record.get("settings", {}) if isinstance(record, dict) else {}
+        if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+            raise GrowfamError(f"{path / SHRINK_FILE} is not a shrink record growfam wrote; pass --force to "
+                               "replace the output, or choose another --out")
+        if record["settings"] != settings:
+            old = record["settings"]
             changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             raise GrowfamError(f"--out {out} holds a shrink with other settings ({', '.join(changed)}); "
                                "pass --force to replace it, or choose another --out")
@@ -191,7 +196,7 @@ def _earlier(out: str, settings: dict, force: bool, sources: list[str], owned: b
 
 def _check_tokenizer(src: str, dataset: TokenDataset) -> None:
     try:
-        same = load_tokenizer(src).fingerprint() == dataset.tokenizer_fingerprint
+        same = dataset.tokenized_with(src)
     except GrowfamError:
         raise ConfigError(f"{src} holds no tokenizer, so it cannot be checked against the dataset's; "
                           "save the model with its tokenizer files") from None
@@ -258,7 +263,8 @@ def _prune(src: str, out_dir: Path, model_dir: Path, checked: Checked, opts: Shr
               "pruned": held_out_loss(pruned, val, opts.seq_len, opts.eval_windows)}
     log(f"pruned {src}: held-out loss {losses['source']:.4f} -> {losses['pruned']:.4f}")
     record = {"settings": checked.settings, "source_config": source.cfg.to_dict(),
-              "target_config": pruned.cfg.replace(name=checked.target.name).to_dict(), "params": _params(source.cfg, pruned.cfg),
+              "target_config": pruned.cfg.replace(name=checked.target.name).to_dict(),
+              "params": _params(source.cfg, pruned.cfg),
               "kept": _kept(maps, source.cfg), "calibration_windows": 0 if windows is None else len(windows),
               "held_out": losses, "seconds": {"importance": scored}, "recovery": None, "done": False}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -303,7 +309,9 @@ def _recover(out_dir: Path, model_dir: Path, checked: Checked, record: dict, dev
     record["recovery"] = {"how": opts["recover"], "tokens": result.tokens, "steps": result.steps,
                           "flops": result.flops, "flops_attn": result.flops_attn, "flops_teacher": result.flops_teacher,
                           "wall_s": result.wall_s, "val_loss": result.val_loss, "train_loss": result.train_loss,
-                          "max_lr": tcfg.max_lr, "spikes": result.spikes, "rollbacks": result.rollbacks}
+                          "max_lr": tcfg.max_lr, "spikes": result.spikes, "rollbacks": result.rollbacks,
+                          "distill": None if tcfg.distill is None else
+                          {k: v for k, v in tcfg.distill.to_dict().items() if k != "teacher"}}
     return record
 
 
