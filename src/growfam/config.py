@@ -153,7 +153,8 @@ class FamilyConfig:
         by the `shrink:` section, against Independent).
     start_from: a Hugging Face model directory (config.json, safetensors weights, tokenizer) that
         is the first member (with direction: shrink, the largest), given rather than trained; that
-        member must have its shape (or be the directory itself). start_from_tokens: tokens to continue training it on (default 0:
+        member must have its shape (or be the directory itself). start_from_tokens: tokens to
+        continue training it on (default 0:
         published as it is). See family.plan for how its FLOPs are accounted.
     """
 

@@ -1,9 +1,9 @@
 """`growfam` command line: one parser, one subcommand per job.
 
 building.py holds the commands that build a family (info, plan, data, train, family, demo,
-report), expand.py `growfam expand` (growing saved models), shrink.py `growfam shrink`, members.py the commands that use a
-family's members (eval, consistency, generate, speculate); defaults.py fills the defaults their
-help shows.
+report), expand.py `growfam expand` (growing saved models), shrink.py `growfam shrink` (pruning
+them), members.py the commands that use a family's members (eval, consistency, generate,
+speculate); defaults.py fills the defaults their help shows.
 Every handler raises GrowfamError for bad input; `main` prints it as one line on stderr and
 exits with status 2 (3 for a diverged run), so users never see a traceback for a mistake of
 theirs.

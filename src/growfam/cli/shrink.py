@@ -60,8 +60,8 @@ def _add_shrink(sub) -> None:
     p.add_argument("--tokens", type=_whole_tokens, metavar="N", help="recovery training tokens (5e6 is fine)")
     p.add_argument("--lr", type=float, metavar="LR", help="recovery peak learning rate "
                                                           f"{default('growfam.train.config:DEFAULT_MAX_LR')}")
-    p.add_argument("--batch-size", type=int, metavar="B", help="recovery batch in sequences "
-                                                              f"{default('growfam.train.config:TrainConfig.batch_size')}")
+    p.add_argument("--batch-size", type=int, metavar="B",
+                   help=f"recovery batch in sequences {default('growfam.train.config:TrainConfig.batch_size')}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other field of the recovery's train config (VALUE read as YAML), e.g. "
                         "warmup_frac=0.05, device=cuda, distill={temperature: 2}; repeatable")

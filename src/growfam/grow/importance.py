@@ -158,7 +158,8 @@ def _top(scores: torch.Tensor, k: int) -> tuple[int, ...]:
 def select(importance: Importance, source: ModelConfig, target: ModelConfig, depth: str = "contiguous") -> PruneMaps:
     """The PruneMaps from `source` to `target`'s shape keeping the most important parts; depth
     "contiguous" drops the contiguous run of layers with the least total importance, "importance"
-    the least important layers, "none" none (the target keeps the source's depth). A ConfigError for a target that is not smaller or equal in every
+    the least important layers, "none" none (the target keeps the source's depth). A
+    ConfigError for a target that is not smaller or equal in every
     dimension, or that breaks the GQA grouping."""
     if depth not in DEPTH_RULES:
         raise ConfigError(f"depth must be one of {', '.join(DEPTH_RULES)}, got {depth!r}")

@@ -128,7 +128,8 @@ def check_speculate(target: Target, opts: SpeculateOptions) -> tuple[list[tuple[
     pairs = speculative_pairs(target, opts.pairs)
     if not pairs:
         raise GrowfamError(f"{target.family_dir}: no two finished members of different sizes to pair")
-    variants = [(draft, teacher) for member, variant, teacher in target.variants("draft") for draft in (member, variant)]
+    variants = [(draft, teacher) for member, variant, teacher in target.variants("draft")
+                for draft in (member, variant)]
     dataset = target.dataset()
     for draft, large in pairs + variants:
         for member in (draft, large):

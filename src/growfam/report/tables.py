@@ -99,8 +99,9 @@ def _shrink_lines(plan: FamilyPlan) -> list[str]:
     return [f"direction shrink: {stages[-1].name} trains on its D(N); each smaller member is pruned from {source} "
             f"({section.width} scores, {section.depth} depth) and recovered by {how} on "
             f"{section.tokens:g} x its D(N):", *text_table(rows),
-            f"shrink family: {sci(plan.flops_shrink)} FLOPs in all, {100 * (1 - plan.flops_shrink / plan.flops_independent):.1f}% "
-            f"less than independent, {plan.flops_shrink / (plan.flops_progressive + plan.teacher_flops):.2f}x progressive"]
+            f"shrink family: {sci(plan.flops_shrink)} FLOPs in all, "
+            f"{100 * (1 - plan.flops_shrink / plan.flops_independent):.1f}% less than independent, "
+            f"{plan.flops_shrink / (plan.flops_progressive + plan.teacher_flops):.2f}x progressive"]
 
 
 def format_memory(family: FamilyConfig, gpus: int, micro_batch: int, checkpoint_every: int,
@@ -204,7 +205,8 @@ def speculative_rows(rows: list[dict], temperature: float) -> tuple[list[list[st
     (tokens/s against the target decoding alone). rows: the section's `rows`."""
     here = [r for r in rows if r["temperature"] == temperature]
     pairs = list(dict.fromkeys((r["draft"], r["target"]) for r in here))
-    combos = mode_pairs("shrink" if any("shrink" in (r["draft_mode"], r["target_mode"]) for r in rows) else "progressive")
+    shrunk = any("shrink" in (r["draft_mode"], r["target_mode"]) for r in rows)
+    combos = mode_pairs("shrink" if shrunk else "progressive")
     header, groups = ["draft -> target"], []
     for draft_mode, target_mode in combos:
         groups.append((len(header), len(header) + 1, f"{_SHORT_MODE[draft_mode]}→{_SHORT_MODE[target_mode]}"))
