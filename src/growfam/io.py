@@ -154,17 +154,7 @@ def atomic_directory(out_dir: str | Path, write: Callable[[Path], None]) -> Path
     try:
         write(tmp)
         _open_permissions(tmp)
-        if out_dir.exists() or out_dir.is_symlink():
-            old = out_dir.with_name(f".{out_dir.name}{_OLD}{os.getpid()}")
-            os.replace(out_dir, old)
-            try:
-                os.replace(tmp, out_dir)
-            except OSError:
-                os.replace(old, out_dir)  # put the old one back before reporting
-                raise
-            remove_path(old)
-        else:
-            os.replace(tmp, out_dir)
+        publish_directory(tmp, out_dir)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, GrowfamError):  # a nested writer's, or bad input met on the way: as it is
@@ -177,6 +167,23 @@ def atomic_directory(out_dir: str | Path, write: Callable[[Path], None]) -> Path
             raise
         raise failed from None
     return out_dir
+
+
+def publish_directory(tmp: Path, out_dir: Path) -> None:
+    """Move the complete directory `tmp` to `out_dir` (a sibling), replacing whatever is there
+    last: the old one is moved aside, the new one renamed in, then the old one deleted (put
+    back if the rename fails). OSError as it comes."""
+    if out_dir.exists() or out_dir.is_symlink():
+        old = out_dir.with_name(f".{out_dir.name}{_OLD}{os.getpid()}")
+        os.replace(out_dir, old)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            os.replace(old, out_dir)  # put the old one back before reporting
+            raise
+        remove_path(old)
+    else:
+        os.replace(tmp, out_dir)
 
 
 def remove_path(path: Path) -> None:

@@ -26,7 +26,7 @@ LINK = "a link"
 LEDGER_FILE = "family.json"
 REPORT_FILE, REPORT_TITLE = "REPORT.md", "# growfam report"
 TRAINER_STATE_FILE, CHECKPOINTS_DIR, METRICS_FILE = "trainer_state.json", "checkpoints", "metrics.jsonl"
-DATASET_INDEX = "index.json"
+DATASET_INDEX, DATASET_SETTINGS = "index.json", "prepare.json"  # a dataset; one being prepared
 SHRINK_FILE = "shrink.json"
 MODEL_CONFIG, MODEL_WEIGHTS = "config.json", ("model.safetensors", "model.safetensors.index.json")
 
@@ -61,7 +61,7 @@ def kind_of(path: str | Path) -> str | None:
         return CHECKPOINT
     if (path / CHECKPOINTS_DIR).is_dir() or (path / METRICS_FILE).is_file():
         return RUN
-    if (path / DATASET_INDEX).is_file():
+    if (path / DATASET_INDEX).is_file() or (path / DATASET_SETTINGS).is_file():
         return DATASET
     if (path / MODEL_CONFIG).is_file() and any((path / name).is_file() for name in MODEL_WEIGHTS):
         return MODEL

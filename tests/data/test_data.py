@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -291,9 +290,9 @@ def test_corrupt_datasets_are_clear_errors(tmp_path, gpt2):
     with pytest.raises(GrowfamError, match="corrupt index.json"):
         TokenDataset.open(path)
     (path / "index.json").write_text(index)
-    with open(path / "train" / "tokens.bin", "r+b") as f:
+    with open(path / "train" / "000000-0000.bin", "r+b") as f:
         f.truncate(10)
-    with pytest.raises(GrowfamError, match="train/tokens.bin is missing or not"):
+    with pytest.raises(GrowfamError, match="train/000000-0000.bin is missing or not"):
         TokenDataset.open(path)
 
 
@@ -347,20 +346,17 @@ def _dead_pid() -> int:
                               capture_output=True, text=True, check=True).stdout)
 
 
-def test_interrupted_prepare_leftovers_are_removed_and_temporaries_named_like_io(tmp_path, gpt2, monkeypatch):
-    stale = tmp_path / f".ds.tmp-{_dead_pid()}"  # what a killed prepare left behind
-    (stale / "train").mkdir(parents=True)
-    seen = []
-    real_write_tokens = prepare_module._write_tokens
-
-    def spy(source, tokenizer, out, *args):
-        seen.append(out.name)
-        return real_write_tokens(source, tokenizer, out, *args)
-
-    monkeypatch.setattr(prepare_module, "_write_tokens", spy)
-    prepare(["doc"], gpt2, tmp_path / "ds", val_fraction=0, progress=False)
-    assert not stale.exists() and [p.name for p in tmp_path.iterdir()] == ["ds"]
-    assert re.fullmatch(rf"\.ds\.tmp-{os.getpid()}-\w+", seen[0])
+def test_interrupted_prepare_leftovers_are_removed_and_temporaries_named_like_io(tmp_path, gpt2):
+    partial = tmp_path / "ds.partial"
+    stale = partial / f".tokenizer.tmp-{_dead_pid()}"  # what a killed tokenizer save left behind
+    stale.mkdir(parents=True)
+    (partial / "prepare.json").write_text("{}")  # a killed preparation's settings (before any unit)
+    with pytest.raises(GrowfamError, match="not a preparation's settings"):
+        prepare(["doc"], gpt2, tmp_path / "ds", val_fraction=0, progress=False)
+    prepare(["doc"], gpt2, tmp_path / "ds", val_fraction=0, progress=False, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["index.json", "prepare.json", "tokenizer",
+                                                                  "train", "units", "val"]
 
 
 def test_force_keeps_the_old_dataset_until_the_new_one_is_complete(tmp_path, gpt2, monkeypatch):
@@ -368,16 +364,16 @@ def test_force_keeps_the_old_dataset_until_the_new_one_is_complete(tmp_path, gpt
     old = prepare(["old"], gpt2, out, val_fraction=0, progress=False)
     old_tokens = old.tokens("train").tolist()
 
-    def fail_midway(source, tokenizer, tmp, *args):
-        (tmp / "train" / "tokens.bin").write_bytes(b"\0\0")
+    def fail_midway(partial, number, *args):
+        (partial / "train" / f"{number:06d}-0000.bin").write_bytes(b"\0\0")
         raise GrowfamError("source went away")
 
     with monkeypatch.context() as patch:
-        patch.setattr(prepare_module, "_write_tokens", fail_midway)
+        patch.setattr(prepare_module, "_write_unit", fail_midway)
         with pytest.raises(GrowfamError, match="source went away"):
             prepare(["new"], gpt2, out, overwrite=True, progress=False)
     assert TokenDataset.open(out).tokens("train").tolist() == old_tokens
-    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "ds.partial"]  # to continue from
 
     real_rmtree = shutil.rmtree
 
@@ -465,10 +461,15 @@ CORRUPTIONS = {
     "float dtype": (lambda i: i.update(dtype="float32"), "dtype 'float32'.*uint16 or uint32"),
     "unknown dtype": (lambda i: i.update(dtype="bogus"), "dtype 'bogus'.*uint16 or uint32"),
     "wrong count": (lambda i: i["splits"]["train"].update(tokens=i["splits"]["train"]["tokens"] + 1),
-                    "train/tokens.bin is missing or not"),
+                    "shards do not add up"),
+    "wrong shard size": (lambda i: [i["splits"]["train"].update(tokens=i["splits"]["train"]["tokens"] + 1),
+                                    i["splits"]["train"]["shards"][0].update(tokens=i["splits"]["train"]["tokens"])],
+                         "train/000000-0000.bin is missing or not"),
+    "shards not a list": (lambda i: i["splits"]["val"].update(shards={"a": 1}), "not a list of shards"),
     "count not a number": (lambda i: i["splits"]["val"].update(tokens="many"), "splits.val.tokens"),
     "eos outside vocab": (lambda i: i["tokenizer"].update(eos_id=60_000), "eos_id 60000 is outside"),
-    "file outside dataset": (lambda i: i["splits"]["train"].update(file="../../etc/passwd"), "outside the dataset"),
+    "file outside dataset": (lambda i: i["splits"]["train"]["shards"][0].update(file="../../etc/passwd"),
+                             "outside the dataset"),
 }
 
 
@@ -486,18 +487,19 @@ def test_corrupt_index_is_a_clear_error(tmp_path, gpt2, case):
 def test_token_file_not_a_multiple_of_the_dtype_is_a_clear_error(tmp_path, gpt2):
     path = tmp_path / "ds"
     prepare(DOCS, gpt2, path, val_fraction=0, progress=False)
-    with open(path / "train" / "tokens.bin", "ab") as f:
+    with open(path / "train" / "000000-0000.bin", "ab") as f:
         f.write(b"\0")
     with pytest.raises(GrowfamError, match="not a whole number of uint16 tokens"):
         TokenDataset.open(path)
 
 
-def _full_disk_at(monkeypatch, owner, name: str, file: str) -> None:
-    """Make `owner.name(self_or_source, ..., out, ...)` write `file` under its output to /dev/full."""
+def _full_disk_at(monkeypatch, owner, name: str, file: str, folder=None) -> None:
+    """Make `owner.name(self_or_source, ..., out, ...)` write `file` under its output (or under
+    folder(*args)) to /dev/full."""
     real = getattr(owner, name)
 
     def writes_to_a_full_disk(*args):
-        out = next(a for a in args if isinstance(a, Path))
+        out = folder(*args) if folder else next(a for a in args if isinstance(a, Path))
         (out / file).parent.mkdir(parents=True, exist_ok=True)
         (out / file).unlink(missing_ok=True)
         (out / file).symlink_to("/dev/full")  # every write there fails with ENOSPC
@@ -516,7 +518,8 @@ def test_full_disk_is_one_clear_line_and_the_old_dataset_survives(tmp_path, caps
     old = TokenDataset.open(out).tokens("train").tolist()
     tokenizer = "train:300" if where == "trained tokenizer" else "gpt2"
     if where == "tokens":
-        _full_disk_at(monkeypatch, prepare_module, "_write_tokens", "train/tokens.bin")
+        _full_disk_at(monkeypatch, prepare_module._ShardWriter, "open", "train/000000-0000.bin.tmp",
+                      lambda writer: writer.partial)
     elif where == "gpt2 tokenizer":
         _full_disk_at(monkeypatch, TiktokenGPT2, "save", "tokenizer.json")
     else:
@@ -527,4 +530,7 @@ def test_full_disk_is_one_clear_line_and_the_old_dataset_survives(tmp_path, caps
     said = [line for line in err.splitlines() if line.startswith("growfam")]  # not the progress bar
     assert len(said) == 1 and "No space left on device" in said[0] and "Traceback" not in err, err
     assert TokenDataset.open(out).tokens("train").tolist() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "ds", "ds.partial"]
+    monkeypatch.undo()  # the disk has room again: the same command continues and finishes
+    assert main(["data", "prepare", str(source), "--out", str(out), "--tokenizer", tokenizer, "--force"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "ds"]

@@ -197,25 +197,52 @@ def _add_data(sub) -> None:
     prep.add_argument("--val-fraction", metavar="F",
                       help="share of documents held out for validation, chosen by hash "
                            f"{default('growfam.data.preparation:DEFAULT_VAL_FRACTION')}")
-    prep.add_argument("--workers", metavar="N", help="tokenising threads (default: all CPUs)")
+    prep.add_argument("--workers", metavar="N",
+                      help="worker processes, or threads when the source has fewer than 2N units (default: all CPUs)")
     prep.add_argument("--max-tokens", metavar="N", help="stop after about N tokens (1e6 is fine)")
+    prep.add_argument("--shard-tokens", metavar="N",
+                      help="tokens per token file, at most about; a unit of work is about 4N bytes of text "
+                           f"{default('growfam.data.preparation:SHARD_TOKENS')}")
+    prep.add_argument("--part", metavar="I/N",
+                      help="prepare only part I of N (counted from 0) into OUT.partial, e.g. one per machine "
+                           "on a shared file system; then `growfam data merge OUT`")
     prep.add_argument("--text-field", default="text", help="JSONL/Parquet/HF text field (default: %(default)s)")
     prep.add_argument("--force", action="store_true",
-                      help="replace OUT if it exists (only once the new dataset is complete)")
+                      help="replace OUT if it exists (only once the new dataset is complete), or start an "
+                           "unfinished preparation with other settings again")
     prep.set_defaults(func=_run_data_prepare)
+    merge = data_sub.add_parser("merge", help="make one dataset of the parts prepared with --part",
+                                description="Write OUT/index.json over the token files every part wrote into "
+                                            "OUT.partial (no copy) and rename it to OUT.")
+    merge.add_argument("out", metavar="OUT", help="the --out the parts were given")
+    merge.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    merge.set_defaults(func=_run_data_merge)
 
 
 def _run_data_prepare(args) -> int:
     from growfam.data import DEFAULT_TOKENIZER, open_source, prepare
 
     # prepare() owns the defaults: a flag left out is not passed
-    given = {"val_fraction": args.val_fraction} if args.val_fraction is not None else {}
+    given = {key: value for key, value in (("val_fraction", args.val_fraction), ("shard_tokens", args.shard_tokens),
+                                            ("part", args.part)) if value is not None}
     ds = prepare(open_source(args.source, text_field=args.text_field), DEFAULT_TOKENIZER if args.tokenizer is None else args.tokenizer,
                  args.out, workers=args.workers, max_tokens=args.max_tokens, overwrite=args.force, **given)
+    if ds is not None:
+        _print_dataset(ds)
+    return 0
+
+
+def _run_data_merge(args) -> int:
+    from growfam.data import merge
+
+    _print_dataset(merge(args.out, overwrite=args.force))
+    return 0
+
+
+def _print_dataset(ds) -> None:
     print(f"{ds.path}: train {ds.num_tokens('train'):,} tokens ({ds.num_documents('train'):,} documents), "
           f"val {ds.num_tokens('val'):,} tokens ({ds.num_documents('val'):,} documents), "
-          f"vocab {ds.vocab_size:,} ({ds.dtype.name})")
-    return 0
+          f"vocab {ds.vocab_size:,} ({ds.dtype.name}), {len(ds.shards('train')):,} train shard(s)")
 
 
 def _add_family(sub) -> None:

@@ -9,11 +9,11 @@ batches.
 Modules, each importing only those listed before it (no cycles):
 
     tokenizer.py   Tokenizer, load_tokenizer, train_bpe, bounded_pieces, MAX_RUN
-    sources.py     Source, embedded / local (.txt, .jsonl, .parquet) / hf sources, open_source
-    dataset.py     TokenDataset, SplitTokens, the index checks, FORMAT, SPLITS, token_dtype
-                   (imports tokenizer)
-    preparation.py prepare, in_val_split, DEFAULT_TOKENIZER, DEFAULT_VAL_FRACTION, chunking,
-                   writing the token files and the index (imports tokenizer, sources, dataset)
+    sources.py     Source, Unit, embedded / local (.txt, .jsonl, .parquet) / hf sources, open_source
+    dataset.py     TokenDataset, SplitTokens, ShardedTokens, the index checks, FORMAT, SPLITS,
+                   token_dtype (imports tokenizer)
+    preparation.py prepare, merge, in_val_split, DEFAULT_TOKENIZER, DEFAULT_VAL_FRACTION, units of
+                   work, shards and the index (imports tokenizer, sources, dataset)
     loader.py      token_rows, num_windows, PackedWindows, eval_windows (imports nothing of data/: it reads
                    a SplitTokens' vocab_size and origin by duck typing)
     config.py      DataConfig (the family YAML's `data:` section), dataset_dir, ensure_dataset
@@ -26,14 +26,15 @@ model/; nothing of grow/, train/, growfam.config or family/.
 shadowed by it in this package's namespace.)
 """
 
-from growfam.data.dataset import FORMAT, SPLITS, SplitTokens, TokenDataset, token_dtype
+from growfam.data.dataset import FORMAT, SPLITS, ShardedTokens, SplitTokens, TokenDataset, token_dtype
 from growfam.data.loader import PackedWindows, eval_windows, num_windows, token_rows
 from growfam.data.preparation import (BPE_TRAIN_MAX_CHARS, CHUNK_CHARS, DEFAULT_TOKENIZER, DEFAULT_VAL_FRACTION,
-                                      in_val_split, prepare)
+                                      SHARD_TOKENS, in_val_split, merge, partial_dir, prepare)
 from growfam.data.sources import (
     LOCAL_SUFFIXES,
     Source,
     SourceSpec,
+    Unit,
     embedded_source,
     hf_source,
     local_source,
@@ -66,12 +67,15 @@ __all__ = [
     "SPLITS",
     "HFTokenizer",
     "PackedWindows",
+    "SHARD_TOKENS",
+    "ShardedTokens",
     "Source",
     "SourceSpec",
     "SplitTokens",
     "TiktokenGPT2",
     "TokenDataset",
     "Tokenizer",
+    "Unit",
     "bounded_pieces",
     "embedded_source",
     "eval_windows",
@@ -80,7 +84,9 @@ __all__ = [
     "in_val_split",
     "load_tokenizer",
     "local_source",
+    "merge",
     "open_source",
+    "partial_dir",
     "prepare",
     "token_dtype",
     "token_rows",

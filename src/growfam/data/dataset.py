@@ -1,13 +1,18 @@
 """Reading a prepared dataset directory: `TokenDataset.open` memory-maps what `prepare` wrote.
 
-Dataset directory (written by `growfam.io.atomic_directory`: an old one is replaced only by a
-complete new one):
+Dataset directory (finished by `prepare` or `merge`: an old one is replaced only by a complete
+new one):
 
-    index.json         format, tokenizer {name, fingerprint, vocab_size, eos_id}, dtype,
-                       splits {train|val: {file, tokens, documents}}, val_fraction, source
-    train/tokens.bin   raw little-endian uint16 (vocab <= 65536) or uint32 token ids: the
-    val/tokens.bin     split's documents in source order, each followed by eos_id
-    tokenizer/         the tokenizer as a Hugging Face directory
+    index.json           format, tokenizer {name, fingerprint, vocab_size, eos_id}, dtype,
+                         splits {train|val: {tokens, documents, shards: [{file, tokens, documents}]}},
+                         val_fraction, shard_tokens, source, units
+    train/UNIT-PIECE.bin raw little-endian uint16 (vocab <= 65536) or uint32 token ids: the
+    val/UNIT-PIECE.bin   split's documents in source order, each followed by eos_id, cut into
+                         shards at document ends; a split's stream is its shards in index order
+    tokenizer/           the tokenizer as a Hugging Face directory
+
+Format growfam-tokens/1 (before shards) has one file per split, splits {train|val: {file, tokens,
+documents}}; it is read as a split of one shard.
 
 Reading checks what is cheap to check: `TokenDataset.open` validates index.json against the files,
 and the batches of a split (`TokenDataset.tokens`) refuse a token id outside the vocabulary, so a
@@ -28,7 +33,9 @@ from growfam.checks import as_int
 from growfam.errors import GrowfamError
 from growfam.io import read_json
 
-FORMAT = "growfam-tokens/1"
+FORMAT = "growfam-tokens/2"
+#: Formats this version reads: the sharded one and the single-file one before it.
+READABLE_FORMATS = (FORMAT, "growfam-tokens/1")
 SPLITS = ("train", "val")
 
 
@@ -49,6 +56,67 @@ class SplitTokens(np.memmap):
         super().__array_finalize__(obj)
         self.origin = getattr(obj, "origin", SplitTokens.origin)
         self.vocab_size = getattr(obj, "vocab_size", None)
+
+
+class ShardedTokens:
+    """A split kept in several shard files, read as one 1-D token stream without copying.
+
+    Supports what the loaders use of an array: len, an int index, a step-1 slice (a view; one
+    inside a shard is that shard's memmap slice), np.asarray and tolist (these copy the view),
+    dtype/ndim/shape, and a SplitTokens' origin and vocab_size."""
+
+    ndim = 1
+
+    def __init__(self, shards: list[np.ndarray], start: int = 0, stop: int | None = None) -> None:
+        self.shards = shards
+        self.ends = np.cumsum([len(s) for s in shards])
+        self.start = start
+        self.stop = int(self.ends[-1]) if stop is None else stop
+        self.origin = getattr(shards[0], "origin", SplitTokens.origin)
+        self.vocab_size = getattr(shards[0], "vocab_size", None)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.shards[0].dtype
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (len(self),)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, key: int | slice) -> Any:
+        if isinstance(key, slice):
+            begin, end, step = key.indices(len(self))
+            if step != 1:
+                raise IndexError("a sharded token stream takes slices of step 1 only")
+            begin, end = self.start + begin, self.start + max(begin, end)
+            shard = int(np.searchsorted(self.ends, begin, side="right"))
+            first = 0 if shard == 0 else int(self.ends[shard - 1])
+            if shard < len(self.shards) and end <= self.ends[shard]:
+                return self.shards[shard][begin - first : end - first]
+            return ShardedTokens(self.shards, begin, end)
+        index = int(key) + (len(self) if int(key) < 0 else 0)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {key} is outside a stream of {len(self)} tokens")
+        shard = int(np.searchsorted(self.ends, self.start + index, side="right"))
+        return self.shards[shard][self.start + index - (0 if shard == 0 else int(self.ends[shard - 1]))]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        first = int(np.searchsorted(self.ends, self.start, side="right"))
+        pieces, position = [], self.start
+        for shard in range(first, len(self.shards)):
+            if position >= self.stop:
+                break
+            offset = 0 if shard == 0 else int(self.ends[shard - 1])
+            pieces.append(self.shards[shard][position - offset : min(self.stop, int(self.ends[shard])) - offset])
+            position = int(self.ends[shard])
+        out = np.concatenate(pieces) if pieces else np.empty(0, dtype=self.dtype)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def tolist(self) -> list[int]:
+        return np.asarray(self).tolist()
 
 
 class TokenDataset:
@@ -84,14 +152,24 @@ class TokenDataset:
     def num_documents(self, split: str) -> int:
         return int(self._entry(split)["documents"])
 
-    def tokens(self, split: str) -> np.ndarray:
-        """The split's token stream, 1-D, memory-mapped read-only (dtype uint16 or uint32)."""
-        if self.num_tokens(split) == 0:
-            return np.empty(0, dtype=self.dtype)  # mmap cannot map an empty file
-        tokens = SplitTokens(self.path / self._entry(split)["file"], dtype=self.dtype, mode="r")
-        tokens.origin = f"{self.path}: {split} split"
-        tokens.vocab_size = self.vocab_size
-        return tokens
+    def shards(self, split: str) -> list[dict[str, Any]]:
+        """The split's shards in stream order: {file, tokens, documents} each."""
+        return split_shards(self._entry(split))
+
+    def tokens(self, split: str) -> np.ndarray | ShardedTokens:
+        """The split's token stream, 1-D, memory-mapped read-only (dtype uint16 or uint32): a
+        SplitTokens for a split in one file, a ShardedTokens over several."""
+        maps = []
+        for shard in self.shards(split):
+            if shard["tokens"] == 0:
+                continue  # mmap cannot map an empty file
+            tokens = SplitTokens(self.path / shard["file"], dtype=self.dtype, mode="r")
+            tokens.origin = f"{self.path}: {split} split"  # positions in errors are the split's
+            tokens.vocab_size = self.vocab_size
+            maps.append(tokens)
+        if not maps:
+            return np.empty(0, dtype=self.dtype)
+        return maps[0] if len(maps) == 1 else ShardedTokens(maps)
 
     def tokenizer(self) -> Tokenizer:
         """The tokenizer saved with the dataset (checked against the index's fingerprint)."""
@@ -124,6 +202,13 @@ class TokenDataset:
         )
 
 
+def split_shards(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The shards of an index's split entry: its `shards`, or its one `file` (format 1)."""
+    if "shards" in entry:
+        return entry["shards"]
+    return [{"file": entry["file"], "tokens": entry["tokens"], "documents": entry["documents"]}]
+
+
 def _check_index(path: Path, index: Any) -> None:
     """GrowfamError naming the first problem of a dataset's index.json or token files.
 
@@ -142,8 +227,9 @@ def _check_index(path: Path, index: Any) -> None:
             value = value[key]
         return value
 
-    if field("format") != FORMAT:
-        raise GrowfamError(f"{path}: unknown dataset format {field('format')!r} (expected {FORMAT})")
+    if field("format") not in READABLE_FORMATS:
+        raise GrowfamError(f"{path}: unknown dataset format {field('format')!r} (this version reads "
+                           f"{', '.join(READABLE_FORMATS)}; a newer growfam wrote it?)")
     field("source")  # read by the properties of TokenDataset
     field("tokenizer", "fingerprint")
     vocab = as_int(field("tokenizer", "vocab_size"), f"{corrupt}: tokenizer.vocab_size", at_least=1)
@@ -155,16 +241,36 @@ def _check_index(path: Path, index: Any) -> None:
     dtype = np.dtype(field("dtype"))
     if dtype != token_dtype(vocab):
         raise GrowfamError(f"{path}: dtype {dtype} does not fit the vocabulary size")
+    sharded = field("format") == FORMAT
     for split in SPLITS:
-        name = field("splits", split, "file")
         tokens = as_int(field("splits", split, "tokens"), f"{corrupt}: splits.{split}.tokens")
-        as_int(field("splits", split, "documents"), f"{corrupt}: splits.{split}.documents")
-        if not isinstance(name, str) or not (path / name).resolve().is_relative_to(path.resolve()):
-            raise GrowfamError(f"{corrupt}: splits.{split}.file {name!r} is outside the dataset")
-        size = (path / name).stat().st_size if (path / name).is_file() else None
-        if size is not None and size % dtype.itemsize:
-            raise GrowfamError(f"{path}: {name} is not a whole number of {dtype} tokens "
-                               f"({size} bytes; corrupt dataset)")
-        if size != tokens * dtype.itemsize:
-            raise GrowfamError(f"{path}: {name} is missing or not {tokens * dtype.itemsize} bytes "
-                               "(corrupt dataset)")
+        documents = as_int(field("splits", split, "documents"), f"{corrupt}: splits.{split}.documents")
+        shards = field("splits", split, "shards") if sharded else split_shards(field("splits", split))
+        if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+            raise GrowfamError(f"{corrupt}: splits.{split}.shards is not a list of shards")
+        for number, shard in enumerate(shards):
+            _check_shard(path, f"{corrupt}: splits.{split}.shards[{number}]", shard, dtype)
+        if sum(s["tokens"] for s in shards) != tokens or sum(s["documents"] for s in shards) != documents:
+            raise GrowfamError(f"{corrupt}: the {split} split's shards do not add up to its "
+                               f"{tokens} tokens and {documents} documents")
+
+
+def _check_shard(path: Path, where: str, shard: dict[str, Any], dtype: np.dtype) -> None:
+    """GrowfamError unless `shard` names a file inside the dataset of exactly its tokens' size."""
+    for key in ("file", "tokens", "documents"):
+        if key not in shard:
+            raise GrowfamError(f"{where}: missing {key!r}")
+    name = shard["file"]
+    tokens = as_int(shard["tokens"], f"{where}.tokens", at_least=0)
+    as_int(shard["documents"], f"{where}.documents", at_least=0)
+    if not isinstance(name, str) or not (path / name).resolve().is_relative_to(path.resolve()):
+        raise GrowfamError(f"{where}.file {name!r} is outside the dataset")
+    if tokens == 0 and not (path / name).exists():
+        return  # an empty shard may have no file
+    size = (path / name).stat().st_size if (path / name).is_file() else None
+    if size is not None and size % dtype.itemsize:
+        raise GrowfamError(f"{path}: {name} is not a whole number of {dtype} tokens "
+                           f"({size} bytes; corrupt dataset)")
+    if size != tokens * dtype.itemsize:
+        raise GrowfamError(f"{path}: {name} is missing or not {tokens * dtype.itemsize} bytes "
+                           "(corrupt dataset)")

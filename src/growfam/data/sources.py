@@ -3,6 +3,12 @@
 `open_source` resolves a spec to one: the embedded Python-stdlib corpus (offline, on any machine),
 local .txt/.jsonl/.parquet files or folders of them, a streamed Hugging Face dataset, or a list
 of documents in memory.
+
+A source also cuts itself into `Unit`s, the pieces `prepare` hands to worker processes and
+records as done one by one: whole small files grouped, a large .jsonl file's byte ranges (each
+line belongs to the range its first byte is in), a .parquet file's row groups, a Hugging Face
+dataset's shards (its files). A unit is picklable and reads its documents on its own; the units'
+documents, in order, are the source's. The cut depends only on the source and the target size.
 """
 
 from __future__ import annotations
@@ -26,18 +32,72 @@ _STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", 
 
 
 @dataclass(frozen=True)
+class Unit:
+    """A piece of a source that a worker process reads on its own (picklable).
+
+    kind: "stdlib" (embedded .py files: `paths`), "topics" (the embedded pydoc topics), "files"
+    (whole local files: `paths`), "jsonl" (the lines of paths[0] that start in bytes
+    [start, stop)), "parquet" (row groups [start, stop) of paths[0]), "hf" (shard `start` of
+    `stop` of the Hugging Face dataset `hf` = (name, config, split)), "memory" (`docs`).
+    """
+
+    kind: str
+    paths: tuple[str, ...] = ()
+    start: int = 0
+    stop: int = 0
+    text_field: str = "text"
+    hf: tuple[str, str | None, str] | None = None
+    docs: tuple[str, ...] = ()
+
+    def documents(self) -> Iterator[str]:
+        """The unit's documents in source order (empty ones left out)."""
+        return (doc for doc in _UNIT_READERS[self.kind](self) if doc)
+
+    def describe(self) -> str:
+        """One line naming what the unit covers (stable: recorded in the preparation's settings)."""
+        if self.kind in ("jsonl", "parquet"):
+            what = "bytes" if self.kind == "jsonl" else "row groups"
+            return f"{self.paths[0]} {what} {self.start}..{self.stop}"
+        if self.kind == "hf":
+            return f"hf:{':'.join(str(p) for p in self.hf)} shard {self.start} of {self.stop}"
+        if self.kind == "memory":
+            return f"memory: {len(self.docs)} documents"
+        return f"{self.kind}: {', '.join(self.paths) or 'pydoc topics'}"
+
+
+@dataclass(frozen=True)
 class Source:
     """A re-iterable stream of documents (non-empty strings) and a one-line description.
 
     `path` is the file or folder of a local source (None otherwise): an output must not overlap it.
+    `cut(target_bytes)` lists its units of about target_bytes of text each (None: one unit that
+    only this process can read, e.g. a source capped at its first N documents).
     """
 
     description: str
     documents: Callable[[], Iterator[str]]
     path: Path | None = None
+    cut: Callable[[int], list[Unit]] | None = None
 
     def __iter__(self) -> Iterator[str]:
         return (doc for doc in self.documents() if doc)
+
+    def units(self, target_bytes: int) -> list[Unit] | None:
+        """Its units of about `target_bytes` bytes of text each, or None (see the class)."""
+        return None if self.cut is None else self.cut(target_bytes)
+
+
+def _grouped(items: list[tuple[str, int]], target_bytes: int) -> list[list[str]]:
+    """Consecutive (name, size) items in groups of at least target_bytes (the last may be less)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, item_size in items:
+        groups[-1].append(name)
+        size += item_size
+        if size >= target_bytes:
+            groups.append([])
+            size = 0
+    return [g for g in groups if g]
 
 
 def embedded_source() -> Source:
@@ -48,18 +108,33 @@ def embedded_source() -> Source:
     """
     root = Path(sysconfig.get_paths()["stdlib"])
 
-    def documents() -> Iterator[str]:
-        from pydoc_data.topics import topics
+    def files() -> list[Path]:
+        return [path for path in sorted(root.rglob("*.py"))
+                if _STDLIB_SKIP.isdisjoint(path.relative_to(root).parts)
+                and path.relative_to(root).as_posix() != "pydoc_data/topics.py"]
 
-        for name in sorted(topics):
-            yield topics[name]
-        for path in sorted(root.rglob("*.py")):
-            rel = path.relative_to(root)
-            if _STDLIB_SKIP.isdisjoint(rel.parts) and rel.as_posix() != "pydoc_data/topics.py":
-                yield path.read_bytes().decode("utf-8", errors="replace")
+    def documents() -> Iterator[str]:
+        yield from _read_topics(Unit("topics"))
+        yield from _read_stdlib(Unit("stdlib", tuple(map(str, files()))))
+
+    def cut(target_bytes: int) -> list[Unit]:
+        groups = _grouped([(str(p), p.stat().st_size) for p in files()], target_bytes)
+        return [Unit("topics"), *(Unit("stdlib", tuple(group)) for group in groups)]
 
     version = ".".join(map(str, sys.version_info[:3]))
-    return Source(f"embedded: Python {version} standard library sources and pydoc topics", documents)
+    return Source(f"embedded: Python {version} standard library sources and pydoc topics", documents, cut=cut)
+
+
+def _read_topics(unit: Unit) -> Iterator[str]:
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield topics[name]
+
+
+def _read_stdlib(unit: Unit) -> Iterator[str]:
+    for path in unit.paths:
+        yield Path(path).read_bytes().decode("utf-8", errors="replace")
 
 
 #: At most this share of a text file's characters may be invalid UTF-8 (each read as U+FFFD):
@@ -82,33 +157,91 @@ def decode_text(path: Path, data: bytes) -> str:
     return text
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8", errors="replace") as lines:
-        for number, line in enumerate(lines, 1):
+def _read_jsonl(path: Path, text_field: str, start: int = 0, stop: int | None = None) -> Iterator[str]:
+    """The records of the lines of `path` whose first byte is in [start, stop) (all by default).
+    Errors name the line number, or for a range that starts inside the file the line's byte offset."""
+    with path.open("rb") as file:
+        if start > 0:
+            file.seek(start - 1)
+            file.readline()  # the rest of the line that started before `start`: its range reads it
+        number = 0
+        while stop is None or file.tell() < stop:
+            offset = file.tell()
+            raw = file.readline()
+            if not raw:
+                return
+            number += 1
+            where = f"{path}:{number}" if start == 0 else f"{path}: the line at byte {offset}"
+            line = raw.decode("utf-8", errors="replace")
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise GrowfamError(f"{path}:{number}: malformed JSON: {err}") from None
+                raise GrowfamError(f"{where}: malformed JSON: {err}") from None
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise GrowfamError(f"{path}:{number}: no string field {text_field!r}")
+                raise GrowfamError(f"{where}: no string field {text_field!r}")
             yield record[text_field]
 
 
-def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
+def _parquet_file(path: Path, text_field: str):
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise GrowfamError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
-    table = pq.ParquetFile(path)
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow's errors for a damaged file are of several types
+        raise GrowfamError(f"{path}: not a readable Parquet file ({' '.join(str(err).split())[:200]})") from None
     if text_field not in table.schema_arrow.names:
         raise GrowfamError(f"{path}: no column {text_field!r} (columns: {table.schema_arrow.names})")
-    for batch in table.iter_batches(columns=[text_field]):
+    return table
+
+
+def _read_parquet(path: Path, text_field: str, start: int = 0, stop: int | None = None) -> Iterator[str]:
+    """The text column of row groups [start, stop) of `path` (all by default)."""
+    table = _parquet_file(path, text_field)
+    groups = list(range(start, table.num_row_groups if stop is None else stop))
+    if not groups:
+        return
+    for batch in table.iter_batches(columns=[text_field], row_groups=groups):
         yield from (text for text in batch.column(0).to_pylist() if isinstance(text, str))
 
 
 _READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
+
+
+def _file_units(path: Path, text_field: str, target_bytes: int) -> list[Unit]:
+    """A large .jsonl file's byte ranges or a .parquet file's row groups of about target_bytes
+    (uncompressed); one unit for a file that is small or cannot be cut."""
+    whole = [Unit("files", (str(path),), text_field=text_field)]
+    size = path.stat().st_size
+    if path.suffix == ".jsonl" and size > target_bytes:
+        bounds = [*range(0, size, target_bytes), size]
+        return [Unit("jsonl", (str(path),), a, b, text_field) for a, b in zip(bounds, bounds[1:])]
+    if path.suffix == ".parquet":
+        meta = _parquet_file(path, text_field).metadata
+        sizes = [(str(i), meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups)]
+        groups = _grouped(sizes, target_bytes)
+        if len(groups) > 1:
+            return [Unit("parquet", (str(path),), int(g[0]), int(g[-1]) + 1, text_field) for g in groups]
+    return whole
+
+
+def _read_files(unit: Unit) -> Iterator[str]:
+    for path in map(Path, unit.paths):
+        yield from _READERS[path.suffix](path, unit.text_field)
+
+
+_UNIT_READERS: dict[str, Callable[[Unit], Iterator[str]]] = {
+    "topics": _read_topics,
+    "stdlib": _read_stdlib,
+    "files": _read_files,
+    "jsonl": lambda u: _read_jsonl(Path(u.paths[0]), u.text_field, u.start, u.stop),
+    "parquet": lambda u: _read_parquet(Path(u.paths[0]), u.text_field, u.start, u.stop),
+    "hf": lambda u: _hf_records(*u.hf, u.text_field, shard=(u.start, u.stop)),
+    "memory": lambda u: iter(u.docs),
+}
 
 
 def local_source(path: str | Path, text_field: str = "text") -> Source:
@@ -132,8 +265,26 @@ def local_source(path: str | Path, text_field: str = "text") -> Source:
         for file in files:
             yield from _READERS[file.suffix](file, text_field)
 
+    def cut(target_bytes: int) -> list[Unit]:
+        units: list[Unit] = []
+        small: list[tuple[str, int]] = []  # consecutive files smaller than the target, grouped
+
+        def flush() -> None:
+            units.extend(Unit("files", tuple(g), text_field=text_field) for g in _grouped(small, target_bytes))
+            small.clear()
+
+        for file in files:
+            size = file.stat().st_size
+            if size < target_bytes:
+                small.append((str(file), size))
+                continue
+            flush()
+            units.extend(_file_units(file, text_field, target_bytes))
+        flush()
+        return units
+
     description = f"local: {path.resolve()} ({len(files)} file(s), field {text_field!r})"
-    return Source(description, documents, path.resolve())
+    return Source(description, documents, path.resolve(), cut)
 
 
 #: Seconds to wait for the Hub's address to answer before working offline.
@@ -168,36 +319,62 @@ def work_offline(datasets) -> None:
     huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 
-def hf_source(name: str, config: str | None = None, split: str = "train", text_field: str = "text") -> Source:
-    """A Hugging Face dataset streamed with `datasets` (installed with growfam's [hub] extra).
-
-    When the Hub cannot be reached (checked first, in HUB_PROBE_TIMEOUT seconds) only the local
-    Hugging Face cache is read, and a dataset missing from it is one GrowfamError at once."""
+def _import_datasets(name: str):
     try:
         import datasets
     except ImportError:
         raise GrowfamError(
             f"hf:{name}: Hugging Face datasets need the `datasets` package (pip install 'growfam[hub]')"
         ) from None
+    return datasets
 
-    def documents() -> Iterator[str]:
-        online = hub_reachable()
-        if not online:
-            work_offline(datasets)
-        try:
-            stream = datasets.load_dataset(name, config, split=split, streaming=True)
-            for record in stream:
-                yield record[text_field]
-        except KeyError:
-            raise GrowfamError(f"hf:{name}: records have no field {text_field!r}") from None
-        except (OSError, ValueError, ConnectionError) as err:
-            if not online:
-                raise GrowfamError(f"hf:{name}: the Hugging Face Hub cannot be reached from here and the dataset "
-                                   "is not in the local Hugging Face cache; prepare it where there is a network, "
-                                   "or give a local .txt/.jsonl/.parquet source") from None
-            raise GrowfamError(f"hf:{name}: cannot stream the dataset: {' '.join(str(err).split())[:300]}") from None
 
-    return Source(f"hf: {name} config={config} split={split} field={text_field!r}", documents)
+def hf_source(name: str, config: str | None = None, split: str = "train", text_field: str = "text") -> Source:
+    """A Hugging Face dataset streamed with `datasets` (installed with growfam's [hub] extra).
+
+    When the Hub cannot be reached (checked first, in HUB_PROBE_TIMEOUT seconds) only the local
+    Hugging Face cache is read, and a dataset missing from it is one GrowfamError at once.
+    `name` may be a local folder in the datasets layout (data/train-00000-of-00002.parquet, ...)."""
+    _import_datasets(name)  # the missing package is an error now, not at the first document
+
+    def cut(target_bytes: int) -> list[Unit]:
+        shards = _hf_stream(name, config, split).n_shards
+        return [Unit("hf", start=i, stop=shards, text_field=text_field, hf=(name, config, split))
+                for i in range(shards)]
+
+    return Source(f"hf: {name} config={config} split={split} field={text_field!r}",
+                  lambda: _hf_records(name, config, split, text_field), cut=cut)
+
+
+def _hf_stream(name: str, config: str | None, split: str, shard: tuple[int, int] | None = None):
+    """The dataset streamed (offline when the Hub cannot be reached: the local cache, or a local
+    folder in the datasets layout), or its shard i of n; one GrowfamError when it cannot be."""
+    datasets = _import_datasets(name)
+    local = Path(name).is_dir()
+    online = not local and hub_reachable()
+    if not online:
+        work_offline(datasets)
+    try:
+        stream = datasets.load_dataset(name, config, split=split, streaming=True)
+        return stream if shard is None else stream.shard(num_shards=shard[1], index=shard[0])
+    except (OSError, ValueError, ConnectionError) as err:
+        if not online and not local:
+            raise GrowfamError(f"hf:{name}: the Hugging Face Hub cannot be reached from here and the dataset "
+                               "is not in the local Hugging Face cache; prepare it where there is a network, "
+                               "or give a local .txt/.jsonl/.parquet source") from None
+        raise GrowfamError(f"hf:{name}: cannot stream the dataset: {' '.join(str(err).split())[:300]}") from None
+
+
+def _hf_records(name: str, config: str | None, split: str, text_field: str,
+                shard: tuple[int, int] | None = None) -> Iterator[str]:
+    stream = _hf_stream(name, config, split, shard)
+    try:
+        for record in stream:
+            yield record[text_field]
+    except KeyError:
+        raise GrowfamError(f"hf:{name}: records have no field {text_field!r}") from None
+    except (OSError, ValueError, ConnectionError) as err:
+        raise GrowfamError(f"hf:{name}: cannot stream the dataset: {' '.join(str(err).split())[:300]}") from None
 
 
 SourceSpec = str | Path | dict[str, Any] | list[str] | tuple[str, ...] | Source
@@ -213,8 +390,8 @@ def open_source(spec: SourceSpec, *, text_field: str = "text", max_documents: in
     if isinstance(spec, Source):
         source = spec
     elif isinstance(spec, (list, tuple)):
-        docs = list(spec)
-        source = Source(f"memory: {len(docs)} documents", lambda: iter(docs))
+        docs = tuple(spec)
+        source = Source(f"memory: {len(docs)} documents", lambda: iter(docs), cut=lambda _: [Unit("memory", docs=docs)])
     elif isinstance(spec, dict):
         spec = dict(spec)
         text_field = spec.pop("text_field", text_field)

@@ -299,4 +299,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> Tok
     hf = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOT, bos_token=EOT, unk_token=EOT)
     with _saving(Path(out_dir)):
         hf.save_pretrained(str(out_dir))
-    return HFTokenizer(out_dir, name=f"byte-level-bpe-{vocab_size}")
+    return HFTokenizer(out_dir, name=trained_name(vocab_size))
+
+
+def trained_name(vocab_size: int) -> str:
+    """The name of a tokenizer `train_bpe` made."""
+    return f"byte-level-bpe-{vocab_size}"
