@@ -457,7 +457,10 @@ def test_a_corrupt_batch_error_gets_a_line_of_its_own(tmp_path, dataset, capsys)
 
     data = tmp_path / "data"
     shutil.copytree(dataset, data)
-    tokens = np.memmap(data / "train" / "tokens.bin", dtype=np.uint16, mode="r+")
+    from growfam.data import TokenDataset
+
+    shard = TokenDataset.open(data).shards("train")[0]["file"]
+    tokens = np.memmap(data / shard, dtype=np.uint16, mode="r+")
     tokens[::7] = 1299  # ids outside the vocabulary of 300, in every batch
     tokens.flush()
     assert main(["train", str(train_yaml(tmp_path, data))]) == 2

@@ -373,7 +373,7 @@ def test_force_keeps_the_old_dataset_until_the_new_one_is_complete(tmp_path, gpt
         with pytest.raises(GrowfamError, match="source went away"):
             prepare(["new"], gpt2, out, overwrite=True, progress=False)
     assert TokenDataset.open(out).tokens("train").tolist() == old_tokens
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "ds.partial"]  # to continue from
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no unit was done: nothing kept
 
     real_rmtree = shutil.rmtree
 
@@ -530,7 +530,7 @@ def test_full_disk_is_one_clear_line_and_the_old_dataset_survives(tmp_path, caps
     said = [line for line in err.splitlines() if line.startswith("growfam")]  # not the progress bar
     assert len(said) == 1 and "No space left on device" in said[0] and "Traceback" not in err, err
     assert TokenDataset.open(out).tokens("train").tolist() == old
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "ds", "ds.partial"]
-    monkeypatch.undo()  # the disk has room again: the same command continues and finishes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "ds"]  # no unit was done: nothing kept
+    monkeypatch.undo()  # the disk has room again
     assert main(["data", "prepare", str(source), "--out", str(out), "--tokenizer", tokenizer, "--force"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "ds"]

@@ -150,7 +150,8 @@ def test_activation_importance_is_order_independent_and_selection_keeps_what_mat
             block.mlp.up_proj.weight[list(DROP["ffn"])] = 0
             block.self_attn.v_proj.weight[DROP["group"] * hd:(DROP["group"] + 1) * hd] = 0
     imp = activation_importance(model, windows)
-    assert imp.layers[DROP["layer"]] == 0 and (imp.hidden[list(DROP["hidden"])] == 0).all()
+    # 1 - cos of a layer's unchanged input and output: zero up to float64 rounding (BLAS-dependent)
+    assert imp.layers[DROP["layer"]] < 1e-12 < imp.layers.max() and (imp.hidden[list(DROP["hidden"])] == 0).all()
     target = GQA.replace(d_model=29, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=42, head_dim=8)
     assert select(imp, GQA, target, depth="importance") == _kept(GQA)
     assert select(imp, GQA, target, depth="contiguous").layers == (0, 2)

@@ -16,6 +16,8 @@ Modules, each importing only those listed before it (no cycles):
                    work, shards and the index (imports tokenizer, sources, dataset)
     loader.py      token_rows, num_windows, PackedWindows, eval_windows (imports nothing of data/: it reads
                    a SplitTokens' vocab_size and origin by duck typing)
+    mixture.py     Mixture, MixedWindows, open_dataset, train_windows, write_mixture, parse_mix
+                   (imports dataset, loader)
     config.py      DataConfig (the family YAML's `data:` section), dataset_dir, ensure_dataset
                    (imports preparation)
 
@@ -28,6 +30,8 @@ shadowed by it in this package's namespace.)
 
 from growfam.data.dataset import FORMAT, SPLITS, ShardedTokens, SplitTokens, TokenDataset, token_dtype
 from growfam.data.loader import PackedWindows, eval_windows, num_windows, token_rows
+from growfam.data.mixture import (MIXTURE_FILE, MixedWindows, Mixture, open_dataset, parse_mix, train_windows,
+                                  write_mixture)
 from growfam.data.preparation import (BPE_TRAIN_MAX_CHARS, CHUNK_CHARS, DEFAULT_TOKENIZER, DEFAULT_VAL_FRACTION,
                                       SHARD_TOKENS, in_val_split, merge, partial_dir, prepare)
 from growfam.data.sources import (
@@ -62,10 +66,13 @@ __all__ = [
     "FORMAT",
     "GPT2_PATTERN",
     "LOCAL_SUFFIXES",
+    "MIXTURE_FILE",
     "MAX_RUN",
     "MIN_TRAINED_VOCAB",
     "SPLITS",
     "HFTokenizer",
+    "MixedWindows",
+    "Mixture",
     "PackedWindows",
     "SHARD_TOKENS",
     "ShardedTokens",
@@ -85,10 +92,14 @@ __all__ = [
     "load_tokenizer",
     "local_source",
     "merge",
+    "open_dataset",
     "open_source",
+    "parse_mix",
     "partial_dir",
     "prepare",
     "token_dtype",
     "token_rows",
+    "train_windows",
     "train_bpe",
+    "write_mixture",
 ]

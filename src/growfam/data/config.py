@@ -8,14 +8,18 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from growfam.checks import Section, as_int, as_number
+from growfam.data.mixture import MIXTURE_FILE, parse_mix, write_mixture
 from growfam.data.preparation import DEFAULT_TOKENIZER, DEFAULT_VAL_FRACTION, prepare
 from growfam.errors import ConfigError
+from growfam.io import read_json
 
 
 @dataclass
 class DataConfig(Section):
     """The `data:` section: a prepared dataset `dir`, made from `source` with `tokenizer` (see
-    `growfam data prepare`) when it does not exist yet."""
+    `growfam data prepare`) when it does not exist yet; or `mix`, prepared datasets trained on in
+    proportion to their weights ([{dir, weight}], growfam.data.mixture), recorded as a mixture
+    folder in `dir` (default: the family's data/)."""
 
     key: ClassVar[str] = "data"
     dir: str | None = None
@@ -23,8 +27,13 @@ class DataConfig(Section):
     tokenizer: str = DEFAULT_TOKENIZER
     max_tokens: int | None = None
     val_fraction: float = DEFAULT_VAL_FRACTION
+    mix: list | None = None
 
     def __post_init__(self) -> None:
+        if self.mix is not None:
+            parse_mix(self.mix)
+            if self.source is not None:
+                raise ConfigError("data: give either a source to prepare or a mix of prepared datasets, not both")
         self.val_fraction = as_number(self.val_fraction, "data.val_fraction", at_least=0, at_most=0.5)
         if self.max_tokens is not None:
             self.max_tokens = as_int(self.max_tokens, "data.max_tokens", 1)
@@ -37,6 +46,8 @@ def dataset_dir(section: DataConfig, data: str | None, default_dir: Path) -> tup
     if data is not None:
         return str(data), False
     path = Path(section.dir) if section.dir else default_dir
+    if section.mix is not None:
+        return str(path), _mixture_of(path) != _absolute(parse_mix(section.mix))
     if (path / "index.json").exists():
         return str(path), False
     if section.source is None:
@@ -53,7 +64,23 @@ def ensure_dataset(section: DataConfig, data: str | None, default_dir: Path, sta
     path, todo = dataset_dir(section, data, default_dir)
     if not todo:
         return path
+    if section.mix is not None and data is None:
+        log(f"mixing {', '.join(f'{w:.3g} {d}' for d, w in parse_mix(section.mix))} into {path}")
+        write_mixture(path, parse_mix(section.mix))
+        return path
     tokenizer = start_from if start_from and section.tokenizer == DEFAULT_TOKENIZER else section.tokenizer
     log(f"preparing {section.source} with tokenizer {tokenizer} into {path}")
     prepare(section.source, tokenizer, path, max_tokens=section.max_tokens, val_fraction=section.val_fraction)
     return path
+
+
+def _absolute(mix: list[tuple[str, float]]) -> list[dict]:
+    return [{"dir": str(Path(d).resolve()), "weight": w} for d, w in mix]
+
+
+def _mixture_of(path: Path) -> list[dict] | None:
+    """The mix a mixture folder records (None when there is none)."""
+    if not (path / MIXTURE_FILE).is_file():
+        return None
+    record = read_json(path / MIXTURE_FILE)
+    return record.get("mix") if isinstance(record, dict) else None

@@ -122,17 +122,25 @@ class PackedWindows:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (x, y): int64 tensors [batch_size, seq_len], y[:, t] = x[:, t + 1] of the stream."""
-        starts = []
-        while len(starts) < self.batch_size:
+        return self.gather(self.next_starts(self.batch_size))
+
+    def next_starts(self, count: int) -> np.ndarray:
+        """Start offsets (in tokens) of the next `count` windows, the cursor moved past them."""
+        starts: list[int] = []
+        while len(starts) < count:
             order = self._rank_order()
-            take = order[self._position : self._position + self.batch_size - len(starts)]
+            take = order[self._position : self._position + count - len(starts)]
             starts.extend(take.tolist())
             self._position += len(take)
             if self._position == len(order):
                 self._epoch += 1
                 self._position = 0
                 self._order = None
-        return _gather(self.tokens, np.asarray(starts), self.seq_len)
+        return np.asarray(starts, dtype=np.int64)
+
+    def gather(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The windows beginning at `starts` as (x, y), int64 [len(starts), seq_len]."""
+        return _gather(self.tokens, starts, self.seq_len)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable cursor; the shape fields let `load_state_dict` refuse another stream."""

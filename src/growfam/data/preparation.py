@@ -183,6 +183,7 @@ def prepare(
         "units": [u.describe() for u in units] if units is not None else [source.description],
     }
     jobs = units if units is not None else [None]
+    existed = partial.exists()
     try:
         _start(partial, settings, overwrite)
         with folder_lock(partial / "locks" / f"part-{index}-of-{count}"):
@@ -194,8 +195,14 @@ def prepare(
                 todo = [u for u in range(index, len(jobs), count) if u not in done]
             budget = None if max_tokens is None else max_tokens - sum(m["tokens"] for m in done.values())
             _run_units(partial, source, jobs, todo, tokenizer, val_fraction, shard_tokens, budget, workers, progress)
-    except OSError as err:  # full disk, unreadable input file: name the file, not just the output
-        raise GrowfamError(f"preparing {out} failed: {err}") from None
+    except BaseException as err:
+        # A one-machine run that failed before finishing any unit leaves nothing behind (a rerun,
+        # with its input fixed, then starts afresh); otherwise OUT.partial stays, to continue from.
+        if count == 1 and not existed and partial.is_dir() and not _done_markers(partial, len(jobs)):
+            remove_path(partial)
+        if isinstance(err, OSError):  # full disk, unreadable input file: name the file, not just the output
+            raise GrowfamError(f"preparing {out} failed: {err}") from None
+        raise
     if count > 1:
         missing = _missing_units(partial, len(jobs))
         print(f"{partial}: part {index}/{count} done; "

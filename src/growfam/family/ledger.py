@@ -37,6 +37,7 @@ FLAG = ("true or false", (bool,))
 MAPPING = ("a mapping", (dict,))
 MAPPING_OR_NULL = ("a mapping or null", (dict, type(None)))
 LIST = ("a list", (list,))
+LIST_OR_NULL = ("a list or null", (list, type(None)))
 TEXT_OR_NULL = ("a string or null", (str, type(None)))
 
 
@@ -251,7 +252,8 @@ class Ledger(_Record):
 
     FIELDS = {"plan": MAPPING, "data_fingerprint": TEXT, "growth": MAPPING, "fixed_data": FLAG, "data": TEXT,
               "modes": MAPPING, "train": MAPPING_OR_NULL, "consistency": MAPPING_OR_NULL,
-              "speculative": MAPPING_OR_NULL, "distill": MAPPING_OR_NULL, "variants": MAPPING_OR_NULL}
+              "speculative": MAPPING_OR_NULL, "distill": MAPPING_OR_NULL, "variants": MAPPING_OR_NULL,
+              "data_mix": LIST_OR_NULL}
     REQUIRED = ("plan", "data_fingerprint", "growth", "fixed_data", "data", "modes")
 
     plan: dict
@@ -261,6 +263,7 @@ class Ledger(_Record):
     data: str
     modes: dict[str, list[MemberEntry]]
     train: dict | None = None
+    data_mix: list | None = None  # a mixture's [{dir, weight}] (absent: one dataset)
     distill: dict | None = None  # the family's distill: {inherit} (absent: none)
     # distilled variants of finished members, per mode: MemberEntry records named MEMBER+KIND
     variants: dict[str, list[MemberEntry]] | None = None

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from growfam.config import PLANNED, FamilyConfig, GrowthConfig
-from growfam.data import TokenDataset
+from growfam.data import Mixture, TokenDataset, open_dataset
 from growfam.errors import ConfigError
 from growfam.family.directory import MODES, FamilyDirectory
 from growfam.family.ledger import Ledger, MemberEntry, check_same_run, read_ledger, write_ledger
@@ -155,12 +155,13 @@ def run_family(family: FamilyConfig, out_dir: str | Path, *, data: str, modes: s
     main = rank_and_world()[0] == 0
     out_dir = Path(out_dir)
     checked = check_family(family, out_dir, modes, fixed_data)
-    dataset = TokenDataset.open(data)
+    dataset = open_dataset(data)
     given = _check_start_from(family, dataset)
     if dataset.vocab_size > family.members[0].vocab_size:
         raise ConfigError(f"the dataset's tokenizer has {dataset.vocab_size} tokens but the family's "
                           f"vocab_size is {family.members[0].vocab_size}")
-    fresh = {**checked.header, "data_fingerprint": dataset.fingerprint()}
+    fresh = {**checked.header, "data_fingerprint": dataset.fingerprint(),
+             "data_mix": dataset.spec() if isinstance(dataset, Mixture) else None}
     check_same_run(checked.ledger, fresh, out_dir)
     ledger = _started(checked.ledger, fresh, str(data))
     job = FamilyRun(family, checked.plan, checked.growth, out_dir, str(data), dataset, fixed_data, given,

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from growfam.data import TokenDataset, eval_windows
+from growfam.data import TokenDataset, eval_windows, open_dataset
 from growfam.data.loader import num_windows
 from growfam.device import check_device, resolve_device
 from growfam.errors import ConfigError, GrowfamError
@@ -130,7 +130,7 @@ def check_shrink(src: str, to: str, data: str, out: str, opts: ShrinkOptions, fo
     # the shape's refusals before the weights; the pruned config (norm_eps follows d) from any maps of it
     target = select(random_importance(source), source, shape, opts.depth).config(source).replace(name=shape.name)
     check_seq_len(opts.seq_len, source, f"the source {src}")
-    dataset = TokenDataset.open(data)
+    dataset = open_dataset(data)
     _check_tokenizer(src, dataset)
     for split, what in (("train", "the calibration set"), ("val", "the held-out set")):
         if num_windows(dataset.num_tokens(split), opts.seq_len) == 0:

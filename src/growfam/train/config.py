@@ -16,6 +16,7 @@ from growfam.checks import Section, as_choice, as_int, as_mapping, as_number, ch
 from growfam.device import check_device
 from growfam.errors import ConfigError
 from growfam.io import read_yaml
+from growfam.data.mixture import parse_mix
 from growfam.model import ModelConfig, resolve_config
 from growfam.train.distill import DistillConfig
 
@@ -130,7 +131,8 @@ class TrainConfig:
     """One training run. Loaded from YAML with `TrainConfig.load`; unknown keys are errors.
 
     model: a ModelConfig, preset name, config path or dict; None when `train` is handed a model.
-    data: a prepared token dataset directory (`growfam data prepare`).
+    data: a prepared token dataset directory (`growfam data prepare`), a mixture folder, or a
+        mixture {mix: [{dir: DATASET, weight: W}, ...]} (growfam.data.mixture).
     out_dir: where metrics.jsonl, tensorboard/ and checkpoints/ go.
     max_steps / max_tokens: the length of the run, exactly one of them (tokens are rounded up
         to whole steps).
@@ -183,7 +185,7 @@ class TrainConfig:
     """
 
     model: ModelConfig | None = None
-    data: str | None = None
+    data: str | dict | None = None
     out_dir: str = "runs/train"
     max_steps: int | None = None
     max_tokens: int | None = None
@@ -231,6 +233,11 @@ class TrainConfig:
             self.distill = DistillConfig.from_dict(self.distill)
         if self.model is not None:
             self.model = resolve_config(self.model)
+        if isinstance(self.data, dict):
+            check_keys(self.data, ["mix"], "data")
+            parse_mix(self.data.get("mix"))
+        elif self.data is not None and not isinstance(self.data, str):
+            raise ConfigError(f"data must be a dataset directory or {{mix: [...]}}, got {self.data!r}")
         for name, low in (("batch_size", 1), ("seq_len", 1), ("eval_batches", 0), ("log_every", 1),
                           ("spike_window", 1), ("seed", 0), ("eval_every", 0), ("ckpt_every", 0),
                           ("keep_last", 0), ("spike_patience", 0), ("max_rollbacks", 0)):

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from growfam.data import PackedWindows, TokenDataset
+from growfam.data import open_dataset, train_windows
 from growfam.errors import ConfigError, GrowfamError
 from growfam.grow.masks import attach_masks, mask_state
 from growfam.io import check_folder
@@ -48,8 +48,8 @@ def check_inputs(cfg: TrainConfig, model: Llama | None, dataset, resume: bool | 
     schedule = Schedule.of(cfg, world)
     if dataset is None:
         if cfg.data is None:
-            raise ConfigError("no data: set `data` in the train config to a prepared dataset directory")
-        dataset = TokenDataset.open(cfg.data)
+            raise ConfigError("no data: set `data` in the train config to a prepared dataset directory or a mixture")
+        dataset = open_dataset(cfg.data)
     check_vocabulary(dataset, cfg.model)
     if cfg.distill is not None:
         check_teacher(cfg.distill, cfg.model, dataset, cfg.seq_len)
@@ -84,8 +84,8 @@ def build_run(cfg: TrainConfig, schedule: Schedule, parallel: Parallelism, model
             model = Llama(cfg.model)
     if tokenizer is None and hasattr(dataset, "tokenizer"):
         tokenizer = dataset.tokenizer()
-    windows = PackedWindows(dataset.tokens("train"), cfg.seq_len, schedule.micro_batch, cfg.seed,
-                            rank=parallel.rank, world_size=parallel.world, max_unique_tokens=cfg.max_unique_tokens)
+    windows = train_windows(dataset, cfg.seq_len, schedule.micro_batch, cfg.seed, rank=parallel.rank,
+                            world_size=parallel.world, max_unique_tokens=cfg.max_unique_tokens)
     val_tokens = validation_tokens(dataset, cfg.seq_len) if cfg.eval_batches else None
     if parallel.from_main:
         model, optimizer = _from_main(cfg, parallel, model, optimizer, send=not resuming)

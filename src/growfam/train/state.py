@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from growfam.data import PackedWindows
+from growfam.data import MixedWindows, PackedWindows
 from growfam.errors import ConfigError
 from growfam.model import Llama
 from growfam.train.config import TrainConfig
@@ -123,7 +123,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (idx, targets) [B, T] -> mean loss
     amp_dtype: torch.dtype | None  # autocast dtype, None for float32
-    windows: PackedWindows  # this rank's training batches
+    windows: PackedWindows | MixedWindows  # this rank's training batches
     val_tokens: np.ndarray | None  # None: no validation window fits
     guard: SpikeGuard
     tokenizer: Any  # saved into every checkpoint, or None

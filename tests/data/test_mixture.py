@@ -1,0 +1,144 @@
+"""Mixtures of prepared datasets: windows in proportion to the weights, deterministic, resumable;
+in train configs (inline) and family configs (a mixture folder, recorded in the ledger)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import documents
+
+from growfam.config import FamilyConfig
+from growfam.data import MIXTURE_FILE, PackedWindows, TokenDataset, open_dataset, prepare
+from growfam.data.mixture import COMPONENT_SEED_STRIDE
+from growfam.errors import ConfigError, GrowfamError
+from growfam.family import run_family
+from growfam.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """Two datasets with one tokenizer; A's documents are the first half, B's the second."""
+    root = tmp_path_factory.mktemp("mix")
+    docs = documents()
+    a = prepare(docs[:150], "train:300", root / "a", val_fraction=0.1, progress=False)
+    b = prepare(docs[150:], a.path / "tokenizer", root / "b", val_fraction=0.1, progress=False)
+    return a.path, b.path
+
+
+def test_windows_follow_the_weights_exactly_and_resume(parts):
+    a, b = parts
+    mixture = open_dataset({"mix": [{"dir": str(a), "weight": 7}, {"dir": str(b), "weight": 3}]})
+    assert mixture.weights == [0.7, 0.3]
+    windows = mixture.windows(16, 10, seed=0)
+    counts = []
+    for k in range(1, 41):
+        windows.next_batch()
+        counts.append(list(windows.taken))
+        # after 10k windows, each component has its share to within one window
+        assert all(abs(n - w * 10 * k) < 1 for n, w in zip(windows.taken, mixture.weights))
+    assert counts[-1] == [280, 120]
+    # the rows are each component's own windows, in its own order, interleaved as the rule gives by hand
+    x, y = mixture.windows(16, 10, seed=3).next_batch()
+    own = [PackedWindows(ds.tokens("train"), 16, n, 3 + COMPONENT_SEED_STRIDE * i).next_batch()[0]
+           for i, (ds, n) in enumerate(zip(mixture.components, (7, 3)))]
+    picks = [0, 1, 0, 0, 0, 1, 0, 0, 1, 0]  # k=5 ties 0.5 each: to the first
+    for i in (0, 1):
+        assert torch.equal(x[[r for r, p in enumerate(picks) if p == i]], own[i])
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    # a cursor resumes the same windows; another mix refuses it
+    first = mixture.windows(16, 10, seed=1)
+    for _ in range(7):
+        first.next_batch()
+    saved = json.loads(json.dumps(first.state_dict()))
+    again = mixture.windows(16, 10, seed=1)
+    again.load_state_dict(saved)
+    for _ in range(5):
+        assert all(torch.equal(p, q) for p, q in zip(first.next_batch(), again.next_batch()))
+    other = open_dataset({"mix": [{"dir": str(a), "weight": 1}, {"dir": str(b), "weight": 1}]}).windows(16, 10, seed=1)
+    with pytest.raises(GrowfamError, match="does not match this mixture"):
+        other.load_state_dict(saved)
+
+
+def test_validation_tokens_are_cut_in_proportion(parts):
+    a, b = parts
+    mixture = open_dataset({"mix": [{"dir": str(a), "weight": 1}, {"dir": str(b), "weight": 3}]})
+    va, vb = (TokenDataset.open(p).tokens("val") for p in parts)
+    val = mixture.tokens("val")
+    scale = min(len(va) / 0.25, len(vb) / 0.75)
+    assert len(val) == int(scale * 0.25) + int(scale * 0.75)
+    assert val.tolist() == va[: int(scale * 0.25)].tolist() + vb[: int(scale * 0.75)].tolist()
+
+
+def test_a_train_run_on_a_mixture_resumes_to_the_same_losses(parts, tmp_path):
+    a, b = parts
+    base = dict(model=dict(d_model=32, n_heads=2, n_layers=1, ffn_dim=64, vocab_size=300, max_seq_len=32),
+                data={"mix": [{"dir": str(a), "weight": 0.6}, {"dir": str(b), "weight": 0.4}]},
+                batch_size=4, seq_len=32, max_steps=8, eval_every=4, eval_batches=2, ckpt_every=4, log_every=1)
+    whole = train(TrainConfig.from_dict({**base, "out_dir": str(tmp_path / "whole")}))
+    cut = TrainConfig.from_dict({**base, "out_dir": str(tmp_path / "cut"), "eval_every": 6})
+
+    def kill(step, val_loss):
+        raise KeyboardInterrupt  # at step 6, past the checkpoint at step 4
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, on_eval=kill)
+    resumed = train(cut)
+    assert resumed.steps == whole.steps == 8
+
+    def losses(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    expected, got = losses(tmp_path / "whole"), losses(tmp_path / "cut")
+    assert sorted(got) == list(range(1, 9)) and got == expected  # bitwise: the same windows after the resume
+
+
+def test_a_family_on_a_mixture_records_it(parts, tmp_path):
+    a, b = parts
+    mix = [{"dir": str(a), "weight": 0.5}, {"dir": str(b), "weight": 0.5}]
+    member = dict(d_model=32, n_heads=2, n_kv_heads=2, n_layers=1, ffn_dim=64, vocab_size=300, max_seq_len=32)
+    family = FamilyConfig.from_dict(dict(
+        name="mixed", members=[{**member, "name": "s"}, {**member, "name": "l", "n_layers": 2}],
+        tokens={"explicit": [1600, 3200]}, batch_size=4, seq_len=32, data={"mix": mix},
+        growth={"width": "lossless", "depth": "identity"},
+        train={"eval_every": 5, "eval_batches": 2, "ckpt_every": 50, "log_every": 5, "tensorboard": False}))
+    from growfam.data.config import ensure_dataset
+
+    folder = ensure_dataset(family.data, None, tmp_path / "fam" / "data", log=lambda s: None)
+    assert json.loads((tmp_path / "fam" / "data" / MIXTURE_FILE).read_text())["mix"][1]["weight"] == 0.5
+    ledger = run_family(family, tmp_path / "fam", data=folder, modes="progressive", log=lambda s: None)
+    assert ledger.data_mix == [{"dir": str(a.resolve()), "weight": 0.5}, {"dir": str(b.resolve()), "weight": 0.5}]
+    assert len(ledger.members("progressive")) == 2
+    # another mix is refused on the same family directory
+    other = FamilyConfig.from_dict({**family.to_dict(), "data": {"mix": [mix[0], {**mix[1], "weight": 2}]}})
+    ensure_dataset(other.data, None, tmp_path / "fam" / "data", log=lambda s: None)
+    with pytest.raises(ConfigError, match="different data fingerprint"):
+        run_family(other, tmp_path / "fam", data=folder, modes="progressive", log=lambda s: None)
+
+
+def test_bad_mixtures_are_one_clear_error(parts, tmp_path):
+    a, b = parts
+    cases = [
+        ({"mix": []}, "non-empty list"),
+        ({"mix": [{"dir": str(a)}]}, r"data.mix\[0\] must be"),
+        ({"mix": [{"dir": str(a), "weight": 0}]}, "must be positive"),
+        ({"mix": [{"dir": str(a), "weight": "nan"}]}, "weight"),
+        ({"mix": [{"dir": str(a), "weight": 1}, {"dir": str(a), "weight": 2}]}, "names a dataset twice"),
+        ({"mix": [{"dir": str(tmp_path / "none"), "weight": 1}]}, "not a prepared dataset"),
+        ({"mixture": []}, "mix"),
+    ]
+    for data, message in cases:
+        with pytest.raises(GrowfamError, match=message):
+            open_dataset(data)
+    other = prepare(documents()[:40], "gpt2", tmp_path / "gpt2", val_fraction=0.1, progress=False)
+    with pytest.raises(ConfigError, match="different tokenizers"):
+        open_dataset({"mix": [{"dir": str(a), "weight": 1}, {"dir": str(other.path), "weight": 1}]})
+    with pytest.raises(ConfigError, match="fixed-data mode"):
+        open_dataset({"mix": [{"dir": str(a), "weight": 1}]}).windows(16, 2, 0, max_unique_tokens=100)
+    with pytest.raises(ConfigError, match="not both"):
+        FamilyConfig.from_dict(dict(name="x", members=["tiny-1", "tiny-2"], batch_size=4,
+                                    data={"mix": [{"dir": str(a), "weight": 1}], "source": "embedded"}))
+    with pytest.raises(ConfigError, match="data"):
+        TrainConfig.from_dict(dict(model="tiny-1", data={"mix": [{"dir": "a", "weight": -1}]}, max_steps=1))
