@@ -281,3 +281,16 @@ def test_merge_refuses_an_existing_dataset_without_force(tmp_path, gpt2, capsys)
     assert "pass --force" in capsys.readouterr().err and checksums(tmp_path / "ds") == before
     assert merge(tmp_path / "ds", overwrite=True).tokens("train").tolist()
     assert os.listdir(tmp_path) == ["ds"]
+
+
+def test_a_damaged_unit_record_is_prepared_again(tmp_path, gpt2):
+    docs = corpus(120)
+    reference = prepare(docs, gpt2, tmp_path / "ref", shard_tokens=2000, progress=False)
+    prepare(docs, gpt2, tmp_path / "ds", shard_tokens=2000, progress=False, part="0/2")
+    marker = partial_dir(tmp_path / "ds") / "units" / "000000.json"
+    marker.write_text("{broken")
+    with pytest.raises(GrowfamError, match="units are not prepared yet"):
+        merge(tmp_path / "ds")
+    prepare(docs, gpt2, tmp_path / "ds", shard_tokens=2000, progress=False, part="0/2")
+    ds = prepare(docs, gpt2, tmp_path / "ds", shard_tokens=2000, progress=False, part="1/2") or merge(tmp_path / "ds")
+    assert dataset_files(ds.path) == dataset_files(reference.path)

@@ -330,8 +330,18 @@ def _marker(partial: Path, number: int) -> Path:
 
 
 def _done_markers(partial: Path, count: int) -> dict[int, dict[str, Any]]:
-    """The done-markers of units 0..count-1 that exist."""
-    return {u: read_json(_marker(partial, u)) for u in range(count) if _marker(partial, u).is_file()}
+    """The done-markers of units 0..count-1 that exist and read back (one damaged from outside,
+    they being written atomically, counts as not done: its unit is prepared again)."""
+    markers = {}
+    for u in range(count):
+        if _marker(partial, u).is_file():
+            try:
+                marker = read_json(_marker(partial, u))
+            except GrowfamError:
+                continue
+            if isinstance(marker, dict) and isinstance(marker.get("shards"), dict) and "tokens" in marker:
+                markers[u] = marker
+    return markers
 
 
 def _missing_units(partial: Path, count: int) -> list[int]:
