@@ -57,6 +57,10 @@ def main() -> int:
     parser.add_argument("--schedules", default=",".join(SCHEDULES), help="which, comma-separated")
     parser.add_argument("--data", help="a prepared dataset (default: prepared into OUT/data from the family's data: section)")
     parser.add_argument("--out", required=True, help="a folder for the families (reused: finished members are kept)")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="train progressive families only and compare with the independent ones of an earlier "
+                             "run of this benchmark in DIR (e.g. --lr fixed's: under --lr linear the largest member "
+                             "has the same max LR, so the FLOPs to equal loss compare against the same baseline)")
     args = parser.parse_args()
     base = load_family_config(args.family)
     names = [n for n in args.schedules.split(",") if n]
@@ -71,18 +75,20 @@ def main() -> int:
     if prepare:
         ensure_dataset(base.data, args.data, root / "data", None)
     for name, family in families.items():
-        modes = ("progressive",) if name in SHARED_BASELINE else ("progressive", "independent")
+        modes = ("progressive",) if name in SHARED_BASELINE or args.baseline else ("progressive", "independent")
         print(f"== {name}", flush=True)
         run_family(family, root / name, data=str(data), modes=modes)
     members = [m.name for m in base.members]
-    rows = [["schedule", *(f"{m} prog / ind" for m in members), f"{members[-1]} FLOPs to equal loss"]]
+    base_root = Path(args.baseline) if args.baseline else root
+    ind = "ind (baseline)" if args.baseline else "ind"
+    rows = [["schedule", *(f"{m} prog / {ind}" for m in members), f"{members[-1]} FLOPs to equal loss"]]
     for name in names:
         ledger = read_ledger(root / name)
-        baseline = read_ledger(root / SHARED_BASELINE.get(name, name))
+        baseline = read_ledger(base_root / SHARED_BASELINE.get(name, name))
         prog, ind = ledger.members("progressive"), baseline.members("independent")
         cells = [f"{loss(p.val_loss)} / {loss(i.val_loss)}" for p, i in zip(prog, ind)]
         curves_p = member_curves(FamilyDirectory(root / name).root, ledger, "progressive")[0]
-        curves_i = member_curves(root / SHARED_BASELINE.get(name, name), baseline, "independent")[0]
+        curves_i = member_curves(base_root / SHARED_BASELINE.get(name, name), baseline, "independent")[0]
         results = flops_to_equal_loss(curves_p, curves_i)
         last = results[-1] if results else None
         rows.append([name, *cells, "-" if last is None else f"{100 * last.saving:.1f}% fewer" if last.saving is not None
