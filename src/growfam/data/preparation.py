@@ -204,7 +204,7 @@ def prepare(
             raise GrowfamError(f"preparing {out} failed: {err}") from None
         raise
     if count > 1:
-        missing = _missing_units(partial, len(jobs))
+        missing = _missing_units(_done_markers(partial, len(jobs)), len(jobs))
         print(f"{partial}: part {index}/{count} done; "
               + (f"{len(missing)} unit(s) of other parts to go, then run `growfam data merge {out}`"
                  if missing else f"every part is done: run `growfam data merge {out}`"), file=sys.stderr)
@@ -224,13 +224,13 @@ def merge(out_dir: str | Path, *, overwrite: bool = False) -> TokenDataset:
                            "first)")
     check_output(out, force=overwrite, makes=DATASET, what="dataset directory")
     settings = _read_settings(partial)
-    missing = _missing_units(partial, len(settings["units"]))
+    markers = _done_markers(partial, len(settings["units"]))  # read once: checked, then indexed
+    missing = _missing_units(markers, len(settings["units"]))
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
         raise GrowfamError(f"{partial}: {len(missing)} of {len(settings['units'])} units are not prepared yet "
                            f"(units {shown}; part I/N prepares the units numbered I mod N); finish every part "
                            "first")
-    markers = _done_markers(partial, len(settings["units"]))
     splits: dict[str, dict[str, Any]] = {split: {"tokens": 0, "documents": 0, "shards": []} for split in SPLITS}
     for number in sorted(markers):
         for split in SPLITS:
@@ -339,14 +339,15 @@ def _done_markers(partial: Path, count: int) -> dict[int, dict[str, Any]]:
                 marker = read_json(_marker(partial, u))
             except GrowfamError:
                 continue
-            if isinstance(marker, dict) and isinstance(marker.get("shards"), dict) and "tokens" in marker:
+            shards = marker.get("shards") if isinstance(marker, dict) else None
+            if isinstance(shards, dict) and all(isinstance(shards.get(s), list) for s in SPLITS) and "tokens" in marker:
                 markers[u] = marker
     return markers
 
 
-def _missing_units(partial: Path, count: int) -> list[int]:
-    """Units without a done-marker; none once a unit reached max_tokens (the rest are not needed)."""
-    markers = _done_markers(partial, count)
+def _missing_units(markers: dict[int, dict[str, Any]], count: int) -> list[int]:
+    """Units of 0..count-1 without a done-marker in `markers`; none once a unit reached max_tokens
+    (the rest are not needed)."""
     if any(m.get("cap_reached") for m in markers.values()):
         return []
     return [u for u in range(count) if u not in markers]
