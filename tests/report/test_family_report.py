@@ -134,6 +134,29 @@ def test_flops_to_equal_loss_interpolates_between_evaluations(tmp_path):
     assert "50.0% fewer than the independent family's" in "\n".join(out.headlines[0][1])
 
 
+def test_averaged_members_are_compared_by_their_published_models(tmp_path):
+    """Members published as a mean of checkpoints (train `average:`): the target is the
+    independent mean's loss, the progressive curve ends at its own mean, and the next stage's
+    growth point is the last state's loss + Δloss (it grows from that state, not the mean)."""
+    root = hand_family(tmp_path / "hand")
+    ledger = json.loads((root / "family.json").read_text())
+    ledger["modes"]["progressive"][0]["val_loss"] = 4.9  # small's mean; its last evaluation is 5.0
+    ledger["modes"]["independent"][1]["val_loss"] = 4.35  # large's mean; its last evaluation is 4.5
+    ledger["modes"]["progressive"][1]["val_loss"] = 4.25  # after the last evaluation, 4.3
+    (root / "family.json").write_text(json.dumps(ledger))
+    source = load_family(root)
+    prog = source.curves["progressive"]
+    assert prog[1].start == (6e6, pytest.approx(5.2))  # 5.0 + 0.2, not the mean's 4.9 + 0.2
+    assert prog[0].final_loss == 4.9 and prog[0].val_by_flops()[-1] == (6e6, 4.9)
+    _, large = source.equal_loss()
+    # 4.35 is halfway from step 10 (4.4) to step 15 (4.3): 1250 tokens, 6e6 + 24000·1250 FLOPs
+    assert large.target_loss == 4.35 and large.progressive_flops == pytest.approx(3.6e7)
+    ledger["modes"]["independent"][1]["val_loss"] = 4.2  # below the progressive mean: not reached
+    (root / "family.json").write_text(json.dumps(ledger))
+    _, large = load_family(root).equal_loss()
+    assert large.progressive_flops is None and large.gap == pytest.approx(0.05)
+
+
 def test_first_crossing():
     points = [(0.0, 5.0), (10.0, 4.0), (20.0, 3.0)]
     assert first_crossing(points, 4.5) == 5.0  # halfway down the first segment

@@ -9,6 +9,10 @@ member's final validation loss plus what the expansion changed on the probe batc
 report's Δloss; the probe batch is validation tokens too) — or, grown from the stable
 checkpoint before a decay (growth.from stable), the grown model's own probe loss. An
 independent member starts at 0.
+A member published as the mean of its last checkpoints (train `average:`) has a validation
+loss of its own that no evaluation of the run logged: it stands at the run's end, after the
+last evaluation (`published`). The next stage grows from the run's last state, not from the
+mean, so its growth point is that state's loss plus Δloss.
 A member of a family built downward (mode shrink) starts where its source's chain ended: its
 recovery run is offset by the FLOPs spent to have its source.
 A resumed or rolled-back run logged some steps twice: the later records replace the earlier.
@@ -41,14 +45,23 @@ class MemberCurve:
     train: list[tuple[float, float]]
     val: list[tuple[float, float]]
     start: tuple[float, float] | None = None  # growth point (FLOPs, loss); progressive stages 2..n
+    published: float | None = None  # the published model's loss when not the last evaluation's (averaged)
 
     def flops(self, tokens: float) -> float:
         """Cumulative FLOPs of the family after `tokens` tokens of this run."""
         return self.offset + self.flops_per_token * tokens
 
     def val_by_flops(self) -> list[tuple[float, float]]:
-        """The validation curve as (cumulative FLOPs, loss), from the growth point when there is one."""
-        return ([self.start] if self.start else []) + [(self.flops(t), v) for t, v in self.val]
+        """The validation curve as (cumulative FLOPs, loss), from the growth point when there is
+        one, to the published model (at the last evaluation's FLOPs) when it was averaged."""
+        end = [(self.flops(self.val[-1][0]), self.published)] if self.val and self.published is not None else []
+        return ([self.start] if self.start else []) + [(self.flops(t), v) for t, v in self.val] + end
+
+    @property
+    def final_loss(self) -> float:
+        """The validation loss of the model the run published (the last evaluation's, or the
+        averaged model's). Needs at least one evaluation."""
+        return self.val[-1][1] if self.published is None else self.published
 
 
 def _number(value) -> float | None:
@@ -84,6 +97,7 @@ def member_curves(family_dir: Path, ledger: Ledger, mode: str) -> tuple[list[Mem
     """The curves of `mode`'s finished members, in order, and a note per member whose run
     cannot be drawn (no metrics.jsonl, no steps)."""
     curves, missing, previous = [], [], None
+    last_state = None  # the previous run's last evaluated loss: the state the next stage grows from
     offset = spent = 0.0  # the progressive stage's start; the mode's FLOPs through this member
     for entry in ledger.members(mode):
         if not entry.done:
@@ -94,6 +108,7 @@ def member_curves(family_dir: Path, ledger: Ledger, mode: str) -> tuple[list[Mem
             offset = entry.cum_flops - entry.spent_flops
         path = FamilyDirectory(family_dir).training_run(mode, entry.name, entry.shrink is not None) / METRICS
         steps = entry.steps
+        grown_from, last_state = last_state, None
         if not path.is_file():
             missing.append(f"{mode}/{entry.name}: no {path.relative_to(family_dir)}")
         elif not isinstance(steps, int) or steps <= 0 or entry.tokens <= 0:
@@ -107,9 +122,14 @@ def member_curves(family_dir: Path, ledger: Ledger, mode: str) -> tuple[list[Mem
                 # grown from the stable checkpoint, not from the published (decayed) member: the
                 # probe's own loss of the grown model is the start, not the member's plus Δ
                 start = (offset, _number(probe.get("loss_grown")) if grown_from_stable and "loss_grown" in probe
-                         else previous.val_loss + (_number(probe.get("dloss")) or 0.0))
+                         else (grown_from if grown_from is not None else previous.val_loss)
+                         + (_number(probe.get("dloss")) or 0.0))
+            published = _number(entry.val_loss)
+            if not val or published is None or abs(published - val[-1][1]) <= 1e-12:
+                published = None  # the published model is the last evaluated one
             curves.append(MemberCurve(mode, entry.name, offset, entry.spent_flops / entry.tokens, spent,
-                                      train, val, start))
+                                      train, val, start, published))
+            last_state = val[-1][1] if val else None
         previous = entry
         offset = spent if mode == "progressive" else 0.0
     return curves, missing

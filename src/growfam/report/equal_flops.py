@@ -2,7 +2,8 @@
 with 26% fewer FLOPs at 2x Chinchilla, 31% with the max-LR adjustment).
 
 For member i: the cumulative FLOPs at which the progressive curve (its stage, from the growth
-point; see `curves`) first reaches the independent member i's final validation loss, linearly
+point to its published model; see `curves`) first reaches the validation loss of the model the
+independent member i published (its last evaluation's, or its averaged checkpoints'), linearly
 interpolated between evaluations, against what the independent family spends up to member i
 (Σ_{j<=i} FLOPs of independent member j). When the stage never gets there: "not reached", with
 the gap left at its end.
@@ -20,10 +21,10 @@ class EqualLoss:
     """One member's comparison. FLOPs are 6ND; losses nats."""
 
     member: str
-    target_loss: float  # the independent member's final validation loss
+    target_loss: float  # the validation loss of the independent member's published model
     independent_flops: float  # the independent family's cumulative FLOPs through this member
     progressive_flops: float | None  # where the progressive curve first reaches target_loss; None: never
-    gap: float | None  # not reached: the progressive member's final loss − target_loss
+    gap: float | None  # not reached: the progressive member's published loss − target_loss
     stage_end_flops: float  # the progressive family's cumulative FLOPs at the end of this stage
 
     @property
@@ -59,8 +60,8 @@ def flops_to_equal_loss(progressive: list[MemberCurve], independent: list[Member
         prog = by_name.get(ind.name)
         if prog is None or not ind.val or not prog.val:
             continue
-        target = ind.val[-1][1]
+        target = ind.final_loss
         reached = first_crossing(prog.val_by_flops(), target)
-        gap = None if reached is not None else prog.val[-1][1] - target
+        gap = None if reached is not None else prog.final_loss - target
         results.append(EqualLoss(ind.name, target, ind.cum_flops, reached, gap, prog.cum_flops))
     return results

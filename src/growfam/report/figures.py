@@ -54,9 +54,9 @@ def _draw_mode(ax, curves: list[MemberCurve], mode: str, colours: dict) -> None:
             xs, ys = zip(*points)
             ax.plot(xs, ys, color=colours[curve.name], markersize=3.5, linewidth=1.4, **_STYLE[mode])
         if curve.start is not None:
-            if previous is not None and previous.val:
-                end = previous.val_by_flops()[-1]
-                ax.plot([end[0], curve.start[0]], [end[1], curve.start[1]], color="0.3", linewidth=0.8)
+            if previous is not None and previous.val:  # from the state it grew from (not an average)
+                tokens, last = previous.val[-1]
+                ax.plot([previous.flops(tokens), curve.start[0]], [last, curve.start[1]], color="0.3", linewidth=0.8)
             ax.plot(*curve.start, marker="D", markerfacecolor="none", markeredgecolor="black", markersize=7,
                     zorder=5)
         previous = curve
