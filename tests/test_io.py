@@ -101,3 +101,53 @@ def test_kind_of_tells_what_growfam_made_from_what_it_did_not(tmp_path):
                         "link": LINK, "nothing": None}
     for inside in ("fam/progressive", "fam/progressive/m1"):
         assert kind_of(tmp_path / inside) == f"part of the family directory {(tmp_path / 'fam').resolve()}"
+
+
+def _record_syncs(monkeypatch, fail=None):
+    """Log ("sync", path) for each fsync and ("replace", src, dst) for each os.replace, in
+    order; with fail=(errno, predicate), an fsync of a path the predicate takes raises."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if fail and fail[1](path):
+            raise OSError(fail[0], os.strerror(fail[0]))
+        events.append(("sync", path))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name a file descriptor")
+def test_atomic_writes_are_on_the_disk_before_the_rename_and_the_rename_after(tmp_path, monkeypatch):
+    events = _record_syncs(monkeypatch)
+    out = atomic_directory(tmp_path / "out", lambda d: ((d / "sub").mkdir(), (d / "sub" / "a").write_text("1"),
+                                                         (d / "b").write_text("2")))
+    rename = next(i for i, e in enumerate(events) if e[0] == "replace")
+    tmp = events[rename][1]
+    synced_before = {e[1] for e in events[:rename]}
+    assert {tmp, f"{tmp}/sub", f"{tmp}/sub/a", f"{tmp}/b"} <= synced_before  # every file and folder
+    assert ("sync", str(tmp_path)) in events[rename + 1:]  # the rename itself
+    assert (out / "sub" / "a").read_text() == "1"
+    events.clear()
+    atomic_write_text(tmp_path / "f.json", "{}")
+    assert [e[0] for e in events] == ["sync", "replace", "sync"] and events[-1][1] == str(tmp_path)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name a file descriptor")
+def test_a_failed_sync_is_a_failed_write_and_a_folder_that_cannot_sync_is_not(tmp_path, monkeypatch):
+    atomic_directory(tmp_path / "out", lambda d: (d / "a").write_text("old"))
+    _record_syncs(monkeypatch, fail=(5, lambda path: path.endswith("/a")))  # EIO on the file
+    with pytest.raises(GrowfamError, match="cannot write .*out: Input/output error"):
+        atomic_directory(tmp_path / "out", lambda d: (d / "a").write_text("new"))
+    monkeypatch.undo()
+    assert (tmp_path / "out" / "a").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out"]
+    _record_syncs(monkeypatch, fail=(22, os.path.isdir))  # EINVAL on folders: a mount that cannot sync them
+    atomic_directory(tmp_path / "out", lambda d: (d / "a").write_text("new"))
+    assert (tmp_path / "out" / "a").read_text() == "new"

@@ -2,6 +2,10 @@
 directory appears whole or not at all, and what it replaces survives every failure before the
 final rename). Imports only growfam.errors.
 
+Atomic means durable too: what is published is fsynced before the rename (its files and
+folders) and the folder holding it after, so a power cut leaves the old version or the whole new
+one, never a renamed file whose blocks were not yet written.
+
 Temporaries are siblings named `.NAME.tmp-PID-XXXX` (so a rename never crosses a file system),
 and `remove_stale_temporaries` deletes those a killed process left behind. Everything written
 gets the usual permissions (0666/0777 less the umask), not the 0600/0700 of `tempfile`:
@@ -10,6 +14,7 @@ published members are shared.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -120,15 +125,48 @@ def write_error(path: str | Path, err: BaseException) -> GrowfamError | None:
     return None if problem is None else GrowfamError(f"cannot write {path}: {_describe(problem)}")
 
 
+def sync_file(file) -> None:
+    """Flush an open binary or text file object to the disk (fsync)."""
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def sync_path(path: str | Path) -> None:
+    """fsync a file or a folder by its path (a folder: the names in it, e.g. after a rename). A
+    file system that cannot sync it (EINVAL, ENOTSUP: some network and FUSE mounts refuse
+    folders) is left as it is; any other failure (EIO) is the OSError."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    """fsync every file and folder under `root`, then `root` (links are not followed)."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                sync_path(path)
+        sync_path(folder)
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary sibling and os.replace; GrowfamError on an
-    OSError (the old file, if any, is left as it was)."""
+    """Write `text` to `path` through a temporary sibling and os.replace, durably (see the module
+    docstring); GrowfamError on an OSError (the old file, if any, is left as it was)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}{_TMP}{os.getpid()}")
     try:
-        tmp.write_text(text)
+        with open(tmp, "w") as file:
+            file.write(text)
+            sync_file(file)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+        sync_path(path.parent)
     except OSError as err:
         with suppress(OSError):  # cleaning up must not hide the first error (a read-only folder)
             tmp.unlink(missing_ok=True)
@@ -154,7 +192,9 @@ def atomic_directory(out_dir: str | Path, write: Callable[[Path], None]) -> Path
     try:
         write(tmp)
         _open_permissions(tmp)
+        _sync_tree(tmp)
         publish_directory(tmp, out_dir)
+        sync_path(out_dir.parent)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, GrowfamError):  # a nested writer's, or bad input met on the way: as it is

@@ -39,7 +39,7 @@ from growfam.data.tokenizer import (MIN_TRAINED_VOCAB, HFTokenizer, TiktokenGPT2
 from growfam.checks import as_int, as_number
 from growfam.errors import ConfigError, GrowfamError
 from growfam.io import (atomic_directory, atomic_write_text, check_output, publish_directory, read_json,
-                        remove_path, write_error)
+                        remove_path, sync_file, sync_path, write_error)
 from growfam.lock import folder_lock
 from growfam.outputs import DATASET, DATASET_SETTINGS
 
@@ -260,6 +260,7 @@ def merge(out_dir: str | Path, *, overwrite: bool = False) -> TokenDataset:
         TokenDataset.open(partial)  # what would be published must read back whole
         remove_path(partial / "locks")
         publish_directory(partial, out)
+        sync_path(out.parent)
     except OSError as err:
         raise write_error(out, err) or GrowfamError(f"cannot publish {out}: {err}") from None
     if splits["val"]["tokens"] == 0:
@@ -461,8 +462,10 @@ class _ShardWriter:
         self.flush()
         if self.file is None:
             return
+        sync_file(self.file)  # on the disk before its name says it is whole
         self.file.close()
         os.replace(self.tmp, self.partial / self.name)
+        sync_path(self.partial / self.split)
         self.shards.append({"file": self.name, "tokens": self.tokens, "documents": self.documents})
         self.file, self.tokens, self.documents = None, 0, 0
 
