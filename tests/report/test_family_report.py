@@ -14,6 +14,7 @@ from growfam.family import run_family
 from growfam.report.curves import run_points
 from growfam.report.equal_flops import first_crossing
 from growfam.text import sci
+from growfam.report.markdown import headline
 from growfam.report.run import write_report
 from growfam.report.source import load_family
 from family.test_family import TEXT, dataset, spec  # noqa: F401  (dataset: the module fixture)
@@ -155,6 +156,34 @@ def test_averaged_members_are_compared_by_their_published_models(tmp_path):
     (root / "family.json").write_text(json.dumps(ledger))
     _, large = load_family(root).equal_loss()
     assert large.progressive_flops is None and large.gap == pytest.approx(0.05)
+
+
+def test_a_family_built_downward_counts_the_independent_cost_from_the_largest_down(tmp_path):
+    """Built downward, the largest trains first (the same run in both modes): the independent
+    family's cost of having a member is Σ over it and the members above it, so the largest saves
+    nothing, and the headline compares the member built last (the smallest)."""
+    root = tmp_path / "down"
+    hand_family(root)
+    ledger = json.loads((root / "family.json").read_text())
+    large = dict(ledger["modes"]["independent"][1])
+    # small: pruned from large, recovered over 5 steps of 100 tokens with large as teacher
+    small = _member("small", 1000, 500, 5, 4.8e7 + 3e6 + 4e6, 4.75)
+    small.update(shrink={"from": "large"}, distill={"flops": 4e6})
+    ledger["plan"] = {"name": "down", "direction": "shrink"}
+    ledger["modes"] = {"shrink": [small, large], "independent": ledger["modes"]["independent"]}
+    (root / "family.json").write_text(json.dumps(ledger))
+    shutil.copytree(root / "runs/independent/large", root / "runs/shrink/large")
+    _metrics(root / "runs/shrink/small/recovery/metrics.jsonl", [_eval(2, 5.2), _eval(4, 4.9), _eval(5, 4.75)])
+    source = load_family(root)
+    small_r, large_r = source.equal_loss()
+    assert large_r.independent_flops == pytest.approx(4.8e7) and large_r.saving == pytest.approx(0)
+    # independent small's 5.0 is reached two thirds of the way from step 2 (5.2) to step 4 (4.9):
+    # 4.8e7 + (2 + 4/3)·100 tokens · 14000 FLOPs per token, against 4.8e7 + 6e6
+    assert small_r.independent_flops == pytest.approx(5.4e7)
+    assert small_r.progressive_flops == pytest.approx(4.8e7 + 1000 / 3 * 14000)
+    lines = headline(source)
+    assert lines[1] == "small val loss: shrink 4.7500, independent 5.0000 (Δ -0.2500)"
+    assert lines[2].startswith("small FLOPs to equal loss")
 
 
 def test_first_crossing():

@@ -7,6 +7,9 @@ independent member i published (its last evaluation's, or its averaged checkpoin
 interpolated between evaluations, against what the independent family spends up to member i
 (Σ_{j<=i} FLOPs of independent member j). When the stage never gets there: "not reached", with
 the gap left at its end.
+A family built downward (shrink) builds its largest member first: what the independent family
+spends to have the members built so far is then Σ_{j>=i} (`independent_cost`), so the largest
+member, trained from scratch in both, saves nothing.
 """
 
 from __future__ import annotations
@@ -52,8 +55,11 @@ def first_crossing(points: list[tuple[float, float]], target: float) -> float | 
     return None
 
 
-def flops_to_equal_loss(progressive: list[MemberCurve], independent: list[MemberCurve]) -> list[EqualLoss]:
-    """Per member present in both modes with a validation curve, in the independent order."""
+def flops_to_equal_loss(progressive: list[MemberCurve], independent: list[MemberCurve],
+                        independent_cost: dict[str, float] | None = None) -> list[EqualLoss]:
+    """Per member present in both modes with a validation curve, in the independent order.
+    independent_cost: member name -> what the independent family spends to have it, when that
+    is not its curve's cumulative FLOPs (Σ_{j<=i}; a downward family's is Σ_{j>=i})."""
     by_name = {c.name: c for c in progressive}
     results = []
     for ind in independent:
@@ -63,5 +69,6 @@ def flops_to_equal_loss(progressive: list[MemberCurve], independent: list[Member
         target = ind.final_loss
         reached = first_crossing(prog.val_by_flops(), target)
         gap = None if reached is not None else prog.final_loss - target
-        results.append(EqualLoss(ind.name, target, ind.cum_flops, reached, gap, prog.cum_flops))
+        cost = ind.cum_flops if independent_cost is None else independent_cost[ind.name]
+        results.append(EqualLoss(ind.name, target, cost, reached, gap, prog.cum_flops))
     return results

@@ -45,7 +45,15 @@ class FamilySource:
         return self.ledger.built_mode
 
     def equal_loss(self) -> list[EqualLoss]:
-        return flops_to_equal_loss(self.curves.get(self.built, []), self.curves.get("independent", []))
+        """FLOPs to equal loss per member (report/equal_flops.py); built downward, the independent
+        family's cost of a member counts the members from the largest down to it."""
+        cost = None
+        if self.built == "shrink":
+            cost, total = {}, 0.0
+            for entry in reversed(self.members("independent")):
+                total += entry.spent_flops
+                cost[entry.name] = total
+        return flops_to_equal_loss(self.curves.get(self.built, []), self.curves.get("independent", []), cost)
 
     def protected(self) -> list[Path]:
         """What a report must never write over or into: the ledger, the members, the runs and
