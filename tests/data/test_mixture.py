@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import documents
@@ -59,6 +60,35 @@ def test_windows_follow_the_weights_exactly_and_resume(parts):
     other = open_dataset({"mix": [{"dir": str(a), "weight": 1}, {"dir": str(b), "weight": 1}]}).windows(16, 10, seed=1)
     with pytest.raises(GrowfamError, match="does not match this mixture"):
         other.load_state_dict(saved)
+
+
+def test_a_cursor_of_two_ranks_resumes_on_one(parts):
+    """Two ranks drew the same components, each its half of every component's epoch order; one
+    rank resuming from their cursor continues every component right after the windows both took."""
+    a, b = parts
+    mixture = open_dataset({"mix": [{"dir": str(a), "weight": 7}, {"dir": str(b), "weight": 3}]})
+    ranks = [mixture.windows(16, 5, seed=2, rank=r, world_size=2) for r in (0, 1)]
+    for _ in range(4):
+        for w in ranks:
+            w.next_batch()
+    assert ranks[0].taken == ranks[1].taken == [14, 6]
+    one = mixture.windows(16, 10, seed=2)
+    one.load_state_dict(json.loads(json.dumps(ranks[0].state_dict())))
+    assert one.taken == [28, 12]
+    for _ in range(3):
+        before = list(one.taken)
+        x, _ = one.next_batch()
+        rows = [tuple(r) for r in x.tolist()]
+        for i, (ds, part) in enumerate(zip(mixture.components, one.parts)):
+            n = one.taken[i] - before[i]
+            perm = np.random.default_rng(2 + COMPONENT_SEED_STRIDE * i).permutation(part.num_windows)
+            expected = [tuple(r) for r in part.gather(perm[before[i]:before[i] + n] * 16)[0].tolist()]
+            assert [r for r in rows if r in set(expected)] == expected  # the next n of its order, in order
+        assert sum(one.taken) - sum(before) == len(rows) == 10
+    # a world that splits a component's epoch differently refuses, naming both
+    odd = mixture.windows(16, 5, seed=2, rank=0, world_size=3)
+    with pytest.raises(GrowfamError, match="2 rank"):
+        odd.load_state_dict(ranks[0].state_dict())
 
 
 def test_validation_tokens_are_cut_in_proportion(parts):
