@@ -288,6 +288,48 @@ def test_a_family_built_under_torchrun_matches_one_process(tmp_path):
     assert all(member["eval"]["perplexity"]["val"]["perplexity"] > 1 for member in two)  # rank 0 evaluated each
 
 
+@pytest.mark.slow  # several processes
+def test_a_family_built_downward_under_torchrun_matches_one_process(tmp_path):
+    """`direction: shrink` under torchrun: both ranks train the largest and the recovery (by
+    distillation) of the member pruned from it; rank 0 alone prunes, measures and writes. The
+    same ledger, losses and members as one process."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from growfam.config import FamilyConfig
+    from growfam.data import prepare
+    from growfam.family import run_family
+    from family.test_shrink_family import TEXT, spec
+
+    prepare(TEXT, "train:300", tmp_path / "ds", val_fraction=0.05, progress=False)
+    family = spec(members=spec()["members"][1:], tokens={"explicit": [1000, 2000]},
+                  train={"eval_every": 4, "eval_batches": 2, "ckpt_every": 4, "log_every": 1, "tensorboard": False,
+                         "device": "cpu"})
+    (tmp_path / "down.yaml").write_text(yaml.safe_dump(family))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "growfam", "family", "run", str(tmp_path / "down.yaml"), "--out", str(tmp_path / "two"),
+                           "--data", str(tmp_path / "ds")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("pruning l -> m") == 1  # rank 0 alone prunes and reports
+    run_family(FamilyConfig.from_dict(family), tmp_path / "one", data=str(tmp_path / "ds"), log=lambda line: None)
+    one, two = (json.loads((tmp_path / d / "family.json").read_text())["modes"]["shrink"] for d in ("one", "two"))
+    assert [m["name"] for m in two] == ["m", "l"]
+    for a, b in zip(one, two):
+        assert (a["steps"], a["tokens"], a["flops"], a["cum_flops"]) == (b["steps"], b["tokens"], b["flops"], b["cum_flops"])
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-5)
+        assert_same_weights(load_file(str(tmp_path / "two" / "shrink" / a["name"] / "model.safetensors")),
+                            load_file(str(tmp_path / "one" / "shrink" / a["name"] / "model.safetensors")))
+    pruned = ("runs", "shrink", "m")
+    assert step_losses(tmp_path.joinpath("two", *pruned, "recovery")) == \
+        pytest.approx(step_losses(tmp_path.joinpath("one", *pruned, "recovery")), abs=1e-5)
+    held = [json.loads(tmp_path.joinpath(d, *pruned, "shrink.json").read_text())["held_out"] for d in ("one", "two")]
+    assert held[1] == pytest.approx(held[0], abs=1e-5) and two[0]["distill"]["flops"] > 0
+
+
 def test_bad_parallel_settings_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     import growfam.family.pipeline as pipeline
     from growfam.cli import main

@@ -6,6 +6,8 @@ member above it, or the largest (shrink.from) — at its source's last checkpoin
 included, and recovered on its planned tokens with the stage's batch, sequence length and
 learning rates. Its run folder FAMILY/runs/shrink/<member> is a shrink output; the member is
 published to FAMILY/shrink/<member>.
+Under torchrun every rank trains the largest and each recovery; rank 0 alone prunes (from the
+source's consolidated checkpoint), measures and writes, the others waiting for it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from growfam.grow.importance import random_importance, select
 from growfam.model import ModelConfig, resolve_config
 from growfam.text import loss
 from growfam.train.checkpoint import latest_checkpoint
-from growfam.train.parallel import rank_and_world
+from growfam.train.parallel import on_main
 
 
 SHRINK_MODE = "shrink"
@@ -48,7 +50,7 @@ def build_shrink_mode(job: FamilyRun, ledger: Ledger, published: Callable[[str, 
         entry = build_stage(job, SHRINK_MODE, i, []) if i == len(plan.stages) - 1 else _shrunk_member(job, i, entries)
         entries[stage.name] = entry
         ledger.modes[SHRINK_MODE] = [entries[s.name] for s in plan.stages if s.name in entries]
-        write_ledger(job.out_dir, ledger)
+        on_main(lambda: write_ledger(job.out_dir, ledger))
         ledger = published(SHRINK_MODE, entry, True)
         entries = {m.name: m for m in ledger.members(SHRINK_MODE)}
     return ledger
@@ -108,9 +110,7 @@ def _shrunk_member(job: FamilyRun, index: int, entries: dict[str, MemberEntry]) 
 
 def check_shrink_family(family: FamilyConfig) -> None:
     """ConfigError, before any work, for a pruning step the family's shapes cannot take (each
-    member against its source), or a world of several processes (not built yet)."""
-    if rank_and_world()[1] > 1:
-        raise ConfigError("direction: shrink runs in one process for now; start it without torchrun")
+    member against its source)."""
     members, section = family.members, family.shrink
     for i in range(len(members) - 1):
         source = members[section.teacher(i, len(members))]

@@ -44,9 +44,10 @@ from growfam.model import (Llama, ModelConfig, check_pretrained, load_pretrained
                            save_pretrained)
 from growfam.outputs import SHRINK, SHRINK_FILE, kind_of
 from growfam.train import TrainConfig, check_teacher, train
-from growfam.train.checkpoint import OPTIMIZER_FILE, latest_checkpoint, load_checkpoint
+from growfam.train.checkpoint import OPTIMIZER_FILE, holds_optimizer_state, latest_checkpoint, load_checkpoint
 from growfam.train.config import check_seq_len
 from growfam.train.optim import make_optimizer
+from growfam.train.parallel import on_main, rank_and_world, share
 
 #: The fields `--to FIELD=N,...` may set (the rest is the source's).
 SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
@@ -237,12 +238,14 @@ def shrink_directory(src: str, to: str, data: str, out: str, opts: ShrinkOptions
         out_dir.unlink() if out_dir.is_symlink() else shutil.rmtree(out_dir)
     device = resolve_device(opts.train.get("device", "auto"))
     model_dir = Path(model_dir) if model_dir is not None else out_dir / "model"
+    # under torchrun (a family built downward): rank 0 prunes, measures and writes, every rank
+    # trains the recovery; the record reaches every rank
     if record is None or not (out_dir / "pruned").is_dir():
-        record = _prune(src, out_dir, model_dir, checked, opts, device, log, progress)
+        record = share(on_main(lambda: _prune(src, out_dir, model_dir, checked, opts, device, log, progress)))
     if checked.recovery is not None:
         record = _recover(out_dir, model_dir, checked, record, device, log)
     record["done"] = True
-    atomic_write_text(out_dir / SHRINK_FILE, _json(record))
+    on_main(lambda: atomic_write_text(out_dir / SHRINK_FILE, _json(record)))
     return record
 
 
@@ -282,8 +285,9 @@ def _prune(src: str, out_dir: Path, model_dir: Path, checked: Checked, opts: Shr
 
 
 def _pruned_optimizer(src: str, source: Llama, pruned: Llama, maps: PruneMaps, tcfg: TrainConfig):
-    """The source checkpoint's AdamW state sliced like the weights (None when SRC has none)."""
-    if not (Path(src) / OPTIMIZER_FILE).is_file():
+    """The source checkpoint's AdamW state (whole or sharded) sliced like the weights (None when
+    SRC has none)."""
+    if not holds_optimizer_state(src):
         return None
     optimizer = make_optimizer(source, tcfg.replace(model=source.cfg), torch.device("cpu"))
     load_checkpoint(src, source, optimizer)
@@ -292,9 +296,9 @@ def _pruned_optimizer(src: str, source: Llama, pruned: Llama, maps: PruneMaps, t
 
 def _recover(out_dir: Path, model_dir: Path, checked: Checked, record: dict, device, log) -> dict:
     """Train the pruned model (resuming a killed run), publish model/, measure it."""
-    tcfg, opts = checked.recovery, checked.settings
+    tcfg = checked.recovery
     model = optimizer = None
-    if latest_checkpoint(out_dir / RECOVERY_RUN) is None:
+    if latest_checkpoint(out_dir / RECOVERY_RUN) is None and rank_and_world()[0] == 0:  # train() sends it on
         model = load_pretrained(out_dir / "pruned", dtype=torch.float32)
         if (out_dir / "pruned" / OPTIMIZER_FILE).is_file():
             optimizer = make_optimizer(model, tcfg, torch.device("cpu"))
@@ -302,6 +306,12 @@ def _recover(out_dir: Path, model_dir: Path, checked: Checked, record: dict, dev
     how = "distillation from the source" if tcfg.distill else "cross-entropy"
     log(f"recovering by {how}: {tcfg.max_tokens:,} tokens")
     result = train(tcfg, model, optimizer, dataset=checked.dataset)
+    return share(on_main(lambda: _recovered(result, model_dir, checked, record, device)))
+
+
+def _recovered(result, model_dir: Path, checked: Checked, record: dict, device) -> dict:
+    """Publish the recovery run's result to model_dir and measure it; the record with both."""
+    tcfg, opts = checked.recovery, checked.settings
     publish(result, model_dir)
     recovered = load_pretrained(model_dir, dtype=torch.float32, device=device).eval()
     record["held_out"]["recovered"] = held_out_loss(recovered, checked.dataset.tokens("val"), opts["seq_len"],

@@ -262,6 +262,13 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def holds_optimizer_state(path: str | Path) -> bool:
+    """Whether the directory `path` is a checkpoint with AdamW state: whole (optimizer.pt) or
+    sharded (dcp/, written under FSDP2 or torchrun)."""
+    path = Path(path)
+    return (path / OPTIMIZER_FILE).is_file() or (path / SHARDED_DIR).is_dir()
+
+
 def load_checkpoint(path: str | Path, model: Llama, optimizer: torch.optim.Optimizer | None = None,
                     device: torch.device | None = None, parallel: Parallelism | None = None) -> dict[str, Any]:
     """Copy checkpoint weights (and optimizer state) into `model` / `optimizer`; trainer state.
