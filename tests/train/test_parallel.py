@@ -289,10 +289,10 @@ def test_a_family_built_under_torchrun_matches_one_process(tmp_path):
 
 
 @pytest.mark.slow  # several processes
-def test_a_family_built_downward_under_torchrun_matches_one_process(tmp_path):
+def test_shrinking_under_torchrun_matches_one_process(tmp_path):
     """`direction: shrink` under torchrun: both ranks train the largest and the recovery (by
     distillation) of the member pruned from it; rank 0 alone prunes, measures and writes. The
-    same ledger, losses and members as one process."""
+    same ledger, losses and members as one process; and `growfam shrink` alike."""
     import json
     import subprocess
     import sys
@@ -328,6 +328,24 @@ def test_a_family_built_downward_under_torchrun_matches_one_process(tmp_path):
         pytest.approx(step_losses(tmp_path.joinpath("one", *pruned, "recovery")), abs=1e-5)
     held = [json.loads(tmp_path.joinpath(d, *pruned, "shrink.json").read_text())["held_out"] for d in ("one", "two")]
     assert held[1] == pytest.approx(held[0], abs=1e-5) and two[0]["distill"]["flops"] > 0
+    # `growfam shrink` itself under torchrun, from the sharded checkpoint the two ranks left
+    source = tmp_path / "two" / "runs" / "shrink" / "l" / "checkpoints" / "step_0000016"
+    assert (source / "dcp").is_dir()
+    args = ["shrink", str(source), "--to", "d_model=32,n_layers=1", "--data", str(tmp_path / "ds"), "--recover", "kd",
+            "--tokens", "512", "--seq-len", "32", "--set", "device=cpu", "--set", "batch_size=4", "--set", "eval_every=4"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "growfam", *args, "--out", str(tmp_path / "cli-two")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("model: ") == 1  # rank 0 alone reports
+    from growfam.cli import main
+    assert main([*args, "--out", str(tmp_path / "cli-one")]) == 0
+    records = [json.loads((tmp_path / d / "shrink.json").read_text()) for d in ("cli-one", "cli-two")]
+    assert records[1]["held_out"] == pytest.approx(records[0]["held_out"], abs=1e-5)
+    assert records[1]["recovery"]["steps"] == records[0]["recovery"]["steps"] == 4
+    assert (tmp_path / "cli-two" / "pruned" / "optimizer.pt").is_file()  # the sharded moments, pruned
+    assert_same_weights(load_file(str(tmp_path / "cli-two" / "model" / "model.safetensors")),
+                        load_file(str(tmp_path / "cli-one" / "model" / "model.safetensors")))
 
 
 def test_bad_parallel_settings_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys):

@@ -28,7 +28,7 @@ from growfam.errors import GrowfamError
 
 #: The commands that run under torchrun, every rank taking part; every other command runs in one
 #: process and refuses a world of several (it would do its work, and write its results, once per rank).
-DISTRIBUTED = ("train", "family", "posttrain")
+DISTRIBUTED = ("train", "family", "posttrain", "shrink")
 
 
 def _check_world(command: str) -> None:

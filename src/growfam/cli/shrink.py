@@ -75,14 +75,20 @@ def _add_shrink(sub) -> None:
 
 
 def _run_shrink(args) -> int:
+    """Under torchrun every rank trains the recovery; rank 0 alone prunes, writes and reports."""
     from growfam.family.shrink import ShrinkOptions, format_record, shrink_directory
+    from growfam.train.parallel import init_distributed, rank_and_world
 
+    init_distributed()
+    main = rank_and_world()[0] == 0
     train = parse_sets(args.set)
     train.update({k: v for k, v in (("max_lr", args.lr), ("batch_size", args.batch_size)) if v is not None})
     given = {k: getattr(args, k) for k in ("width", "depth", "calibration", "seq_len", "recover", "tokens",
                                           "eval_windows", "seed") if getattr(args, k) is not None}
     opts = ShrinkOptions(**given, train=train)
-    record = shrink_directory(args.src_dir, args.to, args.data, args.out, opts, force=args.force)
-    print(format_record(record))
-    print(f"model: {args.out}/model")
+    record = shrink_directory(args.src_dir, args.to, args.data, args.out, opts, force=args.force,
+                              log=print if main else (lambda line: None), progress=main)
+    if main:
+        print(format_record(record))
+        print(f"model: {args.out}/model")
     return 0

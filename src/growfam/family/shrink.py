@@ -47,7 +47,7 @@ from growfam.train import TrainConfig, check_teacher, train
 from growfam.train.checkpoint import OPTIMIZER_FILE, holds_optimizer_state, latest_checkpoint, load_checkpoint
 from growfam.train.config import check_seq_len
 from growfam.train.optim import make_optimizer
-from growfam.train.parallel import on_main, rank_and_world, share
+from growfam.train.parallel import barrier, on_main, rank_and_world, share
 
 #: The fields `--to FIELD=N,...` may set (the rest is the source's).
 SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
@@ -228,6 +228,9 @@ def shrink_directory(src: str, to: str, data: str, out: str, opts: ShrinkOptions
     to OUT/shrink.json. owned: OUT is a family's (check_shrink); model_dir: where the result
     goes (default OUT/model)."""
     checked = check_shrink(src, to, data, out, opts, force, owned)
+    # Under torchrun rank 0 alone prunes, measures and writes, every rank trains the recovery:
+    # every rank has read OUT before rank 0 writes there, and rank 0's view decides.
+    barrier()
     opts = replace(opts, seq_len=checked.settings["seq_len"])
     out_dir = Path(out)
     record = checked.earlier
@@ -235,12 +238,10 @@ def shrink_directory(src: str, to: str, data: str, out: str, opts: ShrinkOptions
         log(f"{out} holds this shrink, done earlier; nothing to do")
         return record
     if force and (out_dir.is_symlink() or kind_of(out_dir) == SHRINK):  # check_output allowed it, as --force asks
-        out_dir.unlink() if out_dir.is_symlink() else shutil.rmtree(out_dir)
+        on_main(lambda: out_dir.unlink() if out_dir.is_symlink() else shutil.rmtree(out_dir))
     device = resolve_device(opts.train.get("device", "auto"))
     model_dir = Path(model_dir) if model_dir is not None else out_dir / "model"
-    # under torchrun (a family built downward): rank 0 prunes, measures and writes, every rank
-    # trains the recovery; the record reaches every rank
-    if record is None or not (out_dir / "pruned").is_dir():
+    if share(record is None or not (out_dir / "pruned").is_dir()):
         record = share(on_main(lambda: _prune(src, out_dir, model_dir, checked, opts, device, log, progress)))
     if checked.recovery is not None:
         record = _recover(out_dir, model_dir, checked, record, device, log)
