@@ -309,12 +309,21 @@ def test_shrinking_under_torchrun_matches_one_process(tmp_path):
                   train={"eval_every": 4, "eval_batches": 2, "ckpt_every": 4, "log_every": 1, "tensorboard": False,
                          "device": "cpu"})
     (tmp_path / "down.yaml").write_text(yaml.safe_dump(family))
+    # one torchrun launch for both commands (the second joins the process group the first made)
+    source = tmp_path / "two" / "runs" / "shrink" / "l" / "checkpoints" / "step_0000016"  # sharded, from two ranks
+    shrink = ["shrink", str(source), "--to", "d_model=32,n_layers=1", "--data", str(tmp_path / "ds"), "--recover",
+              "kd", "--tokens", "512", "--seq-len", "32", "--set", "device=cpu", "--set", "batch_size=4",
+              "--set", "eval_every=4"]
+    commands = [["family", "run", str(tmp_path / "down.yaml"), "--out", str(tmp_path / "two"), "--data",
+                 str(tmp_path / "ds")], [*shrink, "--out", str(tmp_path / "cli-two")]]
+    (tmp_path / "both.py").write_text("import sys\nfrom growfam.cli import main\n"
+                                      f"sys.exit(max(main(argv) for argv in {commands!r}))\n")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "growfam", "family", "run", str(tmp_path / "down.yaml"), "--out", str(tmp_path / "two"),
-                           "--data", str(tmp_path / "ds")],
+                           str(tmp_path / "both.py")],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("pruning l -> m") == 1  # rank 0 alone prunes and reports
+    assert proc.stdout.count("model: ") == 1
     run_family(FamilyConfig.from_dict(family), tmp_path / "one", data=str(tmp_path / "ds"), log=lambda line: None)
     one, two = (json.loads((tmp_path / d / "family.json").read_text())["modes"]["shrink"] for d in ("one", "two"))
     assert [m["name"] for m in two] == ["m", "l"]
@@ -329,17 +338,9 @@ def test_shrinking_under_torchrun_matches_one_process(tmp_path):
     held = [json.loads(tmp_path.joinpath(d, *pruned, "shrink.json").read_text())["held_out"] for d in ("one", "two")]
     assert held[1] == pytest.approx(held[0], abs=1e-5) and two[0]["distill"]["flops"] > 0
     # `growfam shrink` itself under torchrun, from the sharded checkpoint the two ranks left
-    source = tmp_path / "two" / "runs" / "shrink" / "l" / "checkpoints" / "step_0000016"
     assert (source / "dcp").is_dir()
-    args = ["shrink", str(source), "--to", "d_model=32,n_layers=1", "--data", str(tmp_path / "ds"), "--recover", "kd",
-            "--tokens", "512", "--seq-len", "32", "--set", "device=cpu", "--set", "batch_size=4", "--set", "eval_every=4"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "growfam", *args, "--out", str(tmp_path / "cli-two")],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("model: ") == 1  # rank 0 alone reports
     from growfam.cli import main
-    assert main([*args, "--out", str(tmp_path / "cli-one")]) == 0
+    assert main([*shrink, "--out", str(tmp_path / "cli-one")]) == 0
     records = [json.loads((tmp_path / d / "shrink.json").read_text()) for d in ("cli-one", "cli-two")]
     assert records[1]["held_out"] == pytest.approx(records[0]["held_out"], abs=1e-5)
     assert records[1]["recovery"]["steps"] == records[0]["recovery"]["steps"] == 4
