@@ -145,18 +145,26 @@ def _prepare_command(source: Path, out: Path, *extra: str) -> list[str]:
             "--shard-tokens", "4000", "--val-fraction", "0.05", *extra]
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_prepare_killed_at_random_points_then_run_again_is_byte_identical(tmp_path, workers):
-    source = write_jsonl(tmp_path / "docs.jsonl", corpus(1000))
-    reference = tmp_path / "reference"
-    subprocess.run(_prepare_command(source, reference, "--workers", workers), check=True, capture_output=True)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """(source, the checksums of the dataset an uninterrupted one-thread prepare of it makes, its
+    number of units), made in this process: a killed run, with worker processes too, must end on
+    exactly these files."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    source = write_jsonl(root / "docs.jsonl", corpus(1000))
+    reference = root / "reference"
+    assert main(_prepare_command(source, reference, "--workers", "1")[3:]) == 0
     files = dataset_files(reference)
     assert sum(k.startswith("train/") for k in files) > 20
+    return source, files, len(json.loads((reference / "prepare.json").read_text())["units"])
 
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_prepare_killed_at_random_points_then_run_again_is_byte_identical(tmp_path, workers, uninterrupted):
+    source, files, total = uninterrupted
     out = tmp_path / "ds"
     units = partial_dir(out) / "units"
     rng = random.Random(int(workers))
-    total = len(json.loads((reference / "prepare.json").read_text())["units"])
     # Kill points: once during start-up, then after random numbers of finished units, each a
     # random few milliseconds on (inside a unit, between a shard and its marker, ...).
     points = [0, *sorted(rng.sample(range(1, total - 1), 3))]
