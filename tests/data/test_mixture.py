@@ -141,11 +141,21 @@ def test_a_family_on_a_mixture_records_it(parts, tmp_path):
     ledger = run_family(family, tmp_path / "fam", data=folder, modes="progressive", log=lambda s: None)
     assert ledger.data_mix == [{"dir": str(a.resolve()), "weight": 0.5}, {"dir": str(b.resolve()), "weight": 0.5}]
     assert len(ledger.members("progressive")) == 2
-    # another mix is refused on the same family directory
+    # the family's evaluation finds its dataset: the mixture folder
+    from growfam.family.members import resolve_target
+    assert resolve_target(tmp_path / "fam").dataset().fingerprint() == ledger.data_fingerprint
+    # another mix is refused: its folder is never rewritten, and the ledger refuses it anyway
+    recorded = (tmp_path / "fam" / "data" / MIXTURE_FILE).read_bytes()
     other = FamilyConfig.from_dict({**family.to_dict(), "data": {"mix": [mix[0], {**mix[1], "weight": 2}]}})
-    ensure_dataset(other.data, None, tmp_path / "fam" / "data", log=lambda s: None)
+    with pytest.raises(ConfigError, match="holds another mix"):
+        ensure_dataset(other.data, None, tmp_path / "fam" / "data", log=lambda s: None)
+    assert (tmp_path / "fam" / "data" / MIXTURE_FILE).read_bytes() == recorded
+    with pytest.raises(ConfigError, match="holds something other than a mixture"):
+        ensure_dataset(other.data, None, a, log=lambda s: None)  # a prepared dataset is not a mixture folder
+    assert not (a / MIXTURE_FILE).exists()
+    other_folder = ensure_dataset(other.data, None, tmp_path / "other", log=lambda s: None)
     with pytest.raises(ConfigError, match="different data fingerprint"):
-        run_family(other, tmp_path / "fam", data=folder, modes="progressive", log=lambda s: None)
+        run_family(other, tmp_path / "fam", data=other_folder, modes="progressive", log=lambda s: None)
 
 
 def test_bad_mixtures_are_one_clear_error(parts, tmp_path):

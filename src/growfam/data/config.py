@@ -42,12 +42,20 @@ class DataConfig(Section):
 def dataset_dir(section: DataConfig, data: str | None, default_dir: Path) -> tuple[str, bool]:
     """The dataset directory to train on, and whether it must be prepared first: `data` if
     given, else the `data:` section's folder (default_dir unless it names one), to be prepared
-    when it holds no dataset yet. Nothing is written."""
+    when it holds no dataset yet — or, for a `mix`, written when it holds no mixture yet. Nothing
+    is written; a folder holding another mix or something else is a ConfigError (never rewritten:
+    a family trained on it records its fingerprint)."""
     if data is not None:
         return str(data), False
     path = Path(section.dir) if section.dir else default_dir
     if section.mix is not None:
-        return str(path), _mixture_of(path) != _absolute(parse_mix(section.mix))
+        wanted, recorded = _absolute(parse_mix(section.mix)), _mixture_of(path)
+        if recorded is not None and recorded != wanted:
+            shown = ", ".join(f"{m.get('weight', '?'):.3g} {m.get('dir')}" for m in recorded if isinstance(m, dict))
+            raise ConfigError(f"{path} holds another mix ({shown}); give data.dir a new folder for this one")
+        if recorded is None and path.is_dir() and any(path.iterdir()):
+            raise ConfigError(f"{path} holds something other than a mixture; give data.dir a new folder for the mix")
+        return str(path), recorded is None
     if (path / "index.json").exists():
         return str(path), False
     if section.source is None:

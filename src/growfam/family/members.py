@@ -46,13 +46,13 @@ class Target:
     def dataset(self):
         """The family's prepared dataset: the ledger's `data`, or FAMILY/data, whichever has the
         ledger's fingerprint; GrowfamError when neither does."""
-        from growfam.data import open_dataset
+        from growfam.data import MIXTURE_FILE, open_dataset
 
         if self.family_dir is None:
             raise GrowfamError("the validation split needs a family directory (this member is not in one)")
         recorded = self.ledger.data
         for candidate in dict.fromkeys((Path(recorded), FamilyDirectory(self.family_dir).data)):
-            if (candidate / "index.json").is_file():
+            if (candidate / "index.json").is_file() or (candidate / MIXTURE_FILE).is_file():
                 dataset = open_dataset(candidate)
                 if dataset.fingerprint() == self.ledger.data_fingerprint:
                     return dataset
