@@ -9,9 +9,9 @@ largest w_i·(k+1) − n_i, n_i its windows so far (ties to the first): a fixed 
 every component's count stays within one window of w_i·k at every k, the same on every rank;
 within a component, windows come in its own seeded epoch order (`PackedWindows`). The cursor
 (each component's and the counts n_i) resumes exactly, on another number of ranks too when the
-components' epochs split evenly over both (as PackedWindows' cursor does). Validation and evaluation read
-`tokens(split)`: the components' streams cut in proportion to the weights (as long as the
-shortest allows) and joined, so evenly spread windows sample them in proportion.
+components' epochs split evenly over both (as PackedWindows' cursor does). Validation and
+evaluation read `tokens(split)`: the components' streams cut in proportion to the weights (as
+long as the shortest allows) and joined, so evenly spread windows sample them in proportion.
 """
 
 from __future__ import annotations
@@ -160,18 +160,15 @@ class MixedWindows:
         `state` may come from another world size w: every rank drew the same components, so the
         ranks have consumed w·n_i windows of component i between them; each component's cursor
         carries over as PackedWindows' does (or refuses), and this rank's counts become
-        w·n_i / world_size."""
+        w·n_i / world_size — whole, since a carried-over cursor has both worlds cut the epoch to
+        the same length and split the consumed windows evenly."""
         if "mix" not in state or state["mix"] != self.weights or len(state.get("parts", ())) != len(self.parts):
             raise GrowfamError(f"data cursor does not match this mixture: weights {state.get('mix')!r} in the "
                                f"checkpoint but {self.weights!r} now")
         for part, saved in zip(self.parts, state["parts"]):
             part.load_state_dict({**saved, "rank": part.rank})
         world, now = int(state["world_size"]), self.parts[0].world_size
-        consumed = [int(n) * world for n in state["taken"]]
-        if any(n % now for n in consumed):  # the components' cursors carried over, so this does not happen
-            raise GrowfamError(f"a mixture's data cursor of {world} rank(s) cannot be carried over to {now}: "
-                               f"{consumed} windows do not split evenly; resume with {world} rank(s)")
-        self.taken = [n // now for n in consumed]
+        self.taken = [int(n) * world // now for n in state["taken"]]
 
 
 def write_mixture(out_dir: str | Path, mix: list[tuple[str, float]]) -> Mixture:
