@@ -51,6 +51,11 @@ def documents(spec: str, max_chars: int) -> list[str]:
             raise SystemExit(f"{spec}: no documents")
 
 
+def first_chars(docs: list[str], chars: float) -> list[str]:
+    """The first documents of `docs` that hold `chars` characters (all of them when they hold fewer)."""
+    return docs[: next(i for i, n in enumerate(accumulate(map(len, docs)), 1) if n >= chars or i == len(docs))]
+
+
 def write_jsonl(docs: list[str], path: Path) -> Path:
     with path.open("w") as file:
         file.writelines(json.dumps({"text": d}) + "\n" for d in docs)
@@ -79,7 +84,7 @@ def main() -> int:
                         help="the smaller of the two corpora measured for memory (the other is 4x)")
     args = parser.parse_args()
     docs = documents(args.corpus, int(max(args.max_chars, 4 * args.memory_chars)))
-    timed = docs[: next(i for i, n in enumerate(accumulate(map(len, docs)), 1) if n >= args.max_chars or i == len(docs))]
+    timed = first_chars(docs, args.max_chars)
     chars = sum(len(d) for d in timed)
     encoding = TiktokenGPT2()._enc
     encoding.encode_ordinary_batch(timed[:100], num_threads=args.workers)  # warm up
@@ -108,8 +113,8 @@ def main() -> int:
         sizes = [int(args.memory_chars), int(4 * args.memory_chars)]
         memory = []
         for size in sizes:
-            part = docs[: next(i for i, n in enumerate(accumulate(map(len, docs)), 1) if n >= size or i == len(docs))]
-            memory.append(peak_mib(write_jsonl(part, scratch / f"mem{size}.jsonl"), args.workers, shard_tokens, scratch))
+            part = write_jsonl(first_chars(docs, size), scratch / f"mem{size}.jsonl")
+            memory.append(peak_mib(part, args.workers, shard_tokens, scratch))
     steady = max(ours - fixed, 1e-9)
     rows = [["", "seconds", "tokens", "tokens/s"],
             ["tiktoken encode_ordinary_batch", f"{raw:.2f}", f"{tokens:,}", f"{tokens / raw:,.0f}"],
