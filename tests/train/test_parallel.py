@@ -375,6 +375,31 @@ def test_bad_parallel_settings_are_one_line_and_exit_2(tmp_path, monkeypatch, ca
     assert not (tmp_path / "family").exists()
 
 
+def test_a_command_leaves_the_process_group_it_opened_and_no_other(tmp_path, monkeypatch):
+    """Gloo threads alive at interpreter exit abort a finished torchrun job (SIGABRT), so every
+    distributed command closes the group it opened; a group its caller opened stays open."""
+    import torch.distributed as dist
+
+    from growfam.cli import main
+    from growfam.train.parallel import close_distributed, make_parallelism
+    from train.support import cli_config
+
+    close_distributed()  # what an earlier test in this process left open
+    path = cli_config(tmp_path, monkeypatch, "max_steps: 1\n")
+    assert main(["train", str(path), "--set", "parallel={strategy: fsdp}"]) == 0
+    assert not dist.is_initialized()
+    make_parallelism("cpu", ParallelConfig(strategy="fsdp"))
+    assert dist.is_initialized()
+    close_distributed(succeeded=False)  # gloo: closed after a failure too
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        close_distributed()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
 # ---- memory per GPU ------------------------------------------------------------------------------
 
 

@@ -56,12 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    succeeded = False
     try:
         _check_world(args.command)
-        return args.func(args) or 0
+        status = args.func(args) or 0
+        succeeded = True
+        return status
     except GrowfamError as err:
         print(f"growfam {args.command}: error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"growfam {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if args.command in DISTRIBUTED and "torch.distributed" in sys.modules:  # no torch import for a typo
+            from growfam.train.parallel import close_distributed
+
+            close_distributed(succeeded)

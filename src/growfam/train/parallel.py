@@ -49,6 +49,7 @@ from growfam.train.config import ParallelConfig
 MAIN_WAIT = datetime.timedelta(hours=24)
 
 _host_groups: dict = {}  # the default group -> the gloo group share() and barrier() use with it
+_opened: list = []  # the default groups this module opened (close_distributed leaves others alone)
 
 
 def init_distributed() -> None:
@@ -57,7 +58,22 @@ def init_distributed() -> None:
     initialised."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        _opened.append(dist.group.WORLD)
         open_host_group()
+
+
+def close_distributed(succeeded: bool = True) -> None:
+    """Leave the process group this module opened (init_distributed, make_parallelism), if any;
+    one a caller opened is theirs to close. Gloo's worker threads still alive
+    when the interpreter shuts down abort the process (SIGABRT after the work is done), so a
+    command destroys its groups before it exits. After a failure only a gloo group is destroyed:
+    NCCL's teardown is collective and would hang on the ranks that did not fail."""
+    if not (dist.is_available() and dist.is_initialized() and dist.group.WORLD in _opened):
+        return
+    if succeeded or dist.get_backend() == "gloo":
+        _opened.clear()
+        _host_groups.clear()
+        dist.destroy_process_group()
 
 
 def open_host_group(timeout: datetime.timedelta = MAIN_WAIT) -> None:
@@ -353,5 +369,6 @@ def make_parallelism(device: str, options: ParallelConfig | None = None, dtype: 
     if world == 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo", store=dist.HashStore(),
                                 rank=0, world_size=1)
+        _opened.append(dist.group.WORLD)
     kind = {"none": AllReduce, "ddp": DDP, "fsdp": FSDP}[strategy]
     return kind(resolved, rank, world, options, amp_dtype(dtype, resolved))
