@@ -375,22 +375,37 @@ def test_bad_parallel_settings_are_one_line_and_exit_2(tmp_path, monkeypatch, ca
     assert not (tmp_path / "family").exists()
 
 
-def test_a_command_leaves_the_process_group_it_opened_and_no_other(tmp_path, monkeypatch):
-    """Gloo threads alive at interpreter exit abort a finished torchrun job (SIGABRT), so every
-    distributed command closes the group it opened; a group its caller opened stays open."""
+_AT_EXIT = """
+import atexit, sys, torch.distributed as dist
+from growfam.train.config import ParallelConfig
+from growfam.train.parallel import make_parallelism
+if sys.argv[1] == "caller":  # opens the group and leaves it at exit itself (after growfam's handler ran)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    atexit.register(dist.destroy_process_group)
+make_parallelism("cpu", ParallelConfig(strategy="fsdp"))
+destroy = dist.destroy_process_group
+dist.destroy_process_group = lambda *a: (print("left"), destroy(*a))
+"""
+
+
+@pytest.mark.slow  # two processes
+def test_the_process_group_growfam_opened_is_left_at_exit_and_no_other(tmp_path):
+    """Gloo threads alive while the interpreter shuts down abort a finished torchrun job
+    (SIGABRT), so the group growfam opened is left at exit; a group its caller opened is theirs."""
+    import subprocess
+    import sys
+
     import torch.distributed as dist
 
-    from growfam.cli import main
     from growfam.train.parallel import close_distributed, make_parallelism
-    from train.support import cli_config
 
-    close_distributed()  # what an earlier test in this process left open
-    path = cli_config(tmp_path, monkeypatch, "max_steps: 1\n")
-    assert main(["train", str(path), "--set", "parallel={strategy: fsdp}"]) == 0
-    assert not dist.is_initialized()
+    (tmp_path / "at_exit.py").write_text(_AT_EXIT)
+    said = [subprocess.run([sys.executable, str(tmp_path / "at_exit.py"), who], capture_output=True, text=True,
+                           timeout=120) for who in ("growfam", "caller")]
+    assert [(p.returncode, p.stdout) for p in said] == [(0, "left\n"), (0, "")], [p.stderr[-500:] for p in said]
+    # closing by hand: ours after a failure too (gloo), never the caller's
     make_parallelism("cpu", ParallelConfig(strategy="fsdp"))
-    assert dist.is_initialized()
-    close_distributed(succeeded=False)  # gloo: closed after a failure too
+    close_distributed(succeeded=False)
     assert not dist.is_initialized()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:

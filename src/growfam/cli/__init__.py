@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"growfam {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
-        if args.command in DISTRIBUTED and "torch.distributed" in sys.modules:  # no torch import for a typo
-            from growfam.train.parallel import close_distributed
+        if "growfam.train.parallel" in sys.modules:  # the process group is left at exit, by its outcome
+            from growfam.train.parallel import record_outcome
 
-            close_distributed(succeeded)
+            record_outcome(succeeded)

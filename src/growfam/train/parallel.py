@@ -23,6 +23,7 @@ rank 0 ever holds the whole model or optimizer state in memory.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import functools
@@ -50,6 +51,7 @@ MAIN_WAIT = datetime.timedelta(hours=24)
 
 _host_groups: dict = {}  # the default group -> the gloo group share() and barrier() use with it
 _opened: list = []  # the default groups this module opened (close_distributed leaves others alone)
+_outcome = [False]  # whether the last command succeeded (record_outcome), for closing at exit
 
 
 def init_distributed() -> None:
@@ -58,22 +60,40 @@ def init_distributed() -> None:
     initialised."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        _opened.append(dist.group.WORLD)
+        _own_default_group()
         open_host_group()
 
 
 def close_distributed(succeeded: bool = True) -> None:
     """Leave the process group this module opened (init_distributed, make_parallelism), if any;
-    one a caller opened is theirs to close. Gloo's worker threads still alive
-    when the interpreter shuts down abort the process (SIGABRT after the work is done), so a
-    command destroys its groups before it exits. After a failure only a gloo group is destroyed:
-    NCCL's teardown is collective and would hang on the ranks that did not fail."""
+    one a caller opened is theirs to close. After a failure only a gloo group is closed: NCCL's
+    teardown is collective and would hang on the ranks that did not fail."""
     if not (dist.is_available() and dist.is_initialized() and dist.group.WORLD in _opened):
         return
     if succeeded or dist.get_backend() == "gloo":
         _opened.clear()
         _host_groups.clear()
         dist.destroy_process_group()
+
+
+def record_outcome(succeeded: bool) -> None:
+    """Say whether the command now ending succeeded: at exit the group is closed accordingly
+    (close_distributed). Without a word, it counts as failed."""
+    _outcome[0] = succeeded
+
+
+def _close_at_exit() -> None:
+    close_distributed(_outcome[0])
+
+
+def _own_default_group() -> None:
+    """Remember the default group as opened here, and close it when the interpreter exits: gloo's
+    worker threads still alive while the interpreter shuts down abort the process (SIGABRT after
+    the work is done). At exit, not when a command ends: a process may run several commands in
+    one group (a second init_process_group under torchrun reuses its store's keys and can hang)."""
+    _opened.append(dist.group.WORLD)
+    atexit.unregister(_close_at_exit)
+    atexit.register(_close_at_exit)
 
 
 def open_host_group(timeout: datetime.timedelta = MAIN_WAIT) -> None:
@@ -369,6 +389,6 @@ def make_parallelism(device: str, options: ParallelConfig | None = None, dtype: 
     if world == 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo", store=dist.HashStore(),
                                 rank=0, world_size=1)
-        _opened.append(dist.group.WORLD)
+        _own_default_group()
     kind = {"none": AllReduce, "ddp": DDP, "fsdp": FSDP}[strategy]
     return kind(resolved, rank, world, options, amp_dtype(dtype, resolved))
