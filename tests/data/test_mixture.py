@@ -153,9 +153,35 @@ def test_a_family_on_a_mixture_records_it(parts, tmp_path):
     with pytest.raises(ConfigError, match="holds something other than a mixture"):
         ensure_dataset(other.data, None, a, log=lambda s: None)  # a prepared dataset is not a mixture folder
     assert not (a / MIXTURE_FILE).exists()
+    # a damaged mixture.json is one clear error, and stays as it was
+    for damaged, message in (('{"format": "growfam-mixture/1", "mix": 5}', "must be a non-empty list"),
+                             ('{"format": "growfam-mixture/1", "mix": [{"dir": "x", "weight": "a"}]}',
+                              "weight must be a number"),
+                             ('{"mix": []}', "not a growfam mixture")):
+        (tmp_path / "damaged").mkdir(exist_ok=True)
+        (tmp_path / "damaged" / MIXTURE_FILE).write_text(damaged)
+        with pytest.raises(GrowfamError, match=message):
+            ensure_dataset(FamilyConfig.from_dict({**family.to_dict(), "data": {"mix": mix, "dir": str(tmp_path / "damaged")}}).data,
+                           None, tmp_path / "x", log=lambda s: None)
+        assert (tmp_path / "damaged" / MIXTURE_FILE).read_text() == damaged
     other_folder = ensure_dataset(other.data, None, tmp_path / "other", log=lambda s: None)
     with pytest.raises(ConfigError, match="different data fingerprint"):
         run_family(other, tmp_path / "fam", data=other_folder, modes="progressive", log=lambda s: None)
+
+
+def test_a_mixture_folder_is_its_own_mix_though_its_weights_normalise_again(tmp_path):
+    """Weights 1:4:1 normalise to values that, read back and normalised again, differ in their
+    last bits: the folder still holds the same mix (nothing to write, nothing refused)."""
+    from growfam.data.config import DataConfig, dataset_dir
+    from growfam.data.mixture import parse_mix
+
+    mix = [{"dir": str(tmp_path / name), "weight": w} for name, w in (("a", 1), ("b", 4), ("c", 1))]
+    stored = [{"dir": d, "weight": w} for d, w in parse_mix(mix)]
+    assert [m["weight"] for m in stored] != [w for _, w in parse_mix(stored)]  # the case this is about
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / MIXTURE_FILE).write_text(json.dumps({"format": "growfam-mixture/1", "mix": stored}))
+    section = DataConfig.from_dict({"mix": mix, "dir": str(tmp_path / "mixed")})
+    assert dataset_dir(section, None, tmp_path / "x") == (str(tmp_path / "mixed"), False)
 
 
 def test_bad_mixtures_are_one_clear_error(parts, tmp_path):

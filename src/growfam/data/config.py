@@ -3,15 +3,15 @@ found, or prepared from the section's source."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from growfam.checks import Section, as_int, as_number
-from growfam.data.mixture import MIXTURE_FILE, parse_mix, write_mixture
+from growfam.data.mixture import MIXTURE_FILE, parse_mix, read_mix, write_mixture
 from growfam.data.preparation import DEFAULT_TOKENIZER, DEFAULT_VAL_FRACTION, prepare
 from growfam.errors import ConfigError
-from growfam.io import read_json
 
 
 @dataclass
@@ -49,9 +49,10 @@ def dataset_dir(section: DataConfig, data: str | None, default_dir: Path) -> tup
         return str(data), False
     path = Path(section.dir) if section.dir else default_dir
     if section.mix is not None:
-        wanted, recorded = _absolute(parse_mix(section.mix)), _mixture_of(path)
-        if recorded is not None and recorded != wanted:
-            shown = ", ".join(f"{m.get('weight', '?'):.3g} {m.get('dir')}" for m in recorded if isinstance(m, dict))
+        wanted = _absolute(parse_mix(section.mix))
+        recorded = _absolute(read_mix(path)) if (path / MIXTURE_FILE).is_file() else None
+        if recorded is not None and not _same_mix(recorded, wanted):
+            shown = ", ".join(f"{m['weight']:.3g} {m['dir']}" for m in recorded)
             raise ConfigError(f"{path} holds another mix ({shown}); give data.dir a new folder for this one")
         if recorded is None and path.is_dir() and any(path.iterdir()):
             raise ConfigError(f"{path} holds something other than a mixture; give data.dir a new folder for the mix")
@@ -86,9 +87,8 @@ def _absolute(mix: list[tuple[str, float]]) -> list[dict]:
     return [{"dir": str(Path(d).resolve()), "weight": w} for d, w in mix]
 
 
-def _mixture_of(path: Path) -> list[dict] | None:
-    """The mix a mixture folder records (None when there is none)."""
-    if not (path / MIXTURE_FILE).is_file():
-        return None
-    record = read_json(path / MIXTURE_FILE)
-    return record.get("mix") if isinstance(record, dict) else None
+def _same_mix(a: list[dict], b: list[dict]) -> bool:
+    """The same datasets in the same order with the same weights (read back and normalised
+    again, a weight may differ in its last bits)."""
+    return [m["dir"] for m in a] == [m["dir"] for m in b] and \
+        all(math.isclose(x["weight"], y["weight"], rel_tol=1e-12) for x, y in zip(a, b))

@@ -188,11 +188,18 @@ def open_dataset(data: str | Path | dict) -> TokenDataset | Mixture:
         return Mixture(parse_mix(data["mix"]))
     path = Path(data)
     if (path / MIXTURE_FILE).is_file():
-        record = read_json(path / MIXTURE_FILE)
-        if not isinstance(record, dict) or record.get("format") != MIXTURE_FORMAT:
-            raise GrowfamError(f"{path / MIXTURE_FILE}: not a growfam mixture")
-        return Mixture(parse_mix(record.get("mix"), str(path / MIXTURE_FILE)), path)
+        return Mixture(read_mix(path), path)
     return TokenDataset.open(path)
+
+
+def read_mix(folder: str | Path) -> list[tuple[str, float]]:
+    """The [(dir, weight)] a mixture folder's mixture.json records; GrowfamError for a file that
+    is not a growfam mixture, ConfigError for a malformed mix in it."""
+    path = Path(folder) / MIXTURE_FILE
+    record = read_json(path)
+    if not isinstance(record, dict) or record.get("format") != MIXTURE_FORMAT:
+        raise GrowfamError(f"{path}: not a growfam mixture")
+    return parse_mix(record.get("mix"), str(path))
 
 
 def train_windows(dataset, seq_len: int, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1,
